@@ -1,0 +1,1 @@
+"""nestlearn: declarative nested optimization for PyTorch."""

@@ -1,0 +1,26 @@
+"""Executors for one memory's inner loop: sequential (the oracle) and chunk-parallel."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import Tensor
+
+from nestlearn.loops.chunked import run_chunked
+from nestlearn.loops.common import GradMode, MemoryProblem, init_state
+from nestlearn.loops.dual import run_dual
+from nestlearn.loops.sequential import run_sequential
+
+Executor = Literal["auto", "sequential", "chunked", "scan"]
+
+__all__ = ["GradMode", "MemoryProblem", "init_state", "run", "run_sequential", "run_chunked", "run_dual"]
+
+
+def run(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "auto") -> tuple[Tensor, dict[str, Any]]:
+    """Run ``pb`` from ``state``. ``auto`` takes the closed form for linear rules and the
+    ``vmap(grad)`` + scan chunk executor otherwise; ``scan`` forces the latter."""
+    if executor == "sequential":
+        return run_sequential(pb, state)
+    if executor == "scan" or not pb.rule.linear:
+        return run_chunked(pb, state)
+    return run_dual(pb, state)

@@ -1,0 +1,80 @@
+"""The chunk-parallel executor for any rule and any memory.
+
+Within a chunk every token's gradient is taken at the chunk-start state, all at once with
+``vmap(grad)`` over the chunk's tokens (batch and heads are already batched in the
+parameters). The rule is then scanned over the chunk's tokens (cheap element-wise work)
+and each token is read with its post-update state; only the carry between chunks is
+sequential. Linear rules take the closed form in ``dual.py`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from nestlearn.loops.common import MemoryProblem, Params, detach_tree, hp_at
+from nestlearn.memories.base import plain_lin
+
+
+def segments(offset: int, period: int, total: int) -> Iterator[tuple[int, int]]:
+    """Spans ``[t0, t1)`` of this call that lie in one chunk, given the carried offset."""
+    t0 = 0
+    while t0 < total:
+        t1 = min(total, t0 + period - offset)
+        yield t0, t1
+        offset = 0
+        t0 = t1
+
+
+def chunk_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> Params:
+    """Per-token gradients at ``anchor``: ``[n, B, H, ...]`` for tokens of ``k [B,H,n,d]``."""
+
+    def loss(p: Params, k1: Tensor, v1: Tensor) -> Tensor:
+        return pb.objective(pb.arch.apply(p, k1.unsqueeze(2)), v1.unsqueeze(2)).sum()
+
+    if not pb.grad.create_graph:
+        anchor, k, v = detach_tree(anchor), k.detach(), v.detach()
+    return vmap(grad(loss), in_dims=(None, 2, 2))(anchor, k, v)  # type: ignore[no-any-return]
+
+
+def layer_inputs(pb: MemoryProblem, anchor: Params, k: Tensor) -> Params:
+    """Each weight's input at every token of the chunk (for rules such as DGD)."""
+    rec: Params = {}
+
+    def record(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+        rec[name] = a
+        return plain_lin(name, w, a, b)
+
+    pb.arch.apply(anchor, k, record)
+    return rec if pb.grad.create_graph else detach_tree(rec)
+
+
+def run_chunked(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    if pb.grad.kind == "stop":
+        from nestlearn.loops.sequential import _run_stopped
+
+        return _run_stopped(pb, state)
+    params, opt, anchor = state["params"], state["opt"], state["anchor"]
+    offset, chunks = state["offset"], state["chunks"]
+    ys = []
+    for t0, t1 in segments(offset, pb.period, pb.q.shape[2]):
+        if offset == 0:
+            if pb.grad.kind == "truncate" and chunks % pb.grad.n == 0:
+                params, opt = detach_tree(params), detach_tree(opt)
+            anchor = params
+            chunks += 1
+        k, v = pb.k[:, :, t0:t1], pb.v[:, :, t0:t1]
+        grads = chunk_grads(pb, anchor, k, v)
+        inputs = layer_inputs(pb, anchor, k) if pb.rule.needs_inputs else None
+        for i in range(t1 - t0):
+            g_i = {n: g[i] for n, g in grads.items()}
+            in_i = None if inputs is None else {n: a[:, :, i] for n, a in inputs.items()}
+            params, opt = pb.rule.step(params, opt, g_i, hp_at(pb.hp, t0 + i), in_i)
+            ys.append(pb.arch.apply(params, pb.q[:, :, t0 + i : t0 + i + 1]))
+        offset = (offset + t1 - t0) % pb.period
+    new_state = {"params": params, "opt": opt, "anchor": anchor, "offset": offset, "chunks": chunks}
+    return torch.cat(ys, dim=2), new_state

@@ -1,0 +1,75 @@
+"""What every executor shares: the carried state of one memory, gradient modes, inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nestlearn.memories.base import MemoryArch
+from nestlearn.objectives import Objective
+from nestlearn.rules.base import Rule
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class GradMode:
+    """How the outer loss sees the inner updates: ``unroll`` (exact), ``first_order`` (inner
+    gradients are constants), ``stop`` (the fast state is a constant; reads still
+    differentiate through queries) or ``truncate:N`` (at most N consecutive updates)."""
+
+    kind: str = "unroll"
+    n: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> GradMode:
+        if text.startswith("truncate:"):
+            return cls("truncate", int(text.split(":", 1)[1]))
+        return cls(text)
+
+    @property
+    def create_graph(self) -> bool:
+        return self.kind in ("unroll", "truncate")
+
+
+@dataclass
+class MemoryProblem:
+    """One memory's inner problem over a span of tokens. Tensors are ``[B, H, T, d]``; each
+    hyper-parameter is a ``[B, H, T]`` tensor or a float."""
+
+    arch: MemoryArch
+    rule: Rule
+    objective: Objective
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    hp: Mapping[str, Tensor | float]
+    period: int
+    grad: GradMode
+
+
+def hp_at(hp: Mapping[str, Tensor | float], sl: slice | int) -> dict[str, Tensor | float]:
+    return {n: (h[..., sl] if isinstance(h, Tensor) else h) for n, h in hp.items()}
+
+
+def init_state(arch: MemoryArch, rule: Rule, init: Params, batch: int) -> dict[str, Any]:
+    """Per-sequence copies of the (meta-learned) initial state ``init`` ([H, ...] each)."""
+    params = {k: p.unsqueeze(0).expand(batch, *p.shape) for k, p in init.items()}
+    return {"params": params, "opt": rule.init(params), "anchor": params, "offset": 0, "chunks": 0}
+
+
+def detach_tree(x: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, x)
+
+
+def leaf_grads_ready(p: Params) -> tuple[Params, bool]:
+    """Tensors to differentiate against: the originals where they carry a graph, fresh
+    leaves where they don't (e.g. under ``torch.no_grad`` at generation time)."""
+    connected = all(t.requires_grad for t in p.values())
+    if connected:
+        return p, True
+    return {k: t.detach().requires_grad_() for k, t in p.items()}, False

@@ -1,0 +1,172 @@
+"""Closed-form chunked executor for linear rules (sgd / momentum / decay), any memory.
+
+Within a chunk every gradient is taken at the chunk-start state, and the rule
+
+    S_t = beta_t S_{t-1} - lr_t g_t,      W_t = (1 - decay_t) W_{t-1} + S_t
+
+is linear in the gradients, so for every token t of the chunk
+
+    W_t = a_t W + s_t S + sum_{s<=t} c_{ts} g_s
+
+with scalar coefficients from log-space cumulative products of the gates. Each weight is
+used as ``z = W x``, so its per-token gradient is an outer product ``g_s = delta_s x_s^T``
+(delta the error signal at that layer's output). The in-chunk read of layer ``W_t`` on an
+input ``x'_t`` is therefore (the dual form, an attention-like masked matmul)
+
+    W_t x'_t = a_t W x'_t + s_t S x'_t + sum_s c_{ts} (x_s . x'_t) delta_s
+
+and the chunk-end weights need one matmul per layer: no weight copy per token is ever
+materialised. The sequential reference is ``rules/momentum.py`` stepped by
+``loops/sequential.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nestlearn.loops.chunked import segments
+from nestlearn.loops.common import MemoryProblem, Params, detach_tree
+from nestlearn.memories.base import plain_lin
+
+
+def segsum(x: Tensor) -> Tensor:
+    """``out[..., t, j] = sum_{r=j+1..t} x[..., r]`` for j <= t, ``-inf`` above the diagonal.
+
+    Built by a masked cumulative sum (no subtraction of large numbers, exact zeros where a
+    factor is zero)."""
+    n = x.shape[-1]
+    xx = x.unsqueeze(-1).expand(*x.shape, n)  # [..., r, j] = x_r
+    below = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
+    seg = xx.masked_fill(~below, 0.0).cumsum(-2)
+    return seg.masked_fill(~torch.ones_like(below).tril(0), float("-inf"))
+
+
+def _log(x: Tensor) -> Tensor:
+    return torch.log(x.clamp_min(1e-30))
+
+
+def coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor) -> dict[str, Tensor]:
+    """The chunk's scalar coefficients, each over ``[B, H, n(, n)]``."""
+    logf = _log(1 - decay)
+    keep = torch.exp(segsum(logf))  # prod_{r=j+1..t} (1 - decay_r)
+    a = torch.exp(torch.cumsum(logf, -1))  # prod_{r<=t} (1 - decay_r)
+    if beta is None:
+        return {"a": a, "c": -keep * lr.unsqueeze(-2)}
+    logb = _log(beta)
+    carry = torch.exp(segsum(logb))  # prod_{r=s+1..j} beta_r
+    b0 = torch.exp(torch.cumsum(logb, -1))
+    return {
+        "a": a,
+        "c": -(keep @ carry) * lr.unsqueeze(-2),
+        "s": (keep @ b0.unsqueeze(-1)).squeeze(-1),
+        "mc": -carry[..., -1, :] * lr,  # momentum at chunk end: sum_s mc_s g_s
+        "mb": b0[..., -1],  # and b0_n S
+    }
+
+
+def run_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    stop = pb.grad.kind == "stop"
+    params, opt, anchor = state["params"], state["opt"], state["anchor"]
+    offset, chunks = state["offset"], state["chunks"]
+    has_m = "S" in opt
+    ys = []
+    for t0, t1 in segments(offset, pb.period, pb.q.shape[2]):
+        if offset == 0:
+            if stop or (pb.grad.kind == "truncate" and chunks % pb.grad.n == 0):
+                params, opt = detach_tree(params), detach_tree(opt)
+            anchor = params
+            chunks += 1
+        y, params, opt = _segment(pb, params, opt, anchor, t0, t1, has_m)
+        ys.append(y)
+        offset = (offset + t1 - t0) % pb.period
+    new_state = {"params": params, "opt": opt, "anchor": anchor, "offset": offset, "chunks": chunks}
+    return torch.cat(ys, dim=2), new_state
+
+
+def _segment(
+    pb: MemoryProblem, params: Params, opt: dict[str, Any], anchor: Params, t0: int, t1: int,
+    has_m: bool,
+) -> tuple[Tensor, Params, dict[str, Any]]:
+    stop = pb.grad.kind == "stop"
+    create = pb.grad.create_graph
+    k, v, q = pb.k[:, :, t0:t1], pb.v[:, :, t0:t1], pb.q[:, :, t0:t1]
+    lr = _hp(pb, "lr", t0, t1, q)
+    decay = _hp(pb, "decay", t0, t1, q)
+    beta = _hp(pb, "beta", t0, t1, q) if has_m else None
+    if stop:
+        k, v, lr, decay = k.detach(), v.detach(), lr.detach(), decay.detach()
+        beta = beta.detach() if beta is not None else None
+
+    # 1. error signals and layer inputs at the chunk-start state, one batched pass
+    inputs: dict[str, Tensor] = {}
+    outs: dict[str, Tensor] = {}
+    with torch.enable_grad():
+        def record(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+            z = plain_lin(name, w, a, b)
+            if not z.requires_grad:
+                z = z.detach().requires_grad_()
+            inputs[name], outs[name] = a, z
+            return z
+
+        src = detach_tree(anchor) if stop else anchor
+        loss = pb.objective(pb.arch.apply(src, k, record), v).sum()
+        names = [layer.weight for layer in pb.arch.layers]
+        deltas_t = torch.autograd.grad(loss, [outs[n] for n in names], create_graph=create and not stop)
+    deltas = dict(zip(names, deltas_t))
+    if not create or stop:
+        deltas = detach_tree(deltas)
+        inputs = detach_tree(inputs)
+
+    co = coefficients(lr, beta, decay)
+    S = opt.get("S", {})
+    bias_of = {layer.weight: layer.bias for layer in pb.arch.layers}
+
+    # 2. the dual read: every token with its own in-chunk weights, via masked matmuls
+    def read(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+        x, d = inputs[name], deltas[name]
+        scores = (a @ x.transpose(-1, -2)) * co["c"]  # [B,H,n,n]
+        z = co["a"].unsqueeze(-1) * torch.einsum("bhoi,bhni->bhno", w, a) + scores @ d
+        if "s" in co:
+            z = z + co["s"].unsqueeze(-1) * torch.einsum("bhoi,bhni->bhno", S[name], a)
+        bn = bias_of[name]
+        if b is not None and bn is not None:
+            z = z + co["a"].unsqueeze(-1) * b.unsqueeze(-2) + co["c"] @ d
+            if "s" in co:
+                z = z + co["s"].unsqueeze(-1) * S[bn].unsqueeze(-2)
+        return z
+
+    cur = detach_tree(params) if stop else params
+    y = pb.arch.apply(cur, q, read)
+
+    # 3. chunk-end state: one matmul per layer
+    new_p: Params = {}
+    new_S: Params = {}
+    c_end, a_end = co["c"][..., -1, :], co["a"][..., -1]
+    for layer in pb.arch.layers:
+        n, x, d = layer.weight, inputs[layer.weight], deltas[layer.weight]
+        new_p[n] = _scale(a_end, cur[n]) + torch.einsum("bhs,bhso,bhsi->bhoi", c_end, d, x)
+        if has_m:
+            new_p[n] = new_p[n] + _scale(co["s"][..., -1], S[n])
+            new_S[n] = _scale(co["mb"], S[n]) + torch.einsum("bhs,bhso,bhsi->bhoi", co["mc"], d, x)
+        if layer.bias is not None:
+            bn = layer.bias
+            new_p[bn] = _scale(a_end, cur[bn]) + torch.einsum("bhs,bhso->bho", c_end, d)
+            if has_m:
+                new_p[bn] = new_p[bn] + _scale(co["s"][..., -1], S[bn])
+                new_S[bn] = _scale(co["mb"], S[bn]) + torch.einsum("bhs,bhso->bho", co["mc"], d)
+    return y, new_p, ({"S": new_S} if has_m else {})
+
+
+def _hp(pb: MemoryProblem, name: str, t0: int, t1: int, like: Tensor) -> Tensor:
+    h = pb.hp.get(name, 0.0)
+    ref = like[..., 0]  # [B, H, n]
+    if isinstance(h, Tensor):
+        return (h[..., t0:t1] if h.dim() == 3 else h.reshape(h.shape + (1,))).expand_as(ref)
+    return torch.full_like(ref, float(h))
+
+
+def _scale(c: Tensor, p: Tensor) -> Tensor:
+    return c.reshape(c.shape + (1,) * (p.dim() - c.dim())) * p

@@ -1,0 +1,66 @@
+"""The inner-rule interface: optax-style ``(init, step)`` over dicts of batched tensors.
+
+Parameters and optimiser state are dicts keyed like ``named_parameters()``, every tensor
+with leading ``[batch, heads]`` dimensions (each sequence and head owns its fast weights).
+``step`` is one update; it *is* the sequential reference of the rule. Per-token
+hyper-parameters arrive in ``hp`` as tensors shaped ``[batch, heads]`` (or plain floats).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from torch import Tensor
+
+from nestlearn.spec.schema import Gate, Learned
+
+Params = dict[str, Tensor]
+State = dict[str, Any]
+HyperValue = Union[float, Learned, Gate]
+
+
+def bcast(h: Tensor | float, like: Tensor) -> Tensor | float:
+    """A per-(batch, head) value shaped to multiply a ``[B, H, ...]`` tensor."""
+    if isinstance(h, Tensor) and h.dim() > 0:
+        return h.reshape(h.shape + (1,) * (like.dim() - h.dim()))
+    return h
+
+
+@dataclass
+class Rule:
+    """Base class. ``hypers`` are the values that may be constants, learned or gated."""
+
+    hypers: dict[str, HyperValue] = field(default_factory=dict)
+
+    name = "rule"
+    #: True when the update is ``S <- beta S - lr g; W <- (1 - decay) W + S`` (or its
+    #: beta = 0 special case): a closed form over a chunk exists (see loops/dual.py).
+    linear = False
+    #: True when ``step`` needs the memory's layer inputs (``inputs``), e.g. DGD.
+    needs_inputs = False
+
+    def init(self, params: Params) -> State:
+        return {}
+
+    def step(
+        self,
+        params: Params,
+        state: State,
+        grads: Params,
+        hp: Mapping[str, Tensor | float],
+        inputs: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Params, State]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        parts = []
+        for k, v in self.hypers.items():
+            if isinstance(v, Gate):
+                parts.append(f"{k}=gate/{v.gate}(max {v.max:g})")
+            elif isinstance(v, Learned):
+                parts.append(f"{k}=learned({v.learned:g})")
+            else:
+                parts.append(f"{k}={v:g}")
+        return f"{self.name}(" + ", ".join(parts) + ")"

@@ -1,0 +1,58 @@
+"""Delta gradient descent (DGD), the HOPE rule (Nested Learning, Eq. 56-57), with momentum.
+
+For a weight matrix used as ``z = W a`` with layer input ``a`` at this token:
+
+    m_t = beta_t m_{t-1} + g_t
+    W_t = W_{t-1} ((1 - decay_t) I - lr_t a_t a_t^T) - lr_t m_t
+
+The ``a a^T`` term makes the step depend on the current weights along the input direction
+(for a linear memory with the l2 objective and beta = 0 it is the delta rule with an extra
+data-dependent forgetting). Vectors (biases) get ``(1 - decay) b - lr m``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from nestlearn.rules.base import HyperValue, Params, Rule, State, bcast
+
+
+@dataclass
+class DGD(Rule):
+    name = "dgd"
+    needs_inputs = True
+
+    def init(self, params: Params) -> State:
+        return {"m": {k: torch.zeros_like(p) for k, p in params.items()}}
+
+    def step(
+        self,
+        params: Params,
+        state: State,
+        grads: Params,
+        hp: Mapping[str, Tensor | float],
+        inputs: Mapping[str, Tensor] | None = None,
+    ) -> tuple[Params, State]:
+        lr, decay, beta = hp["lr"], hp.get("decay", 0.0), hp.get("beta", 0.0)
+        new_p: Params = {}
+        new_m: Params = {}
+        for k, p in params.items():
+            m = bcast(beta, p) * state["m"][k] + grads[k]
+            lr_k = bcast(lr, p)
+            w = (1 - bcast(decay, p)) * p
+            a = None if inputs is None else inputs.get(k)
+            if a is not None and p.dim() == a.dim() + 1:
+                # W a a^T, batched over [B, H]: (W @ a) outer a
+                wa = torch.einsum("...oi,...i->...o", p, a)
+                w = w - lr_k * torch.einsum("...o,...i->...oi", wa, a)
+            new_p[k] = w - lr_k * m
+            new_m[k] = m
+        return new_p, {"m": new_m}
+
+
+def dgd(lr: HyperValue = 0.1, decay: HyperValue = 0.0, beta: HyperValue = 0.0) -> DGD:
+    return DGD({"lr": lr, "decay": decay, "beta": beta})

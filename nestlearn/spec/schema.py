@@ -1,0 +1,348 @@
+"""The spec's shape: pydantic v2 models for a whole nestlearn spec.
+
+The schema checks types and names field by field; structural checks that need the whole
+graph (unknown ids, cycles, init edges, dimensions) live in :mod:`nestlearn.graph`.
+Every model forbids unknown keys so that a typo is an error at its own position, not a
+silently ignored value.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FORMAT_VERSION = 1
+
+IDENT = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------- hyper-parameters
+
+
+class Learned(Strict):
+    """A scalar meta-learned by the outer level, starting at ``learned``."""
+
+    learned: float
+
+
+class Gate(Strict):
+    """A data-dependent value ``max * sigmoid(Linear(x) + bias)``, one per head.
+
+    ``token``: a value per token. ``chunk``: one value per chunk, computed from the chunk's
+    first token (causal, and identical however a stream is split into calls).
+    """
+
+    gate: Literal["token", "chunk"]
+    max: float = Field(1.0, gt=0)
+    bias: float = 0.0
+
+
+Hyper = Union[float, Learned, Gate]
+
+
+class _RuleBase(Strict):
+    def hypers(self) -> dict[str, Hyper]:
+        return {k: v for k, v in self.__dict__.items() if k != "name"}
+
+
+class SgdRule(_RuleBase):
+    """``W <- (1 - decay) W - lr * g``."""
+
+    name: Literal["sgd"]
+    lr: Hyper = 0.1
+    decay: Hyper = 0.0
+
+
+class MomentumRule(_RuleBase):
+    """Titans' surprise: ``S <- beta S - lr g``; ``W <- (1 - decay) W + S``."""
+
+    name: Literal["momentum"]
+    lr: Hyper = 0.1
+    beta: Hyper = 0.9
+    decay: Hyper = 0.0
+
+
+class AdamRule(_RuleBase):
+    """Adam (``weight_decay`` as L2 on the gradient, like torch.optim.Adam)."""
+
+    name: Literal["adam"]
+    lr: Hyper = 1e-3
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class AdamWRule(_RuleBase):
+    """AdamW (decoupled weight decay, like torch.optim.AdamW)."""
+
+    name: Literal["adamw"]
+    lr: Hyper = 1e-3
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+
+
+class DgdRule(_RuleBase):
+    """Delta gradient descent (HOPE): ``W <- W((1-decay) I - lr x x^T) - lr m``, ``m <- beta m + g``."""
+
+    name: Literal["dgd"]
+    lr: Hyper = 0.1
+    decay: Hyper = 0.0
+    beta: Hyper = 0.0
+
+
+class MuonRule(_RuleBase):
+    """Momentum whose output is orthogonalised by Newton-Schulz iterations."""
+
+    name: Literal["muon"]
+    lr: Hyper = 0.02
+    beta: Hyper = 0.95
+    ns_steps: int = Field(5, ge=1, le=20)
+
+
+class TorchoptRule(Strict):
+    """Any ``torchopt`` transformation, e.g. ``{name: torchopt, fn: adam, args: {lr: 0.01}}``."""
+
+    name: Literal["torchopt"]
+    fn: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    def hypers(self) -> dict[str, Hyper]:
+        return {}
+
+
+RuleSpec = Annotated[
+    Union[
+        SgdRule, MomentumRule, AdamRule, AdamWRule, DgdRule, MuonRule, TorchoptRule
+    ],
+    Field(discriminator="name"),
+]
+
+RULE_NAMES = ["sgd", "momentum", "adam", "adamw", "dgd", "muon", "torchopt"]
+
+# ----------------------------------------------------------------------------- levels
+
+GRAD_MODE = r"^(unroll|first_order|stop|truncate:[1-9][0-9]*)$"
+
+
+class LevelSpec(Strict):
+    """A set of states updated every ``period`` tokens by ``rule`` on ``objective``."""
+
+    period: Union[Literal["outer"], Annotated[int, Field(gt=0)]]
+    rule: RuleSpec
+    objective: str = "l2"
+    grad: Annotated[str, Field(pattern=GRAD_MODE)] = "unroll"
+    chunk: Annotated[int, Field(gt=0)] | None = None
+    """Execution chunk for period-1 levels whose rule has an exact parallel form (e.g. DeltaNet)."""
+
+    @property
+    def is_outer(self) -> bool:
+        return self.period == "outer"
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_name(cls, v: str) -> str:
+        if v in ("l2", "dot") or re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v):
+            return v
+        raise ValueError(
+            f"unknown objective {v!r}: use 'l2', 'dot' or a callable as 'package.module:function'"
+            + _suggest(v, ["l2", "dot"])
+        )
+
+    @model_validator(mode="after")
+    def _outer_rule(self) -> LevelSpec:
+        return self
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class ModelSpec(Strict):
+    vocab: Annotated[int, Field(gt=1)] = 256
+    dim: Annotated[int, Field(gt=0)] = 256
+    depth: Annotated[int, Field(gt=0)] = 4
+    heads: Annotated[int, Field(gt=0)] = 4
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    tie_embeddings: bool = False
+    input: Literal["tokens", "embeddings"] = "tokens"
+    max_len: Annotated[int, Field(gt=0)] = 1 << 20
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSpec:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        return self
+
+
+# ----------------------------------------------------------------------------- block nodes
+
+Inputs = Union[str, list[str]]
+
+
+class _Node(Strict):
+    id: Annotated[str, Field(pattern=IDENT)]
+    inputs: Inputs = Field(alias="in")
+
+    def input_ids(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class NormNode(_Node):
+    op: Literal["rmsnorm", "layernorm"]
+
+
+class L2NormNode(_Node):
+    op: Literal["l2norm"]
+
+
+class LinearNode(_Node):
+    op: Literal["linear"]
+    dim: Annotated[int, Field(gt=0)] | None = None
+    bias: bool = False
+
+
+class ConvNode(_Node):
+    """Depth-wise causal convolution over time (the paper's short convolution)."""
+
+    op: Literal["conv"]
+    width: Annotated[int, Field(gt=0, le=64)] = 4
+
+
+class AddNode(_Node):
+    op: Literal["add"]
+
+
+class MulNode(_Node):
+    op: Literal["mul"]
+
+
+class ActNode(_Node):
+    op: Literal["act"]
+    fn: Literal["silu", "gelu", "relu", "sigmoid", "tanh", "identity"] = "silu"
+
+
+class MemorySpec(Strict):
+    """The parametric memory's own architecture (its parameters are the fast state)."""
+
+    type: Literal["linear", "mlp"] = "linear"
+    expand: Annotated[float, Field(gt=0)] = 4.0
+    depth: Annotated[int, Field(ge=2, le=8)] = 2
+    act: Literal["silu", "gelu", "relu", "tanh"] = "gelu"
+    residual: bool = True
+    """MLP memories: ``M(x) = x + W_L ... act(W_1 x)`` (the paper's Eq. 89)."""
+    bias: bool = False
+
+
+Source = Annotated[str, Field(pattern=IDENT)]
+
+
+class MemoryNode(_Node):
+    """A parametric associative memory owned by an in-context ``level``.
+
+    ``query``, ``key`` and ``value`` are ``proj`` (a learned projection of the input, owned by
+    the outer level), ``input`` (the input itself) or the id of another node (a ``generate``
+    edge). ``init`` names the level whose parameter is the memory's initial state (the
+    meta-learned ``init`` edge); ``zeros`` starts every sequence from zero.
+    """
+
+    op: Literal["memory"]
+    level: str
+    memory: MemorySpec = Field(default_factory=MemorySpec)
+    heads: Annotated[int, Field(gt=0)] | None = None
+    query: Source = "proj"
+    key: Source = "proj"
+    value: Source = "proj"
+    qk_norm: bool = True
+    conv: Annotated[int, Field(ge=0, le=64)] = 0
+    init: str = "outer"
+    out_proj: bool = True
+
+
+class MLPNode(_Node):
+    """A feed-forward MLP. At the outer level this is a Transformer's FFN; at an in-context
+    level it is a Continuum Memory System level (its weights learn in context every period)."""
+
+    op: Literal["mlp"]
+    expand: Annotated[float, Field(gt=0)] = 4.0
+    act: Literal["silu", "gelu", "relu", "tanh"] = "gelu"
+    level: str = "outer"
+    init: str = "outer"
+
+
+class AttentionNode(_Node):
+    """Softmax attention: the non-parametric memory (no fast state; reads its context)."""
+
+    op: Literal["attention"]
+    heads: Annotated[int, Field(gt=0)] | None = None
+    window: Annotated[int, Field(gt=0)] | None = None
+    persistent: Annotated[int, Field(ge=0)] = 0
+    rope: bool = False
+
+
+class SelfModNode(_Node):
+    """HOPE's self-modifying memory: k, v, lr and decay come from memories that learn in
+    context from values they generate themselves; q is a fixed projection."""
+
+    op: Literal["selfmod"]
+    level: str
+    memory: MemorySpec = Field(default_factory=lambda: MemorySpec(type="linear"))
+    heads: Annotated[int, Field(gt=0)] | None = None
+    conv: Annotated[int, Field(ge=0, le=64)] = 4
+    init: str = "outer"
+
+
+NodeSpec = Annotated[
+    Union[
+        NormNode, L2NormNode, LinearNode, ConvNode, AddNode, MulNode, ActNode,
+        MemoryNode, MLPNode, AttentionNode, SelfModNode,
+    ],
+    Field(discriminator="op"),
+]
+
+OP_NAMES = [
+    "rmsnorm", "layernorm", "l2norm", "linear", "conv", "add", "mul", "act",
+    "memory", "mlp", "attention", "selfmod",
+]
+
+# ----------------------------------------------------------------------------- the spec
+
+
+class Spec(Strict):
+    """A whole nestlearn spec."""
+
+    nestlearn: Literal[1] = Field(1, description="format version")
+    name: str = "unnamed"
+    description: str = ""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    levels: dict[Annotated[str, Field(pattern=IDENT)], LevelSpec]
+    block: list[NodeSpec] = Field(min_length=1)
+    output: str | None = None
+    """The block's output node (default: the last node)."""
+
+    @property
+    def outer_level(self) -> str:
+        return next(k for k, v in self.levels.items() if v.is_outer)
+
+    @model_validator(mode="after")
+    def _one_outer(self) -> Spec:
+        outer = [k for k, v in self.levels.items() if v.is_outer]
+        if len(outer) != 1:
+            raise ValueError(
+                f"exactly one level must have 'period: outer' (found {len(outer)}: {outer})"
+            )
+        return self
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
