@@ -1,1 +1,44 @@
-"""nestlearn: declarative nested optimization for PyTorch."""
+"""nestlearn: declarative nested optimization for PyTorch.
+
+    spec = nestlearn.load_spec("models/hope.yaml", overrides=["model.dim=64"])
+    model = nestlearn.compile(spec)
+    logits, state = model(tokens)              # state carries every level's fast weights
+    model.levels["memory"].rule = nestlearn.rules.adam(lr=1e-3)   # swap an inner optimizer
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nestlearn import rules
+from nestlearn.spec.errors import SpecError
+from nestlearn.spec.schema import Spec
+
+if TYPE_CHECKING:
+    from nestlearn.compile.model import CompiledModel
+
+__all__ = ["Spec", "SpecError", "load_spec", "compile", "rules"]
+__version__ = "0.1.0"
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Load and validate a YAML spec (``overrides`` like ``"model.dim=64"``); raises SpecError."""
+    from nestlearn.spec.loader import load_spec as _load
+
+    return _load(path, overrides)
+
+
+def compile(spec: Spec | str | Path, overrides: list[str] | tuple[str, ...] = (), **kw: Any) -> CompiledModel:  # noqa: A001
+    """Validate the level graph and build the module (a path is loaded first)."""
+    from nestlearn.compile import compile_spec
+
+    if not isinstance(spec, Spec):
+        spec = load_spec(spec, overrides)
+    try:
+        from nestlearn.graph import build_graph
+    except ImportError:  # pragma: no cover - only while the graph module is absent
+        build_graph = None
+    if build_graph is not None:
+        build_graph(spec)
+    return compile_spec(spec, **kw)
