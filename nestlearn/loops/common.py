@@ -71,5 +71,7 @@ def leaf_grads_ready(p: Params) -> tuple[Params, bool]:
     leaves where they don't (e.g. under ``torch.no_grad`` at generation time)."""
     connected = all(t.requires_grad for t in p.values())
     if connected:
-        return p, True
+        # fresh aliases: the inner gradient must follow only the memory's own use of its
+        # parameters, not other uses of the same tensors (e.g. self-generated targets)
+        return {k: t.view_as(t) for k, t in p.items()}, True
     return {k: t.detach().requires_grad_() for k, t in p.items()}, False

@@ -3,7 +3,7 @@
 For a weight matrix used as ``z = W a`` with layer input ``a`` at this token:
 
     m_t = beta_t m_{t-1} + g_t
-    W_t = W_{t-1} ((1 - decay_t) I - lr_t a_t a_t^T) - lr_t m_t
+    W_t = W_{t-1} ((1 - decay_t) I - lr_t a_t a_t^T) - lr_t m_t,    a_t unit-norm
 
 The ``a a^T`` term makes the step depend on the current weights along the input direction
 (for a linear memory with the l2 objective and beta = 0 it is the delta rule with an extra
@@ -46,7 +46,9 @@ class DGD(Rule):
             w = (1 - bcast(decay, p)) * p
             a = None if inputs is None else inputs.get(k)
             if a is not None and p.dim() == a.dim() + 1:
-                # W a a^T, batched over [B, H]: (W @ a) outer a
+                # W a a^T with a unit-norm a (the paper's derivation assumes normalised inputs,
+                # which keeps (1-decay) I - lr a a^T contractive for lr <= 2 - decay)
+                a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 wa = torch.einsum("...oi,...i->...o", p, a)
                 w = w - lr_k * torch.einsum("...o,...i->...oi", wa, a)
             new_p[k] = w - lr_k * m
