@@ -140,7 +140,8 @@ class FormalTask(Task):
                 if not self.pack or pos >= seq_len + 1:
                     break
             row = row[: seq_len + 1]
-            full[b, : len(row)] = torch.frombuffer(bytes(row), dtype=torch.uint8)
+            if row:
+                full[b, : len(row)] = torch.frombuffer(row, dtype=torch.uint8)
         return Batch.from_sequences(full, mask)
 
     def batch_at(self, step: int, batch: int, seq_len: int, seed: int = 0) -> Batch:

@@ -122,8 +122,9 @@ class NIAHTask(Task):
         spots = []
         for i in range(len(needles)):
             frac = self.depth if (i == ask and self.depth is not None) else rng.random()
-            cut = hay.find(b". ", int(frac * hay_len))
-            spots.append((hay_len if cut < 0 else cut + 1, i))
+            target = int(frac * hay_len)
+            cut = hay_len if target >= hay_len else hay.rfind(b". ", 0, target + 1) + 1  # a sentence end
+            spots.append((cut, i))
         out, prev = bytearray(), 0
         for cut, i in sorted(spots):
             out += hay[prev:cut] + needles[i]
