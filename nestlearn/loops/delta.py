@@ -1,0 +1,168 @@
+"""Exact chunk-parallel delta rule: period-1 linear memory, ``l2`` objective, sgd rule.
+
+The sequential recurrence (``rules/momentum.py`` ``step`` with no ``beta``, gradient of
+``||W k - v||^2`` -- not halved -- at the previous state, output read after the update) is
+
+    W_t = (1 - decay_t) W_{t-1} - lr_t * 2 (W_{t-1} k_t - v_t) k_t^T
+        = alpha_t W_{t-1} + beta_t e_t k_t^T,     e_t = v_t - W_{t-1} k_t,
+    y_t = W_t q_t,
+
+with ``alpha_t = 1 - decay_t`` and ``beta_t = 2 lr_t`` (the gated delta rule; with decay 0
+DeltaNet). With ``gamma_t = prod_{r<=t} alpha_r`` inside a chunk started from ``W0``:
+
+    W_t = gamma_t W0 + sum_{s<=t} (gamma_t / gamma_s) beta_s e_s k_s^T
+
+so the chunk's errors solve one unit-lower-triangular system (the WY / UT transform)
+
+    (I + L) E = V - diag(gamma_{t-1}) K W0^T,   L[t,s] = (gamma_{t-1}/gamma_s) (k_t . k_s) beta_s, s < t
+
+and ``E = Tv - Tk W0^T`` with ``Tv = (I+L)^{-1} V`` and ``Tk = (I+L)^{-1} diag(gamma_prev) K``
+computed for every chunk at once. Only ``E`` (one matmul) and the chunk-end weights (one
+matmul) are sequential over chunks; the reads are then batched over all chunks:
+
+    Y = diag(gamma) Q W0^T + ((gamma_t/gamma_s) [s<=t] * Q K^T) (beta * E).
+
+Gate ratios come from log-space cumulative sums (``dual.segsum``). Computation is in float32
+at least (fp32 fast weights with bf16 activations); the carried weights stay in that dtype.
+The reference is ``loops/sequential.py``; ``tests/test_delta_fastpath.py`` checks equality in
+float64, gradients included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nestlearn.loops.common import MemoryProblem
+from nestlearn.loops.dual import segsum
+
+DEFAULT_CHUNK = 64
+
+
+def supports(pb: MemoryProblem) -> bool:
+    """True when ``pb`` is exactly a (gated) delta rule this module computes."""
+    from nestlearn.memories.linear import LinearMemory
+    from nestlearn.objectives import l2
+    from nestlearn.rules.momentum import Momentum
+
+    return (
+        pb.period == 1
+        and type(pb.rule) is Momentum
+        and "beta" not in pb.rule.hypers
+        and isinstance(pb.arch, LinearMemory)
+        and not pb.arch.bias
+        and pb.objective is l2
+        and pb.grad.kind in ("unroll", "first_order")
+        and set(pb.hp) <= {"lr", "decay"}
+    )
+
+
+def _per_token(h: Tensor | float, ref: Tensor) -> Tensor:
+    """A hyper-parameter as ``[B, H, T]`` in ``ref``'s dtype."""
+    if isinstance(h, Tensor):
+        h = h.to(ref.dtype)
+        if h.dim() == 3:
+            return h.expand_as(ref)
+        return h.reshape(h.shape + (1,) * (3 - h.dim())).expand_as(ref)
+    return torch.full_like(ref, float(h))
+
+
+def _log(x: Tensor) -> Tensor:
+    return torch.log(x.clamp_min(1e-30))
+
+
+def delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, alpha: Tensor | None, w0: Tensor,
+    chunk: int = DEFAULT_CHUNK, first_order: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``q, k [B,H,T,dk]``, ``v [B,H,T,dv]``, ``beta, alpha [B,H,T]`` (``alpha=None``: no decay),
+    ``w0 [B,H,dv,dk]`` -> ``(y [B,H,T,dv], W_T)``. ``first_order`` treats every inner
+    gradient (``e_t k_t^T``) as a constant, like ``GradMode('first_order')``."""
+    b, h, t, dk = k.shape
+    dv = v.shape[-1]
+    n = min(chunk, t)
+    pad = (-t) % n
+    if pad:  # padded tokens have beta = 0 and alpha = 1: they change nothing
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        beta = F.pad(beta, (0, pad))
+        alpha = F.pad(alpha, (0, pad), value=1.0) if alpha is not None else None
+    nc = (t + pad) // n
+    qc, kc, vc = (x.reshape(b, h, nc, n, x.shape[-1]) for x in (q, k, v))
+    bc = beta.reshape(b, h, nc, n)
+    tri_strict = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
+    tri = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(0)
+
+    if alpha is not None:
+        la = _log(alpha).reshape(b, h, nc, n)
+        ratio = torch.exp(segsum(la))  # [.., t, s] = gamma_t / gamma_s for s <= t, else 0
+        gamma = torch.exp(torch.cumsum(la, -1))  # [.., n]
+        g_prev = torch.cat([torch.ones_like(gamma[..., :1]), gamma[..., :-1]], -1)
+        ratio_prev = torch.cat([torch.zeros_like(ratio[..., :1, :]), ratio[..., :-1, :]], -2)
+    else:
+        ratio = ratio_prev = gamma = g_prev = None
+
+    def solve(kk: Tensor, vv: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
+        gram = kk @ kk.transpose(-1, -2)  # [.., n, n]
+        lmat = gram * bb.unsqueeze(-2)
+        lmat = lmat * ratio_prev if ratio_prev is not None else lmat.masked_fill(~tri_strict, 0.0)
+        a = lmat + torch.eye(n, dtype=lmat.dtype, device=lmat.device)
+        kg = kk * g_prev.unsqueeze(-1) if g_prev is not None else kk
+        tv = torch.linalg.solve_triangular(a, vv, upper=False, unitriangular=True)
+        tk = torch.linalg.solve_triangular(a, kg, upper=False, unitriangular=True)
+        return tv, tk
+
+    if first_order:
+        with torch.no_grad():
+            tv, tk = solve(kc.detach(), vc.detach(), bc.detach())
+    else:
+        tv, tk = solve(kc, vc, bc)
+
+    kr = kc.detach() if first_order else kc  # k inside the inner gradients
+    kend = kr * ratio[..., -1, :].unsqueeze(-1) if ratio is not None else kr  # (gamma_n/gamma_s) k_s
+    g_end = gamma[..., -1] if gamma is not None else None
+    w = w0
+    starts, errs = [], []
+    for c in range(nc):
+        starts.append(w)
+        wd = w.detach() if first_order else w
+        e = tv[:, :, c] - tk[:, :, c] @ wd.transpose(-1, -2)  # [B,H,n,dv]
+        if first_order:
+            e = e.detach()
+        errs.append(e)
+        u = e * bc[:, :, c].unsqueeze(-1)
+        w_scaled = w * g_end[:, :, c, None, None] if g_end is not None else w
+        w = w_scaled + u.transpose(-1, -2) @ kend[:, :, c]
+    w_starts = torch.stack(starts, 2)  # [B,H,nc,dv,dk]
+    e_all = torch.stack(errs, 2)  # [B,H,nc,n,dv]
+    u_all = e_all * bc.unsqueeze(-1)
+    scores = qc @ kr.transpose(-1, -2)
+    scores = scores * ratio if ratio is not None else scores.masked_fill(~tri, 0.0)
+    y = qc @ w_starts.transpose(-1, -2)
+    if gamma is not None:
+        y = y * gamma.unsqueeze(-1)
+    y = y + scores @ u_all
+    y = y.reshape(b, h, nc * n, dv)[:, :, :t]
+    return y, w
+
+
+def run_delta(
+    pb: MemoryProblem, state: dict[str, Any], chunk: int | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Executor entry: same contract as ``run_sequential`` for problems ``supports`` accepts.
+
+    The carried ``anchor`` is the final weights (the sequential path keeps the weights
+    before the last token; both are overwritten at the next token of a period-1 level)."""
+    dtype = torch.promote_types(pb.q.dtype, torch.float32)
+    q, k, v = (x.to(dtype) for x in (pb.q, pb.k, pb.v))
+    ref = q[..., 0]
+    beta = 2.0 * _per_token(pb.hp.get("lr", 0.0), ref)
+    dec = pb.hp.get("decay", 0.0)
+    alpha = None if (not isinstance(dec, Tensor) and float(dec) == 0.0) else 1.0 - _per_token(dec, ref)
+    w0 = state["params"]["W"].to(dtype)
+    y, w = delta_rule(q, k, v, beta, alpha, w0, chunk or DEFAULT_CHUNK, pb.grad.kind == "first_order")
+    new_state = {"params": {"W": w}, "opt": state["opt"], "anchor": {"W": w}, "offset": 0,
+                 "chunks": state["chunks"] + pb.q.shape[2]}
+    return y.to(pb.q.dtype), new_state
