@@ -24,9 +24,8 @@ MARKER, YES, NO, SEP = ord("="), ord("1"), ord("0"), ord("\n")
 
 
 def _parity(rng: Rng, n: int, label: bool) -> str:
-    bits = [rng.randint(0, 2) for _ in range(n - 1)]
-    bits.append((sum(bits) + int(label)) % 2)
-    return "".join(map(str, bits))
+    head = rng.bits(n - 1)
+    return head + str((head.count("1") + int(label)) % 2)
 
 
 def _aa(rng: Rng, n: int, label: bool) -> str:
@@ -124,24 +123,25 @@ class FormalTask(Task):
         if seq_len < need:
             raise TaskError(f"{self.name}: seq_len must be at least {need} (string, '=', label) "
                             f"with min_len={self.min_len}; got {seq_len}")
-        full = torch.full((batch, seq_len + 1), PAD, dtype=torch.uint8)
-        mask = torch.zeros(batch, seq_len)
+        buf = bytearray()
+        rows: list[int] = []
+        cols: list[int] = []
         for b in range(batch):
-            row, pos = bytearray(), 0
+            row = bytearray()
             while True:
-                room = seq_len + 1 - pos - 2  # string + '=' + label (the newline may be cut)
-                ex = self.example(rng, room)
+                ex = self.example(rng, seq_len + 1 - len(row) - 2)  # string, '=', label (newline may be cut)
                 if ex is None:
                     break
                 s, label = ex
+                rows.append(b)
+                cols.append(len(row) + len(s))  # the input '=' predicts the label
                 row += s.encode() + bytes([MARKER, YES if label else NO, SEP])
-                mask[b, pos + len(s)] = 1.0  # input '=' predicts the label
-                pos = len(row)
-                if not self.pack or pos >= seq_len + 1:
+                if not self.pack or len(row) >= seq_len + 1:
                     break
-            row = row[: seq_len + 1]
-            if row:
-                full[b, : len(row)] = torch.frombuffer(row, dtype=torch.uint8)
+            buf += row[: seq_len + 1].ljust(seq_len + 1, bytes([PAD]))
+        full = torch.frombuffer(buf, dtype=torch.uint8).view(batch, seq_len + 1)
+        mask = torch.zeros(batch, seq_len)
+        mask[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = 1.0
         return Batch.from_sequences(full, mask)
 
     def batch_at(self, step: int, batch: int, seq_len: int, seed: int = 0) -> Batch:

@@ -67,5 +67,14 @@ class Rng:
     def coin(self) -> bool:
         return self._next() & 1 == 1
 
+    def bits(self, n: int) -> str:
+        """``n`` uniform random bits as a string of '0' and '1'."""
+        out = []
+        while n > 0:
+            k = min(n, self._BITS)
+            out.append(format(self._next() & ((1 << k) - 1), f"0{k}b"))
+            n -= k
+        return "".join(out)
+
     def choice(self, seq: Sequence[T]) -> T:
         return seq[self.randint(0, len(seq))]

@@ -12,8 +12,7 @@ from .rng import generator
 
 def windows(data: Tensor, starts: Tensor, seq_len: int) -> Batch:
     """The batch of windows ``data[s : s + seq_len + 1]`` for each start ``s``."""
-    idx = starts.long()[:, None] + torch.arange(seq_len + 1)
-    return Batch.from_sequences(data[idx])
+    return Batch.from_sequences(torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()]))
 
 
 def _need(data: Tensor, seq_len: int, split: str, corpus: str) -> int:
