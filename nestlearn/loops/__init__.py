@@ -8,6 +8,8 @@ from torch import Tensor
 
 from nestlearn.loops.chunked import run_chunked
 from nestlearn.loops.common import GradMode, MemoryProblem, init_state
+from nestlearn.loops.delta import run_delta
+from nestlearn.loops.delta import supports as delta_supports
 from nestlearn.loops.dual import run_dual
 from nestlearn.loops.sequential import run_sequential
 
@@ -21,6 +23,11 @@ def run(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "auto") -
     ``vmap(grad)`` + scan chunk executor otherwise; ``scan`` forces the latter."""
     if executor == "sequential":
         return run_sequential(pb, state)
+    # [bench/perf, issue 5] period-1 linear memory + l2 + sgd (no beta): the exact
+    # chunk-parallel (gated) delta rule; chunk size from the level's `chunk:` when the
+    # problem carries one (MemoryProblem.chunk), else 64.
+    if executor == "auto" and delta_supports(pb):
+        return run_delta(pb, state, getattr(pb, "chunk", None))
     if executor == "scan" or not pb.rule.linear:
         return run_chunked(pb, state)
     return run_dual(pb, state)
