@@ -53,7 +53,7 @@ class MemoryProblem:
 
 
 def hp_at(hp: Mapping[str, Tensor | float], sl: slice | int) -> dict[str, Tensor | float]:
-    return {n: (h[..., sl] if isinstance(h, Tensor) else h) for n, h in hp.items()}
+    return {n: (h[..., sl] if isinstance(h, Tensor) and h.dim() > 0 else h) for n, h in hp.items()}
 
 
 def init_state(arch: MemoryArch, rule: Rule, init: Params, batch: int) -> dict[str, Any]:

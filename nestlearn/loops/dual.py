@@ -75,7 +75,7 @@ def run_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str
     ys = []
     for t0, t1 in segments(offset, pb.period, pb.q.shape[2]):
         if offset == 0:
-            if stop or (pb.grad.kind == "truncate" and chunks % pb.grad.n == 0):
+            if stop or (pb.grad.kind == "truncate" and chunks > 0 and chunks % pb.grad.n == 0):
                 params, opt = detach_tree(params), detach_tree(opt)
             anchor = params
             chunks += 1

@@ -45,7 +45,7 @@ def run_sequential(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, di
     ys = []
     for t in range(pb.q.shape[2]):
         if offset == 0:
-            if pb.grad.kind == "truncate" and chunks % pb.grad.n == 0:
+            if pb.grad.kind == "truncate" and chunks > 0 and chunks % pb.grad.n == 0:
                 params, opt = detach_tree(params), detach_tree(opt)
             anchor = params
             chunks += 1
