@@ -1,0 +1,5 @@
+"""``python -m nestlearn``: the command line."""
+
+from nestlearn.cli import main
+
+main()

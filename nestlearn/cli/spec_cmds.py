@@ -1,0 +1,334 @@
+"""``nestlearn compile``, ``validate`` and ``schema``: check a spec and show what it builds."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from nestlearn.graph import LevelGraph, build_graph
+from nestlearn.spec.errors import SpecError
+from nestlearn.spec.loader import load_spec, spec_json_schema
+from nestlearn.spec.schema import Gate, Learned, Spec
+
+__all__ = ["register", "compile_cmd", "validate_cmd", "schema_cmd"]
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+
+
+GRAPH_FORMATS = {".dot": "dot", ".gv": "dot", ".mmd": "mermaid", ".mermaid": "mermaid"}
+MAX_SCHEDULE_ROWS = 24
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compile")(compile_cmd)
+    app.command("validate")(validate_cmd)
+    app.command("schema")(schema_cmd)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class _Fail(Exception):
+    """A user error outside the spec itself (a bad flag, an unwritable path)."""
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Every error a user can cause -> its message on stderr and exit code 1, no traceback."""
+    try:
+        yield
+    except SpecError as err:
+        for issue in err.issues or []:
+            typer.echo(issue.format(), err=True)
+        if not err.issues:
+            typer.echo("error: invalid spec", err=True)
+        raise typer.Exit(1) from None
+    except _Fail as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` without ever leaving a half-written file."""
+    target = path.expanduser()
+    if target.is_dir():
+        raise _Fail(f"{path}: is a directory")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise _Fail(f"{path}: the directory {parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=parent)
+    except OSError as exc:
+        raise _Fail(f"{path}: cannot write ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _Fail(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def _load(spec_path: str, overrides: list[str] | None) -> tuple[Spec, LevelGraph]:
+    spec = load_spec(spec_path, overrides or ())
+    return spec, build_graph(spec)
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def _compile_model(spec: Spec) -> tuple[Any, str | None]:
+    """Build the module if the compiler is there: ``(model or None, note)``.
+
+    The module is built on the ``meta`` device when possible (no memory for the weights: only
+    their counts are shown); any failure there falls back to a normal build.
+    """
+    try:
+        from nestlearn.compile import compile_spec
+    except Exception as exc:  # noqa: BLE001 - the compiler is optional for this command
+        return None, f"module not built: the compiler is unavailable ({type(exc).__name__}: {exc})"
+    try:
+        import torch
+
+        with torch.device("meta"):
+            return compile_spec(spec), None
+    except SpecError:
+        raise
+    except Exception:  # noqa: BLE001 - retry without the meta device
+        pass
+    try:
+        return compile_spec(spec), None
+    except SpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _Fail(f"the compiler failed on this spec: {type(exc).__name__}: {exc}") from None
+
+
+def _hyper(value: Any) -> str:
+    if isinstance(value, Learned):
+        return f"learned({value.learned:g})"
+    if isinstance(value, Gate):
+        return f"gate({value.gate}, max {value.max:g})"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _rule_text(rule: Any) -> str:
+    if rule.name == "torchopt":
+        args = ", ".join(f"{k}={v}" for k, v in rule.args.items())
+        return f"torchopt.{rule.fn}({args})"
+    # the hyper-parameters the spec sets (the defaults are in the docs and the JSON schema)
+    given = [k for k in type(rule).model_fields if k != "name" and k in rule.model_fields_set]
+    inner = ", ".join(f"{k}={_hyper(getattr(rule, k))}" for k in given)
+    return f"{rule.name}({inner})"
+
+
+def _node_details(node: Any) -> str:
+    parts = []
+    for key in ("dim", "window", "heads", "width", "fn", "expand", "persistent", "conv"):
+        v = getattr(node, key, None)
+        if v not in (None, 0, False) and key in type(node).model_fields:
+            parts.append(f"{key}={_hyper(v)}")
+    mem = getattr(node, "memory", None)
+    if mem is not None and node.op in ("memory", "selfmod"):
+        parts.append(f"memory={mem.type}" + (f"×{mem.expand:g}" if mem.type == "mlp" else ""))
+    for role in ("query", "key", "value"):
+        v = getattr(node, role, None)
+        if v not in (None, "proj"):
+            parts.append(f"{role}={v}")
+    init = getattr(node, "init", None)
+    if init is not None and node.op in ("memory", "selfmod", "mlp"):
+        parts.append(f"init={init}")
+    return ", ".join(parts)
+
+
+def _report(spec: Spec, graph: LevelGraph, model: Any, note: str | None, tokens: int) -> dict[str, Any]:
+    """Everything ``compile`` shows, as one JSON-able document."""
+    summary: dict[str, dict[str, Any]] = {}
+    if model is not None:
+        for row in model.level_summary():
+            summary[str(row["name"])] = row
+    desc = graph.describe()
+    levels = []
+    for row in desc["levels"]:
+        name = row["name"]
+        lv = spec.levels[name]
+        s = summary.get(name, {})
+        levels.append({
+            "name": name,
+            "period": lv.period,
+            "rule": _rule_text(lv.rule),
+            "objective": None if lv.is_outer else lv.objective,
+            "grad": None if lv.is_outer else lv.grad,
+            "params": s.get("params"),
+            "state": s.get("state"),
+            "nodes": row["nodes"],
+        })
+    by_id = {n.id: n for n in spec.block}
+    block = []
+    for row in desc["nodes"]:
+        block.append({**row, "details": _node_details(by_id[row["id"]]), "output": row["id"] == graph.output})
+    params = None
+    if model is not None:
+        params = int(model.num_parameters()) if hasattr(model, "num_parameters") else None
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "model": spec.model.model_dump(),
+        "parameters": params,
+        "compiled": model is not None,
+        "note": note,
+        "levels": levels,
+        "level_order": graph.level_order,
+        "block": block,
+        "output": graph.output,
+        "edges": desc["edges"],
+        "schedule": {"tokens": tokens, "steps": [s.as_dict() for s in graph.schedule(tokens)]},
+    }
+
+
+def _count(n: Any) -> str:
+    if n is None:
+        return "-"
+    n = int(n)
+    for unit, size in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _print_text(report: dict[str, Any], console: Console) -> None:
+    m = report["model"]
+    title = Text(report["name"], style="bold")
+    if report["description"]:
+        title.append(f" — {report['description']}", style="dim")
+    console.print(title)
+    line = (f"vocab {m['vocab']} · dim {m['dim']} · depth {m['depth']} · heads {m['heads']} · "
+            f"parameters {_count(report['parameters'])}")
+    console.print(line, highlight=False)
+    if report["note"]:
+        console.print(Text(report["note"], style="yellow"))
+
+    t = Table(title="levels (fast to slow)", title_justify="left", show_lines=False)
+    for col in ("level", "period", "rule", "objective", "grad", "params", "state"):
+        t.add_column(col, justify="right" if col in ("period", "params", "state") else "left")
+    for lv in report["levels"]:
+        t.add_row(lv["name"], str(lv["period"]), lv["rule"], lv["objective"] or "-", lv["grad"] or "-",
+                  _count(lv["params"]), _count(lv["state"]))
+    console.print(t)
+
+    b = Table(title=f"block (a DAG, stacked {m['depth']}×; output {report['output']})", title_justify="left")
+    for col in ("id", "op", "in", "level", "width", "details"):
+        b.add_column(col, justify="right" if col == "width" else "left")
+    b.add_row("x", "input", "", "", str(m["dim"]), "", style="dim")
+    for node in report["block"]:
+        b.add_row(node["id"] + (" →" if node["output"] else ""), node["op"], ", ".join(node["in"]),
+                  node["level"] or "-", str(node["width"]), node["details"])
+    console.print(b)
+
+    if report["edges"]:
+        e = Table(title="level edges", title_justify="left")
+        for col in ("type", "from", "to", "via"):
+            e.add_column(col)
+        for edge in report["edges"]:
+            via = ", ".join(edge.get("via") or [])
+            if edge.get("mode"):
+                via = f"mode {edge['mode']}" + (f"; {via}" if via else "")
+            e.add_row(edge["type"], edge["from"], edge["to"], via)
+        console.print(e)
+
+    sched = report["schedule"]
+    steps = sched["steps"]
+    s = Table(title=f"schedule over {sched['tokens']} tokens", title_justify="left")
+    for col in ("chunk", "tokens", "then update", "every token"):
+        s.add_column(col)
+    shown = steps if len(steps) <= MAX_SCHEDULE_ROWS else steps[: MAX_SCHEDULE_ROWS - 2] + [None] + steps[-1:]
+    for k, step in enumerate(shown):
+        if step is None:
+            s.add_row("…", f"{len(steps) - MAX_SCHEDULE_ROWS + 1} more chunks", "", "")
+            continue
+        idx = k if k < MAX_SCHEDULE_ROWS - 2 else len(steps) - 1
+        s.add_row(str(idx), f"{step['start']}–{step['end'] - 1}", ", ".join(step["updates"]) or "-",
+                  ", ".join(step["every_token"]) or "-")
+    console.print(s)
+
+
+def _graph_format(path: str) -> str:
+    fmt = GRAPH_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise _Fail(f"--graph {path}: unknown graph format {Path(path).suffix or '(no suffix)'!r}; "
+                    "use a .dot (Graphviz) or .mmd (Mermaid) file")
+    return fmt
+
+
+def compile_cmd(
+    spec: str = typer.Argument(..., metavar="SPEC", help="The spec file (YAML).", show_default=False),
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                          help="Overrides, e.g. model.dim=64 levels.memory.rule.lr=0.01"),
+    format: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
+    graph: str = typer.Option(None, "--graph", "-g", metavar="FILE",
+                              help="Also write the graph: FILE.dot (Graphviz) or FILE.mmd (Mermaid)."),
+    tokens: int = typer.Option(None, "--tokens", "-t", min=1,
+                               help="Stream length for the schedule [default: twice the slowest period]"),
+    build: bool = typer.Option(True, "--build/--no-build",
+                               help="Build the module (parameter counts); --no-build shows the graph only."),
+) -> None:
+    """Validate SPEC, build its level graph and module; show levels, block graph and schedule."""
+    with _errors():
+        fmt = _graph_format(graph) if graph else None
+        spec_obj, g = _load(spec, overrides)
+        model, note = _compile_model(spec_obj) if build else (None, "module not built (--no-build)")
+        report = _report(spec_obj, g, model, note, tokens or g.default_tokens())
+        if fmt is not None:
+            _write_atomic(Path(graph), g.to_dot() if fmt == "dot" else g.to_mermaid())
+        if format == Format.json:
+            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        else:
+            _print_text(report, Console(highlight=False))
+            if fmt is not None:
+                typer.echo(f"graph written to {graph} ({fmt})")
+
+
+# ----------------------------------------------------------------------------- validate, schema
+
+
+def validate_cmd(
+    spec: str = typer.Argument(..., metavar="SPEC", help="The spec file (YAML).", show_default=False),
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                          help="Overrides, e.g. model.dim=64"),
+) -> None:
+    """Check SPEC (schema and level graph): print its errors and exit 1, or 'ok: NAME'."""
+    with _errors():
+        spec_obj, _ = _load(spec, overrides)
+        typer.echo(f"ok: {spec_obj.name}")
+
+
+def schema_cmd(
+    output: str = typer.Option(None, "--output", "-o", metavar="FILE",
+                               help="Write to FILE instead of stdout."),
+) -> None:
+    """Print the JSON Schema of a spec (for editor completion and validation)."""
+    with _errors():
+        text = json.dumps(spec_json_schema(), indent=2) + "\n"
+        if output:
+            _write_atomic(Path(output), text)
+            typer.echo(f"schema written to {output}", err=True)
+        else:
+            sys.stdout.write(text)
