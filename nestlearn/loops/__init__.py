@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from torch import Tensor
@@ -20,7 +21,12 @@ __all__ = ["GradMode", "MemoryProblem", "init_state", "run", "run_sequential", "
 
 def run(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "auto") -> tuple[Tensor, dict[str, Any]]:
     """Run ``pb`` from ``state``. ``auto`` takes the closed form for linear rules and the
-    ``vmap(grad)`` + scan chunk executor otherwise; ``scan`` forces the latter."""
+    ``vmap(grad)`` + scan chunk executor otherwise; ``scan`` forces the latter.
+
+    Hyper-parameters missing from ``pb.hp`` take the rule's own constants."""
+    consts = {n: float(h) for n, h in pb.rule.hypers.items() if isinstance(h, (int, float))}
+    if any(n not in pb.hp for n in consts):
+        pb = replace(pb, hp={**consts, **pb.hp})
     if executor == "sequential":
         return run_sequential(pb, state)
     # [bench/perf, issue 5] period-1 linear memory + l2 + sgd (no beta): the exact

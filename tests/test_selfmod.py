@@ -1,0 +1,91 @@
+"""HOPE's self-modifying memory == a plain token-by-token implementation of the paper's
+self-modifying Titans equations (Eq. 83-90 as specified in nestlearn/compile/selfmod.py),
+at period 1 and with chunk-wise generation (period C), for linear and MLP main memories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from nestlearn.compile import compile_spec
+from nestlearn.spec.schema import Spec
+from tests import reference as ref
+
+DT = torch.float64
+SPEC = """
+nestlearn: 1
+name: selfmod-test
+model: {{vocab: 16, dim: 8, depth: 1, heads: 2}}
+levels:
+  outer: {{period: outer, rule: {{name: adamw}}}}
+  fast: {{period: {period}, objective: l2, rule: {{name: dgd, lr: {{gate: token, max: 0.4}}, decay: {{gate: token, max: 0.2}}, beta: 0.6}}}}
+block:
+  - {{id: sm, op: selfmod, in: x, level: fast, memory: {{type: {mem}, expand: 2}}, conv: 3}}
+"""
+
+
+def causal_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x [T, D], w [D, 1, W]: y_t = sum_j w[:, j] x_{t-W+1+j} + b (zeros before the start)."""
+    T, D = x.shape
+    W = w.shape[-1]
+    pad = torch.cat([torch.zeros(W - 1, D, dtype=x.dtype), x])
+    return torch.stack([(pad[t : t + W] * w[:, 0].T).sum(0) + b for t in range(T)])
+
+
+def plain_selfmod(x: torch.Tensor, p: dict, heads: int, period: int, mem: str) -> torch.Tensor:
+    T, D = x.shape
+    dh = D // heads
+    xc = causal_conv(x, p["conv_x.weight"], p["conv_x.bias"])
+    qc = causal_conv(x @ p["q.weight"].T, p["conv_q.weight"], p["conv_q.bias"])
+    main_f = ref.linear_mem if mem == "linear" else ref.mlp_mem
+    fns = {"k": ref.linear_mem, "v": ref.linear_mem, "lr": ref.linear_mem, "decay": ref.linear_mem, "main": main_f}
+    outs = []
+    for h in range(heads):
+        sl = slice(h * dh, (h + 1) * dh)
+        M = {s: {n.split("__", 1)[1]: t[h].clone() for n, t in p.items() if n.startswith(f"init.{s}__")} for s in fns}
+        mom = {s: {n: torch.zeros_like(w) for n, w in M[s].items()} for s in fns}
+        ys = []
+        A = M
+        for t in range(T):
+            if t % period == 0:
+                A = {s: {n: w.clone() for n, w in M[s].items()} for s in fns}
+            xt, qt = xc[t, sl], F.normalize(qc[t, sl], dim=0)
+            k = F.normalize(fns["k"](A["k"], xt), dim=0)
+            v = fns["v"](A["v"], xt)
+            lr = 0.4 * torch.sigmoid(fns["lr"](A["lr"], xt)[0] + p["gen_bias.lr"][h])
+            dec = 0.2 * torch.sigmoid(fns["decay"](A["decay"], xt)[0] + p["gen_bias.decay"][h])
+            vu = F.normalize(v, dim=0)
+            for s, f in fns.items():
+                target = v if s == "main" else f(A[s], vu)
+                a = {n: w.clone().requires_grad_() for n, w in A[s].items()}
+                loss = ((f(a, k) - target.detach()) ** 2).sum()
+                g = dict(zip(a, torch.autograd.grad(loss, list(a.values()))))
+                ins = {"W": k} if f is ref.linear_mem else ref.layer_inputs("mlp", A[s], k)
+                for n in M[s]:
+                    mom[s][n] = 0.6 * mom[s][n] + g[n]
+                    u = ins[n] / ins[n].norm()
+                    eye = torch.eye(u.shape[0], dtype=DT)
+                    M[s][n] = M[s][n] @ ((1 - dec) * eye - lr * torch.outer(u, u)) - lr * mom[s][n]
+            ys.append(main_f(M["main"], qt))
+        outs.append(torch.stack(ys))
+    return torch.cat(outs, dim=-1) @ p["out.weight"].T
+
+
+@pytest.mark.parametrize("period", [1, 3])
+@pytest.mark.parametrize("mem", ["linear", "mlp"])
+def test_selfmod_matches_plain_equations(period: int, mem: str) -> None:
+    torch.manual_seed(0)
+    model = compile_spec(Spec.model_validate(yaml.safe_load(SPEC.format(period=period, mem=mem))), dtype=DT)
+    op = model.blocks[0].ops["sm"]
+    with torch.no_grad():
+        for n, w in op.named_parameters():
+            if "conv" in n or "gen_bias" in n:
+                w.add_(torch.randn_like(w) * 0.3)
+    x = torch.randn(2, 10, 8, dtype=DT)
+    y, _ = op([x], {}, None)
+    p = {n: w.detach() for n, w in op.named_parameters()}
+    for b in range(2):
+        expected = plain_selfmod(x[b], p, 2, period, mem)
+        torch.testing.assert_close(y[b].detach(), expected, rtol=1e-9, atol=1e-10)
