@@ -35,10 +35,7 @@ def compile(spec: Spec | str | Path, overrides: list[str] | tuple[str, ...] = ()
 
     if not isinstance(spec, Spec):
         spec = load_spec(spec, overrides)
-    try:
-        from nestlearn.graph import build_graph
-    except ImportError:  # pragma: no cover - only while the graph module is absent
-        build_graph = None
-    if build_graph is not None:
-        build_graph(spec)
+    from nestlearn.graph import build_graph
+
+    build_graph(spec)  # every structural check before any tensor is allocated
     return compile_spec(spec, **kw)

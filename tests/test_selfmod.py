@@ -20,7 +20,8 @@ name: selfmod-test
 model: {{vocab: 16, dim: 8, depth: 1, heads: 2}}
 levels:
   outer: {{period: outer, rule: {{name: adamw}}}}
-  fast: {{period: {period}, objective: l2, rule: {{name: dgd, lr: {{gate: token, max: 0.4}}, decay: {{gate: token, max: 0.2}}, beta: 0.6}}}}
+  fast: {{period: {period}, objective: l2,
+         rule: {{name: dgd, lr: {{gate: token, max: 0.4}}, decay: {{gate: token, max: 0.2}}, beta: 0.6}}}}
 block:
   - {{id: sm, op: selfmod, in: x, level: fast, memory: {{type: {mem}, expand: 2}}, conv: 3}}
 """

@@ -97,7 +97,7 @@ class Block(nn.Module):
         state = state or {}
         new_state: dict[str, Any] = {}
         for i in self.order:
-            op = self.ops[i]
+            op: basic.Op = self.ops[i]  # type: ignore[assignment]
             src = {s: values[s] for s in op.sources}
             values[i], st = op([values[j] for j in self.inputs[i]], src, state.get(i))
             if st is not None:
@@ -145,7 +145,8 @@ class CompiledModel(nn.Module):
         outer = self.spec.outer_level
         for mod in self.modules():
             if isinstance(mod, MemoryOp) or type(mod).__name__ == "SelfModOp":
-                state[mod.level.name] += sum(p.numel() for p in mod.init.values())  # type: ignore[union-attr]
+                level: Level = mod.level  # type: ignore[assignment]
+                state[level.name] += sum(p.numel() for p in mod.init.values())  # type: ignore[union-attr,operator]
         owned[outer] = self.num_parameters()
         rows = []
         for n, lv in self.levels.items():

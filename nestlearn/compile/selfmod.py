@@ -60,7 +60,8 @@ class SelfModOp(Op):
         self.gen_bias = nn.ParameterDict({
             "lr": nn.Parameter(torch.zeros(heads)), "decay": nn.Parameter(torch.full((heads,), -6.0)),
         })
-        self.beta = nn.Parameter(torch.tensor(float(hyp["beta"].learned))) if isinstance(hyp.get("beta"), Learned) else None
+        beta = hyp.get("beta")
+        self.beta = nn.Parameter(torch.tensor(float(beta.learned))) if isinstance(beta, Learned) else None
         self.out = nn.Linear(dim, dim, bias=False)
 
     def _heads(self, x: Tensor) -> Tensor:
