@@ -1,0 +1,83 @@
+"""``TrainConfig``: every knob of a training run, checked up front with clear messages."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from nestlearn.train.errors import TrainError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Defaults of ``nestlearn run SPEC`` with no other argument: small enough that a few-million
+# parameter spec visibly learns in a few minutes on a 2-core laptop CPU.
+DEFAULT_STEPS = 300
+DEFAULT_BATCH = 16
+DEFAULT_SEQ_LEN = 128
+
+
+@dataclass
+class TrainConfig:
+    """A run's settings. ``steps=None`` means the task's own length (``continual``) or
+    ``DEFAULT_STEPS``; ``warmup=None`` means 5% of the steps; ``eval_every=None`` four evaluations
+    per run; ``ckpt_every=None`` ten checkpoints per run (and one at the end or on Ctrl-C)."""
+
+    task: str = "lm"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None
+    steps: int | None = None
+    batch: int = DEFAULT_BATCH
+    seq_len: int = DEFAULT_SEQ_LEN
+    lr: float | None = None
+    warmup: int | None = None
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0
+    accum: int = 1
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    carry_state: bool = False
+    eval_every: int | None = None
+    eval_batches: int = 4
+    ckpt_every: int | None = None
+    log_every: int = 1
+    stop_at: int | None = None
+    """Stop (with a checkpoint) after this many steps of a ``steps``-long schedule; resume later."""
+
+    def check(self) -> None:
+        """Raise ``TrainError`` naming the first bad value."""
+        def need(ok: bool, flag: str, value: Any, what: str) -> None:
+            if not ok:
+                raise TrainError(f"{flag}: {what}, got {value!r}")
+
+        for name, flag in (("batch", "--batch"), ("seq_len", "--seq-len"), ("accum", "--accum"),
+                           ("eval_batches", "--eval-batches"), ("log_every", "--log-every")):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 1, flag, v, "must be a whole number >= 1")
+        for name, flag in (("steps", "--steps"), ("eval_every", "--eval-every"),
+                           ("ckpt_every", "--ckpt-every"), ("stop_at", "--stop-at")):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, int) and v >= 1), flag, v, "must be a whole number >= 1")
+        need(self.warmup is None or self.warmup >= 0, "--warmup", self.warmup, "must be >= 0")
+        need(self.lr is None or (self.lr > 0 and self.lr == self.lr and self.lr != float("inf")),
+             "--lr", self.lr, "must be a positive finite number")
+        need(0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio", self.min_lr_ratio, "must be in [0, 1]")
+        need(self.clip >= 0 and self.clip == self.clip, "--clip", self.clip, "must be >= 0 (0 disables clipping)")
+        need(self.device in DEVICES, "--device", self.device, f"must be one of {', '.join(DEVICES)}")
+        need(self.precision in PRECISIONS, "--precision", self.precision,
+             f"must be one of {', '.join(PRECISIONS)}")
+        if self.batch % self.accum:
+            raise TrainError(f"--accum: the batch of {self.batch} rows cannot be split into {self.accum} "
+                             "equal micro-batches; choose an --accum that divides --batch")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

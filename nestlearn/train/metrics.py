@@ -1,0 +1,147 @@
+"""Metrics: JSON lines in the run directory, and cheap per-level diagnostics read off the state.
+
+Each line of ``metrics.jsonl`` is one record with a ``split``: ``train`` (``loss``, ``bits_per_byte``
+or ``accuracy``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``tokens``, ``time`` and, per in-context
+level, ``levels.<name>.update_norm``: how far the memories moved from their meta-learned initial
+state over the sequence, ``‖W_T − W_0‖`` averaged over the batch and the level's memories),
+``val`` (validation metrics) or ``phase`` (every domain of a continual run after a phase).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+TIMING_KEYS = ("tokens_per_s", "time")
+
+
+class MetricsLog:
+    """Append-only JSON lines (written by rank 0 only; ``enabled=False`` elsewhere)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(_clean(record)) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (written after the checkpoint a run resumes from), so a
+        resumed run's log equals an uninterrupted one's."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
+        from nestlearn.train.checkpoint import atomic_write
+
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (a torn last line, from a crash mid-write, is skipped)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
+
+
+# ----------------------------------------------------------------------------- state diagnostics
+
+
+def _is_memory_state(x: Any) -> bool:
+    return isinstance(x, dict) and isinstance(x.get("params"), dict) and "offset" in x
+
+
+def memory_states(state: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
+    """Every memory state (a dict with ``params`` and ``offset``) in a node's state, with its path."""
+    if _is_memory_state(state):
+        yield path, state
+        return
+    if isinstance(state, dict):
+        for k, v in state.items():
+            yield from memory_states(v, (*path, str(k)))
+
+
+def _init_of(op: nn.Module, path: tuple[str, ...], name: str) -> Tensor | None:
+    init = getattr(op, "init", None)
+    if not isinstance(init, nn.ParameterDict):
+        return None
+    for key in (name, f"{path[-1]}__{name}" if path else name):
+        if key in init:
+            return init[key]
+    return None
+
+
+def _ops(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    for i, block in enumerate(getattr(model, "blocks", [])):
+        for node_id, op in block.ops.items():
+            yield str(i), node_id, op
+
+
+@torch.no_grad()
+def level_update_norms(model: nn.Module, state: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per in-context level: ``update_norm`` = mean over memories and sequences of ``‖W_T − W_0‖``
+    (all of a memory's parameters together), and ``state_norm`` = mean ``‖W_T‖``."""
+    acc: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for blk, node_id, op in _ops(model):
+        level = getattr(op, "level", None)
+        node_state = state.get(blk, {}).get(node_id) if isinstance(state, dict) else None
+        if level is None or node_state is None:
+            continue
+        for path, mem in memory_states(node_state):
+            upd, tot = None, None
+            for pname, p in mem["params"].items():
+                p = p.detach().float()
+                init = _init_of(op, path, pname)
+                b = p.shape[0]
+                sq = p.reshape(b, -1).pow(2).sum(1)
+                tot = sq if tot is None else tot + sq
+                if init is not None:
+                    d = (p - init.detach().float().to(p.device)).reshape(b, -1).pow(2).sum(1)
+                    upd = d if upd is None else upd + d
+            if tot is None:
+                continue
+            acc.setdefault(level.name, []).append(
+                (upd.sqrt().mean() if upd is not None else torch.tensor(float("nan")), tot.sqrt().mean()))
+    out = {}
+    for name, vals in acc.items():
+        u = torch.stack([v[0] for v in vals]).mean()
+        s = torch.stack([v[1] for v in vals]).mean()
+        out[name] = {"update_norm": float(u), "state_norm": float(s)}
+    return out
+
+
+def first_nonfinite(model: nn.Module, state: dict[str, Any]) -> tuple[str, str, str | None] | None:
+    """The first node, in the order the forward computed them, whose carried state holds a
+    non-finite value: ``(block, node id, level name or None)``."""
+    for blk, node_id, op in _ops(model):
+        node_state = state.get(blk, {}).get(node_id) if isinstance(state, dict) else None
+        if node_state is None:
+            continue
+        leaves = [t for t in torch.utils._pytree.tree_leaves(node_state) if isinstance(t, Tensor)]
+        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves):
+            level = getattr(op, "level", None)
+            return blk, node_id, (level.name if level is not None else None)
+    return None
