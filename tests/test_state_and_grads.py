@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
+from nestlearn import objectives, rules
 from nestlearn.compile import compile_spec
 from nestlearn.loops import GradMode, MemoryProblem, init_state, run
 from nestlearn.memories import LinearMemory
-from nestlearn import objectives, rules
 from nestlearn.spec.schema import Spec
 
 DATA = Path(__file__).parent / "data"
