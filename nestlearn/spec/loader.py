@@ -129,10 +129,18 @@ def issue_at(spec: Spec, loc: Sequence[str | int], message: str) -> SpecIssue:
     return _issue(tuple(loc), message, pos)
 
 
+def _printable_loc(loc: Sequence[str | int]) -> Loc:
+    """Path elements as they print on one line (a key may hold a newline or a control char)."""
+    return tuple(
+        el if not isinstance(el, str) or el.isprintable() else el.encode("unicode_escape").decode("ascii")
+        for el in loc
+    )
+
+
 def _issue(loc: Loc, message: str, pos: Position) -> SpecIssue:
     if pos.note:
         message = f"{message} {pos.note}"
-    return SpecIssue(loc=loc, message=message, file=pos.file, line=pos.line, col=pos.col)
+    return SpecIssue(loc=_printable_loc(loc), message=message, file=pos.file, line=pos.line, col=pos.col)
 
 
 # ----------------------------------------------------------------------------- YAML
@@ -201,7 +209,7 @@ def _check_duplicates(
                 where = f"line {prev}" if not lo else "earlier in the same override"
                 issues.append(
                     SpecIssue(
-                        loc=(*loc, name),
+                        loc=_printable_loc((*loc, name)),
                         message=f"duplicate key {name!r} (first given at {where})",
                         file=pos.file,
                         line=pos.line,
@@ -917,7 +925,9 @@ def apply_overrides(doc: dict[str, Any], overrides: Sequence[str], smap: SourceM
             _apply_one(doc, text, index, smap)
         except _OverrideError as e:
             msg = e.message if "malformed" in e.message else f"{e.message} in override {text!r}"
-            issues.append(SpecIssue(loc=e.loc, message=msg, file=OVERRIDE_FILE, line=index, col=e.col))
+            issues.append(
+                SpecIssue(loc=_printable_loc(e.loc), message=msg, file=OVERRIDE_FILE, line=index, col=e.col)
+            )
         except SpecError as e:
             issues.extend(e.issues)
     if issues:
