@@ -1,0 +1,1 @@
+"""GPU and CPU benchmarks: ``python -m bench --help``."""

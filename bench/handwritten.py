@@ -1,0 +1,82 @@
+"""A hand-written torch.func loop of the benchmarked Titans memory, for the "within 5%" check.
+
+The same math as the compiled ``memory`` op (projections, l2-normalised q/k, token gates,
+residual 2-layer MLP memory, momentum + decay over chunks of ``period`` tokens, each token
+read with its own in-chunk weights), written as one function with no spec, hooks or
+dictionaries: error signals by ``torch.func.vjp``, closed-form chunk coefficients, dual-form
+reads. It shares the compiled model's parameters, so its outputs must match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vjp
+
+
+def _ratios(logx: Tensor) -> tuple[Tensor, Tensor]:
+    """``R[t, s] = prod_{r=s+1..t} x_r`` (lower triangle, 0 above) and ``P[t] = prod_{r<=t} x_r``."""
+    n = logx.shape[-1]
+    c = torch.cumsum(logx, -1)
+    mask = torch.ones(n, n, dtype=torch.bool, device=logx.device).tril()
+    diff = (c.unsqueeze(-1) - c.unsqueeze(-2)).masked_fill(~mask, float("-inf"))
+    return torch.exp(diff), torch.exp(c)
+
+
+class HandTitans(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model  # the compiled CompiledModel (input: embeddings, one memory op)
+        op = model.blocks[0].ops["mem"]
+        self.op = op
+        self.H, self.dh, self.C = op.heads, op.dh, int(op.level.period)
+        hyp = op.level.rule.hypers
+        self.max = {n: float(hyp[n].max) for n in ("lr", "beta", "decay")}
+
+    def forward(self, x: Tensor) -> Tensor:
+        op, H, dh, C = self.op, self.H, self.dh, self.C
+        b, t, d = x.shape
+        heads = lambda z: z.view(b, t, H, dh).transpose(1, 2)  # noqa: E731
+        q = F.normalize(heads(op.proj["q"](x)), dim=-1)
+        k = F.normalize(heads(op.proj["k"](x)), dim=-1)
+        v = heads(op.proj["v"](x))
+        g = {n: self.max[n] * torch.sigmoid(op.hypers.gates[n](x)).transpose(1, 2) for n in self.max}
+        w1 = op.init["W0"].to(x.dtype).expand(b, *op.init["W0"].shape)
+        w2 = op.init["W1"].to(x.dtype).expand(b, *op.init["W1"].shape)
+        s1, s2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        ys = []
+        for c0 in range(0, t, C):
+            sl = slice(c0, min(t, c0 + C))
+            qc, kc, vc = q[:, :, sl], k[:, :, sl], v[:, :, sl]
+            lr, beta, decay = g["lr"][..., sl], g["beta"][..., sl], g["decay"][..., sl]
+            # error signals at the chunk-start weights
+            h = kc @ w1.transpose(-1, -2)
+            a, gelu_vjp = vjp(F.gelu, h)
+            d2 = 2.0 * (kc + a @ w2.transpose(-1, -2) - vc)
+            (d1,) = gelu_vjp(d2 @ w2)
+            # closed-form coefficients: W_t = A_t W + s_t S + sum_s c_ts g_s
+            keep, a_t = _ratios(torch.log1p(-decay))
+            carry, b0 = _ratios(torch.log(beta))
+            cts = -(keep @ carry) * lr.unsqueeze(-2)
+            s_t = (keep @ b0.unsqueeze(-1)).squeeze(-1)
+            # dual reads
+            z1 = (a_t.unsqueeze(-1) * (qc @ w1.transpose(-1, -2)) + s_t.unsqueeze(-1) * (qc @ s1.transpose(-1, -2))
+                  + ((qc @ kc.transpose(-1, -2)) * cts) @ d1)
+            r = F.gelu(z1)
+            z2 = (a_t.unsqueeze(-1) * (r @ w2.transpose(-1, -2)) + s_t.unsqueeze(-1) * (r @ s2.transpose(-1, -2))
+                  + ((r @ a.transpose(-1, -2)) * cts) @ d2)
+            ys.append(qc + z2)
+            # chunk-end weights and momentum
+            c_end, a_end, s_end = cts[..., -1, :], a_t[..., -1, None, None], s_t[..., -1, None, None]
+            mc = (-carry[..., -1, :] * lr).unsqueeze(-1)
+            mb = b0[..., -1, None, None]
+            nw1 = a_end * w1 + s_end * s1 + (d1 * c_end.unsqueeze(-1)).transpose(-1, -2) @ kc
+            nw2 = a_end * w2 + s_end * s2 + (d2 * c_end.unsqueeze(-1)).transpose(-1, -2) @ a
+            s1 = mb * s1 + (d1 * mc).transpose(-1, -2) @ kc
+            s2 = mb * s2 + (d2 * mc).transpose(-1, -2) @ a
+            w1, w2 = nw1, nw2
+        y = torch.cat(ys, 2).transpose(1, 2).reshape(b, t, d)
+        out = op.out(y)
+        norm = self.model.norm
+        return out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight

@@ -1,0 +1,241 @@
+"""Cases and timing: forward+backward tokens/s and peak memory, ours and the peers'."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench import specs
+
+Step = Callable[[], None]
+
+
+@dataclass
+class Case:
+    name: str  # the row's family, e.g. "titans"
+    impl: str  # "nestlearn", "titans-pytorch", ...
+    batch: int
+    seq: int
+    dtype: str
+    build: Callable[[], Step]  # builds inputs/model, returns one fwd+bwd step
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_case(case: Case, dev: torch.device, warmup: int, reps: int, budget_s: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": case.name, "impl": case.impl, "batch": case.batch, "seq": case.seq,
+                           "dtype": case.dtype, "note": case.note, **case.extra}
+    try:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        step = case.build()
+        times = []
+        t0 = time.perf_counter()
+        step()
+        _sync(dev)
+        first = time.perf_counter() - t0
+        n_warm = 0 if first * (warmup + reps) > budget_s else warmup - 1
+        for _ in range(max(0, n_warm)):
+            step()
+        n_reps = max(1, min(reps, int(budget_s / max(first, 1e-6))))
+        for _ in range(n_reps):
+            if dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                step()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        row.update(status="ok", s_per_iter=med, tokens_per_s=case.batch * case.seq / med, reps=len(times),
+                   spread=(max(times) - min(times)) / med if len(times) > 1 else 0.0)
+        if dev.type == "cuda":
+            row["peak_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
+    except torch.cuda.OutOfMemoryError:
+        row.update(status="OOM")
+    except Exception as e:  # a peer's failure is a row, not a crash
+        row.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+# ----------------------------------------------------------------------------- builders
+
+def _dt(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
+
+
+def _randomise_gates(model: torch.nn.Module) -> None:
+    """Gates start at zero weight; give them data dependence so the timing is not of a constant."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "gates" in n and n.endswith("weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def compiled_step(doc: dict[str, Any], b: int, t: int, dtype: str, dev: torch.device,
+                  hand: bool = False) -> Callable[[], Step]:
+    def build() -> Step:
+        from nestlearn.compile import compile_spec
+
+        torch.manual_seed(0)
+        model = compile_spec(specs.validate(doc)).to(dev, _dt(dtype))
+        _randomise_gates(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if doc["model"].get("input") == "embeddings":
+            x = torch.randn(b, t, doc["model"]["dim"], device=dev, dtype=_dt(dtype))
+            if hand:
+                from bench.handwritten import HandTitans
+
+                fn = HandTitans(model)
+                forward = lambda: fn(x)  # noqa: E731
+            else:
+                forward = lambda: model(x)[0]  # noqa: E731
+            loss_of = lambda out: out.float().square().mean()  # noqa: E731
+        else:
+            x = torch.randint(0, 256, (b, t + 1), device=dev)
+            inp, tgt = x[:, :-1], x[:, 1:]
+            forward = lambda: model(inp)[0]  # noqa: E731
+            loss_of = lambda out: F.cross_entropy(out.float().flatten(0, 1), tgt.flatten())  # noqa: E731
+
+        def step() -> None:
+            for p in params:
+                p.grad = None
+            loss_of(forward()).backward()
+
+        return step
+
+    return build
+
+
+def delta_kernel_step(b: int, t: int, h: int, d: int, dev: torch.device, backend: str) -> Callable[[], Step]:
+    """The bare inner loop (no projections): ours in PyTorch, or fla's kernel, bf16 in."""
+    def build() -> Step:
+        g = torch.Generator(device=dev).manual_seed(0)
+        mk = lambda *s: torch.randn(*s, device=dev, generator=g, dtype=torch.bfloat16)  # noqa: E731
+        q = mk(b, h, t, d).requires_grad_()
+        k = F.normalize(mk(b, h, t, d).float(), dim=-1).bfloat16().requires_grad_()
+        v = mk(b, h, t, d).requires_grad_()
+        beta = torch.rand(b, h, t, device=dev, generator=g, dtype=torch.bfloat16).requires_grad_()
+        if backend == "fla":
+            from fla.ops.delta_rule import chunk_delta_rule
+
+            qt, kt, vt = (z.detach().transpose(1, 2).contiguous().requires_grad_() for z in (q, k, v))
+            bt = beta.detach().transpose(1, 2).contiguous().requires_grad_()
+
+            def step() -> None:
+                o, _ = chunk_delta_rule(qt, kt, vt, bt, scale=1.0)
+                o.float().square().mean().backward()
+        else:
+            from nestlearn.loops.delta import delta_rule
+
+            w0 = torch.zeros(b, h, d, d, device=dev)
+
+            def step() -> None:
+                y, _ = delta_rule(q.float(), k.float(), v.float(), beta.float(), None, w0)
+                y.bfloat16().float().square().mean().backward()
+
+        return step
+
+    return build
+
+
+def titans_pytorch_step(b: int, t: int, dev: torch.device) -> Callable[[], Step]:
+    def build() -> Step:
+        from titans_pytorch import NeuralMemory
+
+        torch.manual_seed(0)
+        mem = NeuralMemory(dim=512, heads=4, chunk_size=64).to(dev)
+        x = torch.randn(b, t, 512, device=dev)
+
+        def step() -> None:
+            for p in mem.parameters():
+                p.grad = None
+            out, _ = mem(x)
+            out.square().mean().backward()
+
+        return step
+
+    return build
+
+
+def sdpa_step(b: int, t: int, h: int, d: int, dev: torch.device) -> Callable[[], Step]:
+    def build() -> Step:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        q, k, v = (torch.randn(b, h, t, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+
+        def step() -> None:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).float().square().mean().backward()
+
+        return step
+
+    return build
+
+
+def importable(mod: str) -> bool:
+    try:
+        __import__(mod)
+        return True
+    except Exception:
+        return False
+
+
+def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
+    gpu = dev.type == "cuda"
+    lp = "bf16" if gpu else "fp32"  # CPU has no fast bf16; time the same graphs in fp32
+    D = 512 if not small else 64
+    out: list[Case] = []
+    titans_sizes = [(8, 2048), (4, 8192), (1, 65536)] if not small else [(2, 128)]
+    gpt_sizes = [(8, 2048), (1, 16384), (1, 65536)] if not small else [(2, 128)]
+    seqs = [2048, 8192, 16384, 32768, 65536] if not small else [128, 512]
+    tm = specs.titans_memory(D, 4, 64 if not small else 16)
+    for b, t in titans_sizes:
+        out.append(Case("titans-memory", "nestlearn", b, t, "fp32", compiled_step(tm, b, t, "fp32", dev)))
+        out.append(Case("titans-memory", "hand-written", b, t, "fp32", compiled_step(tm, b, t, "fp32", dev, True)))
+        if gpu and importable("titans_pytorch"):
+            out.append(Case("titans-memory", "titans-pytorch", b, t, "fp32", titans_pytorch_step(b, t, dev)))
+    dn = specs.deltanet(D, 4, 64 if not small else 16)
+    dn_sizes = [(8, 2048), (1, 65536)] if not small else [(2, 128)]
+    for b, t in dn_sizes:
+        out.append(Case("deltanet", "nestlearn", b, t, lp, compiled_step(dn, b, t, lp, dev),
+                        note="whole spec: q/k/v/gate/out projections + delta rule"))
+        out.append(Case("deltanet-kernel", "nestlearn", b, t, lp,
+                        delta_kernel_step(b, t, 4, D // 4, dev, "torch"), note="bare delta rule, fp32 inside"))
+        if gpu and importable("fla"):
+            out.append(Case("deltanet-kernel", "fla", b, t, "bf16", delta_kernel_step(b, t, 4, D // 4, dev, "fla"),
+                            note="fla chunk_delta_rule"))
+    gpt = specs.transformer(D, 4 if not small else 2, 4)
+    for b, t in gpt_sizes:
+        out.append(Case("gpt", "nestlearn", b, t, lp, compiled_step(gpt, b, t, lp, dev)))
+    sdpa_sizes = [(1, s) for s in seqs]
+    for b, t in sdpa_sizes:
+        out.append(Case("sdpa", "torch", b, t, lp, sdpa_step(b, t, 4, D // 4, dev)))
+    stack = specs.titans_stack(D, 4 if not small else 2, 4, 64 if not small else 16)
+    for t in seqs:
+        out.append(Case("titans-stack", "nestlearn", 1, t, lp, compiled_step(stack, 1, t, lp, dev)))
+    hope = specs.hope(D, 4 if not small else 2, 4)
+    if hope is not None:
+        for t in seqs[:1] if small else seqs:
+            out.append(Case("hope", "nestlearn", 1, t, lp, compiled_step(hope, 1, t, lp, dev)))
+    if only:
+        out = [c for c in out if c.name in only or c.impl in only]
+    return out
