@@ -322,8 +322,7 @@ def build_graph(spec: Spec) -> LevelGraph:
                 dims[nid] = w
         if output in dims and dims[output] != dim:
             issues.add(out_loc, f"the block's output {output!r} is {dims[output]} wide, but must be "
-                       f"model.dim = {dim}: the block is added to its input and stacked {spec.model.depth} "
-                       "times")
+                       f"model.dim = {dim} (the block is residual and stacked model.depth times)")
     issues.raise_if_any()
 
     # ---- the level graph
