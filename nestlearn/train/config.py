@@ -39,6 +39,8 @@ class TrainConfig:
     precision: str = "auto"
     compile: bool = False
     seed: int = 0
+    threads: int | None = None
+    """CPU threads for torch (default: torch's choice; 1 is often fastest for tiny models)."""
     deterministic: bool = False
     carry_state: bool = False
     eval_every: int | None = None
@@ -59,7 +61,8 @@ class TrainConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, flag, v, "must be a whole number >= 1")
         for name, flag in (("steps", "--steps"), ("eval_every", "--eval-every"),
-                           ("ckpt_every", "--ckpt-every"), ("stop_at", "--stop-at")):
+                           ("ckpt_every", "--ckpt-every"), ("stop_at", "--stop-at"),
+                           ("threads", "--threads")):
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and v >= 1), flag, v, "must be a whole number >= 1")
         need(self.warmup is None or self.warmup >= 0, "--warmup", self.warmup, "must be >= 0")

@@ -46,7 +46,13 @@ from nestlearn.train.checkpoint import (
 )
 from nestlearn.train.config import DEFAULT_STEPS, TrainConfig
 from nestlearn.train.errors import DivergedError, TrainError
-from nestlearn.train.metrics import TIMING_KEYS, MetricsLog, first_nonfinite, level_update_norms
+from nestlearn.train.metrics import (
+    TIMING_KEYS,
+    MetricsLog,
+    first_nonfinite,
+    level_update_norms,
+    trace_nonfinite,
+)
 from nestlearn.train.rundir import RunDir
 
 OUTER_RULES = ("sgd", "momentum", "adam", "adamw")
@@ -198,6 +204,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.config
         cfg.check()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
         self.dist = D.init_distributed(device.type == "cuda")
         if device.type == "cuda" and self.dist.enabled:
@@ -342,7 +350,7 @@ class Trainer:
         loss = loss_sum / n_tok
         if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(gnorm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise self._diverged(step + 1, loss, gnorm, states)
+            raise self._diverged(step + 1, loss, gnorm, states, local)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -362,26 +370,38 @@ class Trainer:
                 rec["levels"] = levels
         return rec
 
-    def _diverged(self, step: int, loss: float, gnorm: float, states: list[Any]) -> DivergedError:
+    def _diverged(self, step: int, loss: float, gnorm: float, states: list[Any], local: Batch) -> DivergedError:
+        """Name where the divergence began: replay the step's micro-batches watching every op's
+        output and state; else the first non-finite carried state; else the outer level."""
         where = None
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        try:
+            if bad:
+                raise RuntimeError("the weights themselves are non-finite")
+            with self._autocast():
+                inputs = [mb.inputs.to(self.device) for mb in local.split(self.config.accum)]
+                where = trace_nonfinite(self.model, inputs)
+        except Exception:  # noqa: BLE001 - a diagnosis must not hide the divergence itself
+            where = None
         for st in states:
-            where = first_nonfinite(self.model, st)
             if where is not None:
                 break
+            where = first_nonfinite(self.model, st)
         what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
         if where is not None and where[2] is not None:
             blk, node, level = where
-            cause = (f"the inner update of level '{level}' diverged first (block {blk}, node '{node}': its memory "
-                     f"state became non-finite); lower that level's rate (e.g. levels.{level}.rule.lr=...), "
-                     "or use grad: truncate:N for it")
+            cause = (f"the inner update of level '{level}' diverged first (block {blk}, node '{node}' produced "
+                     f"non-finite values); lower that level's rate (e.g. levels.{level}.rule.lr=...), use "
+                     "grad: truncate:N for it, or lower the outer --lr")
         elif where is not None:
             blk, node, _ = where
             cause = f"node '{node}' of block {blk} produced non-finite values; try a lower --lr"
             level = None
         else:
             level = self.spec.outer_level
-            cause = (f"every in-context memory stayed finite, so the outer level '{level}' diverged; "
-                     "try a lower --lr or a smaller --clip")
+            what_outer = f"its weights ({bad[0]}, ...)" if bad else "its weights or gradients"
+            cause = (f"every in-context memory stayed finite, so the outer level '{level}' diverged "
+                     f"({what_outer}); try a lower --lr or a smaller --clip")
         if self.last_ckpt_step is not None:
             keep = f"the last good checkpoint is kept: {self.run.last_checkpoint} (step {self.last_ckpt_step})"
         else:

@@ -145,3 +145,33 @@ def first_nonfinite(model: nn.Module, state: dict[str, Any]) -> tuple[str, str, 
             level = getattr(op, "level", None)
             return blk, node_id, (level.name if level is not None else None)
     return None
+
+
+def _nonfinite(tree: Any) -> bool:
+    return any(isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+               for t in torch.utils._pytree.tree_leaves(tree))
+
+
+@torch.no_grad()
+def trace_nonfinite(model: nn.Module, inputs: list[Tensor]) -> tuple[str, str, str | None] | None:
+    """Re-run ``model`` on ``inputs`` watching every op of every block: the first one (in the order
+    the forward ran them) whose output or new state is non-finite is where the divergence began.
+    Returns ``(block, node id, level name or None)``; None if every op stayed finite."""
+    hit: list[tuple[str, str, str | None]] = []
+    hooks = []
+    for blk, node_id, op in _ops(model):
+        def hook(mod: nn.Module, args: Any, output: Any, blk: str = blk, node_id: str = node_id) -> None:
+            if not hit and _nonfinite(output):
+                level = getattr(mod, "level", None)
+                hit.append((blk, node_id, level.name if level is not None else None))
+
+        hooks.append(op.register_forward_hook(hook))
+    try:
+        for x in inputs:
+            model(x)
+            if hit:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    return hit[0] if hit else None
