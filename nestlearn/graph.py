@@ -141,8 +141,11 @@ class LevelGraph:
                 "width": self.node_dims.get(nid),
                 **{k: v for k, v in attrs.get("sources", {}).items()},
             })
+        rank = {name: k for k, name in enumerate(self.level_order)}
+        ordered = sorted(self.levels.edges(data=True),
+                         key=lambda e: (EDGE_TYPES.index(e[2]["type"]), rank[e[0]], rank[e[1]]))
         edges = [{"type": d["type"], "from": u, "to": v, **{k: x for k, x in d.items() if k != "type"}}
-                 for u, v, d in self.levels.edges(data=True)]
+                 for u, v, d in ordered]
         return {"levels": levels, "nodes": nodes, "edges": edges, "output": self.output}
 
     def to_dot(self) -> str:
@@ -355,16 +358,17 @@ def build_graph(spec: Spec) -> LevelGraph:
         if data.nodes[nid]["op"] == "selfmod":
             lvl = data.nodes[nid]["level"]
             link(lvl, lvl, "generate", nid)
-    for nid in order:  # plain data flow between the levels' nodes
+    # condition: plain data flow into each in-context node, and from the block's output into the
+    # outer loss, seen through everything that is not itself an in-context node
+    for nid in order:
         target = data.nodes[nid].get("level")
-        for src in _nearest_owners(data, nid) if target is not None else ():
-            a = data.nodes[src].get("level") or outer
-            if a != target:
-                link(a, target, "condition", nid)
-    for src in _nearest_owners(data, output, include_self=True):  # the block's output feeds the outer loss
-        a = data.nodes[src].get("level") or outer
+        if target is not None and target != outer:
+            for a in _upstream_levels(data, nid, outer):
+                if a != target:
+                    link(a, target, "condition", nid)
+    for a in _upstream_levels(data, output, outer, include_self=True):
         if a != outer:
-            link(a, outer, "condition", src)
+            link(a, outer, "condition", output)
     for name in level_order[:-1]:
         mode = spec.levels[name].grad
         if mode != "stop":
@@ -475,20 +479,24 @@ def _cycle_from(g: nx.DiGraph, start: str) -> list[str]:
     return path
 
 
-def _nearest_owners(data: nx.DiGraph, node: str, include_self: bool = False) -> set[str]:
-    """Nearest upstream nodes that own parameters (or ``x``), seen through parameterless ops."""
+def _upstream_levels(data: nx.DiGraph, node: str, outer: str, include_self: bool = False) -> set[str]:
+    """Levels whose values reach ``node`` by plain data flow (``in`` edges): the nearest in-context
+    nodes upstream, and ``outer`` where outer-level nodes or the block input ``x`` feed it."""
     found: set[str] = set()
-    stack = [node] if include_self else list(data.predecessors(node))
+    stack = [node] if include_self else [u for u, _, r in data.in_edges(node, data="role") if r == "in"]
     seen: set[str] = set()
     while stack:
         v = stack.pop()
         if v in seen:
             continue
         seen.add(v)
-        if v == INPUT or data.nodes[v].get("level") is not None:
-            found.add(v)
-        else:
-            stack.extend(data.predecessors(v))
+        level = data.nodes[v].get("level")
+        if level is not None and level != outer:
+            found.add(level)
+            continue
+        if v == INPUT or level == outer:
+            found.add(outer)
+        stack.extend(u for u, _, r in data.in_edges(v, data="role") if r == "in")
     return found
 
 

@@ -34,7 +34,7 @@ def test_compile_text() -> None:
     assert result.exit_code == 0, result.output
     out = result.stdout
     for needle in ("tiny", "levels (fast to slow)", "momentum", "adamw", "block", "attention", "window=16",
-                   "memory=mlp×2", "schedule over 16 tokens", "0–7", "8–15", "level edges", "init"):
+                   "memory=mlp×2", "schedule over 16 tokens", "0–15 (2 × 8)", "level edges", "init"):
         assert needle in out, needle
     assert result.stderr == ""
 

@@ -255,19 +255,38 @@ def _print_text(report: dict[str, Any], console: Console) -> None:
         console.print(e)
 
     sched = report["schedule"]
-    steps = sched["steps"]
     s = Table(title=f"schedule over {sched['tokens']} tokens", title_justify="left")
-    for col in ("chunk", "tokens", "then update", "every token"):
+    for col in ("chunks", "tokens", "after each chunk, update", "every token"):
         s.add_column(col)
-    shown = steps if len(steps) <= MAX_SCHEDULE_ROWS else steps[: MAX_SCHEDULE_ROWS - 2] + [None] + steps[-1:]
-    for k, step in enumerate(shown):
-        if step is None:
-            s.add_row("…", f"{len(steps) - MAX_SCHEDULE_ROWS + 1} more chunks", "", "")
-            continue
-        idx = k if k < MAX_SCHEDULE_ROWS - 2 else len(steps) - 1
-        s.add_row(str(idx), f"{step['start']}–{step['end'] - 1}", ", ".join(step["updates"]) or "-",
-                  ", ".join(step["every_token"]) or "-")
+    rows = _schedule_rows(sched["steps"])
+    shown: list[tuple[str, ...] | None] = list(rows)
+    if len(rows) > MAX_SCHEDULE_ROWS:
+        shown = [*rows[: MAX_SCHEDULE_ROWS - 2], None, rows[-1]]
+    for row in shown:
+        if row is None:
+            s.add_row("…", f"{len(rows) - MAX_SCHEDULE_ROWS + 1} more rows", "", "")
+        else:
+            s.add_row(*row)
     console.print(s)
+
+
+def _schedule_rows(steps: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """Runs of consecutive chunks of one length with the same updates, one row each."""
+    rows: list[tuple[str, str, str, str]] = []
+    k = 0
+    while k < len(steps):
+        first = steps[k]
+        size = first["end"] - first["start"]
+        n = k + 1
+        while (n < len(steps) and steps[n]["updates"] == first["updates"]
+               and steps[n]["end"] - steps[n]["start"] == size):
+            n += 1
+        last = steps[n - 1]
+        chunks = str(k) if n - k == 1 else f"{k}–{n - 1}"
+        tokens = f"{first['start']}–{last['end'] - 1}" + (f" ({n - k} × {size})" if n - k > 1 else "")
+        rows.append((chunks, tokens, ", ".join(first["updates"]) or "-", ", ".join(first["every_token"]) or "-"))
+        k = n
+    return rows
 
 
 def _graph_format(path: str) -> str:
