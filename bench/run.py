@@ -191,6 +191,24 @@ def sdpa_step(b: int, t: int, h: int, d: int, dev: torch.device) -> Callable[[],
     return build
 
 
+def graphed(build: Callable[[], Step]) -> Callable[[], Step]:
+    """The same step captured once in a CUDA graph and replayed (removes launch overhead)."""
+    def build_graphed() -> Step:
+        step = build()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph.replay
+
+    return build_graphed
+
+
 def importable(mod: str) -> bool:
     try:
         __import__(mod)
@@ -236,6 +254,10 @@ def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
     if hope is not None:
         for t in seqs[:1] if small else seqs:
             out.append(Case("hope", "nestlearn", 1, t, lp, compiled_step(hope, 1, t, lp, dev)))
+    if gpu:  # the same steps replayed from a CUDA graph
+        for c in list(out):
+            if c.impl == "nestlearn" and c.name in ("titans-memory", "deltanet", "titans-stack", "gpt"):
+                out.append(Case(c.name, "nestlearn+graph", c.batch, c.seq, c.dtype, graphed(c.build), c.note))
     if only:
         out = [c for c in out if c.name in only or c.impl in only]
     return out

@@ -17,8 +17,9 @@ so the chunk's errors solve one unit-lower-triangular system (the WY / UT transf
     (I + L) E = V - diag(gamma_{t-1}) K W0^T,   L[t,s] = (gamma_{t-1}/gamma_s) (k_t . k_s) beta_s, s < t
 
 and ``E = Tv - Tk W0^T`` with ``Tv = (I+L)^{-1} V`` and ``Tk = (I+L)^{-1} diag(gamma_prev) K``
-computed for every chunk at once. Only ``E`` (one matmul) and the chunk-end weights (one
-matmul) are sequential over chunks; the reads are then batched over all chunks:
+computed for every chunk at once. From chunk to chunk the weights follow an affine map
+``W -> W A_c + B_c``; its prefix compositions come from a log-depth (Hillis-Steele) scan of
+batched matmuls, so no Python loop runs over chunks. The reads are batched over all chunks:
 
     Y = diag(gamma) Q W0^T + ((gamma_t/gamma_s) [s<=t] * Q K^T) (beta * E).
 
@@ -122,21 +123,25 @@ def delta_rule(
 
     kr = kc.detach() if first_order else kc  # k inside the inner gradients
     kend = kr * ratio[..., -1, :].unsqueeze(-1) if ratio is not None else kr  # (gamma_n/gamma_s) k_s
-    g_end = gamma[..., -1] if gamma is not None else None
-    w = w0
-    starts, errs = [], []
-    for c in range(nc):
-        starts.append(w)
-        wd = w.detach() if first_order else w
-        e = tv[:, :, c] - tk[:, :, c] @ wd.transpose(-1, -2)  # [B,H,n,dv]
-        if first_order:
-            e = e.detach()
-        errs.append(e)
-        u = e * bc[:, :, c].unsqueeze(-1)
-        w_scaled = w * g_end[:, :, c, None, None] if g_end is not None else w
-        w = w_scaled + u.transpose(-1, -2) @ kend[:, :, c]
-    w_starts = torch.stack(starts, 2)  # [B,H,nc,dv,dk]
-    e_all = torch.stack(errs, 2)  # [B,H,nc,n,dv]
+    # chunk to chunk the weights follow an affine map W -> W A_c + B_c (from E = tv - tk W^T):
+    #   A_c = gamma_n I - tk^T diag(beta) kend,   B_c = (beta * tv)^T kend
+    # (first_order: the inner-gradient part is constant, so A_c = gamma_n I and B_c carries E)
+    eye = torch.eye(dk, dtype=kc.dtype, device=kc.device)
+    g_end = gamma[..., -1, None, None] if gamma is not None else torch.ones_like(bc[..., :1, None])
+    kb = kend * bc.unsqueeze(-1)
+    if first_order:
+        with torch.no_grad():
+            starts_c = _affine_states(g_end * eye - tk.transpose(-1, -2) @ kb,
+                                      (tv * bc.unsqueeze(-1)).transpose(-1, -2) @ kend, w0)[0]
+            e_all = tv - tk @ starts_c.transpose(-1, -2)
+        a_maps = g_end * eye
+        b_maps = (e_all * bc.unsqueeze(-1)).transpose(-1, -2) @ kend
+    else:
+        a_maps = g_end * eye - tk.transpose(-1, -2) @ kb
+        b_maps = (tv * bc.unsqueeze(-1)).transpose(-1, -2) @ kend
+    w_starts, w = _affine_states(a_maps, b_maps, w0)
+    if not first_order:
+        e_all = tv - tk @ w_starts.transpose(-1, -2)  # [B,H,nc,n,dv]
     u_all = e_all * bc.unsqueeze(-1)
     scores = qc @ kr.transpose(-1, -2)
     scores = scores * ratio if ratio is not None else scores.masked_fill(~tri, 0.0)
@@ -146,6 +151,23 @@ def delta_rule(
     y = y + scores @ u_all
     y = y.reshape(b, h, nc * n, dv)[:, :, :t]
     return y, w
+
+
+def _affine_states(a: Tensor, b: Tensor, w0: Tensor) -> tuple[Tensor, Tensor]:
+    """Chunk-start weights of ``W_{c+1} = W_c a_c + b_c`` (``a [.., nc, dk, dk]``, ``b [.., nc, dv, dk]``)
+    from ``w0``, and the final weights, by a Hillis-Steele scan of the affine maps: log2(nc)
+    rounds of batched matmuls instead of nc sequential steps."""
+    nc = a.shape[-3]
+    s = 1
+    while s < nc:  # inclusive prefix: (A, B)[i] = map_0 then ... then map_i
+        a_prev, b_prev = a[..., :-s, :, :], b[..., :-s, :, :]
+        a_cur, b_cur = a[..., s:, :, :], b[..., s:, :, :]
+        a = torch.cat([a[..., :s, :, :], a_prev @ a_cur], -3)
+        b = torch.cat([b[..., :s, :, :], b_prev @ a_cur + b_cur], -3)
+        s *= 2
+    ends = w0.unsqueeze(-3) @ a + b  # weights after chunk i
+    starts = torch.cat([w0.unsqueeze(-3), ends[..., :-1, :, :]], -3)
+    return starts, ends[..., -1, :, :]
 
 
 def run_delta(
