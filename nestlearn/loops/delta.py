@@ -103,7 +103,7 @@ def delta_rule(
         g_prev = torch.cat([torch.ones_like(gamma[..., :1]), gamma[..., :-1]], -1)
         ratio_prev = torch.cat([torch.zeros_like(ratio[..., :1, :]), ratio[..., :-1, :]], -2)
     else:
-        ratio = ratio_prev = gamma = g_prev = None
+        ratio = ratio_prev = gamma = g_prev = None  # type: ignore[assignment]
 
     def solve(kk: Tensor, vv: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
         gram = kk @ kk.transpose(-1, -2)  # [.., n, n]
