@@ -1,4 +1,4 @@
-"""Random mutations of a valid spec either load and build their graph, or raise SpecError.
+"""Random mutations of a valid spec either load, build their graph and compile, or raise SpecError.
 
 Nothing else may escape: no KeyError, TypeError, RecursionError or YAML exception, and every
 issue must format as one ``file:line:col: path: message`` line.
@@ -10,6 +10,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -64,6 +65,16 @@ def check(text: str, overrides: tuple[str, ...] = ()) -> None:
     graph.schedule(graph.default_tokens())
     graph.to_dot()
     graph.to_mermaid()
+    if compile_spec is not None:  # a spec that passes the checks must compile (weights on 'meta': no memory)
+        with torch.device("meta"):
+            model = compile_spec(spec)
+        assert model.num_parameters() > 0
+
+
+try:
+    from nestlearn.compile import compile_spec
+except ImportError:  # pragma: no cover - while the compiler is being written
+    compile_spec = None
 
 
 def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
