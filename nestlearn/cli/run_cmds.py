@@ -580,7 +580,8 @@ def compare_cmd(
     seed: Optional[str] = typer.Option(None, "--seed", metavar="N"),
     set_: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
                                              help="A spec override applied to every spec (repeat)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", metavar="DIR", help="Where the runs go (default runs/compare-<time>)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar="DIR",
+                                      help="Where the runs go (default runs/compare-<time>)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train several specs on the same task with the same settings; print one table."""

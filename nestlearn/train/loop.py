@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +61,8 @@ OUTER_RULES = ("sgd", "momentum", "adam", "adamw")
 # ----------------------------------------------------------------------------- reporting
 
 
-class Reporter:
-    """Hooks for progress display (the CLI's rich bar); the default shows nothing."""
+class Reporter(Protocol):
+    """Hooks for progress display (the CLI's rich bar)."""
 
     def start(self, info: dict[str, Any]) -> None: ...
 
@@ -73,6 +73,25 @@ class Reporter:
     def message(self, text: str) -> None: ...
 
     def end(self, summary: dict[str, Any]) -> None: ...
+
+
+class SilentReporter:
+    """Shows nothing (the default)."""
+
+    def start(self, info: dict[str, Any]) -> None:
+        pass
+
+    def step(self, record: dict[str, Any]) -> None:
+        pass
+
+    def eval(self, record: dict[str, Any]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def end(self, summary: dict[str, Any]) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -175,7 +194,6 @@ def _detach(tree: Any) -> Any:
 def build_model(spec: Any) -> nn.Module:
     """Validate the level graph and compile the spec (every failure is a SpecError/TrainError)."""
     from nestlearn.compile import compile_spec
-
     from nestlearn.graph import build_graph
 
     build_graph(spec)
@@ -197,7 +215,7 @@ class Trainer:
                  reporter: Reporter | None = None):
         self.spec, self.config, self.resume = spec, config, resume
         self.run = RunDir(out)
-        self.reporter = reporter or Reporter()
+        self.reporter: Reporter = reporter or SilentReporter()
         self._stop = False
 
     # ---------------------------------------------------------------- setup
@@ -581,5 +599,5 @@ def train(spec: Any, config: TrainConfig, out: str | Path, resume: bool = False,
     return Trainer(spec, config, out, resume, reporter).fit()
 
 
-__all__ = ["Reporter", "Trainer", "train", "lr_at", "build_optimizer", "build_task", "build_model",
+__all__ = ["Reporter", "SilentReporter", "Trainer", "train", "lr_at", "build_optimizer", "build_task", "build_model",
            "resolve_device", "resolve_precision", "TaskError"]
