@@ -82,6 +82,9 @@ CASES = [
     Case("control-character", tiny(("name: tiny", "name: ti\x07ny")), 2, 9, "", "unacceptable character #x0007"),
     Case("python-tag", tiny(("name: tiny", "name: !!python/object/apply:os.system [ls]")), 2, 7, "",
          "could not determine a constructor"),
+    Case("alias-bomb", "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10) if i else 'x'}]\n"
+                               for i in range(9)), 1, 1, "", "aliases expand to more than"),
+    Case("nested-too-deeply", "name: " + "[" * 3000 + "]" * 3000 + "\n", 1, 1, "", "nested too deeply"),
     Case("not-utf8", TINY.encode().replace(b"name: tiny", b"name: ti\xffny"), 2, 9, "", "not valid UTF-8"),
     # ---- schema: types, names, values
     Case("unknown-top-field", tiny(("name: tiny", "name: tiny\nlevls: 3")), 3, 1, "levls",

@@ -190,6 +190,24 @@ def _scalar_key(node: yaml.Node) -> Any:
     return None
 
 
+MAX_NODES = 200_000
+"""A document whose aliases expand to more values than this is refused (the "billion laughs")."""
+
+
+def _expanded_size(node: yaml.Node, path: frozenset[int], count: list[int]) -> None:
+    count[0] += 1
+    if count[0] > MAX_NODES or id(node) in path:
+        return
+    path = path | {id(node)}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            _expanded_size(key_node, path, count)
+            _expanded_size(value_node, path, count)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _expanded_size(item, path, count)
+
+
 def _check_duplicates(
     node: yaml.Node, loc: Loc, file: str, issues: list[SpecIssue], lo: int, co: int, seen: set[int]
 ) -> None:
@@ -277,6 +295,12 @@ def _compose(
         node = loader.get_single_node()
         if node is None:
             return None, None, smap, []
+        count = [0]
+        _expanded_size(node, frozenset(), count)
+        if count[0] > MAX_NODES:
+            msg = f"the document is too large: its aliases expand to more than {MAX_NODES} values"
+            pos = _mark_pos(file, node.start_mark, line_offset, col_offset)
+            return None, node, smap, [SpecIssue(loc=(), message=msg, file=pos.file, line=pos.line, col=pos.col)]
         issues: list[SpecIssue] = []
         _check_duplicates(node, (), file, issues, line_offset, col_offset, set())
         if issues:
