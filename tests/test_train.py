@@ -1,0 +1,265 @@
+"""The outer loop, checkpoints, metrics and run directories (nestlearn.train), through the API."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nestlearn
+from nestlearn.train import (
+    CheckpointError,
+    DivergedError,
+    TrainConfig,
+    Trainer,
+    TrainError,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    train,
+)
+from nestlearn.train.checkpoint import flatten_tree, unflatten_tree
+from nestlearn.train.loop import build_model, lr_at
+
+TINY = Path(__file__).parent / "data" / "tiny_run.yaml"
+SMALL = dict(batch=4, seq_len=32, threads=1)
+
+
+@pytest.fixture(scope="module")
+def spec() -> Any:
+    return nestlearn.load_spec(TINY)
+
+
+def _strip(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in records]
+
+
+def _model_tensors(run: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(run / "checkpoints" / "last.safetensors").items() if not k.startswith("rng/")}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_tiny_run_learns_and_writes_the_run_directory(spec: Any, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    s = train(spec, TrainConfig(steps=40, **SMALL), out)
+    assert s["status"] == "done" and s["step"] == 40
+    assert s["train"]["loss"] < s["first_loss"] - 1.0, s  # byte LM from ~5.5 nats: visibly learning
+    assert s["val"]["loss"] < 4.5 and math.isclose(s["val"]["bits_per_byte"], s["val"]["loss"] / math.log(2))
+    for name in ("spec.yaml", "config.json", "metrics.jsonl", "summary.json", "checkpoints/last.safetensors"):
+        assert (out / name).exists(), name
+    recs = read_metrics(out / "metrics.jsonl")
+    train_recs = [r for r in recs if r["split"] == "train"]
+    assert [r["step"] for r in train_recs] == list(range(1, 41))
+    r = train_recs[-1]
+    assert {"loss", "bits_per_byte", "lr", "grad_norm", "tokens_per_s", "tokens"} <= set(r)
+    assert r["levels"]["memory"]["update_norm"] > 0  # the in-context level moved its memory
+    assert any(r["split"] == "val" for r in recs)
+    # the resolved spec rebuilds the same model
+    again = nestlearn.load_spec(out / "spec.yaml")
+    assert again == spec
+    assert json.loads((out / "summary.json").read_text())["status"] == "done"
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_outer_rule_is_the_optimizer(spec: Any) -> None:
+    from nestlearn.train.loop import build_optimizer
+
+    model = build_model(spec)
+    opt = build_optimizer(model, spec.levels["outer"].rule, None)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == pytest.approx(3e-3)
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.01) and opt.param_groups[1]["weight_decay"] == 0
+    sgd = nestlearn.load_spec(TINY, ["levels.outer.rule={name: momentum, lr: 0.1, beta: 0.5}"])
+    opt = build_optimizer(build_model(sgd), sgd.levels["outer"].rule, 0.05)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.5
+    assert opt.param_groups[0]["lr"] == 0.05
+
+
+def test_gradient_accumulation_matches_the_full_batch(spec: Any, tmp_path: Path) -> None:
+    a = train(spec, TrainConfig(steps=3, **SMALL), tmp_path / "a")
+    b = train(spec, TrainConfig(steps=3, accum=2, **SMALL), tmp_path / "b")
+    la = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if r["split"] == "train"]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if r["split"] == "train"]
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_gives_exactly_the_uninterrupted_run(spec: Any, tmp_path: Path) -> None:
+    cfg = dict(steps=12, eval_every=4, ckpt_every=5, **SMALL)
+    train(spec, TrainConfig(**cfg), tmp_path / "full")
+    first = train(spec, TrainConfig(**cfg, stop_at=7), tmp_path / "split")
+    assert first["status"] == "stopped" and first["checkpoint_step"] == 7
+    second = train(spec, TrainConfig(**cfg), tmp_path / "split", resume=True)
+    assert second["status"] == "done" and second["step"] == 12
+    a, b = _model_tensors(tmp_path / "full"), _model_tensors(tmp_path / "split")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # parameters and optimizer state
+    assert _strip(read_metrics(tmp_path / "full" / "metrics.jsonl")) == \
+        _strip(read_metrics(tmp_path / "split" / "metrics.jsonl"))
+
+
+class _StopAt:
+    """A reporter that asks the trainer to stop (as Ctrl-C does) once ``step`` is reached."""
+
+    def __init__(self, step: int) -> None:
+        self.at = step
+        self.trainer: Trainer | None = None
+
+    def start(self, info: dict[str, Any]) -> None: ...
+
+    def step(self, rec: dict[str, Any]) -> None:
+        if rec["step"] == self.at and self.trainer is not None:
+            self.trainer._stop = True
+
+    def eval(self, rec: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+    def end(self, summary: dict[str, Any]) -> None: ...
+
+
+def test_interrupt_saves_and_resume_with_carried_state_is_exact(spec: Any, tmp_path: Path) -> None:
+    cfg = dict(steps=8, carry_state=True, ckpt_every=100, **SMALL)
+    train(spec, TrainConfig(**cfg), tmp_path / "full")
+    rep = _StopAt(3)
+    t = Trainer(spec, TrainConfig(**cfg), tmp_path / "int", reporter=rep)
+    rep.trainer = t
+    s = t.fit()
+    assert s["status"] == "interrupted" and s["checkpoint_step"] == 3
+    ck = load_checkpoint(tmp_path / "int" / "checkpoints" / "last.safetensors", spec)
+    assert ck.step == 3 and isinstance(ck.carry, list) and ck.carry[0]["0"]["mem"]["mem"]["offset"] == 0
+    assert ck.carry[0]["0"]["mem"]["mem"]["chunks"] == 12  # carried over 3 steps of 4 chunks: an int
+    train(spec, TrainConfig(**cfg), tmp_path / "int", resume=True)
+    a, b = _model_tensors(tmp_path / "full"), _model_tensors(tmp_path / "int")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_settings(spec: Any, tmp_path: Path) -> None:
+    train(spec, TrainConfig(steps=2, **SMALL), tmp_path / "r")
+    with pytest.raises(TrainError, match="already holds a run"):
+        train(spec, TrainConfig(steps=2, **SMALL), tmp_path / "r")
+    with pytest.raises(TrainError, match="batch=4 but this run has 8"):
+        train(spec, TrainConfig(steps=4, batch=8, seq_len=32, threads=1), tmp_path / "r", resume=True)
+    with pytest.raises(TrainError, match="has no checkpoint|does not exist"):
+        train(spec, TrainConfig(steps=2, **SMALL), tmp_path / "none", resume=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_tree_round_trip_keeps_types() -> None:
+    tree = {"a": {"b": torch.arange(3.0), "n": 7, "e": {}, "none": None}, 3: [1.5, True, "x", (2, torch.ones(2))]}
+    tensors, skel = flatten_tree(tree, "t")
+    assert tensors["t/a/n"].dtype == torch.int64
+    back = unflatten_tree(json.loads(json.dumps(skel)), tensors)
+    assert back["a"]["n"] == 7 and isinstance(back["a"]["n"], int) and back["a"]["e"] == {}
+    assert back[3][:3] == [1.5, True, "x"] and isinstance(back[3][3], tuple)
+    assert torch.equal(back["a"]["b"], tree["a"]["b"])
+
+
+def test_checkpoint_from_another_spec_is_refused(spec: Any, tmp_path: Path) -> None:
+    model = build_model(spec)
+    path = save_checkpoint(tmp_path / "c.safetensors", model=model, spec=spec, step=3)
+    other = nestlearn.load_spec(TINY, ["model.dim=16"])
+    with pytest.raises(CheckpointError, match=r"another spec.*\n.*model.dim: 32 -> 16"):
+        load_checkpoint(path, other)
+    assert load_checkpoint(path, spec).step == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign"])
+def test_corrupt_checkpoint_is_a_clear_error(spec: Any, tmp_path: Path, damage: str) -> None:
+    path = save_checkpoint(tmp_path / "c.safetensors", model=build_model(spec), spec=spec, step=1)
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 10)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.ones(2)}, str(path))
+    with pytest.raises(CheckpointError, match="corrupt|not a nestlearn checkpoint"):
+        load_checkpoint(path, spec)
+
+
+def test_checkpoint_writes_are_atomic(spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model(spec)
+    path = save_checkpoint(tmp_path / "c.safetensors", model=model, spec=spec, step=1)
+    before = path.read_bytes()
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(path, model=model, spec=spec, step=2)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_divergence_names_the_level_and_keeps_the_last_good_checkpoint(spec: Any, tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    train(spec, TrainConfig(steps=2, **SMALL), out)
+    good = (out / "checkpoints" / "last.safetensors").read_bytes()
+    hot = nestlearn.load_spec(TINY, ["levels.memory.rule.lr.max=1.0e6"])
+    # same checkpoint but a spec whose memory diverges: resume is refused (another spec), so
+    # train a fresh run that diverges at its first step
+    with pytest.raises(DivergedError) as err:
+        train(hot, TrainConfig(steps=3, ckpt_every=1, **SMALL), tmp_path / "hot")
+    assert err.value.level == "memory" and err.value.step == 1
+    assert "level 'memory'" in str(err.value) and "step 1" in str(err.value)
+    assert not (tmp_path / "hot" / "checkpoints" / "last.safetensors").exists()
+    assert json.loads((tmp_path / "hot" / "summary.json").read_text())["status"] == "diverged"
+    assert (out / "checkpoints" / "last.safetensors").read_bytes() == good
+
+
+def test_divergence_after_a_checkpoint_keeps_it(spec: Any, tmp_path: Path) -> None:
+    out = tmp_path / "late"
+    with pytest.raises(DivergedError) as err:
+        train(spec, TrainConfig(steps=30, lr=1e3, clip=0, ckpt_every=1, **SMALL), out)
+    step = err.value.step
+    assert step > 1 and f"step {step}" in str(err.value) and "last good checkpoint is kept" in str(err.value)
+    ck = load_checkpoint(out / "checkpoints" / "last.safetensors", spec)
+    assert ck.step == step - 1
+    assert all(torch.isfinite(v).all() for v in ck.model.values())
+
+
+# ----------------------------------------------------------------------------- bad settings
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(batch=0), "--batch"), (dict(steps=0), "--steps"), (dict(device="gpu"), "--device"),
+    (dict(precision="fp8"), "--precision"), (dict(accum=3), "--accum"), (dict(lr=-1.0), "--lr"),
+    (dict(device="cuda"), "CUDA") if not torch.cuda.is_available() else (dict(batch=0), "--batch"),
+    (dict(precision="bf16"), "CUDA") if not torch.cuda.is_available() else (dict(batch=0), "--batch"),
+    (dict(stop_at=50, steps=10), "--stop-at"),
+])
+def test_bad_settings_are_clear_errors(spec: Any, tmp_path: Path, kw: dict[str, Any], match: str) -> None:
+    cfg = {**SMALL, "steps": 2, **kw}
+    with pytest.raises(TrainError, match=match):
+        train(spec, TrainConfig(**cfg), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoints" / "last.safetensors").exists()
+
+
+def test_synthetic_task_reports_accuracy(spec: Any, tmp_path: Path) -> None:
+    s = train(spec, TrainConfig(task="mqar", steps=2, batch=4, seq_len=32, threads=1), tmp_path / "m")
+    assert "accuracy" in s["train"] and "accuracy" in s["val"]
