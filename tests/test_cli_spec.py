@@ -157,3 +157,18 @@ def test_schema_to_stdout_and_file(tmp_path: Path) -> None:
     assert json.loads(target.read_text()) == schema
     result = run("schema", "-o", str(tmp_path / "nope" / "s.json"))
     assert result.exit_code == 1 and "does not exist" in result.stderr
+
+
+def test_an_internal_bug_is_one_line_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nestlearn.cli import spec_cmds
+
+    def broken(spec: object) -> None:
+        raise KeyError("oops")
+
+    monkeypatch.setattr(spec_cmds, "build_graph", broken)
+    result = run("validate", str(TINY))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("internal error: KeyError: 'oops' (this is a bug in nestlearn")
+    monkeypatch.setenv("NESTLEARN_DEBUG", "1")
+    result = runner.invoke(app, ["validate", str(TINY)])
+    assert isinstance(result.exception, KeyError)

@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -60,6 +61,14 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(1) from None
     except _Fail as err:
         typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
+        raise
+    except Exception as err:  # a bug of ours: still one line for the user, the traceback on request
+        if os.environ.get("NESTLEARN_DEBUG"):
+            raise
+        typer.echo(f"internal error: {type(err).__name__}: {err} (this is a bug in nestlearn; "
+                   "set NESTLEARN_DEBUG=1 to see the traceback)", err=True)
         raise typer.Exit(1) from None
 
 
