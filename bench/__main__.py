@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             if r.get("status") == "ok" and r["s_per_iter"] > a.skip_after or r.get("status") == "OOM":
                 slow[key] = r.get("s_per_iter", float("nan"))
         _print_row(rows[-1])
+        if a.out:  # written after every row, so a run cut short keeps what it measured
+            with open(a.out, "w") as f:
+                json.dump({"meta": {"partial": True}, "rows": rows}, f, indent=1)
     meta = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
