@@ -36,7 +36,8 @@ from rich.table import Table
 
 __all__ = ["register", "run_cmd", "eval_cmd", "generate_cmd", "plot_cmd", "compare_cmd"]
 
-SLOW_HINT_MINUTES = 10.0
+SLOW_HINT_MINUTES = 10.0  # a run with default steps projected longer than this gets a hint
+BIG_FOR_CPU = 8_000_000  # parameters: a default run of a bigger spec on CPU gets a hint at once
 
 
 def register(app: typer.Typer) -> None:
@@ -191,6 +192,10 @@ class RichReporter:
         )
         if info["start"]:
             self.console.print(f"resuming at step {info['start']} of {info['total']}")
+        if self.hint and info["device"].startswith("cpu") and info["params"] > BIG_FOR_CPU:
+            self.message(f"this spec has {info['params'] / 1e6:.1f}M parameters: large for a CPU, where a step "
+                         f"may take minutes. {self.hint}")
+            self.hint = None
         if self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -209,10 +214,12 @@ class RichReporter:
         done = rec["step"] - self.start_step
         elapsed = time.perf_counter() - self.t0
         rate = self.tokens_per_step * done / elapsed if elapsed > 0 else None
-        if done == 3 and self.hint and elapsed > 0:
+        if done in (1, 3) and self.hint and elapsed > 0:
             eta = elapsed / done * (self.total - rec["step"]) / 60
             if eta > SLOW_HINT_MINUTES:
-                self.message(f"this run will take about {eta:.0f} minutes here. {self.hint}")
+                self.message(f"at {elapsed / done:.1f} s per step this run will take about {eta:.0f} more minutes "
+                             f"here. {self.hint}")
+                self.hint = None
         if self.quiet:
             return
         if self.progress is not None and self.task_id is not None:
