@@ -19,6 +19,9 @@ from nestlearn.spec.schema import MemorySpec
 def build_arch(mem: MemorySpec, d_in: int, d_out: int, heads: int) -> MemoryArch:
     if mem.type == "linear":
         return LinearMemory(d_in, d_out, heads, bias=mem.bias)
+    if mem.type in ("ttt-linear", "ttt-mlp"):  # an nn.Module too: its LN scale/shift are outer params
+        from nestlearn.memories.ttt import TTTMemory
+        return TTTMemory(d_in, d_out, heads, core=mem.type[4:], expand=mem.expand, act=mem.act, bias=mem.bias)
     return MLPMemory(d_in, d_out, heads, expand=mem.expand, depth=mem.depth, act=mem.act,
                      residual=mem.residual and d_in == d_out, bias=mem.bias)
 

@@ -232,7 +232,8 @@ class ActNode(_Node):
 class MemorySpec(Strict):
     """The parametric memory's own architecture (its parameters are the fast state)."""
 
-    type: Literal["linear", "mlp"] = "linear"
+    type: Literal["linear", "mlp", "ttt-linear", "ttt-mlp"] = "linear"
+    """``ttt-*``: TTT's inner model ``x + LN(f_res(x))`` (nestlearn/memories/ttt.py)."""
     expand: Annotated[float, Field(gt=0)] = 4.0
     depth: Annotated[int, Field(ge=2, le=8)] = 2
     act: Literal["silu", "gelu", "relu", "tanh"] = "gelu"
