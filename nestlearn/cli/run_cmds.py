@@ -77,7 +77,7 @@ def _errors() -> Iterator[None]:
         typer.echo(f"{pre}error: {err}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        typer.echo(f"{pre}aborted (a second Ctrl-C); the last checkpoint on disk is kept", err=True)
+        typer.echo(f"{pre}aborted; nothing more was saved (a checkpoint already on disk is kept)", err=True)
         raise typer.Exit(130) from None
     except OSError as err:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
@@ -329,7 +329,7 @@ def run_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
                                                     help="Spec overrides, e.g. model.dim=64."),
     task: Optional[str] = typer.Option(None, "--task", metavar="NAME",
-                                       help="lm (default), mqar, niah, parity, aa, abab, anbn, anbncn, continual."),
+                                       help="lm (default), mqar, niah, parity, aa_star, abab_star, anbn, anbncn, continual."),
     task_opt: Optional[list[str]] = typer.Option(None, "--task-opt", metavar="KEY=VALUE",
                                                  help="A task option, e.g. n_pairs=16 or phases=code,prose (repeat)."),
     data: Optional[str] = typer.Option(None, "--data", metavar="PATH",

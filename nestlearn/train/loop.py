@@ -489,6 +489,12 @@ class Trainer:
             "world": self.dist.world, "start": start, "total": self.total, "run_dir": str(self.run.path),
             "tokens_per_step": per_step, "levels": self.model.level_summary(),  # type: ignore[operator]
         })
+        if start >= self.total:
+            self.reporter.message(f"the run is already complete at step {start} of {self.total}; "
+                                  "nothing to do (raise --steps to train longer)")
+            done_summary = self.run.summary() or self._summary("done", start, self.tokens_before, 0.0, None, {}, {})
+            self.reporter.end(done_summary)
+            return done_summary
         status, error = "done", None
         first_loss: float | None = None
         last_train: dict[str, Any] = {}
@@ -508,6 +514,11 @@ class Trainer:
                 except DivergedError as e:
                     status, error = "diverged", e
                     break
+                except torch.OutOfMemoryError:
+                    raise TrainError(
+                        f"out of {self.device.type} memory at step {step + 1} (batch {cfg.batch} x {cfg.seq_len} "
+                        f"bytes in {cfg.accum} micro-batch(es)); lower --batch or --seq-len, or raise --accum"
+                    ) from None
                 except Exception as e:  # noqa: BLE001
                     if cfg.compile and step == start:
                         raise TrainError(f"--compile: torch.compile failed on this model "
