@@ -387,8 +387,8 @@ def run_cmd(
         main = os.environ.get("RANK", "0") == "0"
         hint = None
         if defaulted:
-            hint = (f"For a quicker look, train a smaller model or fewer steps, e.g.\n  nestlearn run {spec} "
-                    "model.dim=64 model.depth=2 --steps 200")
+            hint = (f"For a quick look, train a smaller model on shorter sequences, e.g.\n  nestlearn run {spec} "
+                    "model.dim=64 model.depth=2 --seq-len 64 --steps 150")
         reporter = RichReporter(console, quiet=quiet or not main, hint=hint)
         from nestlearn.train import Trainer
 
