@@ -388,7 +388,7 @@ def run_cmd(
         hint = None
         if defaulted:
             hint = (f"For a quick look, train a smaller model on shorter sequences, e.g.\n  nestlearn run {spec} "
-                    "model.dim=64 model.depth=2 --seq-len 64 --steps 150")
+                    "model.dim=64 model.depth=2 --seq-len 64   (about 3 minutes on 2 CPU cores)")
         reporter = RichReporter(console, quiet=quiet or not main, hint=hint)
         from nestlearn.train import Trainer
 
