@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nestlearn import rules
+
+# imported here so that the `compile` function below wins over the subpackage name
+from nestlearn.compile import compile_spec as _compile_spec
 from nestlearn.spec.errors import SpecError
 from nestlearn.spec.schema import Spec
 
@@ -31,11 +34,9 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 def compile(spec: Spec | str | Path, overrides: list[str] | tuple[str, ...] = (), **kw: Any) -> CompiledModel:  # noqa: A001
     """Validate the level graph and build the module (a path is loaded first)."""
-    from nestlearn.compile import compile_spec
-
     if not isinstance(spec, Spec):
         spec = load_spec(spec, overrides)
     from nestlearn.graph import build_graph
 
     build_graph(spec)  # every structural check before any tensor is allocated
-    return compile_spec(spec, **kw)
+    return _compile_spec(spec, **kw)
