@@ -167,14 +167,16 @@ def test_transformer_equals_plain_gpt() -> None:
 # ----------------------------------------------------------------------------- Titans
 
 
-def titans_mlp(p: dict[str, Tensor], x: Tensor) -> Tensor:
-    """The deep memory of titans-lmm.yaml: ``M(x) = x + W1 gelu(W0 x)``."""
-    return x + mv(p["W1"], F.gelu(mv(p["W0"], x)))
+def layer_norm(r: Tensor, gamma: Tensor, shift: Tensor, eps: float = 1e-6) -> Tensor:
+    """Layer norm over features with a per-head scale and shift (``[H, d]``)."""
+    mu = r.mean(-1, keepdim=True)
+    var = ((r - mu) ** 2).mean(-1, keepdim=True)
+    return (r - mu) / torch.sqrt(var + eps) * gamma + shift
 
 
 def titans_memory_reference(
     init: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor,
-    alpha: Tensor, period: int,
+    alpha: Tensor, period: int, ln: tuple[Tensor, Tensor],
 ) -> Tensor:
     """The Titans memory (arXiv:2501.00663, Eq. 12-15), token by token:
 
@@ -183,7 +185,13 @@ def titans_memory_reference(
         M_t = (1 - alpha_t) M_{t-1} + S_t,        y_t = M_t(q_t)
 
     with ``t'`` the start of t's chunk: ``t' = t - 1`` for period 1 (the online recurrence),
-    the chunk-start state for period C (the mini-batch recurrence of Sec. 3.2)."""
+    the chunk-start state for period C (the mini-batch recurrence of Sec. 3.2). The deep memory
+    of the shipped Titans specs is the two-layer MLP in layer-norm residual form,
+    ``M(x) = x + LN(W1 gelu(W0 x))`` (LN scale and shift per head, outer parameters)."""
+
+    def titans_mlp(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return x + layer_norm(mv(p["W1"], F.gelu(mv(p["W0"], x))), *ln)
+
     b, _, t_len, _ = q.shape
     M = expand_init(init, b)
     S = {n: torch.zeros_like(p) for n, p in M.items()}
@@ -220,14 +228,15 @@ def test_titans_memory_equals_the_papers_recurrence(period: int, executor: str) 
     y, _ = op([x], {"q": q, "k": k, "v": v}, None)  # out_proj is off: y is the memory's read
     init = {n: p.detach() for n, p in op.init.items()}
     theta, eta, alpha = titans_hypers(op, x, period)
+    ln = (op.arch.ln_weight.detach(), op.arch.ln_bias.detach())
     ref = titans_memory_reference(init, unit(split_heads(q, h)), unit(split_heads(k, h)), split_heads(v, h),
-                                  theta, eta, alpha, period)
+                                  theta, eta, alpha, period, ln)
     torch.testing.assert_close(y, merge_heads(ref), **TOL)
 
 
 def test_titans_lmm_whole_model_equals_plain_titans() -> None:
     """titans-lmm.yaml end to end (one block): q, k, v = SiLU(conv4(W x)), L2-normalised q and k,
-    the memory recurrence, RMS-normalised output gated by sigmoid(W_g x), output projection,
+    the memory recurrence (LN-residual deep memory), RMS-normalised output gated by sigmoid(W_g x), output projection,
     residual, FFN, final norm and head -- all written here."""
     period, h = 4, 2
     model = build("specs/titans-lmm.yaml", "model.vocab=32", "model.dim=8", "model.heads=2", "model.depth=1",
@@ -243,8 +252,9 @@ def test_titans_lmm_whole_model_equals_plain_titans() -> None:
     op = model.blocks[0].ops["mem"]
     theta, eta, alpha = titans_hypers(op, n1, period)
     init = {n[len("mem.init."):]: p for n, p in P.items() if n.startswith("mem.init.")}
+    ln = (P["mem.arch.ln_weight"], P["mem.arch.ln_bias"])
     mem = merge_heads(titans_memory_reference(init, unit(split_heads(qkv["q"], h)), unit(split_heads(qkv["k"], h)),
-                                              split_heads(qkv["v"], h), theta, eta, alpha, period))
+                                              split_heads(qkv["v"], h), theta, eta, alpha, period, ln))
     o = (rms(mem, P["mn.weight"]) * torch.sigmoid(n1 @ P["gp.proj.weight"].T)) @ P["o.proj.weight"].T
     r1 = x + o
     r2 = r1 + F.gelu(rms(r1, P["n2.weight"]) @ P["ffn.up.weight"].T) @ P["ffn.down.weight"].T
@@ -388,9 +398,7 @@ def ttt_reference(op, x: Tensor, period: int, core: str) -> Tensor:  # noqa: ANN
             r = mv(p["W0"], z) + p["b0"]
         else:
             r = mv(p["W1"], F.gelu(mv(p["W0"], z) + p["b0"])) + p["b1"]
-        mu = r.mean(-1, keepdim=True)
-        var = ((r - mu) ** 2).mean(-1, keepdim=True)
-        return z + (r - mu) / torch.sqrt(var + 1e-6) * gamma + shift
+        return z + layer_norm(r, gamma, shift)
 
     W = expand_init({n: p.detach() for n, p in op.init.items()}, x.shape[0])
     outs = []
