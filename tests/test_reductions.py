@@ -208,19 +208,24 @@ def titans_memory_reference(
 
 
 def titans_hypers(op, x: Tensor, period: int) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
-    hp = op.level.rule.hypers
-    theta = gate(x, op.hypers.gates["lr"], hp["lr"].max)  # per token
-    eta = chunk_start_values(gate(x, op.hypers.gates["beta"], hp["beta"].max), period)
-    alpha = chunk_start_values(gate(x, op.hypers.gates["decay"], hp["decay"].max), period)
-    return theta, eta, alpha
+    """theta_t, eta_t, alpha_t: per token, or (``gate: chunk``, Sec. 3.2) the chunk's first token's."""
+    out = []
+    for name in ("lr", "beta", "decay"):
+        h = op.level.rule.hypers[name]
+        g = gate(x, op.hypers.gates[name], h.max)
+        out.append(chunk_start_values(g, period) if h.gate == "chunk" else g)
+    return out[0], out[1], out[2]
 
 
-@pytest.mark.parametrize("period", [1, 4, 64])
+@pytest.mark.parametrize("period,gates", [(1, "token"), (4, "token"), (64, "token"), (4, "chunk")])
 @pytest.mark.parametrize("executor", ["auto", "sequential"])
-def test_titans_memory_equals_the_papers_recurrence(period: int, executor: str) -> None:
-    """The memory node of titans-lmm.yaml (period 64 as shipped; 1 = online; 4 = several chunks)."""
-    model = build("specs/titans-lmm.yaml", "model.dim=8", "model.heads=2", "model.depth=1",
-                  f"levels.memory.period={period}")
+def test_titans_memory_equals_the_papers_recurrence(period: int, gates: str, executor: str) -> None:
+    """The memory node of titans-lmm.yaml (period 64 as shipped; 1 = online; 4 = several chunks;
+    ``chunk``: eta and alpha constant within a chunk, the per-chunk variant of Sec. 3.2)."""
+    ov = [f"levels.memory.period={period}"]
+    if gates == "chunk":
+        ov += ["levels.memory.rule.beta.gate=chunk", "levels.memory.rule.decay.gate=chunk"]
+    model = build("specs/titans-lmm.yaml", "model.dim=8", "model.heads=2", "model.depth=1", *ov)
     op = model.blocks[0].ops["mem"]
     op.level.executor = executor
     b, t, h = 2, 10, 2
