@@ -387,7 +387,7 @@ def test_gated_deltanet_paper_form_is_a_reparametrisation() -> None:
 
 
 def ttt_reference(op, x: Tensor, period: int, core: str) -> Tensor:  # noqa: ANN001
-    """Mini-batch TTT (Sun et al. 2024, Sec. 2.7), the inner model in its LN-residual form:
+    """Mini-batch TTT (Sun et al. 2024), the inner model in its LN-residual form:
 
         f(z; W) = z + LN(f_res(z; W)) * gamma + beta_ln
         W_t = W_{t'} - sum_{s = t'..t} eta_s grad ||f(k_s; W_{t'}) - v_s||^2,   out_t = f(q_t; W_t)
