@@ -45,7 +45,7 @@ class TTTMemory(nn.Module, MemoryArch):
                 p[f"b{i}"] = torch.zeros(self.heads, b, dtype=dtype)
         return p
 
-    def apply(self, params: dict[str, Tensor], x: Tensor, lin: Lin = plain_lin) -> Tensor:
+    def apply(self, params: dict[str, Tensor], x: Tensor, lin: Lin = plain_lin) -> Tensor:  # type: ignore[override]
         h = x
         for i, layer in enumerate(self.layers):
             h = lin(layer.weight, params[layer.weight], h, params.get(layer.bias or ""))
