@@ -83,7 +83,8 @@ class MemoryOp(Op):
             mem_state = init_state(self.arch, rule, init, b)
         period = int(self.level.period)
         hp, chunk_hp = self.hypers(rule.hypers, x, mem_state["offset"], period, state.get("chunk_hp"))
-        pb = MemoryProblem(self.arch, rule, self.level.objective, q, k, v, hp, period, self.level.grad)
+        pb = MemoryProblem(self.arch, rule, self.level.objective, q, k, v, hp, period, self.level.grad,
+                           self.level.name)
         y, mem_state = run(pb, mem_state, self.level.executor)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.out(y), {"mem": mem_state, "conv": conv_state, "chunk_hp": chunk_hp}

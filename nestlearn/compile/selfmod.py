@@ -107,7 +107,7 @@ class SelfModOp(Op):
             for n, arch in self.archs.items():
                 target = v if n == "main" else arch.apply(anchors[n], v_unit)
                 query = q_seg if n == "main" else xs_seg
-                pb = MemoryProblem(arch, rule, lv.objective, query, k, target, hp, period, lv.grad)
+                pb = MemoryProblem(arch, rule, lv.objective, query, k, target, hp, period, lv.grad, lv.name)
                 y, mems[n] = run(pb, mems[n], lv.executor)
                 if n == "main":
                     ys.append(y)

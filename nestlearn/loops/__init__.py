@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from nestlearn.loops import stats
 from nestlearn.loops.chunked import run_chunked
 from nestlearn.loops.common import GradMode, MemoryProblem, init_state
 from nestlearn.loops.delta import run_delta
@@ -20,6 +21,14 @@ __all__ = ["GradMode", "MemoryProblem", "init_state", "run", "run_sequential", "
 
 
 def run(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "auto") -> tuple[Tensor, dict[str, Any]]:
+    """Run ``pb`` from ``state`` (see ``_dispatch``), recording diagnostics when collecting."""
+    y, new_state = _dispatch(pb, state, executor)
+    if stats.active():
+        stats.record(pb, state, new_state)
+    return y, new_state
+
+
+def _dispatch(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "auto") -> tuple[Tensor, dict[str, Any]]:
     """Run ``pb`` from ``state``. ``auto`` takes the closed form for linear rules and the
     ``vmap(grad)`` + scan chunk executor otherwise; ``scan`` forces the latter.
 

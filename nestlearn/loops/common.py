@@ -50,6 +50,8 @@ class MemoryProblem:
     hp: Mapping[str, Tensor | float]
     period: int
     grad: GradMode
+    level: str = ""
+    """The level's name (for diagnostics: ``loops/stats.py``)."""
 
 
 def hp_at(hp: Mapping[str, Tensor | float], sl: slice | int) -> dict[str, Tensor | float]:
