@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,8 +94,49 @@ def _randomise_gates(model: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+@contextlib.contextmanager
+def _env(**env: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _fla_on(fla: bool) -> contextlib.AbstractContextManager[None]:
+    """``NESTLEARN_FLA`` for one step: ``nestlearn`` rows time the pure-PyTorch executors even
+    where fla is installed; ``nestlearn+fla`` rows let ``loops.run`` dispatch to it."""
+    return _env(NESTLEARN_FLA="1" if fla else "0")
+
+
+def _require_fla_dispatch(step: Step) -> None:
+    """Run ``step`` once and fail (an error row, not a mislabelled timing) unless a memory op
+    reached ``fla_backend.run_fla`` through ``loops.run``."""
+    from nestlearn.loops import fla_backend
+
+    real, calls = fla_backend.run_fla, []
+
+    def counting(*a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return real(*a, **kw)
+
+    fla_backend.run_fla = counting  # type: ignore[assignment]
+    try:
+        step()
+    finally:
+        fla_backend.run_fla = real  # type: ignore[assignment]
+    if not calls:
+        raise RuntimeError("the spec did not dispatch to fla: loops/__init__.py must call fla_backend.run_fla "
+                           "where fla_backend.available(pb) and fla_backend.supports(pb)")
+
+
 def compiled_step(doc: dict[str, Any], b: int, t: int, dtype: str, dev: torch.device,
-                  hand: bool = False) -> Callable[[], Step]:
+                  hand: bool = False, fla: bool = False) -> Callable[[], Step]:
     def build() -> Step:
         from nestlearn.compile import compile_spec
 
@@ -120,15 +163,20 @@ def compiled_step(doc: dict[str, Any], b: int, t: int, dtype: str, dev: torch.de
         def step() -> None:
             for p in params:
                 p.grad = None
-            loss_of(forward()).backward()
+            with _fla_on(fla):
+                loss_of(forward()).backward()
 
+        if fla:
+            _require_fla_dispatch(step)
         return step
 
     return build
 
 
 def delta_kernel_step(b: int, t: int, h: int, d: int, dev: torch.device, backend: str) -> Callable[[], Step]:
-    """The bare inner loop (no projections): ours in PyTorch, or fla's kernel, bf16 in."""
+    """The bare inner loop (no projections), bf16 in: ours in PyTorch (``torch``), fla's kernel
+    (``fla``), or our DeltaNet problem mapped onto fla's kernel (``nestlearn+fla``:
+    ``loops/fla_backend.run_fla``, i.e. fla plus our layout/rate mapping)."""
     def build() -> Step:
         g = torch.Generator(device=dev).manual_seed(0)
         mk = lambda *s: torch.randn(*s, device=dev, generator=g, dtype=torch.bfloat16)  # noqa: E731
@@ -145,6 +193,24 @@ def delta_kernel_step(b: int, t: int, h: int, d: int, dev: torch.device, backend
             def step() -> None:
                 o, _ = chunk_delta_rule(qt, kt, vt, bt, scale=1.0)
                 o.float().square().mean().backward()
+        elif backend == "nestlearn+fla":
+            from nestlearn.loops import MemoryProblem, init_state
+            from nestlearn.loops.common import GradMode
+            from nestlearn.loops.fla_backend import run_fla, supports
+            from nestlearn.memories import LinearMemory
+            from nestlearn.objectives import l2
+            from nestlearn.rules import sgd
+
+            lr = (beta.detach() / 2).requires_grad_()  # fla's beta = 2 lr (l2 is not halved)
+            arch, rule = LinearMemory(d, d, h), sgd(0.0)
+            pb = MemoryProblem(arch, rule, l2, q, k, v, {"lr": lr}, 1, GradMode("unroll"))
+            if not supports(pb):
+                raise RuntimeError("fla_backend.supports rejected the bare DeltaNet problem")
+            state = init_state(arch, rule, {"W": torch.zeros(h, d, d, device=dev)}, b)
+
+            def step() -> None:
+                y, _ = run_fla(pb, state)
+                y.float().square().mean().backward()
         else:
             from nestlearn.loops.delta import delta_rule
 
@@ -209,6 +275,14 @@ def graphed(build: Callable[[], Step]) -> Callable[[], Step]:
     return build_graphed
 
 
+def _fla_kernels() -> bool:
+    try:
+        from nestlearn.loops import fla_backend
+    except Exception:
+        return False
+    return fla_backend.kernels() is not None
+
+
 def importable(mod: str) -> bool:
     try:
         __import__(mod)
@@ -220,6 +294,7 @@ def importable(mod: str) -> bool:
 def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
     gpu = dev.type == "cuda"
     lp = "bf16" if gpu else "fp32"  # CPU has no fast bf16; time the same graphs in fp32
+    fla = gpu and _fla_kernels()  # our fla backend's rows (fla installed, CUDA)
     D = 512 if not small else 64
     out: list[Case] = []
     titans_sizes = [(8, 2048), (4, 8192), (1, 65536)] if not small else [(2, 128)]
@@ -236,11 +311,18 @@ def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
     for b, t in dn_sizes:
         out.append(Case("deltanet", "nestlearn", b, t, lp, compiled_step(dn, b, t, lp, dev),
                         note="whole spec: q/k/v/gate/out projections + delta rule"))
+        if fla:
+            out.append(Case("deltanet", "nestlearn+fla", b, t, lp, compiled_step(dn, b, t, lp, dev, fla=True),
+                            note="whole spec, delta rule dispatched to fla (loops/fla_backend.py)"))
         out.append(Case("deltanet-kernel", "nestlearn", b, t, lp,
                         delta_kernel_step(b, t, 4, D // 4, dev, "torch"), note="bare delta rule, fp32 inside"))
         if gpu and importable("fla"):
             out.append(Case("deltanet-kernel", "fla", b, t, "bf16", delta_kernel_step(b, t, 4, D // 4, dev, "fla"),
                             note="fla chunk_delta_rule"))
+        if fla:
+            out.append(Case("deltanet-kernel", "nestlearn+fla", b, t, "bf16",
+                            delta_kernel_step(b, t, 4, D // 4, dev, "nestlearn+fla"),
+                            note="bare delta rule through fla_backend.run_fla"))
     gpt = specs.transformer(D, 4 if not small else 2, 4)
     for b, t in gpt_sizes:
         out.append(Case("gpt", "nestlearn", b, t, lp, compiled_step(gpt, b, t, lp, dev)))
@@ -256,8 +338,8 @@ def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
             out.append(Case("hope", "nestlearn", 1, t, lp, compiled_step(hope, 1, t, lp, dev)))
     if gpu:  # the same steps replayed from a CUDA graph
         for c in list(out):
-            if c.impl == "nestlearn" and c.name in ("titans-memory", "deltanet", "titans-stack", "gpt"):
-                out.append(Case(c.name, "nestlearn+graph", c.batch, c.seq, c.dtype, graphed(c.build), c.note))
+            if c.impl in ("nestlearn", "nestlearn+fla") and c.name in ("titans-memory", "deltanet", "titans-stack", "gpt"):
+                out.append(Case(c.name, c.impl + "+graph", c.batch, c.seq, c.dtype, graphed(c.build), c.note))
     if only:
         out = [c for c in out if c.name in only or c.impl in only]
     return out
