@@ -3,6 +3,8 @@ every rule and both objectives, at period 1 and at period C (the mini-batch recu
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 import torchopt
@@ -33,7 +35,7 @@ def hypers(name: str, g: torch.Generator) -> dict[str, torch.Tensor | float]:
         return {"lr": r(0.2), "beta": r(0.9), "decay": r(0.1)}
     if name == "adam":
         return {"lr": 0.05}
-    return {"lr": r(0.3), "decay": r(0.1), "beta": r(0.5)}
+    return {"lr": r(0.1), "decay": r(0.1), "beta": r(0.5)}  # larger rates diverge for the MLP
 
 
 def reference(mem, rule, obj, init, q, k, v, hp, period):
@@ -55,7 +57,7 @@ def reference(mem, rule, obj, init, q, k, v, hp, period):
 @pytest.mark.parametrize("obj", ["l2", "dot"])
 @pytest.mark.parametrize("period", [1, 4])
 def test_executors_match_reference(mem: str, rule: str, obj: str, period: int) -> None:
-    g = torch.Generator().manual_seed(hash((mem, rule, obj, period)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{mem}/{rule}/{obj}/{period}".encode()))
     arch = LinearMemory(D, D, H, init_std=0.5) if mem == "linear" else MLPMemory(D, D, H, expand=2)
     init = {n: torch.randn(p.shape, generator=g, dtype=DT) * 0.5 for n, p in arch.init_params().items()}
     q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=DT) for _ in range(3))

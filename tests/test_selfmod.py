@@ -35,7 +35,8 @@ def causal_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return torch.stack([(pad[t : t + W] * w[:, 0].T).sum(0) + b for t in range(T)])
 
 
-def plain_selfmod(x: torch.Tensor, p: dict, heads: int, period: int, mem: str) -> torch.Tensor:
+def plain_selfmod(x: torch.Tensor, p: dict, heads: int, period: int, mem: str, gen_period: int | None = None) -> torch.Tensor:
+    gen_period = gen_period or period
     T, D = x.shape
     dh = D // heads
     xc = causal_conv(x, p["conv_x.weight"], p["conv_x.bias"])
@@ -50,8 +51,10 @@ def plain_selfmod(x: torch.Tensor, p: dict, heads: int, period: int, mem: str) -
         ys = []
         A = M
         for t in range(T):
-            if t % period == 0:
-                A = {s: {n: w.clone() for n, w in M[s].items()} for s in fns}
+            if t % gen_period == 0:  # the generators' chunk start
+                A = {**A, **{s: {n: w.clone() for n, w in M[s].items()} for s in fns if s != "main"}}
+            if t % period == 0:  # the main memory's chunk start
+                A = {**A, "main": {n: w.clone() for n, w in M["main"].items()}}
             xt, qt = xc[t, sl], F.normalize(qc[t, sl], dim=0)
             k = F.normalize(fns["k"](A["k"], xt), dim=0)
             v = fns["v"](A["v"], xt)
@@ -74,11 +77,14 @@ def plain_selfmod(x: torch.Tensor, p: dict, heads: int, period: int, mem: str) -
     return torch.cat(outs, dim=-1) @ p["out.weight"].T
 
 
-@pytest.mark.parametrize("period", [1, 3])
+@pytest.mark.parametrize(("period", "gen_period"), [(1, None), (3, None), (2, 4), (4, 3)])
 @pytest.mark.parametrize("mem", ["linear", "mlp"])
-def test_selfmod_matches_plain_equations(period: int, mem: str) -> None:
+def test_selfmod_matches_plain_equations(period: int, gen_period: int | None, mem: str) -> None:
     torch.manual_seed(0)
-    model = compile_spec(Spec.model_validate(yaml.safe_load(SPEC.format(period=period, mem=mem))), dtype=DT)
+    raw = yaml.safe_load(SPEC.format(period=period, mem=mem))
+    if gen_period:
+        raw["block"][0]["gen_period"] = gen_period
+    model = compile_spec(Spec.model_validate(raw), dtype=DT)
     op = model.blocks[0].ops["sm"]
     with torch.no_grad():
         for n, w in op.named_parameters():
@@ -88,5 +94,5 @@ def test_selfmod_matches_plain_equations(period: int, mem: str) -> None:
     y, _ = op([x], {}, None)
     p = {n: w.detach() for n, w in op.named_parameters()}
     for b in range(2):
-        expected = plain_selfmod(x[b], p, 2, period, mem)
+        expected = plain_selfmod(x[b], p, 2, period, mem, gen_period)
         torch.testing.assert_close(y[b].detach(), expected, rtol=1e-9, atol=1e-10)

@@ -1,17 +1,27 @@
 """HOPE's self-modifying memory (Nested Learning §8, Eq. 83-90), chunk-wise.
 
-Per head, with ``x`` the (short-convolved) input and ``A`` the chunk-start state:
+Per head, with ``x`` the (short-convolved) input and ``G`` the generators' chunk-start state:
 
-    k_t = normalize(M_k,A(x_t))     v_t = M_v,A(x_t)                 (generated keys / values)
-    lr_t = max_lr sigmoid(M_lr,A(x_t))   decay_t = max_decay sigmoid(M_decay,A(x_t))
+    k_t = normalize(M_k,G(x_t))     v_t = M_v,G(x_t)                 (generated keys / values)
+    lr_t = max_lr sigmoid(M_lr,G(x_t) + b_lr)   decay_t = max_decay sigmoid(M_decay,G(x_t) + b_decay)
     q_t = normalize(W_q x_t)                                          (q: a fixed projection)
 
 Every memory ``M_s`` (s in k, v, lr, decay, and the main memory) then learns in context from
-a value it generates itself, ``vhat_s,t = M_s,A(normalize(v_t))`` (the main memory's value is ``v_t``),
-with the level's objective ``L(M_s; k_t, vhat_s,t)`` and rule (DGD with decay and momentum
-in HOPE), using the shared generated ``lr_t`` and ``decay_t``. Output ``y_t = M_main,t(q_t)``.
-Generation uses the state of the previous chunk's end, so a chunk is parallel; with period 1
-this is the token-by-token self-modifying recurrence.
+a value it generates itself, ``vhat_s,t = M_s,G(normalize(v_t))`` (the main memory's value is
+``v_t``), with the level's objective ``L(M_s; k_t, vhat_s,t)`` and rule (DGD with decay and
+momentum in HOPE), using the shared generated ``lr_t`` and ``decay_t``. Output
+``y_t = M_main,t(q_t)``.
+
+Two chunk sizes (the paper trains the main memory and "the rest" at different ones): the
+generators update every ``gen_period`` tokens and generate a whole such chunk from its start
+state; the main memory updates every ``period`` tokens (the level's period). With both equal
+to 1 this is the token-by-token self-modifying recurrence.
+
+The four generators are linear memories on the same keys with the same rates, and the l2 /
+dot objectives and every rule act row by row on a weight, so they are stored and updated as
+ONE linear memory whose output rows are ``[k | v | lr | decay]``: exactly the four separate
+recurrences, in one executor call (tests/test_selfmod.py checks them against the separate
+plain equations).
 """
 
 from __future__ import annotations
@@ -35,30 +45,36 @@ GENERATORS = ("k", "v", "lr", "decay")
 
 
 class SelfModOp(Op):
-    def __init__(self, dim: int, heads: int, level: Level, mem: MemorySpec, conv: int, learned_init: bool = True):
+    def __init__(
+        self, dim: int, heads: int, level: Level, mem: MemorySpec, conv: int, learned_init: bool = True,
+        gen_period: int | None = None,
+    ):
         super().__init__()
         self.dim, self.heads, self.dh = dim, heads, dim // heads
         self.level = level
+        self.gen_period = gen_period
         dh = self.dh
-        self.archs: dict[str, MemoryArch] = {
-            "k": LinearMemory(dh, dh, heads, init_std=1 / math.sqrt(dh)),
-            "v": LinearMemory(dh, dh, heads, init_std=1 / math.sqrt(dh)),
-            "lr": LinearMemory(dh, 1, heads, init_std=1 / math.sqrt(dh)),
-            "decay": LinearMemory(dh, 1, heads, init_std=1 / math.sqrt(dh)),
-            "main": build_arch(mem, dh, dh, heads),
-        }
+        self.widths = {"k": dh, "v": dh, "lr": 1, "decay": 1}
+        self.gen_arch = LinearMemory(dh, sum(self.widths.values()), heads)
+        main = build_arch(mem, dh, dh, heads)
+        # an nn.Module memory (TTT) owns outer parameters (its layer norm): register it
+        self.main_arch: MemoryArch = main
         self.init = nn.ParameterDict()
-        for name, arch in self.archs.items():
-            for pname, p in arch.init_params().items():
-                self.init[f"{name}__{pname}"] = nn.Parameter(p, requires_grad=learned_init)
+        std = 1 / math.sqrt(dh)
+        for name, width in self.widths.items():
+            w = torch.randn(heads, width, dh) * std
+            self.init[f"{name}__W"] = nn.Parameter(w, requires_grad=learned_init)
+        for pname, p in main.init_params().items():
+            self.init[f"main__{pname}"] = nn.Parameter(p, requires_grad=learned_init)
         self.q = nn.Linear(dim, dim, bias=False)
         self.conv_x = CausalConv(dim, conv) if conv else None
         self.conv_q = CausalConv(dim, conv) if conv else None
         hyp = level.rule.hypers
-        self.max_lr = _max_of(hyp.get("lr", 0.1))
-        self.max_decay = _max_of(hyp.get("decay", 0.0))
+        self.max_lr, lr_bias = _gate_of(level, "lr", hyp.get("lr", 0.1))
+        self.max_decay, decay_bias = _gate_of(level, "decay", hyp.get("decay", 0.0))
         self.gen_bias = nn.ParameterDict({
-            "lr": nn.Parameter(torch.zeros(heads)), "decay": nn.Parameter(torch.full((heads,), -6.0)),
+            "lr": nn.Parameter(torch.full((heads,), lr_bias)),
+            "decay": nn.Parameter(torch.full((heads,), decay_bias)),
         })
         beta = hyp.get("beta")
         self.beta = nn.Parameter(torch.tensor(float(beta.learned))) if isinstance(beta, Learned) else None
@@ -68,9 +84,12 @@ class SelfModOp(Op):
         b, t, _ = x.shape
         return x.view(b, t, self.heads, self.dh).transpose(1, 2)
 
-    def _init_params(self, name: str, dtype: torch.dtype) -> dict[str, Tensor]:
-        pre = f"{name}__"
-        return {k[len(pre):]: p.to(dtype) for k, p in self.init.items() if k.startswith(pre)}
+    def _initial(self, batch: int, dtype: torch.dtype) -> dict[str, Any]:
+        rule = self.level.rule
+        gen_w = torch.cat([self.init[f"{n}__W"] for n in GENERATORS], dim=1).to(dtype)
+        main = {k[6:]: p.to(dtype) for k, p in self.init.items() if k.startswith("main__")}
+        return {"gen": init_state(self.gen_arch, rule, {"W": gen_w}, batch),
+                "main": init_state(self.main_arch, rule, main, batch)}
 
     def forward(self, xs: list[Tensor], src: dict[str, Tensor], state: Any) -> tuple[Tensor, Any]:
         x = xs[0]
@@ -78,6 +97,7 @@ class SelfModOp(Op):
         state = state or {}
         rule, lv = self.level.rule, self.level
         period = int(lv.period)
+        gen_period = self.gen_period or period
         conv_state: dict[str, Tensor] = {}
         xc, qc = x, self.q(x)
         if self.conv_x is not None and self.conv_q is not None:
@@ -85,39 +105,44 @@ class SelfModOp(Op):
             qc, conv_state["q"] = self.conv_q(qc, state.get("conv", {}).get("q"))
         xh = self._heads(xc)
         qh = F.normalize(self._heads(qc), dim=-1)
-        mems = state.get("mems") or {
-            n: init_state(a, rule, self._init_params(n, x.dtype), b) for n, a in self.archs.items()
-        }
+        mems = dict(state.get("mems") or self._initial(b, x.dtype))
         beta: dict[str, Tensor | float] = {}
         if "beta" in rule.hypers:
             beta["beta"] = self.beta.to(x.dtype) if self.beta is not None else float(rule.hypers["beta"])  # type: ignore[arg-type]
+        dh = self.dh
         ys = []
-        offset = mems["main"]["offset"]
-        for t0, t1 in segments(offset, period, t):
-            anchors = {n: (m["params"] if m["offset"] == 0 else m["anchor"]) for n, m in mems.items()}
-            xs_seg, q_seg = xh[:, :, t0:t1], qh[:, :, t0:t1]
-            gen = {n: self.archs[n].apply(anchors[n], xs_seg) for n in GENERATORS}
-            k = F.normalize(gen["k"], dim=-1)
-            v = gen["v"]
+        for t0, t1 in segments(mems["gen"]["offset"], gen_period, t):
+            g = mems["gen"]
+            anchor = g["params"] if g["offset"] == 0 else g["anchor"]
+            xs_seg = xh[:, :, t0:t1]
+            gen = self.gen_arch.apply(anchor, xs_seg)
+            k = F.normalize(gen[..., :dh], dim=-1)
+            v = gen[..., dh : 2 * dh]
             hp: dict[str, Tensor | float] = dict(beta)
-            hp["lr"] = self.max_lr * torch.sigmoid(gen["lr"][..., 0] + self.gen_bias["lr"].to(x.dtype)[:, None])
+            hp["lr"] = self.max_lr * torch.sigmoid(gen[..., 2 * dh] + self.gen_bias["lr"].to(x.dtype)[:, None])
             if self.max_decay > 0:
-                hp["decay"] = self.max_decay * torch.sigmoid(gen["decay"][..., 0] + self.gen_bias["decay"].to(x.dtype)[:, None])
-            v_unit = F.normalize(v, dim=-1)  # bounded inputs keep the self-reference stable
-            for n, arch in self.archs.items():
-                target = v if n == "main" else arch.apply(anchors[n], v_unit)
-                query = q_seg if n == "main" else xs_seg
-                pb = MemoryProblem(arch, rule, lv.objective, query, k, target, hp, period, lv.grad, lv.name)
-                y, mems[n] = run(pb, mems[n], lv.executor)
-                if n == "main":
-                    ys.append(y)
+                hp["decay"] = self.max_decay * torch.sigmoid(
+                    gen[..., 2 * dh + 1] + self.gen_bias["decay"].to(x.dtype)[:, None])
+            # the generators' self-generated values (bounded inputs keep the self-reference stable)
+            vhat = self.gen_arch.apply(anchor, F.normalize(v, dim=-1))
+            pb_gen = MemoryProblem(self.gen_arch, rule, lv.objective, xs_seg, k, vhat, hp, gen_period,
+                                   lv.grad, lv.name)
+            _, mems["gen"] = run(pb_gen, g, lv.executor)
+            pb_main = MemoryProblem(self.main_arch, rule, lv.objective, qh[:, :, t0:t1], k, v, hp, period,
+                                    lv.grad, lv.name)
+            y, mems["main"] = run(pb_main, mems["main"], lv.executor)
+            ys.append(y)
         y = torch.cat(ys, dim=2).transpose(1, 2).reshape(b, t, d)
         return self.out(y), {"mems": mems, "conv": conv_state}
 
 
-def _max_of(h: Any) -> float:
+def _gate_of(level: Level, name: str, h: Any) -> tuple[float, float]:
+    """``(max, initial bias)`` of a generated rate; the generators make one value per token."""
     if isinstance(h, Gate):
-        return h.max
+        if h.gate != "token":
+            raise ValueError(f"level {level.name!r}: the selfmod memory generates {name} per token "
+                             f"(gate: token); gate: {h.gate} is not supported here")
+        return h.max, h.bias
     if isinstance(h, Learned):
-        return float(h.learned)
-    return float(h)
+        return float(h.learned), 0.0
+    return float(h), 0.0

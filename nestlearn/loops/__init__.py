@@ -12,6 +12,8 @@ from nestlearn.loops.chunked import run_chunked
 from nestlearn.loops.common import GradMode, MemoryProblem, init_state
 from nestlearn.loops.delta import run_delta
 from nestlearn.loops.delta import supports as delta_supports
+from nestlearn.loops.dgd_dual import run_dgd_dual
+from nestlearn.loops.dgd_dual import supports as dgd_supports
 from nestlearn.loops.dual import run_dual
 from nestlearn.loops.sequential import run_sequential
 
@@ -43,6 +45,8 @@ def _dispatch(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "au
     # problem carries one (MemoryProblem.chunk), else 64.
     if executor == "auto" and delta_supports(pb):
         return run_delta(pb, state, getattr(pb, "chunk", None))
+    if executor in ("auto", "chunked") and dgd_supports(pb):
+        return run_dgd_dual(pb, state)
     if executor == "scan" or not pb.rule.linear:
         return run_chunked(pb, state)
     return run_dual(pb, state)

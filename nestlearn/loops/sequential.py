@@ -25,11 +25,13 @@ def token_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tupl
         inputs[name] = a[:, :, 0].detach() if not pb.grad.create_graph else a[:, :, 0]
         return plain_lin(name, w, a, b)
 
+    # a graph for the inner gradient whenever the caller records one (even from a detached,
+    # truncated state: the gradient still depends on k and v)
+    create = pb.grad.create_graph and torch.is_grad_enabled()
     with torch.enable_grad():
-        p, connected = leaf_grads_ready(anchor)
+        p, _ = leaf_grads_ready(anchor)
         loss = pb.objective(pb.arch.apply(p, k, record), v).sum()
         names = list(p)
-        create = pb.grad.create_graph and connected
         gs = torch.autograd.grad(loss, [p[n] for n in names], create_graph=create, allow_unused=True)
     grads = {n: (g if g is not None else torch.zeros_like(p[n])) for n, g in zip(names, gs)}
     if not create:

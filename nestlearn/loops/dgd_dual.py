@@ -1,0 +1,163 @@
+"""Closed-form chunked executor for DGD (delta gradient descent with momentum, HOPE's rule).
+
+Within a chunk every gradient and layer input is taken at the chunk-start state, and the
+sequential reference (``rules/dgd.py`` stepped by ``loops/sequential.py``) is, per weight
+``W`` used as ``z = W x`` (gradient ``g_t = delta_t x_t^T``, unit input ``u_t = x_t/|x_t|``):
+
+    m_t = beta_t m_{t-1} + delta_t x_t^T
+    W_t = lam_t W_{t-1} - eta_t (W_{t-1} u_t) u_t^T - eta_t m_t,        lam_t = 1 - decay_t
+
+Unrolled over the chunk (``Gam_t = prod_{j<=t} lam_j``, ``b_t = prod_{j<=t} beta_j``,
+``K_ts = Gam_t / Gam_s``, ``B_sr = b_s / b_r``, ``e_t = W_{t-1} u_t``):
+
+    W_t = Gam_t W_0 + c_t m_0 - sum_{s<=t} K_ts eta_s e_s u_s^T - sum_{r<=t} G_tr delta_r x_r^T
+    c_t = -sum_s K_ts eta_s b_s,          G = (K diag(eta)) B
+
+so ``e`` solves one unit-lower-triangular system per chunk, ``(I + L) E = R`` with
+``L_ts = K_{t-1,s} eta_s (u_s . u_t)`` for s < t, and every in-chunk read ``W_t x'_t`` is a
+masked matmul (the dual form) -- no weight copy per token. Biases follow the same formula
+without the ``u u^T`` term. Coefficients come from log-space cumulative sums (``dual.segsum``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nestlearn.loops.chunked import segments
+from nestlearn.loops.common import MemoryProblem, Params, detach_tree
+from nestlearn.loops.dual import _hp, _log, _scale, segsum
+from nestlearn.memories.base import plain_lin
+
+
+def supports(pb: MemoryProblem) -> bool:
+    """DGD on a memory whose every parameter is a layer weight or bias."""
+    from nestlearn.rules.dgd import DGD
+
+    if not isinstance(pb.rule, DGD):
+        return False
+    names = {n for layer in pb.arch.layers for n in (layer.weight, layer.bias) if n is not None}
+    return names == set(pb.arch.init_params())
+
+
+def dgd_coefficients(lr: Tensor, beta: Tensor, decay: Tensor) -> dict[str, Tensor]:
+    """Scalar coefficients over ``[B, H, n(, n)]`` (see the module docstring)."""
+    K = torch.exp(segsum(_log(1 - decay)))  # K[t, s] = prod_{r=s+1..t} lam_r, 0 above diagonal
+    B = torch.exp(segsum(_log(beta)))  # B[s, r] = prod_{j=r+1..s} beta_j
+    gam = torch.exp(torch.cumsum(_log(1 - decay), -1))
+    b = torch.exp(torch.cumsum(_log(beta), -1))
+    Keta = K * lr.unsqueeze(-2)  # K[t, s] eta_s
+    G = Keta @ B
+    c = -(Keta @ b.unsqueeze(-1)).squeeze(-1)
+    # the same at t-1 (row t holds step t-1's values; the state before the chunk at t = 1)
+    prev = {n: _shift(x) for n, x in (("Keta", Keta), ("G", G))}
+    gam_p = torch.cat([torch.ones_like(gam[..., :1]), gam[..., :-1]], -1)
+    c_p = torch.cat([torch.zeros_like(c[..., :1]), c[..., :-1]], -1)
+    return {"Keta": Keta, "G": G, "gam": gam, "c": c, "b_end": b[..., -1], "B_end": B[..., -1, :],
+            "Keta_p": prev["Keta"], "G_p": prev["G"], "gam_p": gam_p, "c_p": c_p}
+
+
+def _shift(x: Tensor) -> Tensor:
+    """Rows moved down by one (row 0 becomes zeros): ``out[t] = x[t-1]``."""
+    return torch.cat([torch.zeros_like(x[..., :1, :]), x[..., :-1, :]], -2)
+
+
+def run_dgd_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    stop = pb.grad.kind == "stop"
+    params, opt, anchor = state["params"], state["opt"], state["anchor"]
+    offset, chunks = state["offset"], state["chunks"]
+    ys = []
+    for t0, t1 in segments(offset, pb.period, pb.q.shape[2]):
+        if offset == 0:
+            if stop or (pb.grad.kind == "truncate" and chunks > 0 and chunks % pb.grad.n == 0):
+                params, opt = detach_tree(params), detach_tree(opt)
+            anchor = params
+            chunks += 1
+        y, params, opt = _segment(pb, params, opt, anchor, t0, t1)
+        ys.append(y)
+        offset = (offset + t1 - t0) % pb.period
+    new_state = {"params": params, "opt": opt, "anchor": anchor, "offset": offset, "chunks": chunks}
+    return torch.cat(ys, dim=2), new_state
+
+
+def _segment(
+    pb: MemoryProblem, params: Params, opt: dict[str, Any], anchor: Params, t0: int, t1: int,
+) -> tuple[Tensor, Params, dict[str, Any]]:
+    stop = pb.grad.kind == "stop"
+    create = pb.grad.create_graph and not stop
+    k, v, q = pb.k[:, :, t0:t1], pb.v[:, :, t0:t1], pb.q[:, :, t0:t1]
+    lr, decay, beta = (_hp(pb, n, t0, t1, q) for n in ("lr", "decay", "beta"))
+    if stop:
+        k, v, lr, decay, beta = k.detach(), v.detach(), lr.detach(), decay.detach(), beta.detach()
+
+    # 1. error signals and layer inputs at the chunk-start state, one batched pass
+    inputs: dict[str, Tensor] = {}
+    outs: dict[str, Tensor] = {}
+    with torch.enable_grad():
+        def record(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+            z = plain_lin(name, w, a, b)
+            if not z.requires_grad:
+                z = z.detach().requires_grad_()
+            inputs[name], outs[name] = a, z
+            return z
+
+        src = detach_tree(anchor) if stop else anchor
+        loss = pb.objective(pb.arch.apply(src, k, record), v).sum()
+        names = [layer.weight for layer in pb.arch.layers]
+        deltas = dict(zip(names, torch.autograd.grad(loss, [outs[n] for n in names], create_graph=create)))
+    if not create:
+        deltas, inputs = detach_tree(deltas), detach_tree(inputs)
+
+    co = dgd_coefficients(lr, beta, decay)
+    m0: Params = opt["m"]
+    cur = detach_tree(params) if stop else params
+    if stop:
+        m0 = detach_tree(m0)
+    bias_of = {layer.weight: layer.bias for layer in pb.arch.layers}
+    units = {n: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) for n, x in inputs.items()}
+
+    # 2. e_t = W_{t-1} u_t for every weight: one triangular solve per chunk
+    es: dict[str, Tensor] = {}
+    for n in names:
+        u, x, d = units[n], inputs[n], deltas[n]
+        r = (co["gam_p"].unsqueeze(-1) * _mv(cur[n], u) + co["c_p"].unsqueeze(-1) * _mv(m0[n], u)
+             - (co["G_p"] * (u @ x.transpose(-1, -2))) @ d)
+        L = co["Keta_p"] * (u @ u.transpose(-1, -2))
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+        es[n] = torch.linalg.solve_triangular(eye + L, r, upper=False, unitriangular=True)
+
+    # 3. the dual read: every token with its own in-chunk weights
+    def read(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+        u, x, d, e = units[name], inputs[name], deltas[name], es[name]
+        z = (co["gam"].unsqueeze(-1) * _mv(w, a) + co["c"].unsqueeze(-1) * _mv(m0[name], a)
+             - (co["Keta"] * (a @ u.transpose(-1, -2))) @ e - (co["G"] * (a @ x.transpose(-1, -2))) @ d)
+        bn = bias_of[name]
+        if b is not None and bn is not None:
+            z = z + co["gam"].unsqueeze(-1) * b.unsqueeze(-2) + co["c"].unsqueeze(-1) * m0[bn].unsqueeze(-2) - co["G"] @ d
+        return z
+
+    y = pb.arch.apply(cur, q, read)
+
+    # 4. chunk-end state: one matmul per weight
+    new_p: Params = {}
+    new_m: Params = {}
+    keta_end, g_end, b_end = co["Keta"][..., -1, :], co["G"][..., -1, :], co["B_end"]
+    for layer in pb.arch.layers:
+        n, u, x, d, e = layer.weight, units[layer.weight], inputs[layer.weight], deltas[layer.weight], es[layer.weight]
+        new_p[n] = (_scale(co["gam"][..., -1], cur[n]) + _scale(co["c"][..., -1], m0[n])
+                    - torch.einsum("bhs,bhso,bhsi->bhoi", keta_end, e, u)
+                    - torch.einsum("bhs,bhso,bhsi->bhoi", g_end, d, x))
+        new_m[n] = _scale(co["b_end"], m0[n]) + torch.einsum("bhs,bhso,bhsi->bhoi", b_end, d, x)
+        if layer.bias is not None:
+            bn = layer.bias
+            new_p[bn] = (_scale(co["gam"][..., -1], cur[bn]) + _scale(co["c"][..., -1], m0[bn])
+                         - torch.einsum("bhs,bhso->bho", g_end, d))
+            new_m[bn] = _scale(co["b_end"], m0[bn]) + torch.einsum("bhs,bhso->bho", b_end, d)
+    return y, new_p, {"m": new_m}
+
+
+def _mv(w: Tensor, a: Tensor) -> Tensor:
+    """``W a_t`` for every token: ``[B,H,o,i] x [B,H,n,i] -> [B,H,n,o]``."""
+    return torch.einsum("bhoi,bhni->bhno", w, a)
