@@ -7,14 +7,15 @@ from typing import Any
 from nestlearn.rules.adam import Adam, adam, adamw
 from nestlearn.rules.base import Rule
 from nestlearn.rules.dgd import DGD, dgd
+from nestlearn.rules.dmgd import DMGD, dmgd
 from nestlearn.rules.momentum import Momentum, momentum, sgd
 from nestlearn.rules.muon import Muon, muon
 from nestlearn.rules.torchopt_rule import TorchoptRule, from_torchopt
 from nestlearn.spec import schema
 
 __all__ = [
-    "Rule", "Momentum", "Adam", "DGD", "Muon", "TorchoptRule",
-    "sgd", "momentum", "adam", "adamw", "dgd", "muon", "from_torchopt", "from_spec", "coerce",
+    "Rule", "Momentum", "Adam", "DGD", "DMGD", "Muon", "TorchoptRule",
+    "sgd", "momentum", "adam", "adamw", "dgd", "dmgd", "muon", "from_torchopt", "from_spec", "coerce",
 ]
 
 
@@ -30,6 +31,10 @@ def from_spec(spec: Any) -> Rule:
         return adamw(spec.lr, spec.b1, spec.b2, spec.eps, spec.weight_decay)
     if isinstance(spec, schema.DgdRule):
         return dgd(spec.lr, spec.decay, spec.beta)
+    if isinstance(spec, schema.DmgdRule):
+        return dmgd(spec.lr, spec.beta, spec.decay, momentum=spec.momentum,
+                    momentum_objective=spec.momentum_objective, expand=spec.expand, act=spec.act,
+                    init_std=spec.init_std, seed=spec.seed)
     if isinstance(spec, schema.MuonRule):
         return muon(spec.lr, spec.beta, spec.ns_steps)
     if isinstance(spec, schema.TorchoptRule):

@@ -99,6 +99,30 @@ class DgdRule(_RuleBase):
     beta: Hyper = 0.0
 
 
+class DmgdRule(_RuleBase):
+    """Deep momentum gradient descent (Nested Learning Eq. 50): the momentum is a memory ``m``
+    (linear or MLP) trained in context on the gradients, ``phi <- beta phi - lr grad L2(phi; u)``,
+    and the fast weight adds its read, ``W <- (1 - decay) W + m(I)``. ``momentum: linear`` with
+    the ``dot`` objective is exactly the ``momentum`` rule. See nestlearn/rules/dmgd.py."""
+
+    name: Literal["dmgd"]
+    lr: Hyper = Field(0.1, description="eta: the momentum memory's inner learning rate")
+    beta: Hyper = Field(0.9, description="alpha: decay of the momentum memory's parameters")
+    decay: Hyper = Field(0.0, description="forgetting of the fast weights: W <- (1 - decay) W + m(I)")
+    momentum: Literal["mlp", "linear"] = Field(
+        "mlp", description="the momentum memory: 'mlp' (D act(U x)) or 'linear' (M x = momentum)")
+    momentum_objective: Literal["dot", "l2"] = Field(
+        "dot", description="its inner objective over keys I and values -grad: 'dot' = <m(I), g> "
+        "(the paper's), 'l2' = ||m(I) + g||^2")
+    expand: float = Field(1.0, gt=0, le=64, description="MLP hidden width / the weight's input width")
+    act: Literal["gelu", "silu", "tanh", "relu"] = Field("gelu", description="MLP activation")
+    init_std: float = Field(1.0, gt=0, description="std of the MLP's first layer at init (its second starts at 0)")
+    seed: int = Field(0, ge=0, description="seed of that deterministic initial draw")
+
+    def hypers(self) -> dict[str, Hyper]:
+        return {"lr": self.lr, "beta": self.beta, "decay": self.decay}
+
+
 class MuonRule(_RuleBase):
     """Momentum whose output is orthogonalised by Newton-Schulz iterations."""
 
@@ -121,12 +145,12 @@ class TorchoptRule(Strict):
 
 RuleSpec = Annotated[
     Union[
-        SgdRule, MomentumRule, AdamRule, AdamWRule, DgdRule, MuonRule, TorchoptRule
+        SgdRule, MomentumRule, AdamRule, AdamWRule, DgdRule, DmgdRule, MuonRule, TorchoptRule
     ],
     Field(discriminator="name"),
 ]
 
-RULE_NAMES = ["sgd", "momentum", "adam", "adamw", "dgd", "muon", "torchopt"]
+RULE_NAMES = ["sgd", "momentum", "adam", "adamw", "dgd", "dmgd", "muon", "torchopt"]
 
 # ----------------------------------------------------------------------------- levels
 
