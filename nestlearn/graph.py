@@ -10,7 +10,10 @@ Two graphs come out:
   (``in``, or ``query`` / ``key`` / ``value`` for a memory reading another node's output).
 - ``levels``: one node per level, with typed edges (several may join the same two levels):
 
-  - ``init``     slow -> fast: the fast level's initial state is a parameter of the slow one;
+  - ``init``     slow -> fast: the fast level's initial state is a parameter of the slow one
+    (the outer level's, meta-learned across sequences), or, from a slower *in-context* level, a
+    state that level meta-learns in context and re-initialises the fast memory from at the start
+    of each of its chunks (the nested CMS, Nested Learning Eq. 72; memory and mlp nodes);
   - ``generate`` a -> b: a node of level ``a`` produces keys/values of a memory of ``b``
     (a self-loop for self-modifying memories);
   - ``condition`` a -> b: plain data flow from ``a``'s nodes into ``b``'s;
@@ -47,6 +50,8 @@ MODEL_WIDTH_OPS = {"memory", "attention", "mlp", "selfmod"}
 LEVEL_OPS = {"memory", "selfmod", "mlp"}
 """Ops whose parameters belong to a level named by their ``level`` field."""
 PARAMETERLESS_OPS = {"add", "mul", "act", "l2norm"}
+NEEDS_INPUTS_RULES = {"dgd"}
+"""Rules whose step reads the memory's per-token layer inputs: no rule for a nested init's meta-step."""
 SOURCE_ROLES = ("query", "key", "value")
 
 
@@ -416,6 +421,16 @@ def _check_init(
         if q % p:
             issues.add(loc, f"nested init: the period of {init!r} ({q}) must be a multiple of the period "
                        f"of {lvl!r} ({p})")
+            return
+        if node.op == "selfmod":
+            outer = next(n for n, v in spec.levels.items() if v.is_outer)
+            issues.add(loc, f"nested init from {init!r} is implemented for memory and mlp nodes; a selfmod "
+                       f"node's memories start from the outer level (init: {outer}) or 'zeros'")
+            return
+        if src.rule.name in NEEDS_INPUTS_RULES:
+            issues.add(loc, f"nested init: {init!r} meta-learns this node's initial state with one step of its "
+                       f"rule per chunk, but its rule {src.rule.name!r} needs a memory's per-token layer "
+                       "inputs, which that step does not have; give it another rule (e.g. sgd, momentum, adam)")
             return
     init_edges.append((init, lvl, node.id))
 

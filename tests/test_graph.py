@@ -237,3 +237,15 @@ def test_mermaid_export() -> None:
     # mermaid ids are safe whatever the spec's ids are
     for node_id in re.findall(r"^\s+(\w+)[\[\(\{]", mmd, flags=re.M):
         assert re.fullmatch(r"x_in|n\d+|L\d+", node_id)
+
+
+def test_nested_init_from_an_in_context_level_needs_a_rule_without_layer_inputs() -> None:
+    # m1 (fast) takes its initial state from mid (Eq. 72): mid's meta-step has no per-token inputs
+    g = graph_of(CMS)
+    assert [(u, v, d["via"]) for u, v, d in g.edges("init") if u == "mid"] == [("mid", "fast", ["m1"])]
+    with pytest.raises(SpecError) as info:
+        graph_of(CMS.replace("rule: {name: momentum}", "rule: {name: dgd}"))
+    assert str(info.value) == (
+        "g.yaml:12:50: block.1.init: nested init: 'mid' meta-learns this node's initial state with one step of "
+        "its rule per chunk, but its rule 'dgd' needs a memory's per-token layer inputs, which that step does "
+        "not have; give it another rule (e.g. sgd, momentum, adam)")

@@ -350,3 +350,27 @@ def test_python_m_nestlearn_reports_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip() == f"{path}:11:31: block.3.in: unknown input 'r2' (did you mean 'r1'?)"
+
+
+# nested CMS (Eq. 72): an in-context level as the initial state's meta-learner
+NESTED_CASES = [
+    Case("nested-init-slow-rule-needs-inputs",
+         tiny(("levels:\n", "levels:\n  slow: {period: 16, rule: {name: dgd}}\n"),
+              ("level: memory,", "level: memory, init: slow,")),
+         13, 56, "block.4.init", "nested init: 'slow' meta-learns this node's initial state with one step of "
+         "its rule per chunk, but its rule 'dgd' needs a memory's per-token layer inputs"),
+    Case("nested-init-on-selfmod",
+         tiny(("levels:\n", "levels:\n  slow: {period: 16, rule: {name: sgd}}\n"),
+              ("{id: mem, op: memory, in: n2, level: memory, memory: {type: mlp, expand: 2}}",
+               "{id: mem, op: selfmod, in: n2, level: memory, init: slow}")),
+         13, 57, "block.4.init", "nested init from 'slow' is implemented for memory and mlp nodes"),
+]
+
+
+@pytest.mark.parametrize("case", NESTED_CASES, ids=[c.id for c in NESTED_CASES])
+def test_nested_init_errors(case: Case) -> None:
+    with pytest.raises(SpecError) as info:
+        build_graph(parse_spec(case.text, "bad.yaml"))
+    first = info.value.issues[0]
+    assert (first.line, first.col, ".".join(map(str, first.loc))) == (case.line, case.col, case.path)
+    assert case.phrase in first.message

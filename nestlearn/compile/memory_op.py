@@ -1,10 +1,16 @@
 """The parametric memory op: projections, short convolution, heads, gates, and one
-in-context level's inner loop (sequential, chunked or dual-form) with its carried state."""
+in-context level's inner loop (sequential, chunked or dual-form) with its carried state.
+
+A node whose ``init`` names a slower *in-context* level ``S`` is a nested Continuum Memory
+System level (Nested Learning, Eq. 72): its initial state ``Φ`` is a state of ``S`` that ``S``
+meta-learns in context. See :class:`NestedInit`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -12,6 +18,7 @@ from nestlearn.compile.basic import CausalConv, Op
 from nestlearn.compile.hypers import Hypers
 from nestlearn.compile.levels import Level
 from nestlearn.loops import MemoryProblem, init_state, run
+from nestlearn.loops.common import GradMode, Params, detach_tree, hp_at
 from nestlearn.memories import LinearMemory, MemoryArch, MLPMemory
 from nestlearn.spec.schema import MemorySpec
 
@@ -30,7 +37,7 @@ class MemoryOp(Op):
     def __init__(
         self, dim: int, heads: int, level: Level, mem: MemorySpec, *, query: str = "proj",
         key: str = "proj", value: str = "proj", qk_norm: bool = True, conv: int = 0,
-        learned_init: bool = True, out_proj: bool = True,
+        learned_init: bool = True, out_proj: bool = True, nest: Level | None = None,
     ):
         super().__init__()
         self.dim, self.heads, self.dh = dim, heads, dim // heads
@@ -50,6 +57,8 @@ class MemoryOp(Op):
                 p.zero_()
         self.hypers = Hypers(level.rule.hypers, dim, heads)
         self.out = nn.Linear(dim, dim, bias=False) if out_proj else nn.Identity()
+        self.nest = NestedInit(nest, dim, heads) if nest is not None else None
+        """The nested init (Eq. 72): ``self.init`` is then the slow level's initial ``Φ``."""
 
     def _role(self, role: str, x: Tensor, src: dict[str, Tensor]) -> Tensor:
         s = self.roles[role]
@@ -78,15 +87,131 @@ class MemoryOp(Op):
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         rule = self.level.rule
         mem_state = state.get("mem")
-        if mem_state is None:
+        if mem_state is None and self.nest is None:
             init = {n: p.to(x.dtype) for n, p in self.init.items()}
             mem_state = init_state(self.arch, rule, init, b)
         period = int(self.level.period)
-        hp, chunk_hp = self.hypers(rule.hypers, x, mem_state["offset"], period, state.get("chunk_hp"))
+        offset = mem_state["offset"] if mem_state is not None else 0
+        hp, chunk_hp = self.hypers(rule.hypers, x, offset, period, state.get("chunk_hp"))
         pb = MemoryProblem(self.arch, rule, self.level.objective, q, k, v, hp, period, self.level.grad,
                            self.level.name)
-        y, mem_state = run(pb, mem_state, self.level.executor)
+        new: dict[str, Any] = {}
+        if self.nest is None:
+            y, mem_state = run(pb, mem_state, self.level.executor)
+        else:
+            init = {n: p.to(x.dtype) for n, p in self.init.items()}
+            y, mem_state, new["nest"], new["nest_hp"] = self.nest(
+                pb, self.level, init, x, mem_state, state.get("nest"), state.get("nest_hp"))
         y = y.transpose(1, 2).reshape(b, t, d)
-        return self.out(y), {"mem": mem_state, "conv": conv_state, "chunk_hp": chunk_hp}
+        return self.out(y), {"mem": mem_state, "conv": conv_state, "chunk_hp": chunk_hp, **new}
 
 
+class NestedInit(nn.Module):
+    """A nested CMS level's initial state, meta-learned in context by a slower level (Eq. 72).
+
+    For a memory ``F`` (this node's level, period ``C_F``) whose ``init`` names an in-context
+    level ``S`` (period ``C_S``, a multiple of ``C_F``), ``S`` owns a state ``Φ`` shaped like
+    ``F``'s parameters (per sequence and head), starting each stream from the node's outer
+    parameter ``init``:
+
+    - at the start of every chunk of ``S`` (every ``C_S`` tokens, i.e. after ``C_S / C_F``
+      updates of ``F``), ``F`` is re-initialised: ``θ^F ← Φ`` and ``F``'s rule state is reset;
+    - within the chunk ``F`` learns by its own rule and objective (Eq. 71, unchanged);
+    - at the chunk's end ``S`` takes one step of its rule on the meta-gradient
+      ``∇_Φ ℓ``, ``ℓ(Φ) = Σ_t L_F(M(k_t; θ^F_{a(t)}(Φ)), v_t)`` summed over the chunk's tokens,
+      ``θ^F_{a(t)}`` the state at which ``F`` took token ``t``'s gradient (its chunk start):
+      the losses ``F``'s own inner loop differentiates, as functions of its initial state.
+
+    The meta-gradient differentiates through ``F``'s unrolled updates when ``F``'s ``grad`` is
+    ``unroll`` (exact, MAML), through their linear path only when ``F`` is ``first_order`` or
+    ``stop`` (the sum of ``F``'s inner gradients). ``S``'s own ``grad`` says how the outer loss
+    sees ``Φ``'s updates: ``unroll`` (through the meta-gradient too), ``first_order`` (the
+    meta-gradient is a constant), ``truncate:N`` (cut every N chunks of ``S``) or ``stop``.
+    ``S``'s hyper-parameters for a step are read at the token closing the chunk (a chunk gate
+    at its first token).
+    """
+
+    def __init__(self, level: Level, dim: int, heads: int):
+        super().__init__()
+        self.level = level
+        self.hypers = Hypers(level.rule.hypers, dim, heads)
+
+    def forward(
+        self, pb: MemoryProblem, fast: Level, init: Params, x: Tensor, mem_state: dict[str, Any] | None,
+        nest: dict[str, Any] | None, nest_hp: dict[str, Tensor] | None,
+    ) -> tuple[Tensor, dict[str, Any], dict[str, Any], dict[str, Tensor]]:
+        slow = self.level
+        rule = slow.rule
+        if rule.needs_inputs:
+            raise ValueError(f"level {slow.name!r} meta-learns an initial state (nested init), but its rule "
+                             f"{rule.name!r} needs a memory's layer inputs; use a rule without them")
+        c_s, c_f = int(slow.period), pb.period
+        if c_s % c_f:
+            raise ValueError(f"nested init: the period of {slow.name!r} ({c_s}) must be a multiple of the "
+                             f"period of {fast.name!r} ({c_f})")
+        b = x.shape[0]
+        outside = torch.is_grad_enabled()
+        if nest is None:
+            phi = {n: p.unsqueeze(0).expand(b, *p.shape) for n, p in init.items()}
+            nest = {"params": phi, "opt": rule.init(phi), "offset": 0, "chunks": 0, "grad": None}
+        hp, nest_hp = self.hypers(rule.hypers, x, nest["offset"], c_s, nest_hp)
+        consts = {n: float(h) for n, h in rule.hypers.items() if isinstance(h, (int, float))}
+        hp = {**consts, **hp}
+        phi, opt = nest["params"], nest["opt"]
+        s_off, chunks, acc = nest["offset"], nest["chunks"], nest["grad"]
+        f_off = mem_state["offset"] if mem_state is not None else 0
+        mode: GradMode = slow.grad
+        create = outside and mode.create_graph
+        ys = []
+        total = pb.q.shape[2]
+        t0 = 0
+        with torch.enable_grad():
+            while t0 < total:
+                t1 = min(total, t0 + c_f - f_off)
+                if s_off == 0:  # a new chunk of S: F starts again from Φ (Eq. 72)
+                    if mode.kind == "stop" or not outside or (
+                            mode.kind == "truncate" and chunks > 0 and chunks % mode.n == 0):
+                        phi, opt = detach_tree(phi), detach_tree(opt)
+                    if not all(p.requires_grad for p in phi.values()):
+                        phi = {n: p.detach().requires_grad_() for n, p in phi.items()}
+                    mem_state = {"params": phi, "opt": fast.rule.init(phi), "anchor": phi, "offset": 0,
+                                 "chunks": 0}
+                    chunks += 1
+                assert mem_state is not None  # set above: the first token of a stream starts a chunk of S
+                # ℓ over these tokens: F's inner losses at the state their gradients are taken at
+                # (the chunk-start state; read here, as not every executor carries it back)
+                start = mem_state["params"] if f_off == 0 else mem_state["anchor"]
+                cut = pb.grad.kind == "truncate" and f_off == 0 and 0 < mem_state["chunks"] \
+                    and mem_state["chunks"] % pb.grad.n == 0
+                anchor = {n: a if a.requires_grad and not cut else phi[n] + (a - phi[n]).detach()
+                          for n, a in start.items()}
+                seg = _segment(pb, t0, t1)
+                y, mem_state = run(seg, mem_state, fast.executor)
+                ys.append(y)
+                loss = pb.objective(pb.arch.apply(anchor, seg.k), seg.v).sum()
+                names = list(phi)
+                gs = torch.autograd.grad(loss, [phi[n] for n in names], retain_graph=True, create_graph=create,
+                                         allow_unused=True)
+                g = {n: (gi if gi is not None else torch.zeros_like(phi[n])) for n, gi in zip(names, gs)}
+                acc = g if acc is None else {n: acc[n] + g[n] for n in names}
+                s_off += t1 - t0
+                f_off = (f_off + t1 - t0) % c_f
+                if s_off == c_s:  # S's chunk is complete: one step of S's rule on ∇_Φ ℓ
+                    grads = acc if create else detach_tree(acc)
+                    phi, opt = rule.step(phi, opt, grads, hp_at(hp, t1 - 1))
+                    if not outside or mode.kind == "stop":
+                        phi, opt = detach_tree(phi), detach_tree(opt)
+                    s_off, acc = 0, None
+                t0 = t1
+        y_all = torch.cat(ys, dim=2)
+        if not outside:
+            y_all = y_all.detach()
+        assert mem_state is not None
+        new_nest = {"params": phi, "opt": opt, "offset": s_off, "chunks": chunks, "grad": acc}
+        return y_all, mem_state, new_nest, nest_hp
+
+
+def _segment(pb: MemoryProblem, t0: int, t1: int) -> MemoryProblem:
+    sl = slice(t0, t1)
+    return MemoryProblem(pb.arch, pb.rule, pb.objective, pb.q[:, :, sl], pb.k[:, :, sl], pb.v[:, :, sl],
+                         hp_at(pb.hp, sl), pb.period, pb.grad, pb.level)

@@ -60,7 +60,7 @@ def build_op(node: Any, spec: S.Spec, levels: dict[str, Level], dims: dict[str, 
         return MemoryOp(
             m.dim, node.heads or m.heads, levels[node.level], node.memory, query=node.query,
             key=node.key, value=node.value, qk_norm=node.qk_norm, conv=node.conv,
-            learned_init=node.init != "zeros", out_proj=node.out_proj,
+            learned_init=node.init != "zeros", out_proj=node.out_proj, nest=nested_init(node, levels),
         )
     if isinstance(node, S.MLPNode):
         if levels[node.level].is_outer:
@@ -68,13 +68,30 @@ def build_op(node: Any, spec: S.Spec, levels: dict[str, Level], dims: dict[str, 
         # a Continuum Memory System level: the FFN's weights learn in context every period
         mem = S.MemorySpec(type="mlp", expand=node.expand, act=node.act, residual=False)
         return MemoryOp(m.dim, 1, levels[node.level], mem, query="input", qk_norm=False,
-                        learned_init=node.init != "zeros", out_proj=False)
+                        learned_init=node.init != "zeros", out_proj=False, nest=nested_init(node, levels))
     if isinstance(node, S.SelfModNode):
+        if nested_init(node, levels) is not None:
+            raise ValueError(f"block node {node.id!r}: a selfmod node's memories start from the outer level "
+                             f"or 'zeros'; nested init from {node.init!r} is for memory and mlp nodes")
         from nestlearn.compile.selfmod import SelfModOp
 
         return SelfModOp(m.dim, node.heads or m.heads, levels[node.level], node.memory, node.conv,
                          learned_init=node.init != "zeros")
     raise TypeError(f"no op for {node.op!r}")
+
+
+def nested_init(node: Any, levels: dict[str, Level]) -> Level | None:
+    """The slower in-context level that meta-learns ``node``'s initial state (Eq. 72), if any.
+
+    ``init: outer`` (or any outer level) keeps the initial state an outer parameter; ``zeros``
+    starts from zero; an in-context level makes the node a nested CMS level."""
+    init = getattr(node, "init", None)
+    if init is None or init not in levels or levels[init].is_outer:
+        return None
+    if init == node.level or levels[node.level].is_outer:
+        raise ValueError(f"block node {node.id!r}: init {init!r} must be an in-context level slower than "
+                         f"the node's own level {node.level!r}")
+    return levels[init]
 
 
 class Block(nn.Module):
@@ -147,6 +164,8 @@ class CompiledModel(nn.Module):
             if isinstance(mod, MemoryOp) or type(mod).__name__ == "SelfModOp":
                 level: Level = mod.level  # type: ignore[assignment]
                 state[level.name] += sum(p.numel() for p in mod.init.values())  # type: ignore[union-attr,operator]
+            if isinstance(mod, MemoryOp) and mod.nest is not None:  # Φ: the slow level's state (Eq. 72)
+                state[mod.nest.level.name] += sum(p.numel() for p in mod.init.values())
         owned[outer] = self.num_parameters()
         rows = []
         for n, lv in self.levels.items():
