@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from nestlearn.compile import basic
 from nestlearn.compile.attention import Attention
 from nestlearn.compile.levels import Level
+from nestlearn.compile.mac import MACOp
 from nestlearn.compile.memory_op import MemoryOp
 from nestlearn.spec import schema as S
 
@@ -77,6 +78,8 @@ def build_op(node: Any, spec: S.Spec, levels: dict[str, Level], dims: dict[str, 
 
         return SelfModOp(m.dim, node.heads or m.heads, levels[node.level], node.memory, node.conv,
                          learned_init=node.init != "zeros")
+    if isinstance(node, S.MACNode):
+        return MACOp.build(node, m.dim, m.heads, levels)
     raise TypeError(f"no op for {node.op!r}")
 
 

@@ -324,17 +324,39 @@ class SelfModNode(_Node):
     init: str = "outer"
 
 
+class MACNode(_Node):
+    """Titans' Memory as Context (arXiv:2501.00663, Sec. 4.1, Eq. 21-25): segment attention over
+    ``[persistent || retrieved || segment]`` and a neural memory written with the attention's
+    output, whose second read gates that output. The segment length is the ``level``'s period
+    (one memory update per segment). See docs/specs/titans-mac.md and nestlearn/compile/mac.py.
+
+    ``memory``, ``heads``, ``conv``, ``qk_norm`` and ``init`` are the neural memory's (as in a
+    ``memory`` node, with q, k, v = SiLU(conv(W x))); ``persistent`` is the number of learned
+    persistent tokens N_p; ``rope`` rotates queries and keys by their index in the concatenation.
+    """
+
+    op: Literal["mac"]
+    level: str
+    memory: MemorySpec = Field(default_factory=lambda: MemorySpec(type="mlp"))
+    heads: Annotated[int, Field(gt=0)] | None = None
+    persistent: Annotated[int, Field(ge=0)] = 0
+    conv: Annotated[int, Field(ge=0, le=64)] = 4
+    qk_norm: bool = True
+    rope: bool = False
+    init: str = "outer"
+
+
 NodeSpec = Annotated[
     Union[
         NormNode, L2NormNode, LinearNode, ConvNode, AddNode, MulNode, ActNode,
-        MemoryNode, MLPNode, AttentionNode, SelfModNode,
+        MemoryNode, MLPNode, AttentionNode, SelfModNode, MACNode,
     ],
     Field(discriminator="op"),
 ]
 
 OP_NAMES = [
     "rmsnorm", "layernorm", "l2norm", "linear", "conv", "add", "mul", "act",
-    "memory", "mlp", "attention", "selfmod",
+    "memory", "mlp", "attention", "selfmod", "mac",
 ]
 
 # ----------------------------------------------------------------------------- the spec
