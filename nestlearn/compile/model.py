@@ -77,7 +77,7 @@ def build_op(node: Any, spec: S.Spec, levels: dict[str, Level], dims: dict[str, 
         from nestlearn.compile.selfmod import SelfModOp
 
         return SelfModOp(m.dim, node.heads or m.heads, levels[node.level], node.memory, node.conv,
-                         learned_init=node.init != "zeros")
+                         learned_init=node.init != "zeros", gen_period=node.gen_period)
     if isinstance(node, S.MACNode):
         return MACOp.build(node, m.dim, m.heads, levels)
     raise TypeError(f"no op for {node.op!r}")

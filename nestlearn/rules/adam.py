@@ -1,7 +1,11 @@
 """Adam and AdamW as inner rules (Adam is the optimal L2 memory of gradients, paper App. B).
 
 Written to match ``torch.optim.Adam`` / ``AdamW`` step for step (bias corrections, eps
-outside the square root, L2 vs decoupled weight decay).
+outside the square root, L2 vs decoupled weight decay). ``eps_root`` is torchopt's (and
+optax's): the step is ``lr * m_hat / (sqrt(v_hat + eps_root) + eps)`` with the bias-corrected
+moments. ``eps_root = 0`` is torch.optim's update; ``eps_root > 0`` keeps the step
+differentiable where ``v_hat = 0`` (a gradient entry that has been exactly zero so far), which
+``grad: unroll`` needs (d sqrt(v)/dv is infinite at 0).
 """
 
 from __future__ import annotations
@@ -58,7 +62,10 @@ class Adam(Rule):
                 g = g + self.weight_decay * p
             m = self.b1 * state["m"][k] + (1 - self.b1) * g
             v = self.b2 * state["v"][k] + (1 - self.b2) * g * g
-            denom = (v + self.eps_root).sqrt() / bc2.sqrt() + self.eps
+            if self.eps_root:
+                denom = (v / bc2 + self.eps_root).sqrt() + self.eps  # torchopt / optax
+            else:
+                denom = v.sqrt() / bc2.sqrt() + self.eps  # torch.optim.Adam, op for op
             new_p[k] = p - lr_k * (m / bc1) / denom
             new_m[k], new_v[k] = m, v
         return new_p, {"m": new_m, "v": new_v, "t": t}

@@ -77,6 +77,12 @@ class AdamRule(_RuleBase):
     b2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    eps_root: float = Field(
+        0.0, ge=0,
+        description="added to the bias-corrected second moment inside the square root "
+        "(torchopt/optax: sqrt(v_hat + eps_root) + eps); > 0 keeps the step differentiable where "
+        "v_hat = 0, which grad: unroll needs. In-context levels only (torch.optim has none).",
+    )
 
 
 class AdamWRule(_RuleBase):
@@ -88,6 +94,12 @@ class AdamWRule(_RuleBase):
     b2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, ge=0)
     weight_decay: float = Field(0.01, ge=0)
+    eps_root: float = Field(
+        0.0, ge=0,
+        description="added to the bias-corrected second moment inside the square root "
+        "(torchopt/optax: sqrt(v_hat + eps_root) + eps); > 0 keeps the step differentiable where "
+        "v_hat = 0, which grad: unroll needs. In-context levels only (torch.optim has none).",
+    )
 
 
 class DgdRule(_RuleBase):
@@ -132,6 +144,35 @@ class MuonRule(_RuleBase):
     ns_steps: int = Field(5, ge=1, le=20)
 
 
+class M3Rule(_RuleBase):
+    """Multi-scale momentum Muon (Nested Learning Sec. 7.2, Alg. 1): a fast momentum every step
+    and slow momenta refreshed every ``C`` steps from the gradients accumulated since, each
+    orthogonalised by Newton-Schulz, summed with weight ``alpha`` on the slow ones, optionally
+    divided by ``sqrt(V) + eps``. ``every: []`` is exactly ``muon``. See nestlearn/rules/m3.py."""
+
+    name: Literal["m3"]
+    lr: Hyper = Field(0.02, description="step size")
+    beta: Hyper = Field(0.95, description="decay of the fast momentum (Muon's beta; Alg. 1 uses 1)")
+    alpha: Hyper = Field(1.0, description="weight of the orthogonalised slow momenta in the update")
+    every: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [16], description="update period C of each slow momentum, in steps")
+    slow_beta: float = Field(1.0, ge=0, le=1, description="decay of a slow momentum at each of its updates (Alg. 1: 1)")
+    b1: float = Field(1.0, gt=0, description="gain on the gradient in the fast momentum (Alg. 1's beta_1)")
+    b3: float = Field(1.0, gt=0, description="gain on the accumulated gradients in a slow momentum (Alg. 1's beta_3)")
+    b2: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="gain of the second moment V += b2 g^2 (Alg. 1's beta_2); null: no second moment")
+    eps: float = Field(1e-8, gt=0, description="added to sqrt(V) (only with b2)")
+    ns_steps: int = Field(5, ge=1, le=20, description="Newton-Schulz iterations")
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _one_period(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) else v
+
+    def hypers(self) -> dict[str, Hyper]:
+        return {"lr": self.lr, "beta": self.beta, "alpha": self.alpha}
+
+
 class TorchoptRule(Strict):
     """Any ``torchopt`` transformation, e.g. ``{name: torchopt, fn: adam, args: {lr: 0.01}}``."""
 
@@ -145,12 +186,12 @@ class TorchoptRule(Strict):
 
 RuleSpec = Annotated[
     Union[
-        SgdRule, MomentumRule, AdamRule, AdamWRule, DgdRule, DmgdRule, MuonRule, TorchoptRule
+        SgdRule, MomentumRule, AdamRule, AdamWRule, DgdRule, DmgdRule, MuonRule, M3Rule, TorchoptRule
     ],
     Field(discriminator="name"),
 ]
 
-RULE_NAMES = ["sgd", "momentum", "adam", "adamw", "dgd", "dmgd", "muon", "torchopt"]
+RULE_NAMES = ["sgd", "momentum", "adam", "adamw", "dgd", "dmgd", "muon", "m3", "torchopt"]
 
 # ----------------------------------------------------------------------------- levels
 
@@ -322,6 +363,9 @@ class SelfModNode(_Node):
     heads: Annotated[int, Field(gt=0)] | None = None
     conv: Annotated[int, Field(ge=0, le=64)] = 4
     init: str = "outer"
+    gen_period: Annotated[int, Field(gt=0)] | None = None
+    """Tokens per update of the k / v / lr / decay memories (default: the level's period, which
+    always sets the main memory's chunk). Generation reads the state at the previous one's end."""
 
 
 class MACNode(_Node):
