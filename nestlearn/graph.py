@@ -43,11 +43,11 @@ EDGE_TYPES = ("init", "generate", "condition", "grad")
 
 VARIADIC_OPS = {"add", "mul"}
 UNARY_OPS = {
-    "rmsnorm", "layernorm", "l2norm", "linear", "conv", "act", "memory", "mlp", "attention", "selfmod",
+    "rmsnorm", "layernorm", "l2norm", "linear", "conv", "act", "memory", "mlp", "attention", "selfmod", "mac",
 }
 SAME_WIDTH_OPS = {"rmsnorm", "layernorm", "l2norm", "conv", "act"}
-MODEL_WIDTH_OPS = {"memory", "attention", "mlp", "selfmod"}
-LEVEL_OPS = {"memory", "selfmod", "mlp"}
+MODEL_WIDTH_OPS = {"memory", "attention", "mlp", "selfmod", "mac"}
+LEVEL_OPS = {"memory", "selfmod", "mlp", "mac"}
 """Ops whose parameters belong to a level named by their ``level`` field."""
 PARAMETERLESS_OPS = {"add", "mul", "act", "l2norm"}
 NEEDS_INPUTS_RULES = {"dgd"}
@@ -280,7 +280,7 @@ def build_graph(spec: Spec) -> LevelGraph:
             if node.init in spec.levels:
                 used_levels.add(node.init)
 
-        if node.op in ("attention", "memory", "selfmod"):
+        if node.op in ("attention", "memory", "selfmod", "mac"):
             heads = getattr(node, "heads", None)
             if heads is not None and dim % heads:
                 issues.add(("block", j, "heads"), f"heads {heads} does not divide the width {dim}")

@@ -178,23 +178,3 @@ class MACOp(Op):
         new_state = {"mem": mem_state, "conv": tails, "chunk_hp": chunk_hp,
                      "cache": cache if mem_state["offset"] else None}
         return torch.cat(outs, dim=1), new_state
-
-
-def _register_with_graph() -> None:
-    """Declare ``mac`` to the level graph's op tables: one input, model-width output, parameters
-    owned by the node's ``level`` (its memory; its ``init`` edge is checked like a memory's).
-
-    TODO(graph.py owner): list ``"mac"`` in ``LEVEL_OPS``, ``UNARY_OPS`` and ``MODEL_WIDTH_OPS``
-    (and in the heads check) of nestlearn/graph.py, then delete this function."""
-    from nestlearn import graph
-
-    for table in ("LEVEL_OPS", "UNARY_OPS", "MODEL_WIDTH_OPS"):
-        ops = getattr(graph, table)
-        if "mac" not in ops:
-            if isinstance(ops, set):
-                ops.add("mac")
-            else:
-                setattr(graph, table, frozenset(ops) | {"mac"})
-
-
-_register_with_graph()
