@@ -332,13 +332,18 @@ def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
     stack = specs.titans_stack(D, 4 if not small else 2, 4, 64 if not small else 16)
     for t in seqs:
         out.append(Case("titans-stack", "nestlearn", 1, t, lp, compiled_step(stack, 1, t, lp, dev)))
-    hope = specs.hope(D, 4 if not small else 2, 4)
-    if hope is not None:
+    hope_variants = {"hope": {}, "hope-g64": {"gen_period": 64}, "hope-c64": {"period": 64, "gen_period": 64}}
+    for name, chunks in hope_variants.items():
+        hope = specs.hope(D, 4 if not small else 2, 4, **chunks)
+        if hope is None:
+            continue
         for t in seqs[:1] if small else seqs:
-            out.append(Case("hope", "nestlearn", 1, t, lp, compiled_step(hope, 1, t, lp, dev)))
+            out.append(Case(name, "nestlearn", 1, t, lp, compiled_step(hope, 1, t, lp, dev),
+                            note=", ".join(f"{k}={v}" for k, v in chunks.items())))
     if gpu:  # the same steps replayed from a CUDA graph
         for c in list(out):
-            if c.impl in ("nestlearn", "nestlearn+fla") and c.name in ("titans-memory", "deltanet", "titans-stack", "gpt"):
+            graphable = ("titans-memory", "deltanet", "titans-stack", "gpt", *hope_variants)
+            if c.impl in ("nestlearn", "nestlearn+fla") and c.name in graphable:
                 out.append(Case(c.name, c.impl + "+graph", c.batch, c.seq, c.dtype, graphed(c.build), c.note))
     if only:
         out = [c for c in out if c.name in only or c.impl in only]

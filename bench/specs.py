@@ -81,12 +81,21 @@ def titans_stack(dim: int = 512, depth: int = 4, heads: int = 4, chunk: int = 64
     return doc
 
 
-def hope(dim: int = 512, depth: int = 4, heads: int = 4) -> dict[str, Any] | None:
+def hope(dim: int = 512, depth: int = 4, heads: int = 4, period: int | None = None,
+         gen_period: int | None = None) -> dict[str, Any] | None:
+    """``models/hope.yaml`` at this size; ``period`` / ``gen_period`` set the self-modifying
+    memory's two chunk sizes (main memory / generators) when given."""
     path = ROOT / "models" / "hope.yaml"
     if not path.exists():
         return None
     doc = copy.deepcopy(yaml.safe_load(path.read_text()))
     doc["model"].update({"dim": dim, "depth": depth, "heads": heads})
+    if period is not None:
+        doc["levels"]["selfmod"]["period"] = period
+    if gen_period is not None:
+        for node in doc["block"]:
+            if node.get("op") == "selfmod":
+                node["gen_period"] = gen_period
     return doc  # type: ignore[no-any-return]
 
 

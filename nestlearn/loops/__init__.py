@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from nestlearn.loops import stats
+from nestlearn.loops import fla_backend, stats
 from nestlearn.loops.chunked import run_chunked
 from nestlearn.loops.common import GradMode, MemoryProblem, init_state
 from nestlearn.loops.delta import run_delta
@@ -43,6 +43,8 @@ def _dispatch(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "au
     # [bench/perf, issue 5] period-1 linear memory + l2 + sgd (no beta): the exact
     # chunk-parallel (gated) delta rule; chunk size from the level's `chunk:` when the
     # problem carries one (MemoryProblem.chunk), else 64.
+    if executor == "auto" and fla_backend.available(pb) and fla_backend.supports(pb):
+        return fla_backend.run_fla(pb, state, getattr(pb, "chunk", None))
     if executor == "auto" and delta_supports(pb):
         return run_delta(pb, state, getattr(pb, "chunk", None))
     if executor in ("auto", "chunked") and dgd_supports(pb):

@@ -126,7 +126,10 @@ def _segment(
              - (co["G_p"] * (u @ x.transpose(-1, -2))) @ d)
         L = co["Keta_p"] * (u @ u.transpose(-1, -2))
         eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
-        es[n] = torch.linalg.solve_triangular(eye + L, r, upper=False, unitriangular=True)
+        # the solve in at least fp32 (no bf16 kernel; the small n x n system wants the precision)
+        work = torch.promote_types(r.dtype, torch.float32)
+        es[n] = torch.linalg.solve_triangular((eye + L).to(work), r.to(work), upper=False,
+                                              unitriangular=True).to(r.dtype)
 
     # 3. the dual read: every token with its own in-chunk weights
     def read(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
