@@ -25,11 +25,14 @@ __all__ = ["Spec", "SpecError", "load_spec", "compile", "rules"]
 __version__ = "0.1.0"
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
-    """Load and validate a YAML spec (``overrides`` like ``"model.dim=64"``); raises SpecError."""
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), profile: str | None = None) -> Spec:
+    """Load and validate a YAML spec (``overrides`` like ``"model.dim=64"``); raises SpecError.
+
+    ``profile="cpu"`` applies the spec's profile of that name (its ``profiles:`` section: named
+    overrides, e.g. smaller sizes for a CPU) before ``overrides``; ``"none"`` applies none."""
     from nestlearn.spec.loader import load_spec as _load
 
-    return _load(path, overrides)
+    return _load(path, overrides, profile)
 
 
 def compile(spec: Spec | str | Path, overrides: list[str] | tuple[str, ...] = (), **kw: Any) -> CompiledModel:  # noqa: A001

@@ -50,8 +50,20 @@ def test_run_trains_and_prints_a_summary(tmp_path: Path) -> None:
                    "--out", tmp_path / "r")
     assert code == 0, out
     assert "summary" in out and "train loss" in out and "bits/byte" in out and "validation" in out
+    assert "level memory" in out and "inner loss" in out and "update norm" in out
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["status"] == "done" and s["train"]["loss"] < s["first_loss"]
+    assert set(s["train"]["levels"]["memory"]) == {"inner_loss", "update_norm"}
+
+
+def test_run_with_compile(tmp_path: Path) -> None:
+    code, out = nl("run", TINY, "--steps", "3", "--batch", "4", "--seq-len", "32", "--threads", "1",
+                   "--compile", "--out", tmp_path / "c")
+    assert code == 0, out
+    assert out.count("--compile: the inner loops of level 'memory' run eagerly") == 1, out
+    assert "failed" not in out
+    s = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert s["status"] == "done" and json.loads((tmp_path / "c" / "config.json").read_text())["compile"] is True
 
 
 @pytest.mark.skipif(not HOPE.exists(), reason="models/hope.yaml not written yet")
@@ -220,6 +232,19 @@ def test_nan_loss_names_step_and_level(tmp_path: Path) -> None:
     code, out = nl("run", TINY, "levels.memory.rule.lr.max=1.0e6", "--steps", "3", *FAST, "--out", tmp_path / "n")
     assert code == 1, out
     assert "diverged at step 1" in out and "level 'memory'" in out
+    assert out.startswith("error: training diverged") and out.count("error") == 1 and len(out.splitlines()) == 1
+    assert "no checkpoint had been written yet" in out
+    assert json.loads((tmp_path / "n" / "summary.json").read_text())["status"] == "diverged"
+    # a later divergence keeps the checkpoint of the step before it, and says where it is
+    code, out = nl("run", TINY, "--lr", "1000", "--clip", "0", "--ckpt-every", "1", "--steps", "30", *FAST,
+                   "--out", tmp_path / "late")
+    assert code == 1 and len(out.splitlines()) == 1, out
+    step = json.loads((tmp_path / "late" / "summary.json").read_text())["step"]
+    assert f"diverged at step {step + 1}:" in out
+    assert f"the last good checkpoint is kept: {tmp_path / 'late' / 'checkpoints' / 'last.safetensors'} (step {step})" in out
+    from nestlearn.train import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "late" / "checkpoints" / "last.safetensors").step == step
 
 
 def test_bad_generate_and_eval_flags(trained: Path) -> None:

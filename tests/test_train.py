@@ -97,6 +97,95 @@ def test_gradient_accumulation_matches_the_full_batch(spec: Any, tmp_path: Path)
     assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-5)
 
 
+def test_metrics_carry_each_level_s_inner_loss_and_update_norm(spec: Any, tmp_path: Path) -> None:
+    """At a log step the trainer's record is what ``loops.stats`` reports for that forward."""
+    from nestlearn.loops import stats
+
+    t = Trainer(spec, TrainConfig(steps=1, **SMALL), tmp_path / "r")
+    t.setup()
+    batch = t.task.batch_at(0, 4, 32, 0)
+    with torch.no_grad(), stats.collect() as st:
+        t.model(batch.inputs)
+    expect = stats.summarize(st)
+    t._fit()
+    rec = next(r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "train")
+    assert set(rec["levels"]) == {"memory"} and set(rec["levels"]["memory"]) == {"inner_loss", "update_norm"}
+    assert rec["levels"]["memory"] == pytest.approx(expect["memory"], rel=1e-5)
+    assert rec["levels"]["memory"]["inner_loss"] > 0 and rec["levels"]["memory"]["update_norm"] > 0
+
+
+def test_inner_stats_are_collected_only_at_log_steps(spec: Any, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from nestlearn.loops import stats
+
+    calls: list[str] = []
+    real = stats.record
+
+    def counting(pb: Any, before: Any, after: Any) -> None:
+        calls.append(pb.level)
+        real(pb, before, after)
+
+    monkeypatch.setattr(stats, "record", counting)
+    train(spec, TrainConfig(steps=7, log_every=3, **SMALL), tmp_path / "r")
+    recs = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in recs] == [3, 6, 7] and all("levels" in r for r in recs)
+    assert calls == ["memory"] * 3  # one memory, recorded at steps 3, 6 and 7 only
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+class _Messages:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def start(self, info: dict[str, Any]) -> None: ...
+
+    def step(self, rec: dict[str, Any]) -> None: ...
+
+    def eval(self, rec: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+    def end(self, summary: dict[str, Any]) -> None: ...
+
+
+def _train_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+
+
+def test_compile_equals_eager_with_the_inner_loops_left_eager(spec: Any, tmp_path: Path) -> None:
+    cfg = dict(steps=3, eval_every=3, **SMALL)
+    train(spec, TrainConfig(**cfg), tmp_path / "eager")
+    rep = _Messages()
+    s = Trainer(spec, TrainConfig(**cfg, compile=True), tmp_path / "compiled", reporter=rep).fit()
+    assert s["status"] == "done"
+    assert rep.messages == ["--compile: the inner loops of level 'memory' run eagerly (torch.compile cannot trace "
+                            "torch.autograd.grad inside a forward pass); everything else is compiled"]
+    assert _train_losses(tmp_path / "compiled") == pytest.approx(_train_losses(tmp_path / "eager"), rel=1e-4)
+    eager = read_metrics(tmp_path / "eager" / "metrics.jsonl")[-2]["levels"]["memory"]
+    compiled = read_metrics(tmp_path / "compiled" / "metrics.jsonl")[-2]["levels"]["memory"]
+    assert compiled == pytest.approx(eager, rel=1e-4)  # the eager inner loops still record their stats
+
+
+def test_a_compiler_failure_is_said_once_and_the_run_goes_on_eagerly(spec: Any, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_backend(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("this backend cannot lower aten.mm")
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=broken_backend))
+    cfg = dict(steps=3, eval_every=3, **SMALL)
+    rep = _Messages()
+    s = Trainer(spec, TrainConfig(**cfg, compile=True), tmp_path / "c", reporter=rep).fit()
+    assert s["status"] == "done"
+    fails = [m for m in rep.messages if "failed" in m]
+    assert len(fails) == 1 and "cannot lower aten.mm" in fails[0] and "continuing without compilation" in fails[0]
+    train(spec, TrainConfig(**cfg), tmp_path / "e")
+    assert _train_losses(tmp_path / "c") == pytest.approx(_train_losses(tmp_path / "e"), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -227,6 +316,8 @@ def test_divergence_names_the_level_and_keeps_the_last_good_checkpoint(spec: Any
         train(hot, TrainConfig(steps=3, ckpt_every=1, **SMALL), tmp_path / "hot")
     assert err.value.level == "memory" and err.value.step == 1
     assert "level 'memory'" in str(err.value) and "step 1" in str(err.value)
+    # loops.stats tells that the memory's update (not its input) went non-finite
+    assert "its inner loss was " in str(err.value) and "before the update, the update's norm is nan" in str(err.value)
     assert not (tmp_path / "hot" / "checkpoints" / "last.safetensors").exists()
     assert json.loads((tmp_path / "hot" / "summary.json").read_text())["status"] == "diverged"
     assert (out / "checkpoints" / "last.safetensors").read_bytes() == good

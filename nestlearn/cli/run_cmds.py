@@ -253,6 +253,10 @@ class RichReporter:
             self.progress = None
 
 
+def _fmt_num(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, (int, float)) else str(x) if x is not None else "-"
+
+
 def summary_table(summary: dict[str, Any], title: str = "summary") -> Table:
     t = Table(title=title, show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -274,7 +278,8 @@ def summary_table(summary: dict[str, Any], title: str = "summary") -> Table:
         if "accuracy" in val:
             t.add_row("accuracy", f"{val['accuracy']:.4f} (sequences {val.get('sequence_accuracy', 0):.4f})")
     for name, v in tr.get("levels", {}).items():
-        t.add_row(f"level {name}", f"update norm {v['update_norm']:.4g}, state norm {v['state_norm']:.4g}")
+        t.add_row(f"level {name}", f"inner loss {_fmt_num(v.get('inner_loss'))}, "
+                                   f"update norm {_fmt_num(v.get('update_norm'))}")
     if "forgetting" in summary:
         t.add_row("forgetting", ", ".join(f"{k} {v:+.4f}" for k, v in summary["forgetting"].items()))
     t.add_row("run directory", str(summary.get("run_dir")))
@@ -284,12 +289,40 @@ def summary_table(summary: dict[str, Any], title: str = "summary") -> Table:
 # ----------------------------------------------------------------------------- run
 
 
+def _choose_profile(src: Path, flag: str | None, device: str, recorded: str | None = None) -> tuple[str, str]:
+    """(profile to apply or "none", why) for the spec file ``src``: ``--profile`` if given; else
+    the one a resumed run was trained with (``recorded``); else ``cpu`` when training on a CPU
+    and the spec defines it."""
+    from nestlearn.spec.loader import NO_PROFILE, profile_names
+    from nestlearn.train.loop import resolve_device
+
+    if flag is not None:
+        return flag, "(--profile)"
+    if recorded is not None:
+        return recorded, "as when the run started"
+    names = profile_names(src)  # validates the spec (and every profile) first
+    if "cpu" in names and resolve_device(device).type == "cpu":
+        return "cpu", "because training runs on the CPU"
+    return NO_PROFILE, ""
+
+
+def _profile_line(spec_path: Path, name: str, why: str) -> str:
+    from nestlearn.spec.loader import load_spec, profile_overrides
+
+    sets = " ".join(profile_overrides(load_spec(spec_path), name))
+    undo = "" if why.startswith("as when") else "; --profile none trains the spec as written"
+    return f"profile '{name}' applied {why}: {sets}{undo}"
+
+
 def _resolve_config(
     spec_arg: str, overrides: list[str], resume: bool, out: str | None, flags: dict[str, Any],
-) -> tuple[Any, Any, Path, bool]:
-    """(spec, TrainConfig, run dir, steps defaulted?) from the arguments; a run directory as SPEC
-    (or ``--resume``) starts from the run's saved settings, flags given now win."""
+    profile: str | None = None,
+) -> tuple[Any, Any, Path, bool, str | None]:
+    """(spec, TrainConfig, run dir, steps defaulted?, a line saying which profile was applied)
+    from the arguments; a run directory as SPEC (or ``--resume``) starts from the run's saved
+    settings, flags given now win."""
     from nestlearn import load_spec
+    from nestlearn.spec.loader import NO_PROFILE
     from nestlearn.train import RunDir, TrainConfig, default_run_dir
 
     src = Path(spec_arg)
@@ -297,17 +330,19 @@ def _resolve_config(
         raise _Fail(f"{spec_arg}: no such spec file or run directory")
     base = TrainConfig()
     run_path: Path | None = Path(out) if out else None
+    note: str | None = None
     if src.is_dir():
         run = RunDir.open(src)
         if run_path is not None and run_path.resolve() != src.resolve():
             raise _Fail(f"SPEC is the run directory {src} but --out is {out}; give one of them")
+        if profile is not None:
+            raise _Fail(f"--profile: {src} is a run directory, whose spec.yaml already has the sizes it was "
+                        "trained with; a profile applies to a spec file")
         run_path = src
         spec = load_spec(run.spec_path, overrides)
         if not resume:
             raise _Fail(f"{src} is a run directory: add --resume to continue it, or pass a spec file "
                         f"(for example {run.spec_path}) with a new --out")
-    else:
-        spec = load_spec(src, overrides)
     if resume:
         if run_path is None:
             raise _Fail("--resume needs the run directory: nestlearn run RUN_DIR --resume, or --out RUN_DIR")
@@ -315,13 +350,20 @@ def _resolve_config(
         if run.config_path.exists():
             base = run.config()
             base.stop_at = None
+    if not src.is_dir():
+        recorded = (base.profile or NO_PROFILE) if resume and RunDir(run_path or src).config_path.exists() else None
+        chosen, why = _choose_profile(src, profile, flags.get("device") or base.device, recorded)
+        spec = load_spec(src, overrides, profile=chosen)
+        base.profile = None if chosen == NO_PROFILE else chosen
+        if base.profile is not None:
+            note = _profile_line(src, chosen, why)
     steps_defaulted = flags.get("steps") is None and base.steps is None
     for k, v in flags.items():
         if v is not None:
             setattr(base, k, v)
     if run_path is None:
         run_path = default_run_dir(spec.name)
-    return spec, base, run_path, steps_defaulted
+    return spec, base, run_path, steps_defaulted, note
 
 
 def run_cmd(
@@ -344,7 +386,9 @@ def run_cmd(
     device: Optional[str] = typer.Option(None, "--device", metavar="auto|cpu|cuda", help="Where to train (default auto)."),
     precision: Optional[str] = typer.Option(None, "--precision", metavar="auto|fp32|bf16|fp16",
                                             help="Autocast on CUDA (auto: bf16 there, fp32 on CPU)."),
-    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    compile_: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile",
+        help="torch.compile all but the inner loops (they stay eager); no faster on a CPU."),
     seed: Optional[str] = typer.Option(None, "--seed", metavar="N", help="Seed of the weights and the data (default 0)."),
     threads: Optional[str] = typer.Option(None, "--threads", metavar="N", help="CPU threads for torch."),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic algorithms only."),
@@ -354,6 +398,10 @@ def run_cmd(
     eval_batches: Optional[str] = typer.Option(None, "--eval-batches", metavar="N", help="Validation batches (default 4)."),
     ckpt_every: Optional[str] = typer.Option(None, "--ckpt-every", metavar="N", help="Checkpoint every N steps."),
     log_every: Optional[str] = typer.Option(None, "--log-every", metavar="N", help="Metrics line every N steps (default 1)."),
+    profile: Optional[str] = typer.Option(
+        None, "--profile", metavar="NAME|none",
+        help="Apply the spec's profile NAME (its `profiles:` section: named overrides); `none` trains the spec "
+             "as written. Default: `cpu` when training on a CPU and the spec defines it."),
     stop_at: Optional[str] = typer.Option(None, "--stop-at", metavar="N", hidden=True,
                                           help="Stop (with a checkpoint) after N steps of the schedule."),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="RUN_DIR",
@@ -383,8 +431,13 @@ def run_cmd(
         if data is not None and not data.strip():
             raise _Fail("--data: the path is empty; give a text file or folder (or leave --data out "
                         "to train on the Python standard library's sources)")
-        the_spec, config, run_path, defaulted = _resolve_config(spec, list(overrides or []), resume, out, flags)
+        if profile is not None and not profile.strip():
+            raise _Fail("--profile: the name is empty; give a profile of the spec, or none")
+        the_spec, config, run_path, defaulted, note = _resolve_config(
+            spec, list(overrides or []), resume, out, flags, profile.strip() if profile is not None else None)
         main = os.environ.get("RANK", "0") == "0"
+        if note and main and not quiet:
+            console.print(note, highlight=False, soft_wrap=True)
         hint = None
         if defaulted:
             hint = (f"For a quick look, train a smaller model on shorter sequences, e.g.\n  nestlearn run {spec} "
@@ -589,6 +642,8 @@ def compare_cmd(
                                              help="A spec override applied to every spec (repeat)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="DIR",
                                       help="Where the runs go (default runs/compare-<time>)."),
+    profile: Optional[str] = typer.Option(None, "--profile", metavar="NAME|none",
+                                          help="Each spec's profile NAME (as for run; default: cpu on a CPU)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train several specs on the same task with the same settings; print one table."""
@@ -605,13 +660,24 @@ def compare_cmd(
         }
         if data is not None and not data.strip():
             raise _Fail("--data: the path is empty")
-        loaded = [load_spec(s, list(set_ or [])) for s in specs]  # every spec checked before any training
+        from nestlearn.spec.loader import NO_PROFILE
+
+        loaded, chosen = [], []
+        for spec_file in specs:  # every spec checked before any training
+            if not Path(spec_file).is_file():
+                raise _Fail(f"{spec_file}: no such spec file")
+            name, why = _choose_profile(Path(spec_file), profile, str(cfg_flags["device"] or "auto"))
+            loaded.append(load_spec(spec_file, list(set_ or []), profile=name))
+            chosen.append(None if name == NO_PROFILE else name)
+            if name != NO_PROFILE and not quiet:
+                console.print(f"{spec_file}: " + _profile_line(Path(spec_file), name, why), highlight=False,
+                              soft_wrap=True)
         root = Path(out) if out else default_run_dir("compare")
         if root.exists() and any(root.iterdir()):
             raise _Fail(f"--out {root} is not empty; choose a new directory")
         rows = []
         for i, spec in enumerate(loaded):
-            config = TrainConfig()
+            config = TrainConfig(profile=chosen[i])
             for k, v in cfg_flags.items():
                 if v is not None:
                     setattr(config, k, v)

@@ -9,6 +9,7 @@ checks that run later can point at the same place (:func:`locate`).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import types
@@ -35,6 +36,9 @@ __all__ = [
     "issue_at",
     "source_map",
     "spec_json_schema",
+    "profile_names",
+    "profile_overrides",
+    "NO_PROFILE",
 ]
 
 OVERRIDE_FILE = "<override>"
@@ -860,6 +864,20 @@ def _apply_one(doc: dict[str, Any], text: str, index: int, smap: SourceMap) -> N
     else:
         value, vmap = None, SourceMap(OVERRIDE_FILE)
 
+    def at(col: int) -> Position:
+        return Position(OVERRIDE_FILE, index, col, note)
+
+    _assign(doc, segs, value, vmap.entries, smap, at, at(value_col + 1))
+
+
+def _assign(
+    doc: dict[str, Any], segs: list[tuple[str, int]], value: Any, value_entries: dict[Loc, _Entry],
+    smap: SourceMap, at: Any, value_pos: Position,
+) -> Loc:
+    """Set the dotted path ``segs`` (each segment with its column, for messages) of ``doc`` to
+    ``value``, checking every segment against the schema; ``value_entries`` are the positions of
+    the value's parts (rooted at the value), ``at(col)`` the position of a segment, ``value_pos``
+    the value's own. Returns the path as the document spells it (list items by index)."""
     cur: Any = doc
     tp: Any = Spec
     disc: str | None = None
@@ -901,11 +919,11 @@ def _apply_one(doc: dict[str, Any], text: str, index: int, smap: SourceMap) -> N
         if last:
             cur[key] = value
             smap.drop(tuple(loc))
-            for sub, entry in vmap.entries.items():
+            for sub, entry in value_entries.items():
                 smap.entries[(*loc, *sub)] = entry
-            if not vmap.entries:
-                smap.entries[tuple(loc)] = _Entry(Position(OVERRIDE_FILE, index, value_col + 1, note))
-            return
+            if not value_entries:
+                smap.entries[tuple(loc)] = _Entry(value_pos)
+            return tuple(loc)
         nxt = cur[key] if (isinstance(cur, list) or key in cur) else None
         if nxt is None:
             child_base, _, _ = _child_type(child_tp, child_disc, {})
@@ -913,8 +931,9 @@ def _apply_one(doc: dict[str, Any], text: str, index: int, smap: SourceMap) -> N
                 raise _OverrideError(tuple(shown), f"{'.'.join(shown)} is not set in the spec", col)
             nxt = {}
             cur[key] = nxt
-            smap.entries[tuple(loc)] = _Entry(Position(OVERRIDE_FILE, index, col, note), collection=True)
+            smap.entries[tuple(loc)] = _Entry(at(col), collection=True)
         cur, tp, disc = nxt, child_tp, child_disc
+    return tuple(loc)
 
 
 def _list_key(cur: list[Any], seg: str, shown: Loc, col: int, base: Any) -> tuple[int, Any, str | None]:
@@ -958,14 +977,176 @@ def apply_overrides(doc: dict[str, Any], overrides: Sequence[str], smap: SourceM
         raise SpecError(issues)
 
 
+# ----------------------------------------------------------------------------- profiles
+
+NO_PROFILE = "none"
+"""``profile="none"``: apply no profile, and resolve them away (what a run directory records)."""
+
+
+def _profile_entries(smap: SourceMap, loc: Loc, note: str) -> dict[Loc, _Entry]:
+    """The positions under ``loc`` re-rooted at ``()``, each with ``note`` added."""
+    n = len(loc)
+    out = {}
+    for k, e in smap.entries.items():
+        if k[:n] == loc and len(k) > n:
+            def tag(p: Position | None) -> Position | None:
+                return Position(p.file, p.line, p.col, note) if p is not None else None
+            out[k[n:]] = _Entry(tag(e.value) or e.value, tag(e.key), e.collection)
+    return out
+
+
+def _check_profiles(raw: Any, smap: SourceMap) -> tuple[dict[str, dict[str, Any]], list[SpecIssue]]:
+    """The shape of ``profiles`` (a mapping of names to mappings of dotted paths to values)."""
+    issues: list[SpecIssue] = []
+    base: Loc = ("profiles",)
+    if not isinstance(raw, dict):
+        msg = f"expected a mapping of profile names to overrides {{path.to.key: value}}, got {_type_phrase(raw)}"
+        return {}, [_issue(base, msg, smap.position(base))]
+    good: dict[str, dict[str, Any]] = {}
+    for name, body in raw.items():
+        loc: Loc = (*base, name)
+        if not isinstance(name, str) or not re.fullmatch(IDENT, name):
+            issues.append(_issue(loc, f"a profile name must be a word of letters, digits, '_' or '-' "
+                                      f"starting with a letter or '_', got {name!r}", smap.position(loc, key=True)))
+            continue
+        if name == NO_PROFILE:
+            issues.append(_issue(loc, f"the name '{NO_PROFILE}' is reserved (it means: apply no profile)",
+                                 smap.position(loc, key=True)))
+            continue
+        if not isinstance(body, dict):
+            issues.append(_issue(loc, f"expected a mapping of overrides {{path.to.key: value}}, got "
+                                      f"{_type_phrase(body)}", smap.position(loc)))
+            continue
+        bad = [k for k in body if not isinstance(k, str)]
+        for k in bad:
+            issues.append(_issue((*loc, str(k)), "expected a dotted path such as model.dim as the key",
+                                 smap.position((*loc, k), key=True)))
+        good[name] = {k: v for k, v in body.items() if isinstance(k, str)}
+    return good, issues
+
+
+def _apply_profile(doc: dict[str, Any], smap: SourceMap, name: str, body: dict[str, Any]) -> tuple[
+        list[tuple[Loc, Loc]], list[SpecIssue]]:
+    """Apply profile ``name`` to ``doc`` in place: ``([(target path, profile key loc)], issues)``."""
+    note = f"(from profile {name!r})"
+    targets: list[tuple[Loc, Loc]] = []
+    issues: list[SpecIssue] = []
+    for key, value in body.items():
+        kloc: Loc = ("profiles", name, key)
+        entry = smap.entries.get(kloc)
+        kpos = entry.key if entry is not None and entry.key is not None else smap.position(kloc, key=True)
+        vpos = entry.value if entry is not None else kpos
+        vpos = Position(vpos.file, vpos.line, vpos.col, note)
+        lead = len(key) - len(key.lstrip())
+        path = key.strip()
+        segs = _split_path(path, (kpos.col or 1) + lead)
+        if not path or any(not seg for seg, _ in segs):
+            issues.append(_issue(kloc, "expected a dotted path such as model.dim", kpos))
+            continue
+
+        def at(col: int, kpos: Position = kpos) -> Position:
+            return Position(kpos.file, kpos.line, col, note)
+
+        try:
+            target = _assign(doc, segs, copy.deepcopy(value), _profile_entries(smap, kloc, note), smap, at, vpos)
+        except _OverrideError as e:
+            where = ".".join(str(x) for x in e.loc)
+            msg = e.message if where == path else f"{e.message} (at {where})"
+            issues.append(_issue(kloc, f"not a valid override path: {msg}",
+                                 Position(kpos.file, kpos.line, e.col if kpos.line else None)))
+            continue
+        targets.append((target, kloc))
+    return targets, issues
+
+
+def _profile_issues(doc: dict[str, Any], smap: SourceMap, profiles: dict[str, dict[str, Any]]) -> list[SpecIssue]:
+    """Check every profile: each key a valid override path, the spec valid with it applied.
+    A problem caused by a profile value is reported at ``profiles.<name>.<key>``."""
+    if not profiles:
+        return []
+    try:
+        Spec.model_validate(doc)
+        base_bad: set[tuple[Loc, str]] = set()
+    except ValidationError as exc:
+        base_bad = {(i.loc, i.message) for i in _issues_from_validation(exc, doc, smap)}
+    issues: list[SpecIssue] = []
+    for name, body in profiles.items():
+        trial, tmap = copy.deepcopy(doc), SourceMap(smap.file, dict(smap.entries))
+        targets, bad = _apply_profile(trial, tmap, name, body)
+        issues.extend(bad)
+        try:
+            Spec.model_validate(trial)
+            continue
+        except ValidationError as exc:
+            found = _issues_from_validation(exc, trial, tmap)
+        for issue in found:
+            hit = next(((t, k) for t, k in targets if issue.loc[:len(t)] == _printable_loc(t)), None)
+            if hit is not None:
+                t, kloc = hit
+                issue.loc = _printable_loc((*kloc, *issue.loc[len(t):]))
+                issue.message = issue.message.removesuffix(f" (from profile {name!r})")
+            elif (issue.loc, issue.message) in base_bad:
+                continue  # the spec's own problem: reported by the spec's validation
+            else:
+                issue.message = f"{issue.message} (with profile {name!r} applied)"
+            issues.append(issue)
+    return issues
+
+
+def _unknown_profile(name: str, profiles: dict[str, Any], smap: SourceMap) -> SpecIssue:
+    if profiles:
+        hint = _suggest(name, list(profiles))
+        msg = f"no profile named {name!r}{hint}; the spec defines: {', '.join(profiles)}"
+    else:
+        msg = f"no profile named {name!r}: the spec defines no profiles"
+    return _issue(("profiles",), msg, smap.position(("profiles",), key=True) if profiles else Position(smap.file))
+
+
+def profile_overrides(spec_or_body: Spec | dict[str, Any], name: str) -> list[str]:
+    """The overrides of profile ``name`` as ``path=value`` texts (for messages)."""
+    body = spec_or_body.profiles[name] if isinstance(spec_or_body, Spec) else spec_or_body
+    out = []
+    for k, v in body.items():
+        text = yaml.safe_dump(v, default_flow_style=True, width=10_000, sort_keys=False).strip()
+        out.append(f"{k}={text.removesuffix(chr(10) + '...').strip()}")
+    return out
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
-def parse_spec(text: str, filename: str = "<spec>", overrides: Sequence[str] = ()) -> Spec:
-    """Parse and validate a spec from YAML ``text`` (``filename`` is used in messages)."""
+def parse_spec(
+    text: str, filename: str = "<spec>", overrides: Sequence[str] = (), profile: str | None = None,
+) -> Spec:
+    """Parse and validate a spec from YAML ``text`` (``filename`` is used in messages).
+
+    ``profile``: ``None`` keeps the spec's ``profiles`` as written and applies none; a name
+    applies that profile's overrides (before ``overrides``, which win) and resolves ``profiles``
+    away; ``"none"`` applies none and resolves them away (the form a run directory records).
+    Every profile is checked either way."""
     doc, smap = load_document(text, filename)
-    apply_overrides(doc, overrides, smap)
-    return validate_document(doc, smap)
+    issues: list[SpecIssue] = []
+    profiles: dict[str, dict[str, Any]] = {}
+    if "profiles" in doc:
+        raw = doc.pop("profiles")
+        if raw is not None:
+            profiles, issues = _check_profiles(raw, smap)
+            issues += _profile_issues(doc, smap, profiles)
+    if profile is not None and profile != NO_PROFILE:
+        if profile not in profiles:
+            issues.append(_unknown_profile(profile, profiles, smap))
+        elif not issues:
+            _apply_profile(doc, smap, profile, profiles[profile])
+    elif profile is None and profiles:
+        doc["profiles"] = profiles
+    try:
+        apply_overrides(doc, overrides, smap)
+        spec = validate_document(doc, smap)
+    except SpecError as e:
+        raise SpecError(sorted(issues + e.issues, key=_order)) from None
+    if issues:
+        raise SpecError(sorted(issues, key=_order))
+    return spec
 
 
 def _read_text(path: Path) -> str:
@@ -993,10 +1174,16 @@ def _read_text(path: Path) -> str:
         raise fail(f"not valid UTF-8 text (byte 0x{data[start]:02x})", line, col) from None
 
 
-def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
-    """Load, override and validate the spec at ``path``; :class:`SpecError` on any problem."""
+def load_spec(path: str | Path, overrides: Sequence[str] = (), profile: str | None = None) -> Spec:
+    """Load, override and validate the spec at ``path``, applying its profile ``profile`` if
+    given (see :func:`parse_spec`); :class:`SpecError` on any problem."""
     p = Path(path)
-    return parse_spec(_read_text(p), str(path), overrides)
+    return parse_spec(_read_text(p), str(path), overrides, profile)
+
+
+def profile_names(path: str | Path) -> list[str]:
+    """The names of the profiles the spec at ``path`` defines (it is validated first)."""
+    return list(load_spec(path).profiles)
 
 
 def spec_json_schema() -> dict[str, Any]:

@@ -417,6 +417,10 @@ class Spec(Strict):
     block: list[NodeSpec] = Field(min_length=1)
     output: str | None = None
     """The block's output node (default: the last node)."""
+    profiles: dict[Annotated[str, Field(pattern=IDENT)], dict[str, Any]] = Field(default_factory=dict)
+    """Named sets of overrides ``{path.to.key: value}``, e.g. ``cpu: {model.dim: 128}``; one is
+    applied on request (``load_spec(path, profile=NAME)``, ``nestlearn run --profile NAME``;
+    ``nestlearn run`` applies ``cpu`` by itself on a CPU). The loader checks every path."""
 
     @property
     def outer_level(self) -> str:

@@ -97,9 +97,18 @@ def tree_to(tree: Any, device: torch.device | str) -> Any:
 # ----------------------------------------------------------------------------- spec identity
 
 
+def spec_data(spec: Any) -> dict[str, Any]:
+    """The spec as plain data; an empty ``profiles`` is left out (resolved specs have none, and
+    specs written before profiles existed keep their hash)."""
+    data: dict[str, Any] = spec.model_dump(mode="json", by_alias=True)
+    if not data.get("profiles"):
+        data.pop("profiles", None)
+    return data
+
+
 def spec_json(spec: Any) -> str:
     """The resolved spec as canonical JSON (what the hash is taken of)."""
-    return json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+    return json.dumps(spec_data(spec), sort_keys=True, separators=(",", ":"))
 
 
 def spec_hash(spec: Any) -> str:
@@ -291,7 +300,7 @@ def check_spec(ck: Checkpoint, spec: Any) -> None:
              f"this run's spec '{getattr(spec, 'name', '?')}' has hash {mine})"]
     if diff:
         lines.append("  differences (checkpoint -> this run): " + "; ".join(diff))
-    lines.append("  resume with the same spec and overrides (the run directory keeps them in spec.yaml), "
+    lines.append("  resume with the same spec, overrides and profile (the run directory keeps the result in spec.yaml), "
                  "or choose a new --out")
     raise CheckpointError("\n".join(lines))
 

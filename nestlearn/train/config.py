@@ -49,6 +49,8 @@ class TrainConfig:
     log_every: int = 1
     stop_at: int | None = None
     """Stop (with a checkpoint) after this many steps of a ``steps``-long schedule; resume later."""
+    profile: str | None = None
+    """The spec profile the run's spec was resolved with (a record; the spec already has it)."""
 
     def check(self) -> None:
         """Raise ``TrainError`` naming the first bad value."""

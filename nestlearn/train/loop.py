@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nestlearn.loops import stats as inner_stats
 from nestlearn.spec.errors import SpecError
 from nestlearn.tasks import Batch, Task, TaskError, get_task
 from nestlearn.train import distributed as D
@@ -40,19 +41,15 @@ from nestlearn.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
     restore_model,
+    rng_state,
     save_checkpoint,
     set_rng_state,
     tree_to,
 )
+from nestlearn.train.compiling import Compiled, compile_model
 from nestlearn.train.config import DEFAULT_STEPS, TrainConfig
 from nestlearn.train.errors import DivergedError, TrainError
-from nestlearn.train.metrics import (
-    TIMING_KEYS,
-    MetricsLog,
-    first_nonfinite,
-    level_update_norms,
-    trace_nonfinite,
-)
+from nestlearn.train.metrics import TIMING_KEYS, MetricsLog, first_nonfinite, trace_nonfinite
 from nestlearn.train.rundir import RunDir
 
 OUTER_RULES = ("sgd", "momentum", "adam", "adamw")
@@ -205,6 +202,19 @@ def build_model(spec: Any) -> nn.Module:
         raise TrainError(f"cannot build a model from spec '{spec.name}': {e}") from None
 
 
+def _inner_detail(entry: dict[str, list[Tensor]] | None) -> str:
+    """What ``loops.stats`` saw of a diverging level's first non-finite inner step, if anything."""
+    if not entry:
+        return ""
+    for loss, norm in zip(entry.get("inner_loss", []), entry.get("update_norm", []), strict=False):
+        before, size = float(loss), float(norm)
+        if not math.isfinite(before):
+            return f": its inner loss was already {before} at the state it started from"
+        if not math.isfinite(size):
+            return f": its inner loss was {before:.4g} before the update, the update's norm is {size}"
+    return ""
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -265,11 +275,10 @@ class Trainer:
             self._restore()
 
         self.fwd: nn.Module = D.wrap(self.model, self.dist, device, unused=self._has_unused())
+        self.compiled: Compiled | None = None
         if cfg.compile:
-            try:
-                self.fwd = torch.compile(self.fwd)  # type: ignore[assignment]
-            except Exception as e:  # noqa: BLE001
-                raise TrainError(f"--compile: torch.compile is unavailable here ({e})") from None
+            self.compiled = compile_model(self.model, self.fwd)
+            self.fwd = self.compiled.fwd
         self.eval_set = self.task.eval_batches(cfg.batch, cfg.seq_len, cfg.eval_batches, cfg.seed)
 
     def _has_unused(self) -> bool:
@@ -342,7 +351,30 @@ class Trainer:
             self.carry[i] = new_state
         return torch.stack([ce_sum.detach(), correct]), new_state
 
+    def is_log_step(self, step: int) -> bool:
+        """Is ``step`` (0-based) one whose record goes to metrics.jsonl?"""
+        return (step + 1) % self.config.log_every == 0 or step + 1 == self.total
+
     def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step. Under ``--compile``, a failure of the compiled forward or backward
+        switches the run to eager execution (said once) and redoes the step from the same state."""
+        if self.compiled is None or not self.compiled.active:
+            return self._train_step(step)
+        carry = list(self.carry) if self.carry is not None else None
+        rng = rng_state()
+        try:
+            return self._train_step(step)
+        except (DivergedError, TrainError, TaskError, torch.OutOfMemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - the compiler's failures have many types
+            self.reporter.message(self.compiled.fall_back(e))
+            self.fwd = self.compiled.fwd
+            self.optimizer.zero_grad(set_to_none=True)
+            self.carry = carry
+            set_rng_state(*rng)
+            return self._train_step(step)
+
+    def _train_step(self, step: int) -> dict[str, Any]:
         cfg = self.config
         lr = self.lr(step)
         for g in self.optimizer.param_groups:
@@ -352,10 +384,16 @@ class Trainer:
         local = batch.shard(self.dist.rank, self.dist.world) if self.dist.enabled else batch
         sums = torch.zeros(2, device=self.device)
         states = []
-        for i, mb in enumerate(local.split(cfg.accum)):
-            s, st = self._micro(mb.to(self.device, non_blocking=True), n_tok, i, sync=i == cfg.accum - 1)
-            sums += s
-            states.append(st)
+        log = self.is_log_step(step)
+        # at log steps the inner loops also record each level's inner loss and update norm
+        # (one extra no-grad objective evaluation per memory); other steps record nothing
+        recording: AbstractContextManager[dict[str, dict[str, list[Tensor]]]] = (
+            inner_stats.collect() if log else nullcontext({}))
+        with recording as collected:
+            for i, mb in enumerate(local.split(cfg.accum)):
+                s, st = self._micro(mb.to(self.device, non_blocking=True), n_tok, i, sync=i == cfg.accum - 1)
+                sums += s
+                states.append(st)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -382,8 +420,8 @@ class Trainer:
             rec["accuracy"] = correct / n_tok
         rec["lr"] = lr
         rec["grad_norm"] = gnorm
-        if (step + 1) % cfg.log_every == 0 or step + 1 == self.total:
-            levels = level_update_norms(self.model, states[-1])
+        if log:
+            levels = inner_stats.summarize(collected)
             if levels:
                 rec["levels"] = levels
         return rec
@@ -393,10 +431,11 @@ class Trainer:
         output and state; else the first non-finite carried state; else the outer level."""
         where = None
         bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        recorded: dict[str, dict[str, list[Tensor]]] = {}
         try:
             if bad:
                 raise RuntimeError("the weights themselves are non-finite")
-            with self._autocast():
+            with self._autocast(), inner_stats.collect() as recorded:
                 inputs = [mb.inputs.to(self.device) for mb in local.split(self.config.accum)]
                 where = trace_nonfinite(self.model, inputs)
         except Exception:  # noqa: BLE001 - a diagnosis must not hide the divergence itself
@@ -408,8 +447,9 @@ class Trainer:
         what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
         if where is not None and where[2] is not None:
             blk, node, level = where
+            detail = _inner_detail(recorded.get(level or ""))
             cause = (f"the inner update of level '{level}' diverged first (block {blk}, node '{node}' produced "
-                     f"non-finite values); lower that level's rate (e.g. levels.{level}.rule.lr=...), use "
+                     f"non-finite values{detail}); lower that level's rate (e.g. levels.{level}.rule.lr=...), use "
                      "grad: truncate:N for it, or lower the outer --lr")
         elif where is not None:
             blk, node, _ = where
@@ -489,6 +529,8 @@ class Trainer:
             "world": self.dist.world, "start": start, "total": self.total, "run_dir": str(self.run.path),
             "tokens_per_step": per_step, "levels": self.model.level_summary(),  # type: ignore[operator]
         })
+        if self.compiled is not None:
+            self.reporter.message(self.compiled.note)
         if start >= self.total:
             self.reporter.message(f"the run is already complete at step {start} of {self.total}; "
                                   "nothing to do (raise --steps to train longer)")
@@ -519,15 +561,10 @@ class Trainer:
                         f"out of {self.device.type} memory at step {step + 1} (batch {cfg.batch} x {cfg.seq_len} "
                         f"bytes in {cfg.accum} micro-batch(es)); lower --batch or --seq-len, or raise --accum"
                     ) from None
-                except Exception as e:  # noqa: BLE001
-                    if cfg.compile and step == start:
-                        raise TrainError(f"--compile: torch.compile failed on this model "
-                                         f"({type(e).__name__}: {e}); run without --compile") from None
-                    raise
                 done = step + 1
                 tokens += per_step
                 first_loss = rec["loss"] if first_loss is None else first_loss
-                if done % cfg.log_every == 0 or done == self.total:
+                if self.is_log_step(step):
                     now = time.perf_counter()
                     rec["tokens_per_s"] = per_step * (done - steps_mark) / max(now - t_mark, 1e-9)
                     rec["tokens"] = tokens

@@ -1,10 +1,15 @@
-"""Metrics: JSON lines in the run directory, and cheap per-level diagnostics read off the state.
+"""Metrics: JSON lines in the run directory, and where a divergence began.
 
 Each line of ``metrics.jsonl`` is one record with a ``split``: ``train`` (``loss``, ``bits_per_byte``
 or ``accuracy``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``tokens``, ``time`` and, per in-context
-level, ``levels.<name>.update_norm``: how far the memories moved from their meta-learned initial
-state over the sequence, ``‖W_T − W_0‖`` averaged over the batch and the level's memories),
-``val`` (validation metrics) or ``phase`` (every domain of a continual run after a phase).
+level, ``levels.<name>.inner_loss`` and ``levels.<name>.update_norm``), ``val`` (validation
+metrics) or ``phase`` (every domain of a continual run after a phase).
+
+The per-level values come from :mod:`nestlearn.loops.stats`, recorded by the inner loops during
+the training forward of a log step: ``inner_loss`` is the level's inner objective at the state
+each memory started the call from (its meta-learned initial state, or the carried state with
+``--carry-state``), ``update_norm`` the size ``‖W_end − W_start‖`` of the update the call made,
+per sequence and head; both are averaged over the level's memories, blocks and micro-batches.
 """
 
 from __future__ import annotations
@@ -70,67 +75,10 @@ def _clean(x: Any) -> Any:
 # ----------------------------------------------------------------------------- state diagnostics
 
 
-def _is_memory_state(x: Any) -> bool:
-    return isinstance(x, dict) and isinstance(x.get("params"), dict) and "offset" in x
-
-
-def memory_states(state: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
-    """Every memory state (a dict with ``params`` and ``offset``) in a node's state, with its path."""
-    if _is_memory_state(state):
-        yield path, state
-        return
-    if isinstance(state, dict):
-        for k, v in state.items():
-            yield from memory_states(v, (*path, str(k)))
-
-
-def _init_of(op: nn.Module, path: tuple[str, ...], name: str) -> Tensor | None:
-    init = getattr(op, "init", None)
-    if not isinstance(init, nn.ParameterDict):
-        return None
-    for key in (name, f"{path[-1]}__{name}" if path else name):
-        if key in init:
-            return init[key]
-    return None
-
-
 def _ops(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     for i, block in enumerate(getattr(model, "blocks", [])):
         for node_id, op in block.ops.items():
             yield str(i), node_id, op
-
-
-@torch.no_grad()
-def level_update_norms(model: nn.Module, state: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per in-context level: ``update_norm`` = mean over memories and sequences of ``‖W_T − W_0‖``
-    (all of a memory's parameters together), and ``state_norm`` = mean ``‖W_T‖``."""
-    acc: dict[str, list[tuple[Tensor, Tensor]]] = {}
-    for blk, node_id, op in _ops(model):
-        level = getattr(op, "level", None)
-        node_state = state.get(blk, {}).get(node_id) if isinstance(state, dict) else None
-        if level is None or node_state is None:
-            continue
-        for path, mem in memory_states(node_state):
-            upd, tot = None, None
-            for pname, p in mem["params"].items():
-                p = p.detach().float()
-                init = _init_of(op, path, pname)
-                b = p.shape[0]
-                sq = p.reshape(b, -1).pow(2).sum(1)
-                tot = sq if tot is None else tot + sq
-                if init is not None:
-                    d = (p - init.detach().float().to(p.device)).reshape(b, -1).pow(2).sum(1)
-                    upd = d if upd is None else upd + d
-            if tot is None:
-                continue
-            acc.setdefault(level.name, []).append(
-                (upd.sqrt().mean() if upd is not None else torch.tensor(float("nan")), tot.sqrt().mean()))
-    out = {}
-    for name, vals in acc.items():
-        u = torch.stack([v[0] for v in vals]).mean()
-        s = torch.stack([v[1] for v in vals]).mean()
-        out[name] = {"update_norm": float(u), "state_norm": float(s)}
-    return out
 
 
 def first_nonfinite(model: nn.Module, state: dict[str, Any]) -> tuple[str, str, str | None] | None:

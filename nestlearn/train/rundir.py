@@ -1,7 +1,8 @@
 """The run directory: everything a user needs to inspect, resume, evaluate and compare a run.
 
     RUN/
-      spec.yaml          the resolved spec (overrides applied): `nestlearn run RUN/spec.yaml` rebuilds it
+      spec.yaml          the resolved spec (profile and overrides applied): `nestlearn run RUN/spec.yaml`
+                         rebuilds it
       config.json        the training settings (task, steps, batch, ...)
       metrics.jsonl      one JSON record per line (see nestlearn.train.metrics)
       checkpoints/last.safetensors
@@ -33,9 +34,11 @@ def default_run_dir(spec_name: str, root: str | Path = "runs") -> Path:
     return path
 
 
-def spec_yaml(spec: Any) -> str:
-    data = spec.model_dump(mode="json", by_alias=True)
-    return "# resolved by nestlearn (overrides applied)\n" + yaml.safe_dump(data, sort_keys=False)
+def spec_yaml(spec: Any, profile: str | None = None) -> str:
+    from nestlearn.train.checkpoint import spec_data
+
+    how = f"profile '{profile}' and overrides applied" if profile else "overrides applied"
+    return f"# resolved by nestlearn ({how})\n" + yaml.safe_dump(spec_data(spec), sort_keys=False)
 
 
 class RunDir:
@@ -84,7 +87,7 @@ class RunDir:
             return
         try:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.spec_path, spec_yaml(spec).encode())
+            atomic_write(self.spec_path, spec_yaml(spec, config.profile).encode())
             atomic_write(self.config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
             if not resume and self.metrics_path.exists():
                 self.metrics_path.unlink()
