@@ -89,7 +89,7 @@ def test_validation_error_inside_an_override_value() -> None:
     (issue,) = info.value.issues
     assert issue.format() == (
         "<override>:2:44: levels.memory.rule.beta: unknown field 'beta' "
-        "(allowed: b1, b2, eps, lr, name, weight_decay) "
+        "(allowed: b1, b2, eps, eps_root, lr, name, weight_decay) "
         "(from override 'levels.memory.rule={name: adam, lr: 0.001, beta: 2}')"
     )
 
