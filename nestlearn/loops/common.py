@@ -77,3 +77,15 @@ def leaf_grads_ready(p: Params) -> tuple[Params, bool]:
         # parameters, not other uses of the same tensors (e.g. self-generated targets)
         return {k: t.view_as(t) for k, t in p.items()}, True
     return {k: t.detach().requires_grad_() for k, t in p.items()}, False
+
+
+# Batched products over ``[B, H, ...]`` written as plain matmuls: an einsum costs several
+# view/permute dispatches per call, which dominate the per-chunk cost of the inner loops.
+def weighted_outer(c: Tensor, d: Tensor, x: Tensor) -> Tensor:
+    """``sum_s c_s d_s x_s^T``: ``[B,H,n] x [B,H,n,o] x [B,H,n,i] -> [B,H,o,i]``."""
+    return (d * c.unsqueeze(-1)).transpose(-1, -2) @ x
+
+
+def weighted_sum(c: Tensor, d: Tensor) -> Tensor:
+    """``sum_s c_s d_s``: ``[B,H,n] x [B,H,n,o] -> [B,H,o]``."""
+    return (c.unsqueeze(-2) @ d).squeeze(-2)

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from nestlearn.loops.chunked import segments
-from nestlearn.loops.common import MemoryProblem, Params, detach_tree
-from nestlearn.loops.dual import _hp, _log, _scale, segsum
-from nestlearn.memories.base import plain_lin
+from nestlearn.loops.common import MemoryProblem, Params, detach_tree, weighted_outer, weighted_sum
+from nestlearn.loops.dual import _hp, _log, _scale, identity, segsum
+from nestlearn.memories.base import MemoryArch, plain_lin
 
 
 def supports(pb: MemoryProblem) -> bool:
@@ -38,16 +38,27 @@ def supports(pb: MemoryProblem) -> bool:
 
     if not isinstance(pb.rule, DGD):
         return False
-    names = {n for layer in pb.arch.layers for n in (layer.weight, layer.bias) if n is not None}
-    return names == set(pb.arch.init_params())
+    return _all_layer_params(pb.arch)
+
+
+def _all_layer_params(arch: MemoryArch) -> bool:
+    """Every parameter of ``arch`` is a layer's weight or bias (cached on the arch: building
+    ``init_params`` draws random numbers, which has no place in the hot path)."""
+    known = getattr(arch, "_dgd_dual_ok", None)
+    if known is None:
+        names = {n for layer in arch.layers for n in (layer.weight, layer.bias) if n is not None}
+        known = names == set(arch.init_params())
+        arch._dgd_dual_ok = known  # type: ignore[attr-defined]
+    return bool(known)
 
 
 def dgd_coefficients(lr: Tensor, beta: Tensor, decay: Tensor) -> dict[str, Tensor]:
     """Scalar coefficients over ``[B, H, n(, n)]`` (see the module docstring)."""
-    K = torch.exp(segsum(_log(1 - decay)))  # K[t, s] = prod_{r=s+1..t} lam_r, 0 above diagonal
-    B = torch.exp(segsum(_log(beta)))  # B[s, r] = prod_{j=r+1..s} beta_j
-    gam = torch.exp(torch.cumsum(_log(1 - decay), -1))
-    b = torch.exp(torch.cumsum(_log(beta), -1))
+    log_lam, log_beta = _log(1 - decay), _log(beta)
+    K = torch.exp(segsum(log_lam))  # K[t, s] = prod_{r=s+1..t} lam_r, 0 above diagonal
+    B = torch.exp(segsum(log_beta))  # B[s, r] = prod_{j=r+1..s} beta_j
+    gam = torch.exp(torch.cumsum(log_lam, -1))
+    b = torch.exp(torch.cumsum(log_beta, -1))
     Keta = K * lr.unsqueeze(-2)  # K[t, s] eta_s
     G = Keta @ B
     c = -(Keta @ b.unsqueeze(-1)).squeeze(-1)
@@ -125,7 +136,7 @@ def _segment(
         r = (co["gam_p"].unsqueeze(-1) * _mv(cur[n], u) + co["c_p"].unsqueeze(-1) * _mv(m0[n], u)
              - (co["G_p"] * (u @ x.transpose(-1, -2))) @ d)
         L = co["Keta_p"] * (u @ u.transpose(-1, -2))
-        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+        eye = identity(L.shape[-1], L.dtype, L.device)
         # the solve in at least fp32 (no bf16 kernel; the small n x n system wants the precision)
         work = torch.promote_types(r.dtype, torch.float32)
         es[n] = torch.linalg.solve_triangular((eye + L).to(work), r.to(work), upper=False,
@@ -150,17 +161,17 @@ def _segment(
     for layer in pb.arch.layers:
         n, u, x, d, e = layer.weight, units[layer.weight], inputs[layer.weight], deltas[layer.weight], es[layer.weight]
         new_p[n] = (_scale(co["gam"][..., -1], cur[n]) + _scale(co["c"][..., -1], m0[n])
-                    - torch.einsum("bhs,bhso,bhsi->bhoi", keta_end, e, u)
-                    - torch.einsum("bhs,bhso,bhsi->bhoi", g_end, d, x))
-        new_m[n] = _scale(co["b_end"], m0[n]) + torch.einsum("bhs,bhso,bhsi->bhoi", b_end, d, x)
+                    - weighted_outer(keta_end, e, u)
+                    - weighted_outer(g_end, d, x))
+        new_m[n] = _scale(co["b_end"], m0[n]) + weighted_outer(b_end, d, x)
         if layer.bias is not None:
             bn = layer.bias
             new_p[bn] = (_scale(co["gam"][..., -1], cur[bn]) + _scale(co["c"][..., -1], m0[bn])
-                         - torch.einsum("bhs,bhso->bho", g_end, d))
-            new_m[bn] = _scale(co["b_end"], m0[bn]) + torch.einsum("bhs,bhso->bho", b_end, d)
+                         - weighted_sum(g_end, d))
+            new_m[bn] = _scale(co["b_end"], m0[bn]) + weighted_sum(b_end, d)
     return y, new_p, {"m": new_m}
 
 
 def _mv(w: Tensor, a: Tensor) -> Tensor:
     """``W a_t`` for every token: ``[B,H,o,i] x [B,H,n,i] -> [B,H,n,o]``."""
-    return torch.einsum("bhoi,bhni->bhno", w, a)
+    return a @ w.transpose(-1, -2)

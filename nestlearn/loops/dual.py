@@ -22,13 +22,14 @@ materialised. The sequential reference is ``rules/momentum.py`` stepped by
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from nestlearn.loops.chunked import segments
-from nestlearn.loops.common import MemoryProblem, Params, detach_tree
+from nestlearn.loops.common import MemoryProblem, Params, detach_tree, weighted_outer, weighted_sum
 from nestlearn.memories.base import plain_lin
 
 
@@ -39,9 +40,21 @@ def segsum(x: Tensor) -> Tensor:
     factor is zero)."""
     n = x.shape[-1]
     xx = x.unsqueeze(-1).expand(*x.shape, n)  # [..., r, j] = x_r
-    below = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
-    seg = xx.masked_fill(~below, 0.0).cumsum(-2)
-    return seg.masked_fill(~torch.ones_like(below).tril(0), float("-inf"))
+    not_below, above = masks(n, x.device)
+    seg = xx.masked_fill(not_below, 0.0).cumsum(-2)
+    return seg.masked_fill(above, float("-inf"))
+
+
+@functools.lru_cache(maxsize=64)
+def masks(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(r <= j, j > t)`` over an ``n x n`` chunk: built once per size and device, not per chunk."""
+    ones = torch.ones(n, n, dtype=torch.bool, device=device)
+    return ~ones.tril(-1), ~ones.tril(0)
+
+
+@functools.lru_cache(maxsize=64)
+def identity(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.eye(n, dtype=dtype, device=device)
 
 
 def _log(x: Tensor) -> Tensor:
@@ -128,9 +141,9 @@ def _segment(
     def read(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
         x, d = inputs[name], deltas[name]
         scores = (a @ x.transpose(-1, -2)) * co["c"]  # [B,H,n,n]
-        z = co["a"].unsqueeze(-1) * torch.einsum("bhoi,bhni->bhno", w, a) + scores @ d
+        z = co["a"].unsqueeze(-1) * (a @ w.transpose(-1, -2)) + scores @ d
         if "s" in co:
-            z = z + co["s"].unsqueeze(-1) * torch.einsum("bhoi,bhni->bhno", S[name], a)
+            z = z + co["s"].unsqueeze(-1) * (a @ S[name].transpose(-1, -2))
         bn = bias_of[name]
         if b is not None and bn is not None:
             z = z + co["a"].unsqueeze(-1) * b.unsqueeze(-2) + co["c"] @ d
@@ -147,16 +160,16 @@ def _segment(
     c_end, a_end = co["c"][..., -1, :], co["a"][..., -1]
     for layer in pb.arch.layers:
         n, x, d = layer.weight, inputs[layer.weight], deltas[layer.weight]
-        new_p[n] = _scale(a_end, cur[n]) + torch.einsum("bhs,bhso,bhsi->bhoi", c_end, d, x)
+        new_p[n] = _scale(a_end, cur[n]) + weighted_outer(c_end, d, x)
         if has_m:
             new_p[n] = new_p[n] + _scale(co["s"][..., -1], S[n])
-            new_S[n] = _scale(co["mb"], S[n]) + torch.einsum("bhs,bhso,bhsi->bhoi", co["mc"], d, x)
+            new_S[n] = _scale(co["mb"], S[n]) + weighted_outer(co["mc"], d, x)
         if layer.bias is not None:
             bn = layer.bias
-            new_p[bn] = _scale(a_end, cur[bn]) + torch.einsum("bhs,bhso->bho", c_end, d)
+            new_p[bn] = _scale(a_end, cur[bn]) + weighted_sum(c_end, d)
             if has_m:
                 new_p[bn] = new_p[bn] + _scale(co["s"][..., -1], S[bn])
-                new_S[bn] = _scale(co["mb"], S[bn]) + torch.einsum("bhs,bhso->bho", co["mc"], d)
+                new_S[bn] = _scale(co["mb"], S[bn]) + weighted_sum(co["mc"], d)
     return y, new_p, ({"S": new_S} if has_m else {})
 
 

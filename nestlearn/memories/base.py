@@ -19,7 +19,7 @@ Lin = Callable[[str, Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 def plain_lin(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
-    z = torch.einsum("bhoi,bhni->bhno", w, a)
+    z = a @ w.transpose(-1, -2)  # [B,H,n,i] x [B,H,o,i] -> [B,H,n,o] (one batched matmul)
     return z if b is None else z + b.unsqueeze(-2)
 
 
