@@ -90,3 +90,16 @@ def test_constant_hypers_and_no_momentum() -> None:
         torch.testing.assert_close(y1, y0, rtol=1e-10, atol=1e-12)
         for n in s0["params"]:
             torch.testing.assert_close(s1["params"][n], s0["params"][n], rtol=1e-10, atol=1e-12)
+
+
+def test_inner_loop_runs_in_fp32_under_autocast() -> None:
+    """bf16 autocast around the model leaves the inner loop in fp32: same result as without."""
+    pb, init, _ = problem("mlp", 4)
+    f32 = MemoryProblem(pb.arch, pb.rule, pb.objective, pb.q.detach().float(), pb.k.detach().float(),
+                        pb.v.detach().float(), {n: h.detach().float() for n, h in pb.hp.items()}, 4, pb.grad)
+    init32 = {n: p.detach().float() for n, p in init.items()}
+    y_ref, st_ref = run(f32, init_state(pb.arch, pb.rule, init32, B))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, st = run(f32, init_state(pb.arch, pb.rule, init32, B))
+    assert y.dtype == torch.float32 and all(p.dtype == torch.float32 for p in st["params"].values())
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)

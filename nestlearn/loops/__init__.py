@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from nestlearn.loops import fla_backend, stats
@@ -23,8 +24,17 @@ __all__ = ["GradMode", "MemoryProblem", "init_state", "run", "run_sequential", "
 
 
 def run(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "auto") -> tuple[Tensor, dict[str, Any]]:
-    """Run ``pb`` from ``state`` (see ``_dispatch``), recording diagnostics when collecting."""
-    y, new_state = _dispatch(pb, state, executor)
+    """Run ``pb`` from ``state`` (see ``_dispatch``), recording diagnostics when collecting.
+
+    Under autocast (bf16 / fp16 activations) the inner loop itself runs in fp32: fast weights,
+    their optimiser state and the chunk algebra (products of many decays, triangular solves)
+    drift or overflow in half precision. fla's kernels keep their own mixed precision."""
+    device = pb.q.device.type
+    if torch.is_autocast_enabled(device) and not (fla_backend.available(pb) and fla_backend.supports(pb)):
+        with torch.autocast(device, enabled=False):
+            y, new_state = _dispatch(_fp32(pb), _fp32_tree(state), executor)
+    else:
+        y, new_state = _dispatch(pb, state, executor)
     if stats.active():
         stats.record(pb, state, new_state)
     return y, new_state
@@ -52,3 +62,14 @@ def _dispatch(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "au
     if executor == "scan" or not pb.rule.linear:
         return run_chunked(pb, state)
     return run_dual(pb, state)
+
+
+def _fp32_tree(x: Any) -> Any:
+    def up(t: Any) -> Any:
+        return t.float() if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+
+    return torch.utils._pytree.tree_map(up, x)
+
+
+def _fp32(pb: MemoryProblem) -> MemoryProblem:
+    return replace(pb, q=_fp32_tree(pb.q), k=_fp32_tree(pb.k), v=_fp32_tree(pb.v), hp=_fp32_tree(dict(pb.hp)))
