@@ -295,6 +295,9 @@ def build_graph(spec: Spec) -> LevelGraph:
                        f"{_period_text(lv.period)}")
         _check_objective(issues, name, lv.objective)
         _check_rule(issues, name, lv.rule)
+        if lv.is_outer and getattr(lv.rule, "eps_root", None):
+            issues.add(("levels", name, "rule", "eps_root"), "eps_root applies to in-context levels only "
+                       "(the outer level trains with torch.optim, which has none); remove it")
 
     # ---- output
     output = spec.output if spec.output is not None else spec.block[-1].id

@@ -205,6 +205,9 @@ CASES = [
          "levels.memory.rule.args", "torchopt.sgd does not accept these arguments"),
     Case("chunk-on-chunked-level", tiny(("objective: l2,", "objective: l2, chunk: 4,")), 6, 45,
          "levels.memory.chunk", "'chunk' applies to period-1 levels only"),
+    Case("eps-root-on-outer-level", tiny(("lr: 3.0e-4}}", "lr: 3.0e-4, eps_root: 1.0e-8}}")), 5, 69,
+         "levels.outer.rule.eps_root", "eps_root applies to in-context levels only (the outer level trains "
+         "with torch.optim, which has none); remove it"),
     # ---- overrides
     Case("override-unknown-field", TINY, 1, 11, "block.att.widnow",
          "unknown field 'widnow' (did you mean 'window'?) in override 'block.att.widnow=128'",

@@ -156,14 +156,14 @@ def _node_details(node: Any) -> str:
         if v not in (None, 0, False) and key in type(node).model_fields:
             parts.append(f"{key}={_hyper(v)}")
     mem = getattr(node, "memory", None)
-    if mem is not None and node.op in ("memory", "selfmod"):
+    if mem is not None and node.op in ("memory", "selfmod", "mac"):
         parts.append(f"memory={mem.type}" + (f"×{mem.expand:g}" if mem.type == "mlp" else ""))
     for role in ("query", "key", "value"):
         v = getattr(node, role, None)
         if v not in (None, "proj"):
             parts.append(f"{role}={v}")
     init = getattr(node, "init", None)
-    if init is not None and node.op in ("memory", "selfmod", "mlp"):
+    if init is not None and node.op in ("memory", "selfmod", "mlp", "mac"):
         parts.append(f"init={init}")
     return ", ".join(parts)
 
