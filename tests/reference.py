@@ -38,12 +38,13 @@ def layer_inputs(mem: str, p: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]
 
 def inner_loop(
     mem: str, rule: str, objective: str, init: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor,
-    hp: dict[str, Tensor | float], period: int,
+    hp: dict[str, Tensor | float], period: int, read_start: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One sequence, one head: q, k, v are [T, d]; hp values are [T] tensors or floats.
 
     Mini-batch semantics: every gradient of a chunk of ``period`` tokens is taken at the
-    chunk-start weights; token t is read after its own update.
+    chunk-start weights; token t is read after its own update (``read_start``: with the
+    chunk-start weights, Nested Learning Eq. 71).
     """
     f = linear_mem if mem == "linear" else mlp_mem
     obj = l2 if objective == "l2" else dot
@@ -86,7 +87,7 @@ def inner_loop(
             W = new
         else:
             raise ValueError(rule)
-        ys.append(f(W, q[t]).detach())
+        ys.append(f(anchor if read_start else W, q[t]).detach())
     return torch.stack(ys), {n: w.detach() for n, w in W.items()}
 
 

@@ -21,6 +21,7 @@ class Level:
         self.objective = objectives.resolve(spec.objective)
         self.objective_name = spec.objective
         self.grad = GradMode.parse(spec.grad)
+        self.read_start = spec.read == "chunk_start"
         self.executor: Executor = "auto"
         self._rule: Rule = coerce(spec.rule) if not spec.is_outer else _OuterRule(spec.rule)
 

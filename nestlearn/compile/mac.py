@@ -169,7 +169,8 @@ class MACOp(Op):
             v, tails["v"] = self._features("v", y, tails.get("v"))
             q_y, tails["qy"] = self._features("q", y, tails.get("qy"))
             hp, chunk_hp = mem.hypers(rule.hypers, y, i0, period, chunk_hp)
-            pb = MemoryProblem(mem.arch, rule, level.objective, q_y, k, v, hp, period, level.grad, level.name)
+            pb = MemoryProblem(mem.arch, rule, level.objective, q_y, k, v, hp, period, level.grad, level.name,
+                               level.read_start)
             m, mem_state = run(pb, mem_state, level.executor)
             # Eq. 25: o_t = y_t (x) M*_t(y_t)
             gate = torch.sigmoid(self.norm_m([self._merge(m)], {}, None)[0])

@@ -129,7 +129,7 @@ class SelfModOp(Op):
                                    lv.grad, lv.name)
             _, mems["gen"] = run(pb_gen, g, lv.executor)
             pb_main = MemoryProblem(self.main_arch, rule, lv.objective, qh[:, :, t0:t1], k, v, hp, period,
-                                    lv.grad, lv.name)
+                                    lv.grad, lv.name, lv.read_start)
             y, mems["main"] = run(pb_main, mems["main"], lv.executor)
             ys.append(y)
         y = torch.cat(ys, dim=2).transpose(1, 2).reshape(b, t, d)

@@ -74,7 +74,7 @@ def run_chunked(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[
             g_i = {n: g[i] for n, g in grads.items()}
             in_i = None if inputs is None else {n: a[:, :, i] for n, a in inputs.items()}
             params, opt = pb.rule.step(params, opt, g_i, hp_at(pb.hp, t0 + i), in_i)
-            ys.append(pb.arch.apply(params, pb.q[:, :, t0 + i : t0 + i + 1]))
+            ys.append(pb.arch.apply(anchor if pb.read_start else params, pb.q[:, :, t0 + i : t0 + i + 1]))
         offset = (offset + t1 - t0) % pb.period
     new_state = {"params": params, "opt": opt, "anchor": anchor, "offset": offset, "chunks": chunks}
     return torch.cat(ys, dim=2), new_state

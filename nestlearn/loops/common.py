@@ -51,6 +51,8 @@ class MemoryProblem:
     period: int
     grad: GradMode
     level: str = ""
+    read_start: bool = False
+    """Read every token with its chunk-start state (the level's ``read: chunk_start``)."""
     """The level's name (for diagnostics: ``loops/stats.py``)."""
 
 

@@ -152,7 +152,10 @@ def _segment(
             z = z + co["gam"].unsqueeze(-1) * b.unsqueeze(-2) + co["c"].unsqueeze(-1) * m0[bn].unsqueeze(-2) - co["G"] @ d
         return z
 
-    y = pb.arch.apply(cur, q, read)
+    if pb.read_start:  # weights constant within the chunk: a plain read at its start
+        y = pb.arch.apply(detach_tree(anchor) if stop else anchor, q)
+    else:
+        y = pb.arch.apply(cur, q, read)
 
     # 4. chunk-end state: one matmul per weight
     new_p: Params = {}

@@ -152,7 +152,10 @@ def _segment(
         return z
 
     cur = detach_tree(params) if stop else params
-    y = pb.arch.apply(cur, q, read)
+    if pb.read_start:  # weights constant within the chunk: a plain read at its start
+        y = pb.arch.apply(detach_tree(anchor) if stop else anchor, q)
+    else:
+        y = pb.arch.apply(cur, q, read)
 
     # 3. chunk-end state: one matmul per layer
     new_p: Params = {}

@@ -54,7 +54,7 @@ def run_sequential(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, di
         sl = slice(t, t + 1)
         grads, inputs = token_grads(pb, anchor, pb.k[:, :, sl], pb.v[:, :, sl])
         params, opt = pb.rule.step(params, opt, grads, hp_at(pb.hp, t), inputs)
-        ys.append(pb.arch.apply(params, pb.q[:, :, sl]))
+        ys.append(pb.arch.apply(anchor if pb.read_start else params, pb.q[:, :, sl]))
         offset = (offset + 1) % pb.period
     new_state = {"params": params, "opt": opt, "anchor": anchor, "offset": offset, "chunks": chunks}
     return torch.cat(ys, dim=2), new_state
@@ -77,6 +77,6 @@ def _run_stopped(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict
             one = replace(inner, q=inner.q[:, :, t : t + 1], k=inner.k[:, :, t : t + 1],
                           v=inner.v[:, :, t : t + 1], hp=hp_at(inner.hp, slice(t, t + 1)))
             _, st = run_sequential(one, st)
-            ys_states.append(st["params"])
+            ys_states.append(st["anchor"] if pb.read_start else st["params"])
     ys = [pb.arch.apply(p, pb.q[:, :, t : t + 1]) for t, p in enumerate(ys_states)]
     return torch.cat(ys, dim=2), st

@@ -207,6 +207,10 @@ class LevelSpec(Strict):
     grad: Annotated[str, Field(pattern=GRAD_MODE)] = "unroll"
     chunk: Annotated[int, Field(gt=0)] | None = None
     """Execution chunk for period-1 levels whose rule has an exact parallel form (e.g. DeltaNet)."""
+    read: Literal["updated", "chunk_start"] = "updated"
+    """``updated``: token t is read with the state after its own update (TTT's mini-batch
+    semantics); ``chunk_start``: with the state at its chunk's start, so the weights are constant
+    within a chunk and jump at its end (the CMS of Nested Learning, Eq. 71)."""
 
     @property
     def is_outer(self) -> bool:
