@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
@@ -27,12 +28,13 @@ def _losses(run: Path) -> list[float]:
 def test_two_cpu_processes_match_one_process(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    one = subprocess.run([sys.executable, "-m", "nestlearn", "run", TINY, *ARGS, "--out", str(tmp_path / "one")],
+    cpu = [*ARGS, "--device", "cpu"]  # gloo on CPU even where a GPU is present
+    one = subprocess.run([sys.executable, "-m", "nestlearn", "run", TINY, *cpu, "--out", str(tmp_path / "one")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "nestlearn", "run", TINY, *ARGS, "--out", str(tmp_path / "two")],
+         "-m", "nestlearn", "run", TINY, *cpu, "--out", str(tmp_path / "two")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert two.returncode == 0, two.stdout + two.stderr
@@ -48,3 +50,25 @@ def test_two_cpu_processes_match_one_process(tmp_path: Path) -> None:
     import json
 
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()),
+                    reason="needs 2 CUDA devices and NCCL")
+def test_two_gpus_over_nccl_match_one_gpu(tmp_path: Path) -> None:
+    args = [*ARGS, "--device", "cuda", "--precision", "fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NVIDIA_TF32_OVERRIDE": "0"}
+    env.pop("WORLD_SIZE", None)
+    one = subprocess.run([sys.executable, "-m", "nestlearn", "run", TINY, *args, "--out", str(tmp_path / "one")],
+                         cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": "0"}, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "nestlearn", "run", TINY, *args, "--out", str(tmp_path / "two")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
