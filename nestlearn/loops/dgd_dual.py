@@ -26,10 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nestlearn.loops.chunked import segments
 from nestlearn.loops.common import MemoryProblem, Params, detach_tree, weighted_outer, weighted_sum
-from nestlearn.loops.dual import _hp, _log, _scale, identity, segsum
-from nestlearn.memories.base import MemoryArch, plain_lin
+from nestlearn.loops.dual import _hp, _log, _scale, chunk_signals, identity, run_segments, segsum
+from nestlearn.memories.base import MemoryArch
 
 
 def supports(pb: MemoryProblem) -> bool:
@@ -76,50 +75,21 @@ def _shift(x: Tensor) -> Tensor:
 
 
 def run_dgd_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-    stop = pb.grad.kind == "stop"
-    params, opt, anchor = state["params"], state["opt"], state["anchor"]
-    offset, chunks = state["offset"], state["chunks"]
-    ys = []
-    for t0, t1 in segments(offset, pb.period, pb.q.shape[2]):
-        if offset == 0:
-            if stop or (pb.grad.kind == "truncate" and chunks > 0 and chunks % pb.grad.n == 0):
-                params, opt = detach_tree(params), detach_tree(opt)
-            anchor = params
-            chunks += 1
-        y, params, opt = _segment(pb, params, opt, anchor, t0, t1)
-        ys.append(y)
-        offset = (offset + t1 - t0) % pb.period
-    new_state = {"params": params, "opt": opt, "anchor": anchor, "offset": offset, "chunks": chunks}
-    return torch.cat(ys, dim=2), new_state
+    return run_segments(pb, state, lambda p, o, a, t0, t1: _segment(pb, p, o, a, t0, t1))
 
 
 def _segment(
     pb: MemoryProblem, params: Params, opt: dict[str, Any], anchor: Params, t0: int, t1: int,
 ) -> tuple[Tensor, Params, dict[str, Any]]:
     stop = pb.grad.kind == "stop"
-    create = pb.grad.create_graph and not stop
     k, v, q = pb.k[:, :, t0:t1], pb.v[:, :, t0:t1], pb.q[:, :, t0:t1]
     lr, decay, beta = (_hp(pb, n, t0, t1, q) for n in ("lr", "decay", "beta"))
     if stop:
         k, v, lr, decay, beta = k.detach(), v.detach(), lr.detach(), decay.detach(), beta.detach()
 
     # 1. error signals and layer inputs at the chunk-start state, one batched pass
-    inputs: dict[str, Tensor] = {}
-    outs: dict[str, Tensor] = {}
-    with torch.enable_grad():
-        def record(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
-            z = plain_lin(name, w, a, b)
-            if not z.requires_grad:
-                z = z.detach().requires_grad_()
-            inputs[name], outs[name] = a, z
-            return z
-
-        src = detach_tree(anchor) if stop else anchor
-        loss = pb.objective(pb.arch.apply(src, k, record), v).sum()
-        names = [layer.weight for layer in pb.arch.layers]
-        deltas = dict(zip(names, torch.autograd.grad(loss, [outs[n] for n in names], create_graph=create)))
-    if not create:
-        deltas, inputs = detach_tree(deltas), detach_tree(inputs)
+    deltas, inputs = chunk_signals(pb, anchor, k, v)
+    names = [layer.weight for layer in pb.arch.layers]
 
     co = dgd_coefficients(lr, beta, decay)
     m0: Params = opt["m"]

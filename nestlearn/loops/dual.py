@@ -23,6 +23,7 @@ materialised. The sequential reference is ``rules/momentum.py`` stepped by
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,10 +82,20 @@ def coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor) -> dict[str, Te
 
 
 def run_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    has_m = "S" in state["opt"]
+    return run_segments(pb, state, lambda p, o, a, t0, t1: _segment(pb, p, o, a, t0, t1, has_m))
+
+
+SegmentStep = Callable[[Params, dict[str, Any], Params, int, int], tuple[Tensor, Params, dict[str, Any]]]
+
+
+def run_segments(pb: MemoryProblem, state: dict[str, Any], step: SegmentStep) -> tuple[Tensor, dict[str, Any]]:
+    """The chunk loop every closed-form executor shares: ``step(params, opt, anchor, t0, t1)``
+    handles the span ``[t0, t1)`` of one chunk; the anchor moves (and ``stop`` / ``truncate:N``
+    cut the graph) at chunk starts, and the position within the chunk carries across calls."""
     stop = pb.grad.kind == "stop"
     params, opt, anchor = state["params"], state["opt"], state["anchor"]
     offset, chunks = state["offset"], state["chunks"]
-    has_m = "S" in opt
     ys = []
     for t0, t1 in segments(offset, pb.period, pb.q.shape[2]):
         if offset == 0:
@@ -92,28 +103,18 @@ def run_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str
                 params, opt = detach_tree(params), detach_tree(opt)
             anchor = params
             chunks += 1
-        y, params, opt = _segment(pb, params, opt, anchor, t0, t1, has_m)
+        y, params, opt = step(params, opt, anchor, t0, t1)
         ys.append(y)
         offset = (offset + t1 - t0) % pb.period
     new_state = {"params": params, "opt": opt, "anchor": anchor, "offset": offset, "chunks": chunks}
     return torch.cat(ys, dim=2), new_state
 
 
-def _segment(
-    pb: MemoryProblem, params: Params, opt: dict[str, Any], anchor: Params, t0: int, t1: int,
-    has_m: bool,
-) -> tuple[Tensor, Params, dict[str, Any]]:
+def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tuple[Params, Params]:
+    """Every layer's error signal ``dL/dz`` and input at the chunk-start state, for all of the
+    chunk's tokens in one batched pass: ``(deltas, inputs)`` keyed by weight name."""
     stop = pb.grad.kind == "stop"
-    create = pb.grad.create_graph
-    k, v, q = pb.k[:, :, t0:t1], pb.v[:, :, t0:t1], pb.q[:, :, t0:t1]
-    lr = _hp(pb, "lr", t0, t1, q)
-    decay = _hp(pb, "decay", t0, t1, q)
-    beta = _hp(pb, "beta", t0, t1, q) if has_m else None
-    if stop:
-        k, v, lr, decay = k.detach(), v.detach(), lr.detach(), decay.detach()
-        beta = beta.detach() if beta is not None else None
-
-    # 1. error signals and layer inputs at the chunk-start state, one batched pass
+    create = pb.grad.create_graph and not stop
     inputs: dict[str, Tensor] = {}
     outs: dict[str, Tensor] = {}
     with torch.enable_grad():
@@ -127,11 +128,27 @@ def _segment(
         src = detach_tree(anchor) if stop else anchor
         loss = pb.objective(pb.arch.apply(src, k, record), v).sum()
         names = [layer.weight for layer in pb.arch.layers]
-        deltas_t = torch.autograd.grad(loss, [outs[n] for n in names], create_graph=create and not stop)
-    deltas = dict(zip(names, deltas_t))
-    if not create or stop:
-        deltas = detach_tree(deltas)
-        inputs = detach_tree(inputs)
+        deltas = dict(zip(names, torch.autograd.grad(loss, [outs[n] for n in names], create_graph=create)))
+    if not create:
+        deltas, inputs = detach_tree(deltas), detach_tree(inputs)
+    return deltas, inputs
+
+
+def _segment(
+    pb: MemoryProblem, params: Params, opt: dict[str, Any], anchor: Params, t0: int, t1: int,
+    has_m: bool,
+) -> tuple[Tensor, Params, dict[str, Any]]:
+    stop = pb.grad.kind == "stop"
+    k, v, q = pb.k[:, :, t0:t1], pb.v[:, :, t0:t1], pb.q[:, :, t0:t1]
+    lr = _hp(pb, "lr", t0, t1, q)
+    decay = _hp(pb, "decay", t0, t1, q)
+    beta = _hp(pb, "beta", t0, t1, q) if has_m else None
+    if stop:
+        k, v, lr, decay = k.detach(), v.detach(), lr.detach(), decay.detach()
+        beta = beta.detach() if beta is not None else None
+
+    # 1. error signals and layer inputs at the chunk-start state, one batched pass
+    deltas, inputs = chunk_signals(pb, anchor, k, v)
 
     co = coefficients(lr, beta, decay)
     S = opt.get("S", {})
