@@ -354,3 +354,22 @@ def test_bad_settings_are_clear_errors(spec: Any, tmp_path: Path, kw: dict[str, 
 def test_synthetic_task_reports_accuracy(spec: Any, tmp_path: Path) -> None:
     s = train(spec, TrainConfig(task="mqar", steps=2, batch=4, seq_len=32, threads=1), tmp_path / "m")
     assert "accuracy" in s["train"] and "accuracy" in s["val"]
+
+
+def test_a_checkpoint_from_before_a_new_schema_default_still_matches() -> None:
+    """Fields added to the schema later (with defaults) do not orphan older checkpoints; a real
+    difference is still refused."""
+    import json as _json
+
+    from nestlearn.spec.loader import parse_spec as _parse
+    from nestlearn.train.checkpoint import Checkpoint, CheckpointError, check_spec, spec_data, spec_hash
+
+    spec = _parse(TINY.read_text(), "tiny.yaml")
+    old = spec_data(spec)
+    for lv in old["levels"].values():
+        lv.pop("read", None)  # as written before `read:` existed
+    ck = Checkpoint(Path("old.safetensors"), 1, "0" * 16, _json.dumps(old), {})
+    check_spec(ck, spec)
+    other = _parse(TINY.read_text(), "tiny.yaml", ["model.dim=64"])
+    with pytest.raises(CheckpointError):
+        check_spec(Checkpoint(Path("x"), 1, spec_hash(other), _json.dumps(spec_data(other)), {}), spec)

@@ -293,7 +293,7 @@ def load_checkpoint(path: str | Path, spec: Any = None) -> Checkpoint:
 
 def check_spec(ck: Checkpoint, spec: Any) -> None:
     mine = spec_hash(spec)
-    if ck.spec_hash == mine:
+    if ck.spec_hash == mine or _same_under_current_schema(ck.spec_json, spec):
         return
     diff = spec_diff(ck.spec_json, spec_json(spec))
     lines = [f"checkpoint {ck.path} was written by another spec ('{ck.spec_name}', hash {ck.spec_hash}; "
@@ -303,6 +303,16 @@ def check_spec(ck: Checkpoint, spec: Any) -> None:
     lines.append("  resume with the same spec, overrides and profile (the run directory keeps the result in spec.yaml), "
                  "or choose a new --out")
     raise CheckpointError("\n".join(lines))
+
+
+def _same_under_current_schema(stored_json: str, spec: Any) -> bool:
+    """A checkpoint written before the schema gained a field (with a default) describes the same
+    model: re-read its spec with today's schema and compare again."""
+    try:
+        again = type(spec).model_validate(json.loads(stored_json))
+    except Exception:  # noqa: BLE001 - any failure means "not the same spec"
+        return False
+    return spec_hash(again) == spec_hash(spec)
 
 
 def restore_model(model: torch.nn.Module, ck: Checkpoint) -> None:
