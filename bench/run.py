@@ -332,7 +332,8 @@ def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
     stack = specs.titans_stack(D, 4 if not small else 2, 4, 64 if not small else 16)
     for t in seqs:
         out.append(Case("titans-stack", "nestlearn", 1, t, lp, compiled_step(stack, 1, t, lp, dev)))
-    hope_variants = {"hope": {}, "hope-g64": {"gen_period": 64}, "hope-c64": {"period": 64, "gen_period": 64}}
+    # the shipped chunks (main 16, generators 64), both at 16 (the first session's HOPE), both at 64
+    hope_variants = {"hope": {}, "hope-c16": {"gen_period": 16}, "hope-c64": {"period": 64, "gen_period": 64}}
     for name, chunks in hope_variants.items():
         hope = specs.hope(D, 4 if not small else 2, 4, **chunks)
         if hope is None:
