@@ -107,3 +107,17 @@ def gpt_block_reference(x: Tensor, w: dict[str, Tensor], heads: int) -> Tensor:
     y = (att @ v).transpose(1, 2).reshape(b, t, d) @ w["wo"].T
     x = x + y
     return x + F.gelu(rms(x, w["n2"]) @ w["up"].T) @ w["down"].T
+
+
+def newton_schulz5(m: Tensor, steps: int = 5) -> Tensor:
+    """Muon's quintic Newton-Schulz iteration (K. Jordan et al. 2024), one matrix at a time:
+    X <- a X + (b A + c A^2) X with A = X X^T, on the wide orientation, from X = M / ||M||_F."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = m.shape[0] > m.shape[1]
+    x = m.T if tall else m
+    x = x / (torch.linalg.matrix_norm(x) + 1e-7)
+    for _ in range(steps):
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    x = x.T if tall else x
+    return x * math.sqrt(max(1.0, m.shape[0] / m.shape[1]))

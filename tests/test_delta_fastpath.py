@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -147,3 +149,23 @@ def test_float32_state_with_bf16_inputs():
     assert y.dtype == torch.bfloat16 and st["params"]["W"].dtype == torch.float32
     y_ref, _ = run_delta(_problem(q, k, v, hp), _state(pb, w0), chunk=8)
     assert (y.double() - y_ref).norm() / y_ref.norm() < 3e-2
+
+
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_the_level_chunk_reaches_the_fast_path(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``levels.<name>.chunk`` is the compute chunk the delta-rule fast path runs with."""
+    import nestlearn
+    import nestlearn.loops as loops
+
+    seen: list[int | None] = []
+    real = loops.run_delta
+
+    def spy(pb, state, chunk_arg=None):  # noqa: ANN001, ANN202
+        seen.append(chunk_arg)
+        return real(pb, state, chunk_arg)
+
+    monkeypatch.setattr(loops, "run_delta", spy)
+    spec = nestlearn.load_spec(Path(__file__).resolve().parents[1] / "specs" / "deltanet.yaml", overrides=["model.dim=16", "model.depth=1", "model.heads=2",
+                                                                 f"levels.memory.chunk={chunk}"])
+    nestlearn.compile(spec)(torch.randint(0, 256, (1, 40)))
+    assert seen == [chunk]

@@ -18,22 +18,10 @@ from nestlearn import objectives
 from nestlearn.loops import GradMode, MemoryProblem, init_state, run
 from nestlearn.memories import MLPMemory
 from nestlearn.spec.schema import M3Rule
+from tests import reference as ref
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def ns_plain(m: Tensor, steps: int) -> Tensor:
-    """Quintic Newton-Schulz of one matrix (Muon's coefficients), as published with Muon."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    tall = m.shape[0] > m.shape[1]
-    x = m.T if tall else m
-    x = x / (torch.linalg.matrix_norm(x) + 1e-7)
-    for _ in range(steps):
-        A = x @ x.T
-        x = a * x + (b * A + c * A @ A) @ x
-    x = x.T if tall else x
-    return x * max(1.0, m.shape[0] / m.shape[1]) ** 0.5
 
 
 def plain_m3(
@@ -53,7 +41,7 @@ def plain_m3(
         return x + p["W1"] @ F.gelu(p["W0"] @ x + p["b0"]) + p["bias1"]
 
     def ortho(x: Tensor) -> Tensor:
-        return ns_plain(x, ns_steps) if x.dim() == 2 else x
+        return ref.newton_schulz5(x, ns_steps) if x.dim() == 2 else x
 
     W = {("bias1" if n == "b1" else n): w.clone() for n, w in init.items()}
     M1 = {n: torch.zeros_like(w) for n, w in W.items()}

@@ -8,29 +8,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 import nestlearn
-from nestlearn.cli import app
 from nestlearn.spec.loader import profile_overrides, spec_json_schema
 from nestlearn.train import TrainConfig, train
 from nestlearn.train.checkpoint import spec_hash, spec_json
+from tests.cli_run import nl
 
 DATA = Path(__file__).parent / "data"
 SPEC = DATA / "profiles_tiny.yaml"
 BAD = DATA / "profiles_bad.yaml"
 PLAIN = DATA / "tiny_run.yaml"
 FAST = ["--steps", "2", "--batch", "2", "--seq-len", "16", "--threads", "1", "--eval-batches", "1"]
-runner = CliRunner()
 
 
-def nl(*args: object) -> tuple[int, str]:
-    res = runner.invoke(app, [str(a) for a in args])
-    out = res.output + (res.stderr if res.stderr_bytes is not None and res.stderr not in res.output else "")
-    assert "Traceback" not in out, out
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res.exit_code, out
 
 
 # ----------------------------------------------------------------------------- the Python API

@@ -24,6 +24,7 @@ from torch import Tensor
 
 import nestlearn
 from nestlearn.compile import compile_spec
+from tests import reference as ref
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -471,24 +472,10 @@ def test_optimizer_levels_reproduce_torch_optim(spec: str, make_opt) -> None:  #
     torch.testing.assert_close(y, merge_heads(torch.stack(reads, 2)) @ op.out.weight.T, **TOL)
 
 
-def newton_schulz5(m: Tensor, steps: int = 5) -> Tensor:
-    """Muon's quintic Newton-Schulz iteration (K. Jordan et al. 2024), one matrix at a time:
-    X <- a X + (b A + c A^2) X with A = X X^T, on the wide orientation, from X = M / ||M||_F."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    tall = m.shape[0] > m.shape[1]
-    x = m.T if tall else m
-    x = x / (torch.linalg.matrix_norm(x) + 1e-7)
-    for _ in range(steps):
-        A = x @ x.T
-        x = a * x + (b * A + c * A @ A) @ x
-    x = x.T if tall else x
-    return x * math.sqrt(max(1.0, m.shape[0] / m.shape[1]))
-
-
 def test_newton_schulz_reference_orthogonalises() -> None:
     """Sanity of the reference itself: singular values land near 1 (Muon's NS is approximate)."""
     m = rand(6, 6, seed=13)
-    s = torch.linalg.svdvals(newton_schulz5(m))
+    s = torch.linalg.svdvals(ref.newton_schulz5(m))
     assert s.min() > 0.6 and s.max() < 1.25
 
 
@@ -511,7 +498,7 @@ def test_muon_level_is_momentum_with_newton_schulz_output(period: int) -> None:
             anchor = W.clone()
         g = inner_grad(lambda p, z: mv(p["W"], z), {"W": anchor}, k[:, :, t], v[:, :, t])["W"]
         m = r.beta * m + g
-        W = W - r.lr * torch.stack([torch.stack([newton_schulz5(mh) for mh in mb]) for mb in m])
+        W = W - r.lr * torch.stack([torch.stack([ref.newton_schulz5(mh) for mh in mb]) for mb in m])
         reads.append(mv(W, q[:, :, t]))
     torch.testing.assert_close(y, merge_heads(torch.stack(reads, 2)) @ op.out.weight.T, **TOL)
     torch.testing.assert_close(state["mem"]["params"]["W"], W, **TOL)

@@ -14,24 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from nestlearn.cli import app
+from tests.cli_run import nl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(Path(__file__).parent / "data" / "tiny_run.yaml")
 HOPE = ROOT / "models" / "hope.yaml"
 FAST = ["--batch", "4", "--seq-len", "32", "--threads", "1", "-q"]
-runner = CliRunner()
 
 
-def nl(*args: str) -> tuple[int, str]:
-    res = runner.invoke(app, [str(a) for a in args])
-    out = res.output + (res.stderr if res.stderr_bytes is not None and res.stderr not in res.output else "")
-    assert "Traceback" not in out, out
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res.exit_code, out
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from nestlearn.compile.basic import CausalConv, Op
 from nestlearn.compile.hypers import Hypers
 from nestlearn.compile.levels import Level
 from nestlearn.loops import MemoryProblem, init_state, run
-from nestlearn.loops.common import GradMode, Params, detach_tree, hp_at
+from nestlearn.loops.common import GradMode, Params, detach_tree, hp_at, with_rule_constants
 from nestlearn.memories import LinearMemory, MemoryArch, MLPMemory
 from nestlearn.spec.schema import MemorySpec
 
@@ -94,7 +94,7 @@ class MemoryOp(Op):
         offset = mem_state["offset"] if mem_state is not None else 0
         hp, chunk_hp = self.hypers(rule.hypers, x, offset, period, state.get("chunk_hp"))
         pb = MemoryProblem(self.arch, rule, self.level.objective, q, k, v, hp, period, self.level.grad,
-                           self.level.name, self.level.read_start)
+                           self.level.name, self.level.read_start, self.level.spec.chunk)
         new: dict[str, Any] = {}
         if self.nest is None:
             y, mem_state = run(pb, mem_state, self.level.executor)
@@ -155,8 +155,7 @@ class NestedInit(nn.Module):
             phi = {n: p.unsqueeze(0).expand(b, *p.shape) for n, p in init.items()}
             nest = {"params": phi, "opt": rule.init(phi), "offset": 0, "chunks": 0, "grad": None}
         hp, nest_hp = self.hypers(rule.hypers, x, nest["offset"], c_s, nest_hp)
-        consts = {n: float(h) for n, h in rule.hypers.items() if isinstance(h, (int, float))}
-        hp = {**consts, **hp}
+        hp = with_rule_constants(rule, hp)
         phi, opt = nest["params"], nest["opt"]
         s_off, chunks, acc = nest["offset"], nest["chunks"], nest["grad"]
         f_off = mem_state["offset"] if mem_state is not None else 0

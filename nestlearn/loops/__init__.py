@@ -10,7 +10,7 @@ from torch import Tensor
 
 from nestlearn.loops import fla_backend, stats
 from nestlearn.loops.chunked import run_chunked
-from nestlearn.loops.common import GradMode, MemoryProblem, init_state
+from nestlearn.loops.common import GradMode, MemoryProblem, init_state, with_rule_constants
 from nestlearn.loops.delta import run_delta
 from nestlearn.loops.delta import supports as delta_supports
 from nestlearn.loops.dgd_dual import run_dgd_dual
@@ -29,34 +29,32 @@ def run(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "auto") -
     Under autocast (bf16 / fp16 activations) the inner loop itself runs in fp32: fast weights,
     their optimiser state and the chunk algebra (products of many decays, triangular solves)
     drift or overflow in half precision. fla's kernels keep their own mixed precision."""
+    hp = with_rule_constants(pb.rule, pb.hp)  # hyper-parameters missing from pb.hp: the rule's constants
+    if len(hp) != len(pb.hp):
+        pb = replace(pb, hp=hp)
+    use_fla = executor == "auto" and fla_backend.available(pb) and fla_backend.supports(pb)
     device = pb.q.device.type
-    if torch.is_autocast_enabled(device) and not (fla_backend.available(pb) and fla_backend.supports(pb)):
+    if torch.is_autocast_enabled(device) and not use_fla:
         with torch.autocast(device, enabled=False):
-            y, new_state = _dispatch(_fp32(pb), _fp32_tree(state), executor)
+            y, new_state = _dispatch(_fp32(pb), _fp32_tree(state), executor, use_fla)
     else:
-        y, new_state = _dispatch(pb, state, executor)
+        y, new_state = _dispatch(pb, state, executor, use_fla)
     if stats.active():
         stats.record(pb, state, new_state)
     return y, new_state
 
 
-def _dispatch(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "auto") -> tuple[Tensor, dict[str, Any]]:
-    """Run ``pb`` from ``state``. ``auto`` takes the closed form for linear rules and the
-    ``vmap(grad)`` + scan chunk executor otherwise; ``scan`` forces the latter.
-
-    Hyper-parameters missing from ``pb.hp`` take the rule's own constants."""
-    consts = {n: float(h) for n, h in pb.rule.hypers.items() if isinstance(h, (int, float))}
-    if any(n not in pb.hp for n in consts):
-        pb = replace(pb, hp={**consts, **pb.hp})
+def _dispatch(pb: MemoryProblem, state: dict[str, Any], executor: Executor, use_fla: bool,
+              ) -> tuple[Tensor, dict[str, Any]]:
+    """``auto``: fla's kernels or the chunk-parallel delta rule where the problem is exactly a
+    (gated) delta rule (compute chunk: the level's ``chunk:``, else 64), the DGD closed form,
+    the closed form for linear rules, else ``vmap(grad)`` + scan; ``scan`` forces the last."""
     if executor == "sequential":
         return run_sequential(pb, state)
-    # [bench/perf, issue 5] period-1 linear memory + l2 + sgd (no beta): the exact
-    # chunk-parallel (gated) delta rule; chunk size from the level's `chunk:` when the
-    # problem carries one (MemoryProblem.chunk), else 64.
-    if executor == "auto" and fla_backend.available(pb) and fla_backend.supports(pb):
-        return fla_backend.run_fla(pb, state, getattr(pb, "chunk", None))
+    if use_fla:
+        return fla_backend.run_fla(pb, state, pb.chunk)
     if executor == "auto" and delta_supports(pb):
-        return run_delta(pb, state, getattr(pb, "chunk", None))
+        return run_delta(pb, state, pb.chunk)
     if executor in ("auto", "chunked") and dgd_supports(pb):
         return run_dgd_dual(pb, state)
     if executor == "scan" or not pb.rule.linear:

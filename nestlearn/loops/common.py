@@ -53,7 +53,15 @@ class MemoryProblem:
     level: str = ""
     read_start: bool = False
     """Read every token with its chunk-start state (the level's ``read: chunk_start``)."""
+    chunk: int | None = None
+    """Compute chunk of a period-1 parallel form (the level's ``chunk:``); None: the executor's default."""
     """The level's name (for diagnostics: ``loops/stats.py``)."""
+
+
+def with_rule_constants(rule: Rule, hp: Mapping[str, Tensor | float]) -> dict[str, Tensor | float]:
+    """``hp`` with the rule's constant hyper-parameters filled in where ``hp`` has no value."""
+    consts = {n: float(h) for n, h in rule.hypers.items() if isinstance(h, (int, float))}
+    return {**consts, **hp}
 
 
 def hp_at(hp: Mapping[str, Tensor | float], sl: slice | int) -> dict[str, Tensor | float]:
