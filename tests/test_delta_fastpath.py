@@ -165,7 +165,8 @@ def test_the_level_chunk_reaches_the_fast_path(chunk: int, monkeypatch: pytest.M
         return real(pb, state, chunk_arg)
 
     monkeypatch.setattr(loops, "run_delta", spy)
-    spec = nestlearn.load_spec(Path(__file__).resolve().parents[1] / "specs" / "deltanet.yaml", overrides=["model.dim=16", "model.depth=1", "model.heads=2",
-                                                                 f"levels.memory.chunk={chunk}"])
+    path = Path(__file__).resolve().parents[1] / "specs" / "deltanet.yaml"
+    overrides = ["model.dim=16", "model.depth=1", "model.heads=2", f"levels.memory.chunk={chunk}"]
+    spec = nestlearn.load_spec(path, overrides=overrides)
     nestlearn.compile(spec)(torch.randint(0, 256, (1, 40)))
     assert seen == [chunk]
