@@ -17,11 +17,14 @@ so the chunk's errors solve one unit-lower-triangular system (the WY / UT transf
     (I + L) E = V - diag(gamma_{t-1}) K W0^T,   L[t,s] = (gamma_{t-1}/gamma_s) (k_t . k_s) beta_s, s < t
 
 and ``E = Tv - Tk W0^T`` with ``Tv = (I+L)^{-1} V`` and ``Tk = (I+L)^{-1} diag(gamma_prev) K``
-computed for every chunk at once. From chunk to chunk the weights follow an affine map
-``W -> W A_c + B_c``; its prefix compositions come from a log-depth (Hillis-Steele) scan of
-batched matmuls, so no Python loop runs over chunks. The reads are batched over all chunks:
+computed for every chunk at once (one triangular solve). From chunk to chunk only
 
-    Y = diag(gamma) Q W0^T + ((gamma_t/gamma_s) [s<=t] * Q K^T) (beta * E).
+    E_c = Tv_c - Tk_c W_c^T,     W_{c+1}^T = gamma_n W_c^T + (beta (gamma_n/gamma_s) k_s)^T E_c
+
+is sequential: two batched matmuls per chunk (``loops/chunk_scan.py``, with a hand-written
+reverse recurrence for the backward). The reads are batched over all chunks:
+
+    Y = diag(gamma) Q W_c^T + ((gamma_t/gamma_s) [s<=t] * Q K^T) (beta * E).
 
 Gate ratios come from log-space cumulative sums (``dual.segsum``). Computation is in float32
 at least (fp32 fast weights with bf16 activations); the carried weights stay in that dtype.
@@ -37,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nestlearn.loops.chunk_scan import scan
 from nestlearn.loops.common import MemoryProblem
-from nestlearn.loops.dual import segsum
+from nestlearn.loops.dual import identity, masks, segsum
 
 DEFAULT_CHUNK = 64
 
@@ -92,13 +96,13 @@ def delta_rule(
         beta = F.pad(beta, (0, pad))
         alpha = F.pad(alpha, (0, pad), value=1.0) if alpha is not None else None
     nc = (t + pad) // n
-    qc, kc, vc = (x.reshape(b, h, nc, n, x.shape[-1]) for x in (q, k, v))
-    bc = beta.reshape(b, h, nc, n)
-    tri_strict = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
-    tri = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(0)
+    # chunk-major layout [nc, N, n, d] (N = B*H): chunk c is one contiguous block for the scan
+    qc, kc, vc = (x.reshape(b * h, nc, n, x.shape[-1]).transpose(0, 1).contiguous() for x in (q, k, v))
+    bc = beta.reshape(b * h, nc, n).transpose(0, 1)
+    not_strict_lower, above = masks(n, q.device)
 
     if alpha is not None:
-        la = _log(alpha).reshape(b, h, nc, n)
+        la = _log(alpha).reshape(b * h, nc, n).transpose(0, 1)
         ratio = torch.exp(segsum(la))  # [.., t, s] = gamma_t / gamma_s for s <= t, else 0
         gamma = torch.exp(torch.cumsum(la, -1))  # [.., n]
         g_prev = torch.cat([torch.ones_like(gamma[..., :1]), gamma[..., :-1]], -1)
@@ -107,68 +111,37 @@ def delta_rule(
         ratio = ratio_prev = gamma = g_prev = None  # type: ignore[assignment]
 
     def solve(kk: Tensor, vv: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
-        gram = kk @ kk.transpose(-1, -2)  # [.., n, n]
-        lmat = gram * bb.unsqueeze(-2)
-        lmat = lmat * ratio_prev if ratio_prev is not None else lmat.masked_fill(~tri_strict, 0.0)
-        a = lmat + torch.eye(n, dtype=lmat.dtype, device=lmat.device)
+        """The WY / UT transform of every chunk at once: ``(I+L)^{-1} [V | diag(g_prev) K]``."""
+        lmat = (kk @ kk.transpose(-1, -2)) * bb.unsqueeze(-2)
+        lmat = lmat * ratio_prev if ratio_prev is not None else lmat.masked_fill(not_strict_lower, 0.0)
         kg = kk * g_prev.unsqueeze(-1) if g_prev is not None else kk
-        tv = torch.linalg.solve_triangular(a, vv, upper=False, unitriangular=True)
-        tk = torch.linalg.solve_triangular(a, kg, upper=False, unitriangular=True)
-        return tv, tk
-
-    if first_order:
-        with torch.no_grad():
-            tv, tk = solve(kc.detach(), vc.detach(), bc.detach())
-    else:
-        tv, tk = solve(kc, vc, bc)
+        rhs = torch.cat([vv, kg], -1)
+        sol = torch.linalg.solve_triangular(lmat + identity(n, lmat.dtype, lmat.device), rhs,
+                                            upper=False, unitriangular=True)
+        return sol[..., :dv].contiguous(), sol[..., dv:].contiguous()
 
     kr = kc.detach() if first_order else kc  # k inside the inner gradients
     kend = kr * ratio[..., -1, :].unsqueeze(-1) if ratio is not None else kr  # (gamma_n/gamma_s) k_s
-    # chunk to chunk the weights follow an affine map W -> W A_c + B_c (from E = tv - tk W^T):
-    #   A_c = gamma_n I - tk^T diag(beta) kend,   B_c = (beta * tv)^T kend
-    # (first_order: the inner-gradient part is constant, so A_c = gamma_n I and B_c carries E)
-    eye = torch.eye(dk, dtype=kc.dtype, device=kc.device)
-    g_end = gamma[..., -1, None, None] if gamma is not None else torch.ones_like(bc[..., :1, None])
-    kb = kend * bc.unsqueeze(-1)
-    if first_order:
+    kb = (kend * bc.unsqueeze(-1)).contiguous()
+    g_end = gamma[..., -1] if gamma is not None else None
+    s0 = w0.reshape(b * h, dv, dk).transpose(-1, -2)
+    if first_order:  # errors from the true recurrence, then held constant
         with torch.no_grad():
-            starts_c = _affine_states(g_end * eye - tk.transpose(-1, -2) @ kb,
-                                      (tv * bc.unsqueeze(-1)).transpose(-1, -2) @ kend, w0)[0]
-            e_all = tv - tk @ starts_c.transpose(-1, -2)
-        a_maps = g_end * eye
-        b_maps = (e_all * bc.unsqueeze(-1)).transpose(-1, -2) @ kend
+            tv, tk = solve(kc, vc, bc)
+            e_all = scan(tv, tk, kb, g_end, s0)[0]
+        e_all, states = scan(e_all, None, kb, g_end, s0)
     else:
-        a_maps = g_end * eye - tk.transpose(-1, -2) @ kb
-        b_maps = (tv * bc.unsqueeze(-1)).transpose(-1, -2) @ kend
-    w_starts, w = _affine_states(a_maps, b_maps, w0)
-    if not first_order:
-        e_all = tv - tk @ w_starts.transpose(-1, -2)  # [B,H,nc,n,dv]
-    u_all = e_all * bc.unsqueeze(-1)
+        tv, tk = solve(kc, vc, bc)
+        e_all, states = scan(tv, tk, kb, g_end, s0)
     scores = qc @ kr.transpose(-1, -2)
-    scores = scores * ratio if ratio is not None else scores.masked_fill(~tri, 0.0)
-    y = qc @ w_starts.transpose(-1, -2)
+    scores = scores * ratio if ratio is not None else scores.masked_fill(above, 0.0)
+    y = qc @ states[:-1]
     if gamma is not None:
         y = y * gamma.unsqueeze(-1)
-    y = y + scores @ u_all
-    y = y.reshape(b, h, nc * n, dv)[:, :, :t]
+    y = torch.baddbmm(y.flatten(0, 1), scores.flatten(0, 1), (e_all * bc.unsqueeze(-1)).flatten(0, 1))
+    y = y.view(nc, b, h, n, dv).permute(1, 2, 0, 3, 4).reshape(b, h, nc * n, dv)[:, :, :t]
+    w = states[-1].transpose(-1, -2).reshape(b, h, dv, dk)
     return y, w
-
-
-def _affine_states(a: Tensor, b: Tensor, w0: Tensor) -> tuple[Tensor, Tensor]:
-    """Chunk-start weights of ``W_{c+1} = W_c a_c + b_c`` (``a [.., nc, dk, dk]``, ``b [.., nc, dv, dk]``)
-    from ``w0``, and the final weights, by a Hillis-Steele scan of the affine maps: log2(nc)
-    rounds of batched matmuls instead of nc sequential steps."""
-    nc = a.shape[-3]
-    s = 1
-    while s < nc:  # inclusive prefix: (A, B)[i] = map_0 then ... then map_i
-        a_prev, b_prev = a[..., :-s, :, :], b[..., :-s, :, :]
-        a_cur, b_cur = a[..., s:, :, :], b[..., s:, :, :]
-        a = torch.cat([a[..., :s, :, :], a_prev @ a_cur], -3)
-        b = torch.cat([b[..., :s, :, :], b_prev @ a_cur + b_cur], -3)
-        s *= 2
-    ends = w0.unsqueeze(-3) @ a + b  # weights after chunk i
-    starts = torch.cat([w0.unsqueeze(-3), ends[..., :-1, :, :]], -3)
-    return starts, ends[..., -1, :, :]
 
 
 def run_delta(
