@@ -1,7 +1,8 @@
 """``python -m bench [--device cuda|cpu] [--small] [--only NAME,...] [--out FILE]``.
 
 Times forward+backward of the compiled specs and, in the same process, the peers that are
-importable (titans-pytorch, fla, torch SDPA); prints one table and writes JSON.
+importable (titans-pytorch, fla, torch SDPA, kmccleary3301 nested-learning's HOPEModel); prints one
+table and the targets/crossover report (bench/report.py) and writes JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 import torch
 
+from bench.report import report
 from bench.run import cases, time_case
 
 
@@ -65,15 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"\n# {meta['device']} · torch {meta['torch']} · {meta['date']}")
     print(table(rows))
+    targets = report(rows)
+    print("\n" + targets)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "rows": rows, "report": targets}, f, indent=1)
     return 0
 
 
 def _print_row(r: dict) -> None:
     tps = f"{r['tokens_per_s']:.4g}" if r.get("status") == "ok" else r.get("status")
-    print(f"  {r['name']:<16} {r['impl']:<15} {r['batch']}x{r['seq']:<6} {r['dtype']:<5} {tps} "
+    print(f"  {r['name']:<16} {r['impl']:<19} {r['batch']}x{r['seq']:<6} {r['dtype']:<5} {tps} "
           f"{r.get('error', '')}", flush=True)
 
 

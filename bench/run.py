@@ -244,6 +244,69 @@ def titans_pytorch_step(b: int, t: int, dev: torch.device) -> Callable[[], Step]
     return build
 
 
+def kmccleary_hope_config(dim: int = 512, depth: int = 4, n_cms: int | None = None) -> tuple[Any, str | None]:
+    """kmccleary3301 ``nested-learning`` 0.2.0's shipped ``configs/pilot.yaml`` (read from the
+    installed package; ``hope_hybrid`` blocks: attention, Titans memory MLP, chain of CMS MLPs) at
+    this width and depth with a byte vocabulary; ``n_cms`` keeps only its first CMS levels.
+    Returns the package's ``ModelConfig`` (built as its ``training.build_model_from_cfg`` does,
+    without needing omegaconf) and the pilot's autocast dtype (``train.mixed_precision``) or None."""
+    from importlib.resources import files
+
+    import yaml
+    from nested_learning.levels import LevelSpec
+    from nested_learning.model import ModelConfig
+
+    pilot = yaml.safe_load((files("nested_learning") / "configs" / "pilot.yaml").read_text())
+    m = dict(pilot["model"])
+    m.update(vocab_size=256, dim=dim, num_layers=depth)
+    m["titan_level"] = LevelSpec(**m["titan_level"])
+    m["cms_levels"] = [LevelSpec(**lv) for lv in m["cms_levels"][:n_cms]]
+    mp = pilot.get("train", {}).get("mixed_precision") or {}
+    return ModelConfig(**m), (str(mp.get("dtype", "bf16")) if mp.get("enabled") else None)
+
+
+def kmccleary_hope_params(dim: int = 512, depth: int = 4, n_cms: int | None = None) -> int:
+    """Parameter count (the tied embedding / LM head once), built on the meta device."""
+    from nested_learning.model import HOPEModel
+
+    with torch.device("meta"):
+        model = HOPEModel(kmccleary_hope_config(dim, depth, n_cms)[0])
+    return sum(p.numel() for p in model.parameters())
+
+
+def kmccleary_hope_step(b: int, t: int, dev: torch.device, dim: int = 512, depth: int = 4,
+                        n_cms: int | None = None) -> Callable[[], Step]:
+    """One plain forward+backward of the LM loss of its ``HOPEModel``: ``model(tokens)`` with no
+    teach signal, which runs attention, Titans memory and CMS as fixed layers and applies none
+    of its online (test-time) updates (those need ``teach_signal(s)=``, a second forward that
+    its training loop runs after ``loss.backward()``), so this is a lower bound on its training
+    step. fp32 weights under bf16 autocast on CUDA, as the pilot's ``train.mixed_precision``;
+    plain fp32 on CPU."""
+    def build() -> Step:
+        from nested_learning.model import HOPEModel
+
+        cfg, amp = kmccleary_hope_config(dim, depth, n_cms)
+        torch.manual_seed(0)
+        model = HOPEModel(cfg).to(dev).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        x = torch.randint(0, cfg.vocab_size, (b, t + 1), device=dev)
+        inp, tgt = x[:, :-1], x[:, 1:]
+        amp_dt = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                  "float16": torch.float16}[amp] if amp is not None and dev.type == "cuda" else None
+
+        def step() -> None:
+            for p in params:
+                p.grad = None
+            with torch.autocast("cuda", dtype=amp_dt) if amp_dt is not None else contextlib.nullcontext():
+                logits = model(inp)
+                loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
+            loss.backward()
+
+        return step
+
+    return build
+
+
 def sdpa_step(b: int, t: int, h: int, d: int, dev: torch.device) -> Callable[[], Step]:
     def build() -> Step:
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -298,8 +361,9 @@ def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
     D = 512 if not small else 64
     out: list[Case] = []
     titans_sizes = [(8, 2048), (4, 8192), (1, 65536)] if not small else [(2, 128)]
-    gpt_sizes = [(8, 2048), (1, 16384), (1, 65536)] if not small else [(2, 128)]
     seqs = [2048, 8192, 16384, 32768, 65536] if not small else [128, 512]
+    # batch 1 at every length of the HOPE rows, for bench/report.py's HOPE/GPT ratios and crossover
+    gpt_sizes = [(8, 2048)] + [(1, t) for t in seqs] if not small else [(2, 128), (1, 128)]
     tm = specs.titans_memory(D, 4, 64 if not small else 16)
     for b, t in titans_sizes:
         out.append(Case("titans-memory", "nestlearn", b, t, "fp32", compiled_step(tm, b, t, "fp32", dev)))
@@ -341,6 +405,21 @@ def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
         for t in seqs[:1] if small else seqs:
             out.append(Case(name, "nestlearn", 1, t, lp, compiled_step(hope, 1, t, lp, dev),
                             note=", ".join(f"{k}={v}" for k, v in chunks.items())))
+    if importable("nested_learning.model"):  # the peer HOPE (kmccleary3301 nested-learning 0.2.0)
+        kd, kl = (D, 4) if not small else (D, 2)
+        k_sizes = [(8, 2048), (1, 2048), (1, 16384), (1, 65536)] if not small else [(1, 128)]
+        # "kmccleary-hope": pilot.yaml as shipped (4 CMS levels); "kmccleary-hope-3cms": its first 3
+        # CMS levels, the 71.5M-parameter model of the design brief's bar (dim 512, 4 layers)
+        for impl, n_cms in (("kmccleary-hope", None), ("kmccleary-hope-3cms", 3)):
+            n = kmccleary_hope_params(kd, kl, n_cms)
+            kdt = "bf16" if gpu else "fp32"
+            note = (f"nested-learning 0.2.0 HOPEModel, configs/pilot.yaml at dim {kd}, {kl} layers, vocab 256"
+                    f"{', first 3 CMS levels' if n_cms else ''}, {n / 1e6:.1f}M params; plain fwd+bwd of the "
+                    f"LM loss, no teach signal (no online updates); "
+                    + ("fp32 weights, bf16 autocast (pilot train.mixed_precision)" if gpu else "fp32"))
+            for b, t in k_sizes:
+                out.append(Case("hope", impl, b, t, kdt, kmccleary_hope_step(b, t, dev, kd, kl, n_cms),
+                                note=note, extra={"params": n}))
     if gpu:  # the same steps replayed from a CUDA graph
         for c in list(out):
             graphable = ("titans-memory", "deltanet", "titans-stack", "gpt", *hope_variants)
