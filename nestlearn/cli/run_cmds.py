@@ -389,6 +389,10 @@ def run_cmd(
     compile_: Optional[bool] = typer.Option(
         None, "--compile/--no-compile",
         help="torch.compile all but the inner loops (they stay eager); no faster on a CPU."),
+    cuda_graph: Optional[bool] = typer.Option(
+        None, "--cuda-graph/--no-cuda-graph",
+        help="CUDA only: capture each step's forward + backward in a CUDA graph and replay it "
+             "(far fewer kernel launches; evaluation and stats steps run eagerly)."),
     seed: Optional[str] = typer.Option(None, "--seed", metavar="N", help="Seed of the weights and the data (default 0)."),
     threads: Optional[str] = typer.Option(None, "--threads", metavar="N", help="CPU threads for torch."),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic algorithms only."),
@@ -422,7 +426,8 @@ def run_cmd(
             "accum": _int("--accum", accum),
             "device": _choice("--device", device, ("auto", "cpu", "cuda")),
             "precision": _choice("--precision", precision, ("auto", "fp32", "bf16", "fp16")),
-            "compile": compile_, "seed": _int("--seed", seed, lo=0), "deterministic": deterministic,
+            "compile": compile_, "cuda_graph": cuda_graph,
+            "seed": _int("--seed", seed, lo=0), "deterministic": deterministic,
             "threads": _int("--threads", threads),
             "carry_state": carry_state, "eval_every": _int("--eval-every", eval_every),
             "eval_batches": _int("--eval-batches", eval_batches), "ckpt_every": _int("--ckpt-every", ckpt_every),

@@ -38,6 +38,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
+    cuda_graph: bool = False
+    """Capture each step's forward + loss + backward in a CUDA graph and replay it (CUDA only)."""
     seed: int = 0
     threads: int | None = None
     """CPU threads for torch (default: torch's choice; 1 is often fastest for tiny models)."""
@@ -75,6 +77,12 @@ class TrainConfig:
         need(self.device in DEVICES, "--device", self.device, f"must be one of {', '.join(DEVICES)}")
         need(self.precision in PRECISIONS, "--precision", self.precision,
              f"must be one of {', '.join(PRECISIONS)}")
+        if self.cuda_graph and self.compile:
+            raise TrainError("--cuda-graph: cannot be combined with --compile; use one of them (on a GPU, "
+                             "--cuda-graph removes the kernel-launch overhead that dominates a step)")
+        if self.cuda_graph and self.carry_state:
+            raise TrainError("--cuda-graph: cannot be combined with --carry-state (the carried state would be a "
+                             "new input of the captured step at every batch); use one of them")
         if self.batch % self.accum:
             raise TrainError(f"--accum: the batch of {self.batch} rows cannot be split into {self.accum} "
                              "equal micro-batches; choose an --accum that divides --batch")

@@ -48,6 +48,8 @@ from nestlearn.train.checkpoint import (
 )
 from nestlearn.train.compiling import Compiled, compile_model
 from nestlearn.train.config import DEFAULT_STEPS, TrainConfig
+from nestlearn.train.cuda_graph import NOTE as CUDA_GRAPH_NOTE
+from nestlearn.train.cuda_graph import CaptureFailed, GraphedStep, check_supported
 from nestlearn.train.errors import DivergedError, TrainError
 from nestlearn.train.metrics import TIMING_KEYS, MetricsLog, first_nonfinite, trace_nonfinite
 from nestlearn.train.rundir import RunDir
@@ -234,6 +236,7 @@ class Trainer:
         cfg.check()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        check_supported(cfg.cuda_graph, cfg.device, D.env_world())
         device = resolve_device(cfg.device)
         self.dist = D.init_distributed(device.type == "cuda")
         if device.type == "cuda" and self.dist.enabled:
@@ -279,6 +282,10 @@ class Trainer:
         if cfg.compile:
             self.compiled = compile_model(self.model, self.fwd)
             self.fwd = self.compiled.fwd
+        self.graphed: GraphedStep | None = None
+        if cfg.cuda_graph:  # captured at the first step that uses it (TrainConfig.check refuses --compile)
+            self.graphed = GraphedStep(self.model, self.amp_dtype, scaled=self.scaler is not None)
+        self._graph_said: set[str] = set()
         self.eval_set = self.task.eval_batches(cfg.batch, cfg.seq_len, cfg.eval_batches, cfg.seed)
 
     def _has_unused(self) -> bool:
@@ -351,6 +358,50 @@ class Trainer:
             self.carry[i] = new_state
         return torch.stack([ce_sum.detach(), correct]), new_state
 
+    def _graph_scale(self) -> Tensor | None:
+        """The GradScaler's current scale as a device scalar (no host sync), or None without one."""
+        if self.scaler is None:
+            return None
+        return self.scaler.scale(torch.ones((), device=self.device))
+
+    def _graph_once(self, key: str, text: str) -> None:
+        if key not in self._graph_said:
+            self._graph_said.add(key)
+            self.reporter.message(text)
+
+    def _graph_this_step(self, step: int, log: bool, local: Batch, n_tok: float) -> bool:
+        """Does this step replay the CUDA graph (capturing it first if need be)? No (eager) when
+        there is none, when the step records per-level stats (an evaluation step or the last
+        one that is also a log step), or when its micro-batches' shape is not the captured one."""
+        g = self.graphed
+        if g is None:
+            return False
+        done = step + 1
+        if log and (done % self.eval_every == 0 or done == self.total):
+            return False
+        first = local.split(self.config.accum)[0]
+        if not g.fits(first):
+            self._graph_once("shape", f"--cuda-graph: step {done}'s micro-batch has shape {list(first.inputs.shape)}, "
+                                      "not the captured one; such steps run eagerly")
+            return False
+        if g.captured:
+            return True
+        try:
+            g.capture(first.to(self.device, non_blocking=True), self.dist.world / n_tok, self._graph_scale())
+        except CaptureFailed as e:
+            self.graphed = None
+            self.reporter.message(f"--cuda-graph: capturing the training step in a CUDA graph failed ({e}); "
+                                  "continuing without it (the results are the same, only slower)")
+            return False
+        return True
+
+    def _graphed_micro(self, mb: Batch, n_tok: float, i: int) -> tuple[Tensor, Any]:
+        """``_micro`` by replaying the captured graph; the gradients are summed into ``.grad``."""
+        assert self.graphed is not None
+        out, state = self.graphed.run(mb, self.dist.world / n_tok, self._graph_scale())
+        self.graphed.install_grads(i, self.config.accum)
+        return out, state
+
     def is_log_step(self, step: int) -> bool:
         """Is ``step`` (0-based) one whose record goes to metrics.jsonl?"""
         return (step + 1) % self.config.log_every == 0 or step + 1 == self.total
@@ -385,13 +436,19 @@ class Trainer:
         sums = torch.zeros(2, device=self.device)
         states = []
         log = self.is_log_step(step)
+        graphed = self._graph_this_step(step, log, local, n_tok)
         # at log steps the inner loops also record each level's inner loss and update norm
-        # (one extra no-grad objective evaluation per memory); other steps record nothing
+        # (one extra no-grad objective evaluation per memory); other steps record nothing.
+        # A replayed CUDA graph records nothing: under --cuda-graph only eager steps record.
         recording: AbstractContextManager[dict[str, dict[str, list[Tensor]]]] = (
-            inner_stats.collect() if log else nullcontext({}))
+            inner_stats.collect() if log and not graphed else nullcontext({}))
         with recording as collected:
             for i, mb in enumerate(local.split(cfg.accum)):
-                s, st = self._micro(mb.to(self.device, non_blocking=True), n_tok, i, sync=i == cfg.accum - 1)
+                mb = mb.to(self.device, non_blocking=True)
+                if graphed:
+                    s, st = self._graphed_micro(mb, n_tok, i)
+                else:
+                    s, st = self._micro(mb, n_tok, i, sync=i == cfg.accum - 1)
                 sums += s
                 states.append(st)
         if self.scaler is not None:
@@ -531,6 +588,8 @@ class Trainer:
         })
         if self.compiled is not None:
             self.reporter.message(self.compiled.note)
+        if self.graphed is not None:
+            self.reporter.message(CUDA_GRAPH_NOTE)
         if start >= self.total:
             self.reporter.message(f"the run is already complete at step {start} of {self.total}; "
                                   "nothing to do (raise --steps to train longer)")

@@ -1,0 +1,344 @@
+"""``nestlearn run --cuda-graph``: the training step captured in a CUDA graph and replayed.
+
+CPU (always): the flag's errors (no CUDA device, --compile, --carry-state, torchrun), its
+plumbing through the config and ``--resume``, and the trainer's use of ``GraphedStep`` with
+``torch.cuda``'s graph API replaced by an emulation (a "replay" recomputes the captured body
+and writes the results into the captured tensors, as a real replay does).
+
+GPU (skipped without CUDA): real capture and replay give the same gradients and losses as eager
+execution in fp32, with and without gradient accumulation, for the tiny Titans-like spec and a
+tiny HOPE; a CLI run with the flag (bf16) completes, writes its metrics and resumes.
+
+    python -m pytest -q tests/test_cuda_graph.py        # on a machine with a GPU: all of them
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nestlearn
+from nestlearn.tasks import Batch
+from nestlearn.train import TrainConfig, Trainer, TrainError, read_metrics
+from nestlearn.train import cuda_graph as cg
+from nestlearn.train.cuda_graph import GraphedStep, check_supported
+from nestlearn.train.loop import build_model
+from tests.cli_run import nl
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = Path(__file__).parent / "data" / "tiny_run.yaml"
+HOPE = ROOT / "models" / "hope.yaml"
+FAST = ["--batch", "4", "--seq-len", "32", "--threads", "1", "-q"]
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _specs() -> list[Any]:
+    out = [pytest.param(TINY, [], id="tiny-titans")]
+    if HOPE.exists():
+        out.append(pytest.param(HOPE, ["model.dim=32", "model.depth=1"], id="tiny-hope"))
+    return out
+
+
+def _train_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+
+
+def _grad_norms(run: Path) -> list[float]:
+    """(Adam hides a wrong gradient scale from the losses; the gradient norm shows it.)"""
+    return [r["grad_norm"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+
+
+# ----------------------------------------------------------------------------- CPU: errors and plumbing
+
+
+def test_cuda_graph_on_cpu_is_one_clear_error(tmp_path: Path) -> None:
+    code, out = nl("run", TINY, "--device", "cpu", "--cuda-graph", "--steps", "2", *FAST, "--out", tmp_path / "r")
+    assert code == 1, out
+    assert "error: --cuda-graph:" in out and "CUDA device" in out, out
+    assert len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "r" / "metrics.jsonl").exists() and not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("other", ["--compile", "--carry-state"])
+def test_cuda_graph_refuses_compile_and_carry_state(tmp_path: Path, other: str) -> None:
+    code, out = nl("run", TINY, "--device", "cpu", "--cuda-graph", other, "--steps", "2", *FAST,
+                   "--out", tmp_path / "r")
+    assert code == 1, out
+    assert "--cuda-graph" in out and other in out and "use one of them" in out, out
+
+
+def test_check_supported() -> None:
+    check_supported(False, "cpu", 4, cuda_available=False)  # the flag off: nothing to check
+    check_supported(True, "auto", 1, cuda_available=True)
+    check_supported(True, "cuda", 1, cuda_available=True)
+    for device, cuda in (("cpu", True), ("auto", False), ("cuda", False)):
+        with pytest.raises(TrainError, match="--cuda-graph: CUDA graphs need a CUDA device"):
+            check_supported(True, device, 1, cuda_available=cuda)
+    with pytest.raises(TrainError, match="--cuda-graph: not supported with several processes"):
+        check_supported(True, "auto", 2, cuda_available=True)
+
+
+def test_config_plumbing(tmp_path: Path) -> None:
+    from nestlearn.cli.run_cmds import _resolve_config
+
+    assert TrainConfig().cuda_graph is False
+    cfg = TrainConfig(cuda_graph=True)
+    cfg.check()
+    assert TrainConfig.from_dict(cfg.to_dict()).cuda_graph is True
+    old = {k: v for k, v in cfg.to_dict().items() if k != "cuda_graph"}  # a config.json from before the flag
+    assert TrainConfig.from_dict(old).cuda_graph is False
+    _, config, _, _, _ = _resolve_config(str(TINY), [], False, str(tmp_path / "r"), {"cuda_graph": True})
+    assert config.cuda_graph is True
+
+
+def test_resume_a_cuda_graph_run_on_cpu_with_no_cuda_graph(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    code, out = nl("run", TINY, "--device", "cpu", "--steps", "2", *FAST, "--out", run)
+    assert code == 0, out
+    path = run / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "cuda_graph": True}))  # as if run on a GPU
+    code, out = nl("run", run, "--resume", "--steps", "3")
+    assert code == 1 and "--cuda-graph" in out and "--no-cuda-graph" in out, out
+    code, out = nl("run", run, "--resume", "--steps", "3", "--no-cuda-graph", "-q")
+    assert code == 0, out
+    assert json.loads((run / "summary.json").read_text())["step"] == 3
+    assert json.loads(path.read_text())["cuda_graph"] is False
+
+
+# ----------------------------------------------------------------------------- CPU: the trainer, graph API emulated
+
+
+_REAL_BODY = GraphedStep._body
+
+
+class _FakeStream:
+    def __init__(self, device: Any = None) -> None:
+        pass
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+
+class _FakeGraph:
+    """``torch.cuda.CUDAGraph`` stand-in: ``replay`` reruns the captured step's body with no
+    gradients and copies every result into the tensors the capture produced."""
+
+    capturing: _FakeGraph | None = None
+
+    def __init__(self) -> None:
+        self.step: GraphedStep | None = None
+
+    def replay(self) -> None:
+        step = self.step
+        assert step is not None and step._out is not None
+        held = [p.grad for p in step.params]
+        for p in step.params:
+            p.grad = None
+        out, state = _REAL_BODY(step)
+        step._out.copy_(out)
+        leaves = torch.utils._pytree.tree_leaves
+        for a, b in zip(leaves(step._state), leaves(state), strict=True):
+            if isinstance(a, torch.Tensor) and not any(s == 0 for s in a.stride()):  # not broadcast views
+                a.copy_(b)
+        for p, g in zip(step.params, step._grads, strict=True):
+            if g is not None:
+                g.copy_(p.grad)
+        for p, h in zip(step.params, held, strict=True):
+            p.grad = h
+
+
+@contextlib.contextmanager
+def _fake_capture(graph: _FakeGraph) -> Iterator[None]:
+    _FakeGraph.capturing = graph
+    try:
+        yield
+    finally:
+        _FakeGraph.capturing = None
+
+
+def _recording_body(self: GraphedStep) -> Any:
+    if _FakeGraph.capturing is not None:
+        _FakeGraph.capturing.step = self
+    return _REAL_BODY(self)
+
+
+@pytest.fixture
+def emulated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _fake_capture)
+    monkeypatch.setattr(GraphedStep, "_body", _recording_body)
+    monkeypatch.setattr("nestlearn.train.loop.check_supported", lambda *a, **k: None)
+
+
+class _Messages:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def start(self, info: dict[str, Any]) -> None:
+        pass
+
+    def step(self, record: dict[str, Any]) -> None:
+        pass
+
+    def eval(self, record: dict[str, Any]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+    def end(self, summary: dict[str, Any]) -> None:
+        pass
+
+
+def _fit(spec: Any, out: Path, **kw: Any) -> tuple[Trainer, _Messages]:
+    msgs = _Messages()
+    cfg = TrainConfig(**{"steps": 6, "eval_every": 3, "eval_batches": 1, "batch": 4, "seq_len": 32, "seed": 0, **kw})
+    trainer = Trainer(spec, cfg, out, reporter=msgs)
+    trainer.fit()
+    return trainer, msgs
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize(("path", "overrides"), _specs())
+def test_trainer_replays_the_graph_with_eager_results(emulated: None, tmp_path: Path, path: Path,
+                                                      overrides: list[str], accum: int) -> None:
+    spec = nestlearn.load_spec(path, overrides)
+    _fit(spec, tmp_path / "eager", device="cpu", threads=1, accum=accum)
+    trainer, msgs = _fit(spec, tmp_path / "graph", device="cpu", threads=1, accum=accum, cuda_graph=True)
+    assert trainer.graphed is not None and trainer.graphed.captured
+    # steps 3 and 6 (evaluation / last, logged) run eagerly to record the level stats
+    assert trainer.graphed.replays == 4 * accum
+    assert msgs.lines == [cg.NOTE]
+    eager, graph = _train_losses(tmp_path / "eager"), _train_losses(tmp_path / "graph")
+    assert len(graph) == 6
+    assert graph == pytest.approx(eager, rel=1e-6, abs=1e-7)
+    assert _grad_norms(tmp_path / "graph") == pytest.approx(_grad_norms(tmp_path / "eager"), rel=1e-6, abs=1e-7)
+    recs = [r for r in read_metrics(tmp_path / "graph" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in recs if "levels" in r] == [3, 6]
+    assert (tmp_path / "graph" / "checkpoints" / "last.safetensors").exists()
+
+
+def test_graphed_step_fits_and_install_grads(emulated: None) -> None:
+    torch.manual_seed(0)
+    model = build_model(nestlearn.load_spec(TINY))
+    step = GraphedStep(model, None, scaled=False, warmup=1)
+    full = torch.randint(0, 256, (4, 17))
+    mb = Batch.from_sequences(full)
+    assert step.fits(mb)  # anything fits before the capture
+    step.capture(mb, 1.0 / 16)
+    assert step.fits(mb) and not step.fits(Batch.from_sequences(full[:2]))
+    assert all(p.grad is None for p in step.params)  # warm-up and capture leave no gradient behind
+    with pytest.raises(ValueError, match="does not fit"):
+        step.run(Batch.from_sequences(full[:, :9]), 1.0)
+    # eager reference: two micro-batches accumulated by autograd
+    halves = [Batch.from_sequences(full[:2]), Batch.from_sequences(full[2:])]
+    ref_step = GraphedStep(model, None, scaled=False, warmup=0)  # only to reuse _body's arithmetic
+    for h in halves:
+        ref_step._load(h, 1.0 / 32, None)
+        _REAL_BODY(ref_step)
+    ref = [p.grad.clone() if p.grad is not None else None for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    two = GraphedStep(model, None, scaled=False, warmup=1)
+    for i, h in enumerate(halves):
+        two.run(h, 1.0 / 32)
+        two.install_grads(i, 2)
+        if i == 0:
+            assert all(p.grad is None for p in two.params)  # the sum is installed after the last one
+    for p, r in zip(two.params, ref, strict=True):
+        if r is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, r, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- GPU: real capture
+
+
+def _eager_grads(model: torch.nn.Module, mb: Batch, factor: float) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(mb.inputs, None)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), mb.targets.flatten(), reduction="none")
+    ce_sum = (ce * mb.mask.flatten()).sum()
+    (ce_sum * factor).backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return ce_sum.detach(), grads
+
+
+@needs_cuda
+def test_gpu_replay_gives_eager_gradients_on_new_data() -> None:
+    torch.manual_seed(0)
+    model = build_model(nestlearn.load_spec(TINY)).cuda()
+    g = torch.Generator().manual_seed(1)
+    batches = [Batch.from_sequences(torch.randint(0, 256, (4, 33), generator=g)).to("cuda") for _ in range(3)]
+    step = GraphedStep(model, None, scaled=False)
+    for mb in [*batches, batches[0]]:  # new data each replay, then the first batch again
+        out, _ = step.run(mb, 1.0 / 128)
+        step.install_grads(0, 1)
+        got_loss = out[0].clone()
+        got = [None if p.grad is None else p.grad.clone() for p in step.params]
+        loss, want = _eager_grads(model, mb, 1.0 / 128)
+        torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got, want, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # fresh each replay, not accumulated
+    assert step.replays == 4
+
+
+@needs_cuda
+@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize(("path", "overrides"), _specs())
+def test_gpu_training_with_cuda_graph_matches_eager(tmp_path: Path, path: Path, overrides: list[str],
+                                                    accum: int) -> None:
+    spec = nestlearn.load_spec(path, overrides)
+    kw = {"device": "cuda", "precision": "fp32", "accum": accum}
+    _fit(spec, tmp_path / "eager", **kw)
+    trainer, msgs = _fit(spec, tmp_path / "graph", cuda_graph=True, **kw)
+    assert not any("failed" in m for m in msgs.lines), msgs.lines
+    assert trainer.graphed is not None and trainer.graphed.replays == 4 * accum
+    eager, graph = _train_losses(tmp_path / "eager"), _train_losses(tmp_path / "graph")
+    assert len(graph) == 6 and all(math.isfinite(x) for x in graph)
+    assert graph == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    assert _grad_norms(tmp_path / "graph") == pytest.approx(_grad_norms(tmp_path / "eager"), rel=1e-4, abs=1e-6)
+
+
+@needs_cuda
+def test_gpu_fp16_with_grad_scaler_trains(tmp_path: Path) -> None:
+    spec = nestlearn.load_spec(TINY)
+    _fit(spec, tmp_path / "eager", device="cuda", precision="fp16")
+    trainer, msgs = _fit(spec, tmp_path / "graph", device="cuda", precision="fp16", cuda_graph=True)
+    assert not any("failed" in m for m in msgs.lines), msgs.lines
+    assert trainer.graphed is not None and trainer.graphed.replays == 4
+    assert _train_losses(tmp_path / "graph") == pytest.approx(_train_losses(tmp_path / "eager"), rel=1e-3, abs=1e-3)
+
+
+@needs_cuda
+def test_gpu_cli_run_with_cuda_graph_writes_metrics_and_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    args = ["--batch", "4", "--seq-len", "64", "--eval-every", "6", "--eval-batches", "1"]
+    code, out = nl("run", TINY, "--steps", "12", "--cuda-graph", *args, "--out", run)  # bf16 by default on CUDA
+    assert code == 0, out
+    assert out.count("--cuda-graph: each step's forward") == 1 and "failed" not in out, out
+    recs = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in recs] == list(range(1, 13))
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in recs)
+    assert [r["step"] for r in recs if "levels" in r] == [6, 12]  # the eager (evaluation) steps
+    assert json.loads((run / "config.json").read_text())["cuda_graph"] is True
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "done" and s["train"]["loss"] < s["first_loss"]
+    code, out = nl("run", run, "--resume", "--steps", "14", "-q")  # a new process would capture anew
+    assert code == 0, out
+    assert json.loads((run / "summary.json").read_text())["step"] == 14
