@@ -16,22 +16,25 @@ input ``x'_t`` is therefore (the dual form, an attention-like masked matmul)
     W_t x'_t = a_t W x'_t + s_t S x'_t + sum_s c_{ts} (x_s . x'_t) delta_s
 
 and the chunk-end weights need one matmul per layer: no weight copy per token is ever
-materialised. The sequential reference is ``rules/momentum.py`` stepped by
-``loops/sequential.py``.
+materialised. The coefficients of every chunk of a call are computed at once (they depend
+on the gates only), so each chunk dispatches just its matmuls and their element-wise glue.
+The sequential reference is ``rules/momentum.py`` stepped by ``loops/sequential.py``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from nestlearn.loops.chunked import segments
-from nestlearn.loops.common import MemoryProblem, Params, detach_tree, weighted_outer, weighted_sum
+from nestlearn.loops.common import MemoryProblem, Params, detach_tree, weighted_sum
 from nestlearn.memories.base import plain_lin
+from nestlearn.objectives import BUILTIN, error_signal
 
 
 def segsum(x: Tensor) -> Tensor:
@@ -81,12 +84,55 @@ def coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor) -> dict[str, Te
     }
 
 
+def chunk_coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor, sizes: list[int]) -> list[dict[str, Tensor]]:
+    """``coefficients`` of consecutive spans of ``sizes`` tokens of the ``[B, H, T]`` gates, in
+    the shapes ``_segment`` uses them: computed once per run of equal-length spans (every full
+    chunk at once), not once per chunk, then unbound into one dict per span."""
+    runs = [(n, len(list(g))) for n, g in itertools.groupby(sizes)]
+    gates = [g for g in (lr, beta, decay) if g is not None]
+    pieces = zip(*(_split(g, [n * m for n, m in runs], -1) for g in gates))
+    out: list[dict[str, Tensor]] = []
+    for (n, m), piece in zip(runs, pieces):
+        lr_r, *beta_r, decay_r = (g.unflatten(-1, (m, n)) for g in piece)  # [B, H, m, n]
+        co = coefficients(lr_r, beta_r[0] if beta_r else None, decay_r)
+        shaped = {"a": co["a"].unsqueeze(-1), "c": co["c"], "c_end": co["c"][..., -1, :].unsqueeze(-1),
+                  "a_end": co["a"][..., -1, None, None]}
+        if "s" in co:
+            shaped.update(s=co["s"].unsqueeze(-1), s_end=co["s"][..., -1, None, None],
+                          mc=co["mc"].unsqueeze(-1), mb=co["mb"][..., None, None])
+        out.extend(dict(zip(shaped, ts)) for ts in zip(*(t.unbind(2) for t in shaped.values())))
+    return out
+
+
 def run_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
     has_m = "S" in state["opt"]
-    return run_segments(pb, state, lambda p, o, a, t0, t1: _segment(pb, p, o, a, t0, t1, has_m))
+    spans = list(segments(state["offset"], pb.period, pb.q.shape[2]))
+    parts = dict(zip([t0 for t0, _ in spans], _chunk_inputs(pb, [t1 - t0 for t0, t1 in spans], has_m)))
+    return run_segments(pb, state, lambda p, o, a, t0, t1: _segment(pb, p, o, a, parts[t0], has_m))
 
 
 SegmentStep = Callable[[Params, dict[str, Any], Params, int, int], tuple[Tensor, Params, dict[str, Any]]]
+ChunkInputs = tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]
+
+
+def _chunk_inputs(pb: MemoryProblem, sizes: list[int], has_m: bool) -> Iterator[ChunkInputs]:
+    """Every span's ``(q, k, v, coefficients)``, prepared for the whole call at once: one split
+    per tensor (whose backward is one ``cat``, where a slice per chunk would cost a full-size
+    zero gradient per chunk), q/k/v made contiguous once (so no matmul of a chunk copies them)."""
+    stop = pb.grad.kind == "stop"
+    q, k, v = pb.q, pb.k, pb.v
+    lr, decay = _hp_all(pb, "lr", q), _hp_all(pb, "decay", q)
+    beta = _hp_all(pb, "beta", q) if has_m else None
+    if stop:
+        k, v, lr, decay = k.detach(), v.detach(), lr.detach(), decay.detach()
+        beta = beta.detach() if beta is not None else None
+    cos = chunk_coefficients(lr, beta, decay, sizes)
+    qs, ks, vs = (_split(x.contiguous(), sizes, 2) for x in (q, k, v))
+    return zip(qs, ks, vs, cos)
+
+
+def _split(x: Tensor, sizes: list[int], dim: int) -> tuple[Tensor, ...]:
+    return x.split(sizes, dim) if len(sizes) > 1 else (x,)
 
 
 def run_segments(pb: MemoryProblem, state: dict[str, Any], step: SegmentStep) -> tuple[Tensor, dict[str, Any]]:
@@ -126,31 +172,28 @@ def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tu
             return z
 
         src = detach_tree(anchor) if stop else anchor
-        loss = pb.objective(pb.arch.apply(src, k, record), v).sum()
+        pred = pb.arch.apply(src, k, record)
         names = [layer.weight for layer in pb.arch.layers]
-        deltas = dict(zip(names, torch.autograd.grad(loss, [outs[n] for n in names], create_graph=create)))
+        wrt = [outs[n] for n in names]
+        if pb.objective in BUILTIN.values():  # dL/dpred in closed form: no loss, no seed, fewer ops
+            err = error_signal(pb.objective, pred, v, create)
+            grads = torch.autograd.grad(pred, wrt, err, create_graph=create)
+        else:
+            grads = torch.autograd.grad(pb.objective(pred, v).sum(), wrt, create_graph=create)
+        deltas = dict(zip(names, grads))
     if not create:
         deltas, inputs = detach_tree(deltas), detach_tree(inputs)
     return deltas, inputs
 
 
 def _segment(
-    pb: MemoryProblem, params: Params, opt: dict[str, Any], anchor: Params, t0: int, t1: int,
-    has_m: bool,
+    pb: MemoryProblem, params: Params, opt: dict[str, Any], anchor: Params, part: ChunkInputs, has_m: bool,
 ) -> tuple[Tensor, Params, dict[str, Any]]:
     stop = pb.grad.kind == "stop"
-    k, v, q = pb.k[:, :, t0:t1], pb.v[:, :, t0:t1], pb.q[:, :, t0:t1]
-    lr = _hp(pb, "lr", t0, t1, q)
-    decay = _hp(pb, "decay", t0, t1, q)
-    beta = _hp(pb, "beta", t0, t1, q) if has_m else None
-    if stop:
-        k, v, lr, decay = k.detach(), v.detach(), lr.detach(), decay.detach()
-        beta = beta.detach() if beta is not None else None
+    q, k, v, co = part
 
     # 1. error signals and layer inputs at the chunk-start state, one batched pass
     deltas, inputs = chunk_signals(pb, anchor, k, v)
-
-    co = coefficients(lr, beta, decay)
     S = opt.get("S", {})
     bias_of = {layer.weight: layer.bias for layer in pb.arch.layers}
 
@@ -158,14 +201,14 @@ def _segment(
     def read(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
         x, d = inputs[name], deltas[name]
         scores = (a @ x.transpose(-1, -2)) * co["c"]  # [B,H,n,n]
-        z = co["a"].unsqueeze(-1) * (a @ w.transpose(-1, -2)) + scores @ d
-        if "s" in co:
-            z = z + co["s"].unsqueeze(-1) * (a @ S[name].transpose(-1, -2))
+        z = co["a"] * (a @ w.transpose(-1, -2)) + scores @ d
+        if has_m:
+            z = z + co["s"] * (a @ S[name].transpose(-1, -2))
         bn = bias_of[name]
         if b is not None and bn is not None:
-            z = z + co["a"].unsqueeze(-1) * b.unsqueeze(-2) + co["c"] @ d
-            if "s" in co:
-                z = z + co["s"].unsqueeze(-1) * S[bn].unsqueeze(-2)
+            z = z + co["a"] * b.unsqueeze(-2) + co["c"] @ d
+            if has_m:
+                z = z + co["s"] * S[bn].unsqueeze(-2)
         return z
 
     cur = detach_tree(params) if stop else params
@@ -174,23 +217,31 @@ def _segment(
     else:
         y = pb.arch.apply(cur, q, read)
 
-    # 3. chunk-end state: one matmul per layer
+    # 3. chunk-end state: one matmul per layer (coefficients shaped [B,H,n,1] / [B,H,1,1])
     new_p: Params = {}
     new_S: Params = {}
-    c_end, a_end = co["c"][..., -1, :], co["a"][..., -1]
     for layer in pb.arch.layers:
         n, x, d = layer.weight, inputs[layer.weight], deltas[layer.weight]
-        new_p[n] = _scale(a_end, cur[n]) + weighted_outer(c_end, d, x)
+        new_p[n] = co["a_end"] * cur[n] + (d * co["c_end"]).transpose(-1, -2) @ x
         if has_m:
-            new_p[n] = new_p[n] + _scale(co["s"][..., -1], S[n])
-            new_S[n] = _scale(co["mb"], S[n]) + weighted_outer(co["mc"], d, x)
-        if layer.bias is not None:
+            new_p[n] = new_p[n] + co["s_end"] * S[n]
+            new_S[n] = co["mb"] * S[n] + (d * co["mc"]).transpose(-1, -2) @ x
+        if layer.bias is not None:  # the same over [B,H,o]
             bn = layer.bias
-            new_p[bn] = _scale(a_end, cur[bn]) + weighted_sum(c_end, d)
+            new_p[bn] = co["a_end"][..., 0] * cur[bn] + weighted_sum(co["c_end"][..., 0], d)
             if has_m:
-                new_p[bn] = new_p[bn] + _scale(co["s"][..., -1], S[bn])
-                new_S[bn] = _scale(co["mb"], S[bn]) + weighted_sum(co["mc"], d)
+                new_p[bn] = new_p[bn] + co["s_end"][..., 0] * S[bn]
+                new_S[bn] = co["mb"][..., 0] * S[bn] + weighted_sum(co["mc"][..., 0], d)
     return y, new_p, ({"S": new_S} if has_m else {})
+
+
+def _hp_all(pb: MemoryProblem, name: str, like: Tensor) -> Tensor:
+    """Hyper-parameter ``name`` over all of ``like``'s tokens, ``[B, H, T]``."""
+    h = pb.hp.get(name, 0.0)
+    shape = like.shape[:-1]
+    if isinstance(h, Tensor):
+        return h if h.dim() == 3 else h.reshape(h.shape + (1,)).expand(shape)
+    return torch.full(shape, float(h), dtype=like.dtype, device=like.device)
 
 
 def _hp(pb: MemoryProblem, name: str, t0: int, t1: int, like: Tensor) -> Tensor:
