@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=30.0, help="seconds of timed work per case at most")
     ap.add_argument("--skip-after", type=float, default=20.0,
                     help="skip a family's longer sequences once one iteration takes this many seconds")
+    ap.add_argument("--chunks", default="", help="comma-separated chunk sizes: extra rows of the bare delta rule")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.small:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     slow: dict[tuple[str, str], float] = {}
     t_all = time.time()
-    for c in cases(dev, a.small, only):
+    for c in cases(dev, a.small, only, tuple(int(n) for n in a.chunks.split(",") if n)):
         key = (c.name, c.impl)
         if key in slow:
             rows.append({"name": c.name, "impl": c.impl, "batch": c.batch, "seq": c.seq, "dtype": c.dtype,

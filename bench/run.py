@@ -173,10 +173,11 @@ def compiled_step(doc: dict[str, Any], b: int, t: int, dtype: str, dev: torch.de
     return build
 
 
-def delta_kernel_step(b: int, t: int, h: int, d: int, dev: torch.device, backend: str) -> Callable[[], Step]:
-    """The bare inner loop (no projections), bf16 in: ours in PyTorch (``torch``), fla's kernel
-    (``fla``), or our DeltaNet problem mapped onto fla's kernel (``nestlearn+fla``:
-    ``loops/fla_backend.run_fla``, i.e. fla plus our layout/rate mapping)."""
+def delta_kernel_step(b: int, t: int, h: int, d: int, dev: torch.device, backend: str,
+                      chunk: int | None = None) -> Callable[[], Step]:
+    """The bare inner loop (no projections), bf16 in: ours in PyTorch (``torch``, at ``chunk``
+    or the default), fla's kernel (``fla``), or our DeltaNet problem mapped onto fla's kernel
+    (``nestlearn+fla``: ``loops/fla_backend.run_fla``, i.e. fla plus our layout/rate mapping)."""
     def build() -> Step:
         g = torch.Generator(device=dev).manual_seed(0)
         mk = lambda *s: torch.randn(*s, device=dev, generator=g, dtype=torch.bfloat16)  # noqa: E731
@@ -215,9 +216,10 @@ def delta_kernel_step(b: int, t: int, h: int, d: int, dev: torch.device, backend
             from nestlearn.loops.delta import delta_rule
 
             w0 = torch.zeros(b, h, d, d, device=dev)
+            kw = {} if chunk is None else {"chunk": chunk}
 
             def step() -> None:
-                y, _ = delta_rule(q.float(), k.float(), v.float(), beta.float(), None, w0)
+                y, _ = delta_rule(q.float(), k.float(), v.float(), beta.float(), None, w0, **kw)
                 y.bfloat16().float().square().mean().backward()
 
         return step
@@ -354,7 +356,8 @@ def importable(mod: str) -> bool:
         return False
 
 
-def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
+def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[int, ...] = ()) -> list[Case]:
+    """Every row of the run; ``chunks``: also the bare delta rule at these chunk sizes."""
     gpu = dev.type == "cuda"
     lp = "bf16" if gpu else "fp32"  # CPU has no fast bf16; time the same graphs in fp32
     fla = gpu and _fla_kernels()  # our fla backend's rows (fla installed, CUDA)
@@ -387,6 +390,9 @@ def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
             out.append(Case("deltanet-kernel", "nestlearn+fla", b, t, "bf16",
                             delta_kernel_step(b, t, 4, D // 4, dev, "nestlearn+fla"),
                             note="bare delta rule through fla_backend.run_fla"))
+        for n in chunks:
+            out.append(Case("deltanet-kernel", f"nestlearn-c{n}", b, t, lp,
+                            delta_kernel_step(b, t, 4, D // 4, dev, "torch", n), note=f"bare delta rule, chunk {n}"))
     gpt = specs.transformer(D, 4 if not small else 2, 4)
     for b, t in gpt_sizes:
         out.append(Case("gpt", "nestlearn", b, t, lp, compiled_step(gpt, b, t, lp, dev)))
@@ -422,8 +428,8 @@ def cases(dev: torch.device, small: bool, only: set[str] | None) -> list[Case]:
                                 note=note, extra={"params": n}))
     if gpu:  # the same steps replayed from a CUDA graph
         for c in list(out):
-            graphable = ("titans-memory", "deltanet", "titans-stack", "gpt", *hope_variants)
-            if c.impl in ("nestlearn", "nestlearn+fla") and c.name in graphable:
+            graphable = ("titans-memory", "deltanet", "deltanet-kernel", "titans-stack", "gpt", *hope_variants)
+            if c.impl.startswith("nestlearn") and c.name in graphable:
                 out.append(Case(c.name, c.impl + "+graph", c.batch, c.seq, c.dtype, graphed(c.build), c.note))
     if only:
         out = [c for c in out if c.name in only or c.impl in only]

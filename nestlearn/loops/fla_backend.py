@@ -34,6 +34,10 @@ Where exactness needs care (all listed, none silent):
   unless ``TRITON_F32_DEFAULT`` is ``ieee`` (or ``tf32x3``); fp32 problems are therefore
   accepted only when the user allowed TF32 matmuls (``torch.get_float32_matmul_precision() !=
   "highest"``) or set that variable -- "fp32 means fp32" otherwise, and the pure-PyTorch path runs.
+- fla 0.6 raises in the *backward* of its gated kernel on Hopper GPUs with Triton >= 3.4 and
+  < 3.7.1 unless tilelang is installed (fla issue #640: that Triton miscompiles it). Problems
+  that would take the gated kernel (any decay, or fp32 inputs) are not dispatched there
+  (``gated_kernel_ok``); the pure-PyTorch path runs them.
 - ``first_order`` / ``truncate`` / ``stop`` gradients cannot be expressed through fla's autograd
   functions and are rejected, as are head dims over 256 (fla's limit) and float64.
 - fla's autograd functions do not compose with ``torch.func``: this replaces a whole inner loop,
@@ -48,7 +52,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +130,28 @@ def supports(pb: MemoryProblem) -> bool:
         return False
     if q.shape[-1] != k.shape[-1] or k.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return False
+    if (has_decay(pb) or q.dtype not in _LOW_PRECISION) and not gated_kernel_ok(q.device):
+        return False
     return all(not isinstance(h, Tensor) or h.dim() <= 3 for h in pb.hp.values())
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", v)[:3])
+
+
+@functools.lru_cache(maxsize=8)
+def gated_kernel_ok(device: torch.device) -> bool:
+    """False where fla's gated kernel would refuse its backward (Hopper, Triton [3.4, 3.7.1),
+    no tilelang): see the module doc."""
+    if device.type != "cuda":
+        return True
+    try:
+        triton = importlib.import_module("triton")
+    except Exception:
+        return False
+    hopper = torch.cuda.get_device_capability(device)[0] == 9
+    buggy = (3, 4, 0) <= _version(triton.__version__) < (3, 7, 1)
+    return not (hopper and buggy) or importlib.util.find_spec("tilelang") is not None
 
 
 def has_decay(pb: MemoryProblem) -> bool:
