@@ -58,3 +58,16 @@ def test_gradcheck_and_second_order() -> None:
 
     assert torch.autograd.gradcheck(f, leaves)
     assert torch.autograd.gradgradcheck(f, leaves)
+
+
+def test_backward_under_create_graph_matches_plain_autograd() -> None:
+    """``create_graph=True`` takes the out-of-place reverse recurrence: same first-order values."""
+    args = _inputs(4, True, True)
+    leaves = [a for a in args if a is not None]
+    e, st = scan(*args)
+    e_ref, st_ref = scan_reference(*args)
+    grads = torch.autograd.grad(e.square().sum() + st.sum(), leaves, create_graph=True)
+    grads_ref = torch.autograd.grad(e_ref.square().sum() + st_ref.sum(), leaves)
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert a.requires_grad
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

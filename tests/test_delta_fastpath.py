@@ -170,3 +170,20 @@ def test_the_level_chunk_reaches_the_fast_path(chunk: int, monkeypatch: pytest.M
     spec = nestlearn.load_spec(path, overrides=overrides)
     nestlearn.compile(spec)(torch.randint(0, 256, (1, 40)))
     assert seen == [chunk]
+
+
+def test_long_sequence_takes_the_automatic_chunk_and_stays_exact() -> None:
+    """Past 4K tokens the default chunk grows (fewer sequential chunk steps); same result."""
+    from nestlearn.loops.delta import auto_chunk
+
+    assert auto_chunk(2048) == 64 and auto_chunk(4097) == 128 and auto_chunk(65536) == 256
+    g = torch.Generator().manual_seed(5)
+    t = 4100
+    q, v = torch.randn(1, 1, t, DK, generator=g, dtype=D), torch.randn(1, 1, t, DV, generator=g, dtype=D)
+    k = torch.nn.functional.normalize(torch.randn(1, 1, t, DK, generator=g, dtype=D), dim=-1)
+    lr, decay = 0.4 * torch.rand(1, 1, t, generator=g, dtype=D), 0.05 * torch.rand(1, 1, t, generator=g, dtype=D)
+    w0 = 0.5 * torch.randn(1, 1, DV, DK, generator=g, dtype=D)
+    y, w = delta_rule(q, k, v, 2 * lr, 1 - decay, w0)
+    y_p, w_p = plain_delta(q, k, v, lr, decay, w0)
+    torch.testing.assert_close(y, y_p, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(w, w_p, rtol=1e-9, atol=1e-9)

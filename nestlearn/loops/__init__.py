@@ -47,7 +47,7 @@ def run(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "auto") -
 def _dispatch(pb: MemoryProblem, state: dict[str, Any], executor: Executor, use_fla: bool,
               ) -> tuple[Tensor, dict[str, Any]]:
     """``auto``: fla's kernels or the chunk-parallel delta rule where the problem is exactly a
-    (gated) delta rule (compute chunk: the level's ``chunk:``, else 64), the DGD closed form,
+    (gated) delta rule (compute chunk: the level's ``chunk:``, else ``delta.auto_chunk``), the DGD closed form,
     the closed form for linear rules, else ``vmap(grad)`` + scan; ``scan`` forces the last."""
     if executor == "sequential":
         return run_sequential(pb, state)

@@ -6,14 +6,14 @@ the state ``S = W^T [dk, dv]`` at the start of chunk ``c``:
     E_c     = TV_c - TK_c S_c                  (the chunk's errors,      [n, dv])
     S_{c+1} = g_c S_c + KB_c^T E_c             (the chunk-end state,     [dk, dv])
 
-``scan`` runs it as two (three with a gate) batched matmuls per chunk into preallocated
-buffers. Autograd through a Python loop would record ~6 nodes per chunk; the backward here
-is the reverse recurrence
+``scan`` runs it as two batched matmuls and one copy (or scale) of the state per chunk, in
+place into preallocated buffers. Autograd through a Python loop would record ~6 nodes per
+chunk; the backward here is the reverse recurrence
 
     dE_c     = gE_c + KB_c dS_{c+1}
     dS_c     = g_c dS_{c+1} + gS_c - TK_c^T dE_c
 
-(again two or three ops per chunk), and every other gradient (``TV, TK, KB, g``) comes from
+(again three kernels per chunk), and every other gradient (``TV, TK, KB, g``) comes from
 one batched product over all chunks afterwards. The backward is written in differentiable
 ops, so a second-order gradient through it works too. ``scan_reference`` is the same
 recurrence written plainly; ``tests/test_chunk_scan.py`` checks both against each other in
@@ -49,47 +49,71 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tv: Tensor, tk: Tensor | None, kb: Tensor, g: Tensor | None,
                 s0: Tensor) -> tuple[Tensor, Tensor]:
-        nc = tv.shape[0]
-        states = s0.new_empty((nc + 1, *s0.shape))
-        states[0] = s0
-        errors = tv.clone() if tk is None else torch.empty_like(tv)
+        # in place into preallocated buffers: each matmul is one cuBLAS call accumulating into
+        # its output (beta = 1), no temporaries, one copy of the state per chunk
+        errors = tv.clone()
+        states = s0.new_empty((tv.shape[0] + 1, *s0.shape))
+        states[0].copy_(s0)
         kbt = kb.transpose(-1, -2)
-        for c in range(nc):
+        for c in range(tv.shape[0]):
             if tk is not None:
-                torch.baddbmm(tv[c], tk[c], states[c], alpha=-1.0, out=errors[c])
-            prev = states[c] if g is None else states[c] * g[c][:, None, None]
-            torch.baddbmm(prev, kbt[c], errors[c], out=states[c + 1])
+                errors[c].baddbmm_(tk[c], states[c], alpha=-1.0)
+            if g is None:
+                states[c + 1].copy_(states[c])
+            else:
+                torch.mul(states[c], g[c][:, None, None], out=states[c + 1])
+            states[c + 1].baddbmm_(kbt[c], errors[c])
         ctx.save_for_backward(tk, kb, g, errors, states)
         return errors, states
 
     @staticmethod
     def backward(ctx: Any, g_errors: Tensor | None, g_states: Tensor | None) -> tuple[Tensor | None, ...]:
         tk, kb, g, errors, states = ctx.saved_tensors
-        nc = errors.shape[0]
-        if g_errors is None:
-            g_errors = torch.zeros_like(errors)
-        if g_states is None:
-            g_states = torch.zeros_like(states)
-        ds = g_states[nc]
-        d_next: list[Tensor] = []  # dS_{c+1} for c = nc-1 .. 0
-        d_err: list[Tensor] = []
-        for c in range(nc - 1, -1, -1):
-            d_next.append(ds)
-            de = torch.baddbmm(g_errors[c], kb[c], ds)
-            d_err.append(de)
-            carried = ds if g is None else ds * g[c][:, None, None]
-            ds = carried + g_states[c]
-            if tk is not None:
-                ds = torch.baddbmm(ds, tk[c].transpose(-1, -2), de, alpha=-1.0)
-        d_s_next = torch.stack(d_next[::-1])
-        d_e = torch.stack(d_err[::-1])
-        starts = states[:-1]
+        g_errors = torch.zeros_like(errors) if g_errors is None else g_errors
+        g_states = torch.zeros_like(states) if g_states is None else g_states
+        if torch.is_grad_enabled():  # create_graph: a backward autograd can differentiate
+            d_e, d_s = _reverse_differentiable(tk, kb, g, g_errors, g_states)
+        else:
+            d_e, d_s = _reverse_in_place(tk, kb, g, g_errors, g_states)
+        starts, d_s_next = states[:-1], d_s[1:]
         need = ctx.needs_input_grad
         d_tv = d_e if need[0] else None
         d_tk = -(d_e @ starts.transpose(-1, -2)) if tk is not None and need[1] else None
         d_kb = errors @ d_s_next.transpose(-1, -2) if need[2] else None
         d_g = (starts * d_s_next).sum((-1, -2)) if g is not None and need[3] else None
-        return d_tv, d_tk, d_kb, d_g, ds
+        return d_tv, d_tk, d_kb, d_g, d_s[0]
+
+
+def _reverse_in_place(tk: Tensor | None, kb: Tensor, g: Tensor | None, g_errors: Tensor, g_states: Tensor,
+                      ) -> tuple[Tensor, Tensor]:
+    """The reverse recurrence into two buffers, three kernels per chunk: ``d_e[c]`` (gradient of
+    ``E_c``, all paths) and ``d_s[c]`` (gradient of ``S_c``, all paths)."""
+    d_e, d_s = g_errors.clone(), g_states.clone()
+    tkt = tk.transpose(-1, -2) if tk is not None else None
+    for c in range(d_e.shape[0] - 1, -1, -1):
+        d_e[c].baddbmm_(kb[c], d_s[c + 1])
+        if g is None:
+            d_s[c].add_(d_s[c + 1])
+        else:
+            d_s[c].addcmul_(d_s[c + 1], g[c][:, None, None])
+        if tkt is not None:
+            d_s[c].baddbmm_(tkt[c], d_e[c], alpha=-1.0)
+    return d_e, d_s
+
+
+def _reverse_differentiable(tk: Tensor | None, kb: Tensor, g: Tensor | None, g_errors: Tensor,
+                            g_states: Tensor) -> tuple[Tensor, Tensor]:
+    """``_reverse_in_place`` out of place (for a second-order gradient)."""
+    ds = g_states[-1]
+    d_s, d_e = [ds], []
+    for c in range(g_errors.shape[0] - 1, -1, -1):
+        de = torch.baddbmm(g_errors[c], kb[c], ds)
+        ds = g_states[c] + (ds if g is None else ds * g[c][:, None, None])
+        if tk is not None:
+            ds = torch.baddbmm(ds, tk[c].transpose(-1, -2), de, alpha=-1.0)
+        d_e.append(de)
+        d_s.append(ds)
+    return torch.stack(d_e[::-1]), torch.stack(d_s[::-1])
 
 
 def scan(tv: Tensor, tk: Tensor | None, kb: Tensor, g: Tensor | None, s0: Tensor) -> tuple[Tensor, Tensor]:

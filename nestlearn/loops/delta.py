@@ -17,7 +17,7 @@ so the chunk's errors solve one unit-lower-triangular system (the WY / UT transf
     (I + L) E = V - diag(gamma_{t-1}) K W0^T,   L[t,s] = (gamma_{t-1}/gamma_s) (k_t . k_s) beta_s, s < t
 
 and ``E = Tv - Tk W0^T`` with ``Tv = (I+L)^{-1} V`` and ``Tk = (I+L)^{-1} diag(gamma_prev) K``
-computed for every chunk at once (one triangular solve). From chunk to chunk only
+computed for every chunk at once (one batched triangular inverse or solve). From chunk to chunk only
 
     E_c = Tv_c - Tk_c W_c^T,     W_{c+1}^T = gamma_n W_c^T + (beta (gamma_n/gamma_s) k_s)^T E_c
 
@@ -45,6 +45,13 @@ from nestlearn.loops.common import MemoryProblem
 from nestlearn.loops.dual import identity, masks, segsum
 
 DEFAULT_CHUNK = 64
+
+
+def auto_chunk(t: int) -> int:
+    """The compute chunk where the spec sets none: 64 tokens up to 4K, then longer chunks so
+    the sequential chunk-to-chunk part (a few kernels per chunk) stays short (measured on an
+    H200: docs/benchmarks.md, the deltanet-kernel chunk sweep)."""
+    return DEFAULT_CHUNK if t <= 4096 else 128 if t <= 16384 else 256
 
 
 def supports(pb: MemoryProblem) -> bool:
@@ -82,14 +89,15 @@ def _log(x: Tensor) -> Tensor:
 
 def delta_rule(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, alpha: Tensor | None, w0: Tensor,
-    chunk: int = DEFAULT_CHUNK, first_order: bool = False,
+    chunk: int | None = None, first_order: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``q, k [B,H,T,dk]``, ``v [B,H,T,dv]``, ``beta, alpha [B,H,T]`` (``alpha=None``: no decay),
     ``w0 [B,H,dv,dk]`` -> ``(y [B,H,T,dv], W_T)``. ``first_order`` treats every inner
-    gradient (``e_t k_t^T``) as a constant, like ``GradMode('first_order')``."""
+    gradient (``e_t k_t^T``) as a constant, like ``GradMode('first_order')``. ``chunk``: the
+    compute chunk (any value gives the same result), ``auto_chunk`` when None."""
     b, h, t, dk = k.shape
     dv = v.shape[-1]
-    n = min(chunk, t)
+    n = min(chunk or auto_chunk(t), t)
     pad = (-t) % n
     if pad:  # padded tokens have beta = 0 and alpha = 1: they change nothing
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
@@ -115,9 +123,12 @@ def delta_rule(
         lmat = (kk @ kk.transpose(-1, -2)) * bb.unsqueeze(-2)
         lmat = lmat * ratio_prev if ratio_prev is not None else lmat.masked_fill(not_strict_lower, 0.0)
         kg = kk * g_prev.unsqueeze(-1) if g_prev is not None else kk
-        rhs = torch.cat([vv, kg], -1)
-        sol = torch.linalg.solve_triangular(lmat + identity(n, lmat.dtype, lmat.device), rhs,
-                                            upper=False, unitriangular=True)
+        a = lmat + identity(n, lmat.dtype, lmat.device)
+        if n < dk + dv:  # a triangular solve costs n^2 per right-hand side: invert, then two GEMMs
+            inv = torch.linalg.solve_triangular(a, identity(n, a.dtype, a.device).expand_as(a),
+                                                upper=False, unitriangular=True)
+            return inv @ vv, inv @ kg
+        sol = torch.linalg.solve_triangular(a, torch.cat([vv, kg], -1), upper=False, unitriangular=True)
         return sol[..., :dv].contiguous(), sol[..., dv:].contiguous()
 
     kr = kc.detach() if first_order else kc  # k inside the inner gradients
@@ -158,7 +169,7 @@ def run_delta(
     dec = pb.hp.get("decay", 0.0)
     alpha = None if (not isinstance(dec, Tensor) and float(dec) == 0.0) else 1.0 - _per_token(dec, ref)
     w0 = state["params"]["W"].to(dtype)
-    y, w = delta_rule(q, k, v, beta, alpha, w0, chunk or DEFAULT_CHUNK, pb.grad.kind == "first_order")
+    y, w = delta_rule(q, k, v, beta, alpha, w0, chunk, pb.grad.kind == "first_order")
     new_state = {"params": {"W": w}, "opt": state["opt"], "anchor": {"W": w}, "offset": 0,
                  "chunks": state["chunks"] + pb.q.shape[2]}
     return y.to(pb.q.dtype), new_state
