@@ -1,10 +1,11 @@
 """A hand-written torch.func loop of the benchmarked Titans memory, for the "within 5%" check.
 
-The same math as the compiled ``memory`` op (projections, l2-normalised q/k, token gates,
-residual 2-layer MLP memory, momentum + decay over chunks of ``period`` tokens, each token
+The same math as the compiled ``memory`` op (projections, l2-normalised q/k, token or chunk
+gates, residual 2-layer MLP memory, momentum + decay over chunks of ``period`` tokens, each token
 read with its own in-chunk weights), written as one function with no spec, hooks or
-dictionaries: error signals by ``torch.func.vjp``, closed-form chunk coefficients, dual-form
-reads. It shares the compiled model's parameters, so its outputs must match.
+dictionaries: q/k/v and the gates split into chunks once before the loop, error signals by
+``torch.func.vjp``, closed-form chunk coefficients, dual-form reads. It shares the compiled
+model's parameters, so its outputs must match.
 """
 
 from __future__ import annotations
@@ -33,23 +34,31 @@ class HandTitans(nn.Module):
         self.H, self.dh, self.C = op.heads, op.dh, int(op.level.period)
         hyp = op.level.rule.hypers
         self.max = {n: float(hyp[n].max) for n in ("lr", "beta", "decay")}
+        self.per_chunk = {n: hyp[n].gate == "chunk" for n in self.max}
+
+    def _gates(self, x: Tensor, n: str) -> list[Tensor]:
+        """Gate ``n`` per chunk, ``[B, H, len]``: per token, or (``gate: chunk``) the chunk's
+        first-token value for all its tokens."""
+        C, t = self.C, x.shape[1]
+        if not self.per_chunk[n]:
+            return list((self.max[n] * torch.sigmoid(self.op.hypers.gates[n](x)).transpose(1, 2)).split(C, -1))
+        g = self.max[n] * torch.sigmoid(self.op.hypers.gates[n](x[:, ::C])).transpose(1, 2)  # [B, H, chunks]
+        return [gc.unsqueeze(-1).expand(*gc.shape, min(C, t - i * C)) for i, gc in enumerate(g.unbind(-1))]
 
     def forward(self, x: Tensor) -> Tensor:
         op, H, dh, C = self.op, self.H, self.dh, self.C
         b, t, d = x.shape
         heads = lambda z: z.view(b, t, H, dh).transpose(1, 2)  # noqa: E731
-        q = F.normalize(heads(op.proj["q"](x)), dim=-1)
-        k = F.normalize(heads(op.proj["k"](x)), dim=-1)
-        v = heads(op.proj["v"](x))
-        g = {n: self.max[n] * torch.sigmoid(op.hypers.gates[n](x)).transpose(1, 2) for n in self.max}
+        # q/k/v and the gates split into chunks once (no per-chunk slice of the full tensors)
+        qs = F.normalize(heads(op.proj["q"](x)), dim=-1).split(C, 2)
+        ks = F.normalize(heads(op.proj["k"](x)), dim=-1).split(C, 2)
+        vs = heads(op.proj["v"](x)).split(C, 2)
+        lrs, betas, decays = (self._gates(x, n) for n in ("lr", "beta", "decay"))
         w1 = op.init["W0"].to(x.dtype).expand(b, *op.init["W0"].shape)
         w2 = op.init["W1"].to(x.dtype).expand(b, *op.init["W1"].shape)
         s1, s2 = torch.zeros_like(w1), torch.zeros_like(w2)
         ys = []
-        for c0 in range(0, t, C):
-            sl = slice(c0, min(t, c0 + C))
-            qc, kc, vc = q[:, :, sl], k[:, :, sl], v[:, :, sl]
-            lr, beta, decay = g["lr"][..., sl], g["beta"][..., sl], g["decay"][..., sl]
+        for qc, kc, vc, lr, beta, decay in zip(qs, ks, vs, lrs, betas, decays):
             # error signals at the chunk-start weights
             h = kc @ w1.transpose(-1, -2)
             a, gelu_vjp = vjp(F.gelu, h)
