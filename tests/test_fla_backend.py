@@ -387,7 +387,7 @@ def test_gpu_piecewise_carry() -> None:
     assert _rel(torch.cat(ys, 2), y_full) < 2e-2 and _rel(st["params"]["W"], st_full["params"]["W"]) < 2e-2
 
 
-@pytest.mark.parametrize("spec", ["deltanet", "gated-deltanet"])
+@pytest.mark.parametrize("spec", ["deltanet", pytest.param("gated-deltanet", marks=_GATED)])
 @pytest.mark.gpu
 @needs_fla
 def test_gpu_shipped_spec_dispatches_to_fla(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,18 +51,21 @@ class _Scan(torch.autograd.Function):
                 s0: Tensor) -> tuple[Tensor, Tensor]:
         # in place into preallocated buffers: each matmul is one cuBLAS call accumulating into
         # its output (beta = 1), no temporaries, one copy of the state per chunk
+        # (per-chunk views taken once with unbind: indexing inside the loop costs host time)
         errors = tv.clone()
         states = s0.new_empty((tv.shape[0] + 1, *s0.shape))
         states[0].copy_(s0)
-        kbt = kb.transpose(-1, -2)
-        for c in range(tv.shape[0]):
-            if tk is not None:
-                errors[c].baddbmm_(tk[c], states[c], alpha=-1.0)
-            if g is None:
-                states[c + 1].copy_(states[c])
+        err, st, kbt = errors.unbind(0), states.unbind(0), kb.transpose(-1, -2).unbind(0)
+        tks = tk.unbind(0) if tk is not None else None
+        gs = g[:, :, None, None].unbind(0) if g is not None else None
+        for c in range(len(err)):
+            if tks is not None:
+                err[c].baddbmm_(tks[c], st[c], alpha=-1.0)
+            if gs is None:
+                st[c + 1].copy_(st[c])
             else:
-                torch.mul(states[c], g[c][:, None, None], out=states[c + 1])
-            states[c + 1].baddbmm_(kbt[c], errors[c])
+                torch.mul(st[c], gs[c], out=st[c + 1])
+            st[c + 1].baddbmm_(kbt[c], err[c])
         ctx.save_for_backward(tk, kb, g, errors, states)
         return errors, states
 
@@ -89,15 +92,17 @@ def _reverse_in_place(tk: Tensor | None, kb: Tensor, g: Tensor | None, g_errors:
     """The reverse recurrence into two buffers, three kernels per chunk: ``d_e[c]`` (gradient of
     ``E_c``, all paths) and ``d_s[c]`` (gradient of ``S_c``, all paths)."""
     d_e, d_s = g_errors.clone(), g_states.clone()
-    tkt = tk.transpose(-1, -2) if tk is not None else None
-    for c in range(d_e.shape[0] - 1, -1, -1):
-        d_e[c].baddbmm_(kb[c], d_s[c + 1])
-        if g is None:
-            d_s[c].add_(d_s[c + 1])
+    de, ds, kbs = d_e.unbind(0), d_s.unbind(0), kb.unbind(0)
+    tkt = tk.transpose(-1, -2).unbind(0) if tk is not None else None
+    gs = g[:, :, None, None].unbind(0) if g is not None else None
+    for c in range(len(de) - 1, -1, -1):
+        de[c].baddbmm_(kbs[c], ds[c + 1])
+        if gs is None:
+            ds[c].add_(ds[c + 1])
         else:
-            d_s[c].addcmul_(d_s[c + 1], g[c][:, None, None])
+            ds[c].addcmul_(ds[c + 1], gs[c])
         if tkt is not None:
-            d_s[c].baddbmm_(tkt[c], d_e[c], alpha=-1.0)
+            ds[c].baddbmm_(tkt[c], de[c], alpha=-1.0)
     return d_e, d_s
 
 
