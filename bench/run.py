@@ -373,7 +373,7 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
         out.append(Case("titans-memory", "hand-written", b, t, "fp32", compiled_step(tm, b, t, "fp32", dev, True)))
         if gpu and importable("titans_pytorch"):
             out.append(Case("titans-memory", "titans-pytorch", b, t, "fp32", titans_pytorch_step(b, t, dev)))
-    dn = specs.deltanet(D, 4, 64 if not small else 16)
+    dn = specs.deltanet(D, 4, None if not small else 16)
     dn_sizes = [(8, 2048), (1, 65536)] if not small else [(2, 128)]
     for b, t in dn_sizes:
         out.append(Case("deltanet", "nestlearn", b, t, lp, compiled_step(dn, b, t, lp, dev),

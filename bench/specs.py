@@ -67,19 +67,23 @@ def titans_memory(dim: int = 512, heads: int = 4, chunk: int = 64) -> dict[str, 
     }
 
 
-def deltanet(dim: int = 512, heads: int = 4, chunk: int = 64) -> dict[str, Any]:
-    """DeltaNet's memory (linear, l2, sgd with a token-gated rate, period 1) on embeddings."""
-    return {
+def deltanet(dim: int = 512, heads: int = 4, chunk: int | None = None) -> dict[str, Any]:
+    """DeltaNet's memory (linear, l2, sgd with a token-gated rate, period 1) on embeddings;
+    ``chunk`` None: the executor's automatic compute chunk."""
+    doc = {
         "nestlearn": 1, "name": "bench-deltanet",
         "model": {"dim": dim, "depth": 1, "heads": heads, "input": "embeddings"},
         "levels": {
             "outer": OUTER,
-            "memory": {"period": 1, "chunk": chunk, "objective": "l2",
+            "memory": {"period": 1, "objective": "l2",
                        "rule": {"name": "sgd", "lr": {"gate": "token", "max": 0.5}}},
         },
         "block": [{"id": "mem", "op": "memory", "in": "x", "level": "memory",
                    "memory": {"type": "linear"}, "init": "zeros"}],
     }
+    if chunk is not None:
+        doc["levels"]["memory"]["chunk"] = chunk  # type: ignore[index]
+    return doc
 
 
 def transformer(dim: int = 512, depth: int = 4, heads: int = 4) -> dict[str, Any]:
