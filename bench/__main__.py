@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-after", type=float, default=20.0,
                     help="skip a family's longer sequences once one iteration takes this many seconds")
     ap.add_argument("--chunks", default="", help="comma-separated chunk sizes: extra rows of the bare delta rule")
+    ap.add_argument("--seqs", default="", help="comma-separated batch-1 lengths of the gpt/sdpa/stack/HOPE rows")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.small:
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     slow: dict[tuple[str, str], float] = {}
     t_all = time.time()
-    for c in cases(dev, a.small, only, tuple(int(n) for n in a.chunks.split(",") if n)):
+    ints = lambda s: tuple(int(n) for n in s.split(",") if n)  # noqa: E731
+    for c in cases(dev, a.small, only, ints(a.chunks), ints(a.seqs)):
         key = (c.name, c.impl)
         if key in slow:
             rows.append({"name": c.name, "impl": c.impl, "batch": c.batch, "seq": c.seq, "dtype": c.dtype,

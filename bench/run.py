@@ -356,15 +356,17 @@ def importable(mod: str) -> bool:
         return False
 
 
-def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[int, ...] = ()) -> list[Case]:
-    """Every row of the run; ``chunks``: also the bare delta rule at these chunk sizes."""
+def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[int, ...] = (),
+          lengths: tuple[int, ...] = ()) -> list[Case]:
+    """Every row of the run; ``chunks``: also the bare delta rule at these chunk sizes;
+    ``lengths``: the batch-1 sequence lengths of the GPT / SDPA / Titans-stack / HOPE rows."""
     gpu = dev.type == "cuda"
     lp = "bf16" if gpu else "fp32"  # CPU has no fast bf16; time the same graphs in fp32
     fla = gpu and _fla_kernels()  # our fla backend's rows (fla installed, CUDA)
     D = 512 if not small else 64
     out: list[Case] = []
     titans_sizes = [(8, 2048), (4, 8192), (1, 65536)] if not small else [(2, 128)]
-    seqs = [2048, 8192, 16384, 32768, 65536] if not small else [128, 512]
+    seqs = list(lengths) or ([2048, 8192, 16384, 32768, 65536] if not small else [128, 512])
     # batch 1 at every length of the HOPE rows, for bench/report.py's HOPE/GPT ratios and crossover
     gpt_sizes = [(8, 2048)] + [(1, t) for t in seqs] if not small else [(2, 128), (1, 128)]
     tm = specs.titans_memory(D, 4, 64 if not small else 16)
