@@ -27,21 +27,21 @@ def best(rows: list[dict[str, Any]], names: tuple[str, ...], impl_prefix: str) -
 
 def crossover(hope: dict[int, float], gpt: dict[int, float]) -> tuple[int | None, float | None]:
     """``(first measured length where HOPE >= GPT, None)``; else ``(None, extrapolated length)``:
-    GPT's seconds per token fitted as a + b*T through its last two lengths measured with HOPE
-    (tokens/s falling as 1/T once b*T dominates), HOPE flat at its value at the last of them.
+    GPT's seconds per token fitted as a + b*T through its two longest measured lengths (tokens/s
+    falling as 1/T once b*T dominates), HOPE flat at its value at its longest measured length.
     ``(None, None)`` when nothing is comparable or GPT is not slowing down."""
     common = sorted(set(hope) & set(gpt))
     for t in common:
         if hope[t] >= gpt[t]:
             return t, None
-    if len(common) < 2:
+    if not hope or len(gpt) < 2:
         return None, None
-    t1, t2 = common[-2:]
+    t1, t2 = sorted(gpt)[-2:]
     s1, s2 = 1 / gpt[t1], 1 / gpt[t2]
     slope = (s2 - s1) / (t2 - t1)
     if slope <= 0:
         return None, None
-    return None, (1 / hope[t2] - (s2 - slope * t2)) / slope
+    return None, (1 / hope[max(hope)] - (s2 - slope * t2)) / slope
 
 
 def _k(x: float) -> str:
@@ -81,15 +81,40 @@ def report(rows: list[dict[str, Any]]) -> str:
     if measured is not None:
         lines.append(f"  crossover (HOPE >= GPT): {measured} tokens (first measured length; "
                      f"measured: {', '.join(map(str, common))})")
-    elif not common:
-        lines.append("  crossover: no length with both HOPE and GPT rows")
     else:
-        line = f"  crossover (HOPE >= GPT): none up to {common[-1]}"
+        line = f"  crossover (HOPE >= GPT): none up to {common[-1] if common else max(hv)}"
         if extrapolated is not None:
-            t1, t2 = common[-2:]
+            t1, t2 = sorted(gv)[-2:]
             line += (f"; extrapolation: ~{extrapolated:,.0f} tokens (assumes GPT's s/token linear in T "
-                     f"through {t1} and {t2}, i.e. tokens/s ~ 1/T, and HOPE flat at {_k(hv[t2])})")
+                     f"through {t1} and {t2}, i.e. tokens/s ~ 1/T, and HOPE flat at {_k(hv[max(hv)])}, "
+                     f"its value at {max(hv)})")
         else:
-            line += "; no extrapolation (fewer than 2 common lengths, or GPT not slowing down)"
+            line += "; no extrapolation (GPT measured at fewer than 2 lengths, or not slowing down)"
         lines.append(line)
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report RUN.json...``: the targets over the rows of several runs (e.g. the
+    GPT and HOPE rows timed by separate ``python -m bench --only ...`` calls on one machine)."""
+    import json
+    import sys
+
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python -m bench.report RUN.json [RUN.json ...]", file=sys.stderr)
+        return 2
+    rows: list[dict[str, Any]] = []
+    for p in paths:
+        try:
+            with open(p) as f:
+                rows += json.load(f)["rows"]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: {p}: {e}", file=sys.stderr)
+            return 2
+    print(report(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

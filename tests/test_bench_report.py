@@ -27,6 +27,13 @@ def test_crossover_extrapolates_gpt_as_linear_seconds_per_token() -> None:
     assert extrapolated == pytest.approx(106496.0)  # = 32768 * 3.25
 
 
+def test_crossover_extrapolates_past_hopes_longest_measured_length() -> None:
+    """HOPE measured only at short lengths: held flat at its longest one, GPT's longest two fit."""
+    hope = {2048: 40e3, 8192: 40e3}
+    gpt = {2048: 900e3, 8192: 800e3, 32768: 100e3, 65536: 60e3}
+    assert crossover(hope, gpt) == (None, pytest.approx(106496.0))
+
+
 def test_crossover_none_without_two_common_lengths_or_slowdown() -> None:
     assert crossover({2048: 1.0}, {2048: 2.0}) == (None, None)
     assert crossover({2048: 1.0, 4096: 1.0}, {2048: 2.0, 4096: 3.0}) == (None, None)
