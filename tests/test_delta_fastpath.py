@@ -173,10 +173,10 @@ def test_the_level_chunk_reaches_the_fast_path(chunk: int, monkeypatch: pytest.M
 
 
 def test_long_sequence_takes_the_automatic_chunk_and_stays_exact() -> None:
-    """Past 4K tokens the default chunk grows (fewer sequential chunk steps); same result."""
+    """Past 1K tokens the default chunk grows (fewer sequential chunk steps); same result."""
     from nestlearn.loops.delta import auto_chunk
 
-    assert auto_chunk(2048) == 64 and auto_chunk(4097) == 128 and auto_chunk(65536) == 256
+    assert auto_chunk(1024) == 64 and auto_chunk(4100) == 128 and auto_chunk(65536) == 256
     g = torch.Generator().manual_seed(5)
     t = 4100
     q, v = torch.randn(1, 1, t, DK, generator=g, dtype=D), torch.randn(1, 1, t, DV, generator=g, dtype=D)
