@@ -30,7 +30,7 @@ from nestlearn.tasks import Batch
 from nestlearn.train import TrainConfig, Trainer, TrainError, read_metrics
 from nestlearn.train import cuda_graph as cg
 from nestlearn.train.cuda_graph import GraphedStep, check_supported
-from nestlearn.train.loop import build_model
+from nestlearn.train.loop import SilentReporter, build_model
 from tests.cli_run import nl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,18 +182,9 @@ def emulated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("nestlearn.train.loop.check_supported", lambda *a, **k: None)
 
 
-class _Messages:
+class _Messages(SilentReporter):
     def __init__(self) -> None:
         self.lines: list[str] = []
-
-    def start(self, info: dict[str, Any]) -> None:
-        pass
-
-    def step(self, record: dict[str, Any]) -> None:
-        pass
-
-    def eval(self, record: dict[str, Any]) -> None:
-        pass
 
     def message(self, text: str) -> None:
         self.lines.append(text)
