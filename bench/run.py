@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import statistics
 import time
@@ -370,9 +371,13 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
     # batch 1 at every length of the HOPE rows, for bench/report.py's HOPE/GPT ratios and crossover
     gpt_sizes = [(8, 2048)] + [(1, t) for t in seqs] if not small else [(2, 128), (1, 128)]
     tm = specs.titans_memory(D, 4, 64 if not small else 16)
+    tm_remat = copy.deepcopy(tm)
+    tm_remat["levels"]["memory"]["remat"] = 8
     for b, t in titans_sizes:
         out.append(Case("titans-memory", "nestlearn", b, t, "fp32", compiled_step(tm, b, t, "fp32", dev)))
         out.append(Case("titans-memory", "hand-written", b, t, "fp32", compiled_step(tm, b, t, "fp32", dev, True)))
+        out.append(Case("titans-memory", "nestlearn-remat8", b, t, "fp32", compiled_step(tm_remat, b, t, "fp32", dev),
+                        note="levels.memory.remat: 8 (backward recomputes per group of 8 chunks)"))
         if gpu and importable("titans_pytorch"):
             out.append(Case("titans-memory", "titans-pytorch", b, t, "fp32", titans_pytorch_step(b, t, dev)))
     dn = specs.deltanet(D, 4, None if not small else 16)

@@ -293,6 +293,8 @@ def build_graph(spec: Spec) -> LevelGraph:
         if lv.chunk is not None and lv.period != 1:
             issues.add(("levels", name, "chunk"), f"'chunk' applies to period-1 levels only; this level has "
                        f"{_period_text(lv.period)}")
+        if lv.remat is not None:
+            _check_remat(issues, name, lv)
         _check_objective(issues, name, lv.objective)
         _check_rule(issues, name, lv.rule)
         if lv.is_outer and getattr(lv.rule, "eps_root", None):
@@ -457,6 +459,25 @@ def _check_objective(issues: _Issues, level: str, objective: str) -> None:
         issues.add(loc, f"module {module!r} has no attribute {attr!r}{_suggest(attr, names)}")
     elif not callable(fn):
         issues.add(loc, f"{objective!r} is not callable")
+
+
+def _check_remat(issues: _Issues, name: str, lv: Any) -> None:
+    """``remat`` needs an inner loop and an executor that checkpointing can wrap (not torch.func)."""
+    loc = ("levels", name, "remat")
+    if lv.is_outer:
+        issues.add(loc, "'remat' applies to in-context levels only (the outer level has no inner loop "
+                   "to recompute); remove it")
+        return
+    try:
+        from nestlearn.rules import coerce
+        from nestlearn.rules.dgd import DGD
+
+        rule = coerce(lv.rule)
+    except Exception:  # noqa: BLE001  (a bad rule is reported by its own check)
+        return
+    if not (rule.linear or isinstance(rule, DGD)):
+        issues.add(loc, f"'remat' is not available for rule {lv.rule.name!r}: its executor differentiates "
+                   "with torch.func, which checkpointing cannot wrap (sgd, momentum and dgd levels can)")
 
 
 def _check_rule(issues: _Issues, level: str, rule: Any) -> None:

@@ -8,6 +8,7 @@ meta-learns in context. See :class:`NestedInit`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -94,7 +95,7 @@ class MemoryOp(Op):
         offset = mem_state["offset"] if mem_state is not None else 0
         hp, chunk_hp = self.hypers(rule.hypers, x, offset, period, state.get("chunk_hp"))
         pb = MemoryProblem(self.arch, rule, self.level.objective, q, k, v, hp, period, self.level.grad,
-                           self.level.name, self.level.read_start, self.level.spec.chunk)
+                           self.level.name, self.level.read_start, self.level.spec.chunk, self.level.spec.remat)
         new: dict[str, Any] = {}
         if self.nest is None:
             y, mem_state = run(pb, mem_state, self.level.executor)
@@ -212,5 +213,4 @@ class NestedInit(nn.Module):
 
 def _segment(pb: MemoryProblem, t0: int, t1: int) -> MemoryProblem:
     sl = slice(t0, t1)
-    return MemoryProblem(pb.arch, pb.rule, pb.objective, pb.q[:, :, sl], pb.k[:, :, sl], pb.v[:, :, sl],
-                         hp_at(pb.hp, sl), pb.period, pb.grad, pb.level, pb.read_start)
+    return replace(pb, q=pb.q[:, :, sl], k=pb.k[:, :, sl], v=pb.v[:, :, sl], hp=hp_at(pb.hp, sl))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from nestlearn.loops import fla_backend, stats
+from nestlearn.loops import fla_backend, remat, stats
 from nestlearn.loops.chunked import run_chunked
 from nestlearn.loops.common import GradMode, MemoryProblem, init_state, with_rule_constants
 from nestlearn.loops.delta import run_delta
@@ -24,7 +25,7 @@ __all__ = ["GradMode", "MemoryProblem", "init_state", "run", "run_sequential", "
 
 
 def run(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "auto") -> tuple[Tensor, dict[str, Any]]:
-    """Run ``pb`` from ``state`` (see ``_dispatch``), recording diagnostics when collecting.
+    """Run ``pb`` from ``state`` (executor: ``_pick``), recording diagnostics when collecting.
 
     Under autocast (bf16 / fp16 activations) the inner loop itself runs in fp32: fast weights,
     their optimiser state and the chunk algebra (products of many decays, triangular solves)
@@ -34,32 +35,41 @@ def run(pb: MemoryProblem, state: dict[str, Any], executor: Executor = "auto") -
         pb = replace(pb, hp=hp)
     use_fla = executor == "auto" and fla_backend.available(pb) and fla_backend.supports(pb)
     device = pb.q.device.type
+    def execute(p: MemoryProblem, s: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        fn = _pick(p, executor, use_fla)
+        if remat.applies(p):  # the level's remat: recompute per group of chunks in the backward
+            if fn is not run_chunked:
+                return remat.run_grouped(p, s, fn)
+            remat.warn_unsupported(p)
+        return fn(p, s)
+
     if torch.is_autocast_enabled(device) and not use_fla:
         with torch.autocast(device, enabled=False):
-            y, new_state = _dispatch(_fp32(pb), _fp32_tree(state), executor, use_fla)
+            y, new_state = execute(_fp32(pb), _fp32_tree(state))
     else:
-        y, new_state = _dispatch(pb, state, executor, use_fla)
+        y, new_state = execute(pb, state)
     if stats.active():
         stats.record(pb, state, new_state)
     return y, new_state
 
 
-def _dispatch(pb: MemoryProblem, state: dict[str, Any], executor: Executor, use_fla: bool,
-              ) -> tuple[Tensor, dict[str, Any]]:
+def _pick(pb: MemoryProblem, executor: Executor, use_fla: bool,
+          ) -> Callable[[MemoryProblem, dict[str, Any]], tuple[Tensor, dict[str, Any]]]:
     """``auto``: fla's kernels or the chunk-parallel delta rule where the problem is exactly a
-    (gated) delta rule (compute chunk: the level's ``chunk:``, else ``delta.auto_chunk``), the DGD closed form,
-    the closed form for linear rules, else ``vmap(grad)`` + scan; ``scan`` forces the last."""
+    (gated) delta rule (compute chunk: the level's ``chunk:``, else ``delta.auto_chunk``), the
+    DGD closed form, the closed form for linear rules, else ``vmap(grad)`` + scan; ``scan``
+    forces the last."""
     if executor == "sequential":
-        return run_sequential(pb, state)
+        return run_sequential
     if use_fla:
-        return fla_backend.run_fla(pb, state, pb.chunk)
+        return lambda p, s: fla_backend.run_fla(p, s, p.chunk)
     if executor == "auto" and delta_supports(pb):
-        return run_delta(pb, state, pb.chunk)
+        return lambda p, s: run_delta(p, s, p.chunk)
     if executor in ("auto", "chunked") and dgd_supports(pb):
-        return run_dgd_dual(pb, state)
+        return run_dgd_dual
     if executor == "scan" or not pb.rule.linear:
-        return run_chunked(pb, state)
-    return run_dual(pb, state)
+        return run_chunked
+    return run_dual
 
 
 def _fp32_tree(x: Any) -> Any:

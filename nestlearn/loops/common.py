@@ -51,11 +51,13 @@ class MemoryProblem:
     period: int
     grad: GradMode
     level: str = ""
+    """The level's name (for diagnostics: ``loops/stats.py``)."""
     read_start: bool = False
     """Read every token with its chunk-start state (the level's ``read: chunk_start``)."""
     chunk: int | None = None
     """Compute chunk of a period-1 parallel form (the level's ``chunk:``); None: the executor's default."""
-    """The level's name (for diagnostics: ``loops/stats.py``)."""
+    remat: int | None = None
+    """Recompute the backward per group of this many chunks (the level's ``remat:``; ``loops/remat.py``)."""
 
 
 def with_rule_constants(rule: Rule, hp: Mapping[str, Tensor | float]) -> dict[str, Tensor | float]:

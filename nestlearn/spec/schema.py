@@ -207,6 +207,11 @@ class LevelSpec(Strict):
     grad: Annotated[str, Field(pattern=GRAD_MODE)] = "unroll"
     chunk: Annotated[int, Field(gt=0)] | None = None
     """Execution chunk for period-1 levels whose rule has an exact parallel form (e.g. DeltaNet)."""
+    remat: Annotated[int, Field(gt=0)] | None = None
+    """Recompute this level's inner loop in the backward, per group of ``remat`` chunks: only
+    the carried state at each group boundary is kept, so activation memory grows with the
+    number of groups instead of every chunk's intermediates. Same results; costs one more
+    forward of the inner loop."""
     read: Literal["updated", "chunk_start"] = "updated"
     """``updated``: token t is read with the state after its own update (TTT's mini-batch
     semantics); ``chunk_start``: with the state at its chunk's start, so the weights are constant
