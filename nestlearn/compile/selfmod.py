@@ -39,6 +39,7 @@ from nestlearn.compile.memory_op import build_arch
 from nestlearn.loops import MemoryProblem, init_state, run
 from nestlearn.loops.chunked import segments
 from nestlearn.memories import LinearMemory, MemoryArch
+from nestlearn.rules.dgd import DGD
 from nestlearn.spec.schema import Gate, Learned, MemorySpec
 
 GENERATORS = ("k", "v", "lr", "decay")
@@ -110,30 +111,49 @@ class SelfModOp(Op):
         if "beta" in rule.hypers:
             beta["beta"] = self.beta.to(x.dtype) if self.beta is not None else float(rule.hypers["beta"])  # type: ignore[arg-type]
         dh = self.dh
-        ys = []
-        for t0, t1 in segments(mems["gen"]["offset"], gen_period, t):
+        # the generators chunk by chunk (each chunk's k / v / lr / decay come from its start
+        # state), then the main memory over the whole call in one executor run: it reads only
+        # what the generators made, so its chunks need not wait for theirs (the same math as
+        # interleaving them, with its per-call work -- coefficients, splits -- done once)
+        spans = list(segments(mems["gen"]["offset"], gen_period, t))
+        x_segs = xh.split([t1 - t0 for t0, t1 in spans], 2) if len(spans) > 1 else (xh,)
+        bias = torch.stack([self.gen_bias["lr"], self.gen_bias["decay"]], -1).to(x.dtype)[:, None]  # [H, 1, 2]
+        # the generators' read is never used: a plain one (read_start) where that changes nothing
+        # else (DGD's closed form; other rules keep their executor choice)
+        gen_read_start = isinstance(rule, DGD)
+        ks, vs, lrs, decays = [], [], [], []
+        for xs_seg in x_segs:
             g = mems["gen"]
             anchor = g["params"] if g["offset"] == 0 else g["anchor"]
-            xs_seg = xh[:, :, t0:t1]
-            gen = self.gen_arch.apply(anchor, xs_seg)
-            k = F.normalize(gen[..., :dh], dim=-1)
-            v = gen[..., dh : 2 * dh]
+            k_raw, v, rates = self.gen_arch.apply(anchor, xs_seg).split([dh, dh, 2], -1)
+            k = F.normalize(k_raw, dim=-1)
+            lr_raw, decay_raw = torch.sigmoid(rates + bias).unbind(-1)
             hp: dict[str, Tensor | float] = dict(beta)
-            hp["lr"] = self.max_lr * torch.sigmoid(gen[..., 2 * dh] + self.gen_bias["lr"].to(x.dtype)[:, None])
+            hp["lr"] = self.max_lr * lr_raw
             if self.max_decay > 0:
-                hp["decay"] = self.max_decay * torch.sigmoid(
-                    gen[..., 2 * dh + 1] + self.gen_bias["decay"].to(x.dtype)[:, None])
+                hp["decay"] = self.max_decay * decay_raw
             # the generators' self-generated values (bounded inputs keep the self-reference stable)
             vhat = self.gen_arch.apply(anchor, F.normalize(v, dim=-1))
             pb_gen = MemoryProblem(self.gen_arch, rule, lv.objective, xs_seg, k, vhat, hp, gen_period,
-                                   lv.grad, lv.name)
+                                   lv.grad, lv.name, read_start=gen_read_start)
             _, mems["gen"] = run(pb_gen, g, lv.executor)
-            pb_main = MemoryProblem(self.main_arch, rule, lv.objective, qh[:, :, t0:t1], k, v, hp, period,
-                                    lv.grad, lv.name, lv.read_start)
-            y, mems["main"] = run(pb_main, mems["main"], lv.executor)
-            ys.append(y)
-        y = torch.cat(ys, dim=2).transpose(1, 2).reshape(b, t, d)
+            ks.append(k)
+            vs.append(v)
+            lrs.append(hp["lr"])
+            decays.append(hp.get("decay"))
+        hp_main: dict[str, Tensor | float] = dict(beta)
+        hp_main["lr"] = _cat(lrs, 2)
+        if self.max_decay > 0:
+            hp_main["decay"] = _cat(decays, 2)
+        pb_main = MemoryProblem(self.main_arch, rule, lv.objective, qh, _cat(ks, 2), _cat(vs, 2), hp_main,
+                                period, lv.grad, lv.name, lv.read_start)
+        y, mems["main"] = run(pb_main, mems["main"], lv.executor)
+        y = y.transpose(1, 2).reshape(b, t, d)
         return self.out(y), {"mems": mems, "conv": conv_state}
+
+
+def _cat(xs: list[Any], dim: int) -> Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(xs, dim)
 
 
 def _gate_of(level: Level, name: str, h: Any) -> tuple[float, float]:

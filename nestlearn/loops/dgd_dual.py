@@ -17,17 +17,25 @@ so ``e`` solves one unit-lower-triangular system per chunk, ``(I + L) E = R`` wi
 ``L_ts = K_{t-1,s} eta_s (u_s . u_t)`` for s < t, and every in-chunk read ``W_t x'_t`` is a
 masked matmul (the dual form) -- no weight copy per token. Biases follow the same formula
 without the ``u u^T`` term. Coefficients come from log-space cumulative sums (``dual.segsum``).
+
+Launch-bound on GPU (tiny products per chunk), so each chunk dispatches as few ops as it can:
+the coefficients of every chunk of a call are computed at once, q/k/v/gates split once, every
+product is a plain ``bmm`` / ``baddbmm`` over ``[B*H, ...]``, and the solve's rows (``u_t``) and
+the read's (``x'_t``) are stacked so that one matmul per term serves both.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from nestlearn.loops.common import MemoryProblem, Params, detach_tree, weighted_outer, weighted_sum
-from nestlearn.loops.dual import _hp, _log, _scale, chunk_signals, identity, run_segments, segsum
+from nestlearn.loops.chunked import segments
+from nestlearn.loops.common import MemoryProblem, Params, detach_tree
+from nestlearn.loops.dual import _hp_all, _log, _split, chunk_signals, run_segments, segsum
 from nestlearn.memories.base import MemoryArch
 
 
@@ -75,76 +83,147 @@ def _shift(x: Tensor) -> Tensor:
 
 
 def run_dgd_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-    return run_segments(pb, state, lambda p, o, a, t0, t1: _segment(pb, p, o, a, t0, t1))
+    """Every chunk of the call in ``[B*H, ...]`` tensors (so each product is one ``bmm``, not a
+    broadcasting ``matmul`` of views and expands), its inputs split and its coefficients
+    computed once for all chunks; the state is flattened on entry and restored on exit."""
+    bh = pb.q.shape[:2]
+    spans = list(segments(state["offset"], pb.period, pb.q.shape[2]))
+    parts = dict(zip([t0 for t0, _ in spans], _chunk_inputs(pb, [t1 - t0 for t0, t1 in spans])))
+    flat = {**state, "params": _flat(state["params"]), "anchor": _flat(state["anchor"]),
+            "opt": {"m": _flat(state["opt"]["m"])}}
+    y, new = run_segments(pb, flat, lambda p, o, a, t0, t1: _segment(pb, p, o, a, parts[t0], bh))
+    out = {**new, "params": _unflat(new["params"], bh), "anchor": _unflat(new["anchor"], bh),
+           "opt": {"m": _unflat(new["opt"]["m"], bh)}}
+    return y, out
+
+
+Chunk = tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]
+
+
+def _flat(p: Params) -> Params:
+    return {k: t.flatten(0, 1) for k, t in p.items()}
+
+
+def _unflat(p: Params, bh: torch.Size) -> Params:
+    return {k: t.unflatten(0, bh) for k, t in p.items()}
+
+
+def _chunk_inputs(pb: MemoryProblem, sizes: list[int]) -> Iterator[Chunk]:
+    """Every span's ``(q, k, v, coefficients)`` over ``[B*H, n, ...]``, prepared for the whole
+    call at once: one split per tensor (a slice per chunk would cost a full-size zero gradient
+    per chunk in backward), q/k/v contiguous once, and the coefficients of every run of
+    equal-length spans in one batched pass (they depend on the gates only)."""
+    stop = pb.grad.kind == "stop"
+    q, k, v = pb.q, pb.k, pb.v
+    lr, decay, beta = (_hp_all(pb, n, q).flatten(0, 1) for n in ("lr", "decay", "beta"))
+    if stop:
+        k, v, lr, decay, beta = k.detach(), v.detach(), lr.detach(), decay.detach(), beta.detach()
+    runs = [(n, len(list(g))) for n, g in itertools.groupby(sizes)]
+    pieces = zip(*(_split(g, [n * m for n, m in runs], -1) for g in (lr, beta, decay)))
+    cos: list[dict[str, Tensor]] = []
+    for (n, m), piece in zip(runs, pieces):
+        lr_r, beta_r, decay_r = (g.unflatten(-1, (m, n)) for g in piece)  # [BH, m, n]
+        co = dgd_coefficients(lr_r, beta_r, decay_r)
+        gam, c, keta, g_ = co["gam"], co["c"], co["Keta"], co["G"]
+        shaped = {
+            "gam": gam.unsqueeze(-1), "c": c.unsqueeze(-1), "gam_p": co["gam_p"].unsqueeze(-1),
+            "c_p": co["c_p"].unsqueeze(-1), "nKeta": -keta, "nG": -g_, "Keta_p": co["Keta_p"],
+            "nG_p": -co["G_p"], "gam_end": gam[..., -1, None, None], "c_end": c[..., -1, None, None],
+            "b_end": co["b_end"][..., None, None], "nketa_end": -keta[..., -1, :, None],
+            "ng_end": -g_[..., -1, :, None], "B_end": co["B_end"].unsqueeze(-1),
+        }
+        # the solve's right-hand side (rows at t-1) stacked over the read (rows at t): one
+        # product per term serves both (see ``_segment``)
+        shaped.update(gam2=torch.cat([shaped["gam_p"], shaped["gam"]], -2),
+                      c2=torch.cat([shaped["c_p"], shaped["c"]], -2),
+                      nG2=torch.cat([shaped["nG_p"], shaped["nG"]], -2),
+                      K2=torch.cat([shaped["Keta_p"], shaped["nKeta"]], -2))
+        cos.extend(dict(zip(shaped, ts)) for ts in zip(*(t.unbind(1) for t in shaped.values())))
+    qs, ks, vs = (_split(x.contiguous().flatten(0, 1), sizes, 1) for x in (q, k, v))
+    return zip(qs, ks, vs, cos)
 
 
 def _segment(
-    pb: MemoryProblem, params: Params, opt: dict[str, Any], anchor: Params, t0: int, t1: int,
+    pb: MemoryProblem, params: Params, opt: dict[str, Any], anchor: Params, part: Chunk, bh: torch.Size,
 ) -> tuple[Tensor, Params, dict[str, Any]]:
     stop = pb.grad.kind == "stop"
-    k, v, q = pb.k[:, :, t0:t1], pb.v[:, :, t0:t1], pb.q[:, :, t0:t1]
-    lr, decay, beta = (_hp(pb, n, t0, t1, q) for n in ("lr", "decay", "beta"))
-    if stop:
-        k, v, lr, decay, beta = k.detach(), v.detach(), lr.detach(), decay.detach(), beta.detach()
+    q, k, v, co = part
 
     # 1. error signals and layer inputs at the chunk-start state, one batched pass
     deltas, inputs = chunk_signals(pb, anchor, k, v)
     names = [layer.weight for layer in pb.arch.layers]
 
-    co = dgd_coefficients(lr, beta, decay)
     m0: Params = opt["m"]
     cur = detach_tree(params) if stop else params
     if stop:
         m0 = detach_tree(m0)
     bias_of = {layer.weight: layer.bias for layer in pb.arch.layers}
     units = {n: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) for n, x in inputs.items()}
+    xT = {n: inputs[n].transpose(1, 2) for n in names}
+    uT = {n: units[n].transpose(1, 2) for n in names}
+    wT = {n: cur[n].transpose(1, 2) for n in names}
+    mT = {n: m0[n].transpose(1, 2) for n in names}
 
     # 2. e_t = W_{t-1} u_t for every weight: one triangular solve per chunk
+    #    (I + L) e = r,  r_t = gam_{t-1} W u_t + c_{t-1} m0 u_t - sum_r G_{t-1,r} (u_t . x_r) d_r
     es: dict[str, Tensor] = {}
-    for n in names:
-        u, x, d = units[n], inputs[n], deltas[n]
-        r = (co["gam_p"].unsqueeze(-1) * _mv(cur[n], u) + co["c_p"].unsqueeze(-1) * _mv(m0[n], u)
-             - (co["G_p"] * (u @ x.transpose(-1, -2))) @ d)
-        L = co["Keta_p"] * (u @ u.transpose(-1, -2))
-        eye = identity(L.shape[-1], L.dtype, L.device)
-        # the solve in at least fp32 (no bf16 kernel; the small n x n system wants the precision)
-        work = torch.promote_types(r.dtype, torch.float32)
-        es[n] = torch.linalg.solve_triangular((eye + L).to(work), r.to(work), upper=False,
-                                              unitriangular=True).to(r.dtype)
 
-    # 3. the dual read: every token with its own in-chunk weights
+    def solve(name: str, L: Tensor, r: Tensor) -> Tensor:  # L strictly lower: unit diagonal implied
+        if r.dtype in (torch.float16, torch.bfloat16):  # no half kernel; the n x n system wants fp32
+            e = torch.linalg.solve_triangular(L.float(), r.float(), upper=False, unitriangular=True).to(r.dtype)
+        else:
+            e = torch.linalg.solve_triangular(L, r, upper=False, unitriangular=True)
+        es[name] = e
+        return e
+
+    def solve_alone(name: str) -> None:
+        u, d = units[name], deltas[name]
+        r = torch.baddbmm(torch.bmm(co["gam_p"] * u, wT[name]), co["c_p"] * u, mT[name])
+        r = torch.baddbmm(r, co["nG_p"] * torch.bmm(u, xT[name]), d)
+        solve(name, co["Keta_p"] * torch.bmm(u, uT[name]), r)
+
+    # 3. the dual read: every token with its own in-chunk weights. The solve's rows (u_t, the
+    #    coefficients at t-1) and the read's (a_t, at t) take the same products: stacked, each
+    #    product is one matmul for both, and the solve happens here, just before its e is read
     def read(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
-        u, x, d, e = units[name], inputs[name], deltas[name], es[name]
-        z = (co["gam"].unsqueeze(-1) * _mv(w, a) + co["c"].unsqueeze(-1) * _mv(m0[name], a)
-             - (co["Keta"] * (a @ u.transpose(-1, -2))) @ e - (co["G"] * (a @ x.transpose(-1, -2))) @ d)
+        d = deltas[name]
+        if name in es:  # already solved (a weight read twice): the read alone
+            z = torch.baddbmm(torch.bmm(co["gam"] * a, wT[name]), co["c"] * a, mT[name])
+            z = torch.baddbmm(z, co["nKeta"] * torch.bmm(a, uT[name]), es[name])
+            z = torch.baddbmm(z, co["nG"] * torch.bmm(a, xT[name]), d)
+        else:
+            n = a.shape[1]
+            ua = torch.cat([units[name], a], 1)  # [BH, 2n, i]
+            z2 = torch.baddbmm(torch.bmm(co["gam2"] * ua, wT[name]), co["c2"] * ua, mT[name])
+            z2 = torch.baddbmm(z2, co["nG2"] * torch.bmm(ua, xT[name]), d)
+            r, z = z2.split(n, 1)
+            L, ku = (co["K2"] * torch.bmm(ua, uT[name])).split(n, 1)
+            z = torch.baddbmm(z, ku, solve(name, L, r))
         bn = bias_of[name]
         if b is not None and bn is not None:
-            z = z + co["gam"].unsqueeze(-1) * b.unsqueeze(-2) + co["c"].unsqueeze(-1) * m0[bn].unsqueeze(-2) - co["G"] @ d
+            z = z + co["gam"] * b.unsqueeze(-2) + co["c"] * m0[bn].unsqueeze(-2) + co["nG"] @ d
         return z
 
     if pb.read_start:  # weights constant within the chunk: a plain read at its start
         y = pb.arch.apply(detach_tree(anchor) if stop else anchor, q)
     else:
         y = pb.arch.apply(cur, q, read)
+    for n in names:
+        if n not in es:  # not read (read_start): solved on its own
+            solve_alone(n)
 
     # 4. chunk-end state: one matmul per weight
     new_p: Params = {}
     new_m: Params = {}
-    keta_end, g_end, b_end = co["Keta"][..., -1, :], co["G"][..., -1, :], co["B_end"]
     for layer in pb.arch.layers:
         n, u, x, d, e = layer.weight, units[layer.weight], inputs[layer.weight], deltas[layer.weight], es[layer.weight]
-        new_p[n] = (_scale(co["gam"][..., -1], cur[n]) + _scale(co["c"][..., -1], m0[n])
-                    - weighted_outer(keta_end, e, u)
-                    - weighted_outer(g_end, d, x))
-        new_m[n] = _scale(co["b_end"], m0[n]) + weighted_outer(b_end, d, x)
-        if layer.bias is not None:
+        p = torch.addcmul(co["gam_end"] * cur[n], co["c_end"], m0[n])
+        p = torch.baddbmm(p, (e * co["nketa_end"]).transpose(1, 2), u)
+        new_p[n] = torch.baddbmm(p, (d * co["ng_end"]).transpose(1, 2), x)
+        new_m[n] = torch.baddbmm(co["b_end"] * m0[n], (d * co["B_end"]).transpose(1, 2), x)
+        if layer.bias is not None:  # the same over [BH, o]: coefficients [BH, 1] / [BH, n, 1]
             bn = layer.bias
-            new_p[bn] = (_scale(co["gam"][..., -1], cur[bn]) + _scale(co["c"][..., -1], m0[bn])
-                         - weighted_sum(g_end, d))
-            new_m[bn] = _scale(co["b_end"], m0[bn]) + weighted_sum(b_end, d)
-    return y, new_p, {"m": new_m}
-
-
-def _mv(w: Tensor, a: Tensor) -> Tensor:
-    """``W a_t`` for every token: ``[B,H,o,i] x [B,H,n,i] -> [B,H,n,o]``."""
-    return a @ w.transpose(-1, -2)
+            p_b = torch.addcmul(co["gam_end"][..., 0] * cur[bn], co["c_end"][..., 0], m0[bn])
+            new_p[bn] = p_b + (d * co["ng_end"]).sum(1)
+            new_m[bn] = co["b_end"][..., 0] * m0[bn] + (d * co["B_end"]).sum(1)
+    return y.unflatten(0, bh), new_p, {"m": new_m}
