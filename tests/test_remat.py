@@ -147,3 +147,28 @@ def test_rule_swapped_to_one_without_closed_form_warns_and_runs() -> None:
     with pytest.warns(UserWarning, match="remat is not applied"):
         y1, _ = run(adam, init_state(pb.arch, adam.rule, init, B))
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+
+
+def test_hope_selfmod_remat_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOPE's self-modifying memory (DGD closed form) under ``levels.selfmod.remat``."""
+    import nestlearn
+    from nestlearn.loops import remat
+
+    hope = Path(__file__).resolve().parents[1] / "models" / "hope.yaml"
+    over = ["model.dim=32", "model.depth=1", "model.heads=2"]
+    torch.manual_seed(0)
+    a = nestlearn.compile(hope, over).double()
+    torch.manual_seed(0)
+    b = nestlearn.compile(hope, [*over, "levels.selfmod.remat=2"]).double()
+    calls: list[int] = []
+    real = remat.run_grouped
+    monkeypatch.setattr(remat, "run_grouped", lambda *args: calls.append(1) or real(*args))
+    x = torch.randint(0, 256, (1, 100))
+    ya, yb = a(x)[0], b(x)[0]
+    assert calls
+    torch.testing.assert_close(yb, ya, rtol=1e-12, atol=1e-12)
+    ga = torch.autograd.grad(ya.square().mean(), list(a.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(yb.square().mean(), list(b.parameters()), allow_unused=True)
+    for u, w in zip(ga, gb, strict=True):
+        if u is not None:
+            torch.testing.assert_close(w, u, rtol=1e-10, atol=1e-12)

@@ -146,7 +146,7 @@ class SelfModOp(Op):
         if self.max_decay > 0:
             hp_main["decay"] = _cat(decays, 2)
         pb_main = MemoryProblem(self.main_arch, rule, lv.objective, qh, _cat(ks, 2), _cat(vs, 2), hp_main,
-                                period, lv.grad, lv.name, lv.read_start)
+                                period, lv.grad, lv.name, lv.read_start, remat=lv.spec.remat)
         y, mems["main"] = run(pb_main, mems["main"], lv.executor)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.out(y), {"mems": mems, "conv": conv_state}
