@@ -163,7 +163,10 @@ def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tu
     create = pb.grad.create_graph and not stop
     inputs: dict[str, Tensor] = {}
     outs: dict[str, Tensor] = {}
-    with torch.enable_grad():
+    # The tensors this inner graph saves are kept as they are even inside a level's ``remat``
+    # checkpoint: the autograd.grad below unpacks them at once, and a checkpointed save would
+    # make every such unpack re-run the whole group's forward (quadratic work and memory).
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
         def record(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
             z = plain_lin(name, w, a, b)
             if not z.requires_grad:
@@ -184,6 +187,10 @@ def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tu
     if not create:
         deltas, inputs = detach_tree(deltas), detach_tree(inputs)
     return deltas, inputs
+
+
+def _keep(t: Tensor) -> Tensor:
+    return t
 
 
 def _segment(
