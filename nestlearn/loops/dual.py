@@ -161,6 +161,12 @@ def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tu
     chunk's tokens in one batched pass: ``(deltas, inputs)`` keyed by weight name."""
     stop = pb.grad.kind == "stop"
     create = pb.grad.create_graph and not stop
+    src = detach_tree(anchor) if stop else anchor
+    if pb.objective in BUILTIN.values():  # an explicit backward where the memory has one
+        with torch.set_grad_enabled(torch.is_grad_enabled() and create):
+            sig = pb.arch.error_signals(src, k, lambda pred: error_signal(pb.objective, pred, v, create))
+        if sig is not None:
+            return sig if create else (detach_tree(sig[0]), detach_tree(sig[1]))
     inputs: dict[str, Tensor] = {}
     outs: dict[str, Tensor] = {}
     # The tensors this inner graph saves are kept as they are even inside a level's ``remat``
@@ -174,7 +180,6 @@ def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tu
             inputs[name], outs[name] = a, z
             return z
 
-        src = detach_tree(anchor) if stop else anchor
         pred = pb.arch.apply(src, k, record)
         names = [layer.weight for layer in pb.arch.layers]
         wrt = [outs[n] for n in names]

@@ -31,6 +31,20 @@ ACTS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+ACT_VJPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    # (dL/d act(z), z) -> dL/dz: autograd's own backward kernels where they are differentiable
+    # again (the outer loss differentiates through them): one fused kernel each
+    "silu": lambda g, z: g * torch.sigmoid(z) * (1.0 + z * (1.0 - torch.sigmoid(z))),  # silu_backward has no derivative
+    "gelu": lambda g, z: torch.ops.aten.gelu_backward(g, z),
+    "relu": lambda g, z: torch.ops.aten.threshold_backward(g, z, 0),
+    "tanh": lambda g, z: torch.ops.aten.tanh_backward(g, torch.tanh(z)),
+}
+"""Each activation's vector-Jacobian product, for memories that backpropagate by hand."""
+
+Signals = tuple[dict[str, Tensor], dict[str, Tensor]]
+"""``(deltas, inputs)``: per weight name, ``dL/dz`` of the layer's output and the layer's input."""
+
+
 @dataclass
 class Layer:
     weight: str
@@ -50,6 +64,14 @@ class MemoryArch:
 
     def apply(self, params: dict[str, Tensor], x: Tensor, lin: Lin = plain_lin) -> Tensor:
         raise NotImplementedError
+
+    def error_signals(self, params: dict[str, Tensor], x: Tensor,
+                      dloss: Callable[[Tensor], Tensor]) -> Signals | None:
+        """Every layer's error signal and input for the loss whose gradient at the prediction
+        is ``dloss(pred)``, by an explicit backward pass (no ``torch.autograd.grad``: such a pass
+        composes with checkpointing and compilers); ``None`` where a memory has none, and the
+        executors differentiate ``apply`` instead."""
+        return None
 
     def state_numel(self) -> int:
         return sum(p.numel() for p in self.init_params().values())

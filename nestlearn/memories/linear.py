@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from nestlearn.memories.base import Layer, Lin, MemoryArch, plain_lin
+from nestlearn.memories.base import Layer, Lin, MemoryArch, Signals, plain_lin
 
 
 class LinearMemory(MemoryArch):
@@ -24,3 +26,7 @@ class LinearMemory(MemoryArch):
 
     def apply(self, params: dict[str, Tensor], x: Tensor, lin: Lin = plain_lin) -> Tensor:
         return lin("W", params["W"], x, params.get("b"))
+
+    def error_signals(self, params: dict[str, Tensor], x: Tensor,
+                      dloss: Callable[[Tensor], Tensor]) -> Signals | None:
+        return {"W": dloss(self.apply(params, x))}, {"W": x}

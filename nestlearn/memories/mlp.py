@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from nestlearn.memories.base import ACTS, Layer, Lin, MemoryArch, plain_lin
+from nestlearn.memories.base import ACT_VJPS, ACTS, Layer, Lin, MemoryArch, Signals, plain_lin
 
 
 class MLPMemory(MemoryArch):
@@ -43,3 +44,23 @@ class MLPMemory(MemoryArch):
             if i < self.depth - 1:
                 h = act(h)
         return x + h if self.residual else h
+
+    def error_signals(self, params: dict[str, Tensor], x: Tensor,
+                      dloss: Callable[[Tensor], Tensor]) -> Signals | None:
+        act, act_vjp = ACTS[self.act], ACT_VJPS[self.act]
+        inputs: dict[str, Tensor] = {}
+        zs: list[Tensor] = []
+        h = x
+        for i, layer in enumerate(self.layers):
+            inputs[layer.weight] = h
+            z = plain_lin(layer.weight, params[layer.weight], h, params.get(layer.bias or ""))
+            zs.append(z)
+            h = act(z) if i < self.depth - 1 else z
+        delta = dloss(x + h if self.residual else h)  # the residual passes dL/dpred to the last layer
+        deltas: dict[str, Tensor] = {}
+        for i in range(self.depth - 1, -1, -1):
+            name = self.layers[i].weight
+            deltas[name] = delta
+            if i > 0:
+                delta = act_vjp(delta @ params[name], zs[i - 1])
+        return deltas, inputs
