@@ -174,6 +174,30 @@ def compiled_step(doc: dict[str, Any], b: int, t: int, dtype: str, dev: torch.de
     return build
 
 
+def with_compiled_chunk_step(build: Callable[[], Step]) -> Callable[[], Step]:
+    """The same step with the closed-form chunk step compiled (``dual.compile_chunk_steps``;
+    what ``nestlearn run --compile`` does inside the inner loops), switched on only while the
+    step runs so the other rows stay eager."""
+    def build_compiled() -> Step:
+        from nestlearn.loops import dual
+
+        step = build()
+        dual.compile_chunk_steps(True)
+        fn = dual._compiled_segment
+        dual.compile_chunk_steps(False)
+
+        def run() -> None:
+            dual._compiled_segment = fn
+            try:
+                step()
+            finally:
+                dual._compiled_segment = None
+
+        return run
+
+    return build_compiled
+
+
 def delta_kernel_step(b: int, t: int, h: int, d: int, dev: torch.device, backend: str,
                       chunk: int | None = None) -> Callable[[], Step]:
     """The bare inner loop (no projections), bf16 in: ours in PyTorch (``torch``, at ``chunk``
@@ -378,6 +402,9 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
         out.append(Case("titans-memory", "hand-written", b, t, "fp32", compiled_step(tm, b, t, "fp32", dev, True)))
         out.append(Case("titans-memory", "nestlearn-remat8", b, t, "fp32", compiled_step(tm_remat, b, t, "fp32", dev),
                         note="levels.memory.remat: 8 (backward recomputes per group of 8 chunks)"))
+        out.append(Case("titans-memory", "nestlearn-compiled-step", b, t, "fp32",
+                        with_compiled_chunk_step(compiled_step(tm, b, t, "fp32", dev)),
+                        note="chunk step through torch.compile (dual.compile_chunk_steps)"))
         if gpu and importable("titans_pytorch"):
             out.append(Case("titans-memory", "titans-pytorch", b, t, "fp32", titans_pytorch_step(b, t, dev)))
     dn = specs.deltanet(D, 4, None if not small else 16)

@@ -51,7 +51,7 @@ def test_run_with_compile(tmp_path: Path) -> None:
     code, out = nl("run", TINY, "--steps", "3", "--batch", "4", "--seq-len", "32", "--threads", "1",
                    "--compile", "--out", tmp_path / "c")
     assert code == 0, out
-    assert out.count("--compile: the inner loops of level 'memory' run eagerly") == 1, out
+    assert out.count("--compile: the inner loops of level 'memory' run their chunk loop eagerly") == 1, out
     assert "failed" not in out
     s = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert s["status"] == "done" and json.loads((tmp_path / "c" / "config.json").read_text())["compile"] is True

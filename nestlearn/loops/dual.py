@@ -108,7 +108,22 @@ def run_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str
     has_m = "S" in state["opt"]
     spans = list(segments(state["offset"], pb.period, pb.q.shape[2]))
     parts = dict(zip([t0 for t0, _ in spans], _chunk_inputs(pb, [t1 - t0 for t0, t1 in spans], has_m)))
-    return run_segments(pb, state, lambda p, o, a, t0, t1: _segment(pb, p, o, a, parts[t0], has_m))
+    step = _compiled_segment or _segment
+    return run_segments(pb, state, lambda p, o, a, t0, t1: step(pb, p, o, a, parts[t0], has_m))
+
+
+_compiled_segment: Callable[..., tuple[Tensor, Params, dict[str, Any]]] | None = None
+
+
+def compile_chunk_steps(enabled: bool = True) -> None:
+    """Run this executor's chunk step (error signals, dual read, chunk-end state) through
+    ``torch.compile``: its element-wise work fuses into a few kernels. Possible because the
+    step differentiates nothing itself where the memory has an explicit backward
+    (``MemoryArch.error_signals``) and the objective is built in; elsewhere dynamo breaks the
+    graph at the ``autograd.grad`` and runs that part eagerly. One compile per chunk length
+    (``dynamic=False``). ``nestlearn run --compile`` turns it on."""
+    global _compiled_segment
+    _compiled_segment = torch.compile(_segment, dynamic=False) if enabled else None
 
 
 SegmentStep = Callable[[Params, dict[str, Any], Params, int, int], tuple[Tensor, Params, dict[str, Any]]]

@@ -14,6 +14,10 @@ What torch.compile (dynamo + inductor) can and cannot do with a compiled spec:
   self-modifying memory, a CMS MLP, a MAC block: any op tied to a non-outer level) excluded
   with ``torch.compiler.disable``: those run eagerly (and still record ``loops.stats``), the
   embedding, norms, attention, projections and residual adds between them are compiled.
+- Inside those ops, the closed-form chunk step of linear rules (``loops/dual.py``) is compiled
+  on its own (``dual.compile_chunk_steps``): for MLP / linear memories and built-in objectives
+  it computes its error signals by an explicit backward, so it has no ``autograd.grad`` to
+  trace (CPU, Titans memory fwd+bwd: 1.5-1.7x faster than eager after a ~16 s compile).
   The compiled step equals the eager one to float rounding.
 - torch 2.13's AOTAutograd cache replays some cached graphs with corrupt output-alias shapes
   (a ``shape '[9385..., ...]' is invalid`` error on the second process that compiles the same
@@ -67,11 +71,16 @@ class Compiled:
     _restore: list[Callable[[], None]] = field(default_factory=list)
     active: bool = True
 
-    def fall_back(self, error: BaseException) -> str:
-        """Run eagerly from now on; returns the one-line explanation to show the user."""
+    def release(self) -> None:
+        """Undo what compiling changed in place (the ops' eager wrappers, the compiled chunk
+        step): at the end of a run, so a later model in the same process runs as it was."""
         for undo in self._restore:
             undo()
         self._restore.clear()
+
+    def fall_back(self, error: BaseException) -> str:
+        """Run eagerly from now on; returns the one-line explanation to show the user."""
+        self.release()
         self.fwd = self.model
         self.active = False
         return (f"--compile: torch.compile failed on this model ({describe_error(error)}); "
@@ -129,9 +138,13 @@ def compile_model(model: nn.Module, wrapped: nn.Module | None = None) -> Compile
             levels.append(level)
     fwd: nn.Module = torch.compile(wrapped)  # type: ignore[assignment]
     if levels:
+        from nestlearn.loops import dual
+
+        dual.compile_chunk_steps(True)
+        restore.append(lambda: dual.compile_chunk_steps(False))
         names = ", ".join(f"'{n}'" for n in levels)
-        note = (f"--compile: the inner loops of level{'s' if len(levels) > 1 else ''} {names} run eagerly "
-                "(torch.compile cannot trace torch.autograd.grad inside a forward pass); "
+        note = (f"--compile: the inner loops of level{'s' if len(levels) > 1 else ''} {names} run their chunk "
+                "loop eagerly with the closed-form chunk step (sgd / momentum / decay rules) compiled; "
                 "everything else is compiled")
     else:
         note = "--compile: the whole model is compiled (it has no in-context level)"

@@ -574,6 +574,8 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if self.compiled is not None:
+                self.compiled.release()
             D.shutdown()
 
     def _fit(self) -> dict[str, Any]:
