@@ -162,15 +162,16 @@ def test_compile_equals_eager_with_the_inner_loops_left_eager(spec: Any, tmp_pat
     s = Trainer(spec, TrainConfig(**cfg, compile=True), tmp_path / "compiled", reporter=rep).fit()
     assert s["status"] == "done"
     assert rep.messages == ["--compile: the inner loops of level 'memory' run their chunk loop eagerly with the "
-                            "closed-form chunk step (sgd / momentum / decay rules) compiled; everything else is "
+                            "closed-form chunk step (sgd / momentum / decay / dgd rules) compiled; everything else is "
                             "compiled"]
     assert _train_losses(tmp_path / "compiled") == pytest.approx(_train_losses(tmp_path / "eager"), rel=1e-4)
     eager = read_metrics(tmp_path / "eager" / "metrics.jsonl")[-2]["levels"]["memory"]
     compiled = read_metrics(tmp_path / "compiled" / "metrics.jsonl")[-2]["levels"]["memory"]
     assert compiled == pytest.approx(eager, rel=1e-4)  # the eager inner loops still record their stats
-    from nestlearn.loops import dual
+    from nestlearn.loops import dgd_dual, dual
 
     assert dual._compiled_segment is None  # released at the end of the run: later models run eagerly
+    assert dgd_dual.compiled_segment is None
 
 
 def test_a_compiler_failure_is_said_once_and_the_run_goes_on_eagerly(spec: Any, tmp_path: Path,

@@ -27,7 +27,7 @@ the read's (``x'_t``) are stacked so that one matmul per term serves both.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -91,10 +91,15 @@ def run_dgd_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict
     parts = dict(zip([t0 for t0, _ in spans], _chunk_inputs(pb, [t1 - t0 for t0, t1 in spans])))
     flat = {**state, "params": _flat(state["params"]), "anchor": _flat(state["anchor"]),
             "opt": {"m": _flat(state["opt"]["m"])}}
-    y, new = run_segments(pb, flat, lambda p, o, a, t0, t1: _segment(pb, p, o, a, parts[t0], bh))
+    step = compiled_segment or _segment
+    y, new = run_segments(pb, flat, lambda p, o, a, t0, t1: step(pb, p, o, a, parts[t0], bh))
     out = {**new, "params": _unflat(new["params"], bh), "anchor": _unflat(new["anchor"], bh),
            "opt": {"m": _unflat(new["opt"]["m"], bh)}}
     return y, out
+
+
+compiled_segment: Callable[..., tuple[Tensor, Params, dict[str, Any]]] | None = None
+"""``_segment`` through torch.compile while ``dual.compile_chunk_steps`` is on (HOPE's hot path)."""
 
 
 Chunk = tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]

@@ -121,9 +121,13 @@ def compile_chunk_steps(enabled: bool = True) -> None:
     step differentiates nothing itself where the memory has an explicit backward
     (``MemoryArch.error_signals``) and the objective is built in; elsewhere dynamo breaks the
     graph at the ``autograd.grad`` and runs that part eagerly. One compile per chunk length
-    (``dynamic=False``). ``nestlearn run --compile`` turns it on."""
+    (``dynamic=False``). The DGD closed form's chunk step (``dgd_dual``: HOPE's self-modifying
+    memory) is switched with it. ``nestlearn run --compile`` turns both on."""
+    from nestlearn.loops import dgd_dual
+
     global _compiled_segment
     _compiled_segment = torch.compile(_segment, dynamic=False) if enabled else None
+    dgd_dual.compiled_segment = torch.compile(dgd_dual._segment, dynamic=False) if enabled else None
 
 
 SegmentStep = Callable[[Params, dict[str, Any], Params, int, int], tuple[Tensor, Params, dict[str, Any]]]

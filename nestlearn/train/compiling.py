@@ -14,10 +14,11 @@ What torch.compile (dynamo + inductor) can and cannot do with a compiled spec:
   self-modifying memory, a CMS MLP, a MAC block: any op tied to a non-outer level) excluded
   with ``torch.compiler.disable``: those run eagerly (and still record ``loops.stats``), the
   embedding, norms, attention, projections and residual adds between them are compiled.
-- Inside those ops, the closed-form chunk step of linear rules (``loops/dual.py``) is compiled
-  on its own (``dual.compile_chunk_steps``): for MLP / linear memories and built-in objectives
-  it computes its error signals by an explicit backward, so it has no ``autograd.grad`` to
-  trace (CPU, Titans memory fwd+bwd: 1.5-1.7x faster than eager after a ~16 s compile).
+- Inside those ops, the closed-form chunk step of linear rules (``loops/dual.py``) and of DGD
+  (``loops/dgd_dual.py``) is compiled on its own (``dual.compile_chunk_steps``): for MLP /
+  linear memories and built-in objectives it computes its error signals by an explicit
+  backward, so it has no ``autograd.grad`` to trace (CPU fwd+bwd: Titans memory 1.5-1.7x,
+  HOPE at dim 128 1.25x faster than eager, after a 16-24 s compile).
   The compiled step equals the eager one to float rounding.
 - torch 2.13's AOTAutograd cache replays some cached graphs with corrupt output-alias shapes
   (a ``shape '[9385..., ...]' is invalid`` error on the second process that compiles the same
@@ -144,7 +145,7 @@ def compile_model(model: nn.Module, wrapped: nn.Module | None = None) -> Compile
         restore.append(lambda: dual.compile_chunk_steps(False))
         names = ", ".join(f"'{n}'" for n in levels)
         note = (f"--compile: the inner loops of level{'s' if len(levels) > 1 else ''} {names} run their chunk "
-                "loop eagerly with the closed-form chunk step (sgd / momentum / decay rules) compiled; "
+                "loop eagerly with the closed-form chunk step (sgd / momentum / decay / dgd rules) compiled; "
                 "everything else is compiled")
     else:
         note = "--compile: the whole model is compiled (it has no in-context level)"
