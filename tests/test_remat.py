@@ -101,6 +101,16 @@ def test_no_recompute_without_grad() -> None:
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
 
 
+def _assert_same(a: torch.nn.Module, b: torch.nn.Module, ya: torch.Tensor, yb: torch.Tensor) -> None:
+    """Two models' outputs and every parameter gradient of a loss on them agree (float64)."""
+    torch.testing.assert_close(yb, ya, rtol=1e-12, atol=1e-12)
+    ga = torch.autograd.grad(ya.square().mean(), list(a.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(yb.square().mean(), list(b.parameters()), allow_unused=True)
+    for u, w in zip(ga, gb, strict=True):
+        if u is not None:
+            torch.testing.assert_close(w, u, rtol=1e-10, atol=1e-12)
+
+
 def test_spec_level_remat_compiles_and_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``remat:`` on a level reaches the executor; the outer level refuses it with its path."""
     import nestlearn
@@ -123,12 +133,7 @@ def test_spec_level_remat_compiles_and_matches(tmp_path: Path, monkeypatch: pyte
     assert not calls
     yb = b(x)[0]
     assert calls, "the level's remat did not reach the executor"
-    torch.testing.assert_close(yb, ya, rtol=1e-12, atol=1e-12)
-    ga = torch.autograd.grad(ya.square().mean(), list(a.parameters()), allow_unused=True)
-    gb = torch.autograd.grad(yb.square().mean(), list(b.parameters()), allow_unused=True)
-    for u, w in zip(ga, gb, strict=True):
-        if u is not None:
-            torch.testing.assert_close(w, u, rtol=1e-10, atol=1e-12)
+    _assert_same(a, b, ya, yb)
     outer = next(n for n, lv in a.spec.levels.items() if lv.is_outer)
     with pytest.raises(SpecError, match=rf"levels\.{outer}\.remat: 'remat' applies to in-context levels only"):
         nestlearn.compile(spec, [*over, f"levels.{outer}.remat=2"])
@@ -166,9 +171,4 @@ def test_hope_selfmod_remat_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randint(0, 256, (1, 100))
     ya, yb = a(x)[0], b(x)[0]
     assert calls
-    torch.testing.assert_close(yb, ya, rtol=1e-12, atol=1e-12)
-    ga = torch.autograd.grad(ya.square().mean(), list(a.parameters()), allow_unused=True)
-    gb = torch.autograd.grad(yb.square().mean(), list(b.parameters()), allow_unused=True)
-    for u, w in zip(ga, gb, strict=True):
-        if u is not None:
-            torch.testing.assert_close(w, u, rtol=1e-10, atol=1e-12)
+    _assert_same(a, b, ya, yb)
