@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -30,10 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=30.0, help="seconds of timed work per case at most")
     ap.add_argument("--skip-after", type=float, default=20.0,
                     help="skip a family's longer sequences once one iteration takes this many seconds")
-    ap.add_argument("--chunks", default="", help="comma-separated chunk sizes: extra rows of the bare delta rule")
-    ap.add_argument("--seqs", default="", help="comma-separated batch-1 lengths of the gpt/sdpa/stack/HOPE rows")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--chunks", type=_ints, default=(),
+                    help="comma-separated chunk sizes: extra rows of the bare delta rule")
+    ap.add_argument("--seqs", type=_ints, default=(),
+                    help="comma-separated batch-1 lengths of the gpt/sdpa/stack/HOPE rows")
+    ap.add_argument("--out", default="", help="JSON written after every row (atomically)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out and time only the missing ones")
     a = ap.parse_args(argv)
+    if a.resume and not a.out:
+        ap.error("--resume needs --out (the file whose rows to keep)")
     if a.small:
         a.warmup, a.reps, a.budget = 1, min(a.reps, 3), min(a.budget, 3.0)
     dev = torch.device(a.device)
@@ -45,24 +52,39 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     only = {s for s in a.only.split(",") if s} or None
-    rows = []
+    rows: list[dict] = []
+    if a.resume and os.path.exists(a.out):
+        try:
+            with open(a.out) as f:
+                rows = list(json.load(f)["rows"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: --resume: cannot read the rows of {a.out} ({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
+    done = {_key(r) for r in rows}
     slow: dict[tuple[str, str], float] = {}
+    for r in rows:
+        _note_slow(r, slow, a.skip_after)
     t_all = time.time()
-    ints = lambda s: tuple(int(n) for n in s.split(",") if n)  # noqa: E731
-    for c in cases(dev, a.small, only, ints(a.chunks), ints(a.seqs)):
-        key = (c.name, c.impl)
-        if key in slow:
-            rows.append({"name": c.name, "impl": c.impl, "batch": c.batch, "seq": c.seq, "dtype": c.dtype,
-                         "status": "skipped", "note": f"{slow[key]:.1f} s/iter at a shorter length"})
-        else:
-            rows.append(time_case(c, dev, a.warmup, a.reps, a.budget))
-            r = rows[-1]
-            if r.get("status") == "ok" and r["s_per_iter"] > a.skip_after or r.get("status") == "OOM":
-                slow[key] = r.get("s_per_iter", float("nan"))
-        _print_row(rows[-1])
-        if a.out:  # written after every row, so a run cut short keeps what it measured
-            with open(a.out, "w") as f:
-                json.dump({"meta": {"partial": True}, "rows": rows}, f, indent=1)
+    todo = [c for c in cases(dev, a.small, only, a.chunks, a.seqs)
+            if (c.name, c.impl, c.batch, c.seq) not in done]
+    if rows:
+        print(f"resuming: {len(rows)} rows kept from {a.out}, {len(todo)} to time", flush=True)
+    try:
+        for i, c in enumerate(todo, 1):
+            key = (c.name, c.impl)
+            if key in slow:
+                rows.append({"name": c.name, "impl": c.impl, "batch": c.batch, "seq": c.seq, "dtype": c.dtype,
+                             "status": "skipped", "note": f"{slow[key]:.1f} s/iter at a shorter length"})
+            else:
+                rows.append(time_case(c, dev, a.warmup, a.reps, a.budget))
+                _note_slow(rows[-1], slow, a.skip_after)
+            _print_row(rows[-1], f"[{i}/{len(todo)}]")
+            if a.out:  # after every row, so a run cut short keeps what it measured
+                _write(a.out, {"meta": {"partial": True}, "rows": rows})
+    except KeyboardInterrupt:
+        kept = f"; {len(rows)} rows kept in {a.out}: `--resume` times the rest" if a.out else ""
+        print(f"\ninterrupted{kept}", file=sys.stderr)
+        return 130
     meta = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -73,14 +95,41 @@ def main(argv: list[str] | None = None) -> int:
     targets = report(rows)
     print("\n" + targets)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "report": targets}, f, indent=1)
+        _write(a.out, {"meta": meta, "rows": rows, "report": targets})
     return 0
 
 
-def _print_row(r: dict) -> None:
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if any(n <= 0 for n in out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return out
+
+
+def _key(r: dict) -> tuple[str, str, int, int]:
+    return (r["name"], r["impl"], r["batch"], r["seq"])
+
+
+def _note_slow(r: dict, slow: dict[tuple[str, str], float], limit: float) -> None:
+    """A family's longer sequences are skipped once one of its rows is this slow (or OOM)."""
+    if r.get("status") == "ok" and r["s_per_iter"] > limit or r.get("status") == "OOM":
+        slow[(r["name"], r["impl"])] = r.get("s_per_iter", float("nan"))
+
+
+def _write(path: str, doc: dict) -> None:
+    """Atomically: an interrupt never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _print_row(r: dict, progress: str = "") -> None:
     tps = f"{r['tokens_per_s']:.4g}" if r.get("status") == "ok" else r.get("status")
-    print(f"  {r['name']:<16} {r['impl']:<19} {r['batch']}x{r['seq']:<6} {r['dtype']:<5} {tps} "
+    print(f"{progress:>8} {r['name']:<16} {r['impl']:<19} {r['batch']}x{r['seq']:<6} {r['dtype']:<5} {tps} "
           f"{r.get('error', '')}", flush=True)
 
 

@@ -1,0 +1,55 @@
+"""``python -m bench``: rows written as they come, Ctrl-C keeps them, ``--resume`` times only the rest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bench.__main__ as cli
+
+SMALL = ["--device", "cpu", "--small", "--only", "sdpa"]  # two fast rows: 1x128, 1x512
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return list(json.loads(path.read_text())["rows"])
+
+
+def test_interrupt_keeps_rows_and_resume_times_only_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b.json"
+    real = cli.time_case
+    timed: list[int] = []
+
+    def interrupt_second(case: Any, *a: Any) -> dict[str, Any]:
+        if timed:
+            raise KeyboardInterrupt
+        timed.append(case.seq)
+        return real(case, *a)
+
+    monkeypatch.setattr(cli, "time_case", interrupt_second)
+    assert cli.main([*SMALL, "--out", str(out)]) == 130
+    assert "interrupted; 1 rows kept" in capsys.readouterr().err
+    assert [r["seq"] for r in _rows(out)] == [128]
+
+    resumed: list[int] = []
+    monkeypatch.setattr(cli, "time_case", lambda case, *a: resumed.append(case.seq) or real(case, *a))
+    assert cli.main([*SMALL, "--out", str(out), "--resume"]) == 0
+    assert resumed == [512]
+    doc = json.loads(out.read_text())
+    assert [r["seq"] for r in doc["rows"]] == [128, 512] and "partial" not in doc["meta"]
+
+
+def test_bad_input_is_one_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main([*SMALL, "--seqs", "128,x"])
+    assert e.value.code == 2 and "--seqs: expected comma-separated positive integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main([*SMALL, "--resume"])
+    assert e.value.code == 2 and "--resume needs --out" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert cli.main([*SMALL, "--out", str(bad), "--resume"]) == 2
+    assert "cannot read the rows of" in capsys.readouterr().err
