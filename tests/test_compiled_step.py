@@ -35,3 +35,38 @@ def test_hope_with_compiled_chunk_steps_equals_eager() -> None:
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
     assert dual._compiled_segment is None and dgd_dual.compiled_segment is None
+
+
+def test_untraceable_steps_stay_eager_and_exact() -> None:
+    """A user objective (its inner grad would lose its graph under dynamo) and a memory without
+    an explicit backward (TTT) keep the eager step: same outputs and gradients as sequential."""
+    from nestlearn import objectives, rules
+    from nestlearn.loops import GradMode, MemoryProblem, init_state, run
+    from nestlearn.memories import LinearMemory
+
+    torch.manual_seed(0)
+    dt = torch.float64
+    arch = LinearMemory(3, 3, 1, init_std=0.5)
+    init = {n: (torch.randn(p.shape, dtype=dt) * 0.5).requires_grad_() for n, p in arch.init_params().items()}
+    q, k, v = (torch.randn(1, 1, 8, 3, dtype=dt, requires_grad=True) for _ in range(3))
+    user_objective = lambda p, t: (p - t).pow(4)  # noqa: E731
+    pb = MemoryProblem(arch, rules.sgd(0.05, 0.0), user_objective, q, k, v, {"lr": 0.05}, 4, GradMode())
+    assert not dual.traceable_step(pb)
+    assert dual.traceable_step(MemoryProblem(arch, pb.rule, objectives.BUILTIN["l2"], q, k, v, {}, 4, GradMode()))
+    leaves = [q, k, v, *init.values()]
+
+    def go(executor: str = "auto") -> list[torch.Tensor]:
+        y, _ = run(pb, init_state(arch, pb.rule, init, 1), executor)  # type: ignore[arg-type]
+        return [y, *torch.autograd.grad(y.sum(), leaves)]
+
+    ref = go("sequential")
+    dual.compile_chunk_steps(True)
+    try:
+        got = go()
+        ttt = nestlearn.compile(Path(__file__).resolve().parents[1] / "specs" / "ttt-linear.yaml",
+                                ["model.dim=16", "model.depth=1", "model.heads=2"])
+        ttt(torch.randint(0, 256, (1, 40)))[0].sum().backward()  # runs (was: an error inside the step)
+    finally:
+        dual.compile_chunk_steps(False)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

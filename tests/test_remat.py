@@ -172,3 +172,24 @@ def test_hope_selfmod_remat_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     ya, yb = a(x)[0], b(x)[0]
     assert calls
     _assert_same(a, b, ya, yb)
+
+
+def test_sequential_executor_does_not_recompute_in_the_forward() -> None:
+    """Its per-token autograd.grad unpacks what it saved at once: those tensors stay outside
+    the checkpoint, so the forward runs each group once (the backward once more)."""
+    pb, init, leaves = _problem("mlp", "sgd", "l2", 4)
+    calls = [0]
+    apply = pb.arch.apply
+
+    def counting(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls[0] += 1
+        return apply(*a, **kw)
+
+    pb.arch.apply = counting  # type: ignore[method-assign]
+    run(pb, init_state(pb.arch, pb.rule, init, B), "sequential")
+    plain = calls[0]
+    calls[0] = 0
+    y, _ = run(replace(pb, remat=2), init_state(pb.arch, pb.rule, init, B), "sequential")
+    assert calls[0] == plain
+    torch.autograd.grad(y.sum(), leaves)
+    assert calls[0] == 2 * plain

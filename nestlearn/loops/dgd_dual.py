@@ -35,7 +35,7 @@ from torch import Tensor
 
 from nestlearn.loops.chunked import segments
 from nestlearn.loops.common import MemoryProblem, Params, detach_tree
-from nestlearn.loops.dual import _hp_all, _log, _split, chunk_signals, run_segments, segsum
+from nestlearn.loops.dual import _hp_all, _log, _split, chunk_signals, run_segments, segsum, traceable_step
 from nestlearn.memories.base import MemoryArch
 
 
@@ -91,7 +91,7 @@ def run_dgd_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict
     parts = dict(zip([t0 for t0, _ in spans], _chunk_inputs(pb, [t1 - t0 for t0, t1 in spans])))
     flat = {**state, "params": _flat(state["params"]), "anchor": _flat(state["anchor"]),
             "opt": {"m": _flat(state["opt"]["m"])}}
-    step = compiled_segment or _segment
+    step = compiled_segment if compiled_segment is not None and traceable_step(pb) else _segment
     y, new = run_segments(pb, flat, lambda p, o, a, t0, t1: step(pb, p, o, a, parts[t0], bh))
     out = {**new, "params": _unflat(new["params"], bh), "anchor": _unflat(new["anchor"], bh),
            "opt": {"m": _unflat(new["opt"]["m"], bh)}}

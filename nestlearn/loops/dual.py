@@ -33,7 +33,7 @@ from torch import Tensor
 
 from nestlearn.loops.chunked import segments
 from nestlearn.loops.common import MemoryProblem, Params, detach_tree, weighted_sum
-from nestlearn.memories.base import plain_lin
+from nestlearn.memories.base import MemoryArch, plain_lin
 from nestlearn.objectives import BUILTIN, error_signal
 
 
@@ -108,7 +108,7 @@ def run_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str
     has_m = "S" in state["opt"]
     spans = list(segments(state["offset"], pb.period, pb.q.shape[2]))
     parts = dict(zip([t0 for t0, _ in spans], _chunk_inputs(pb, [t1 - t0 for t0, t1 in spans], has_m)))
-    step = _compiled_segment or _segment
+    step = _compiled_segment if _compiled_segment is not None and traceable_step(pb) else _segment
     return run_segments(pb, state, lambda p, o, a, t0, t1: step(pb, p, o, a, parts[t0], has_m))
 
 
@@ -119,13 +119,20 @@ def compile_chunk_steps(enabled: bool = True) -> None:
     """Run this executor's chunk step (error signals, dual read, chunk-end state) through
     ``torch.compile``: its element-wise work fuses into a few kernels. Possible because the
     step differentiates nothing itself where the memory has an explicit backward
-    (``MemoryArch.error_signals``) and the objective is built in; elsewhere dynamo breaks the
-    graph at the ``autograd.grad`` and runs that part eagerly. One compile per chunk length
-    (``dynamic=False``). The DGD closed form's chunk step (``dgd_dual``: HOPE's self-modifying
+    (``MemoryArch.error_signals``) and the objective is built in (``traceable_step``); other
+    problems keep the eager step (under dynamo their inner ``autograd.grad`` loses its graph).
+    One compile per variant (chunk length, grad mode, ...; dynamo's recompile limit is raised
+    to 64 for that). The DGD closed form's chunk step (``dgd_dual``: HOPE's self-modifying
     memory) is switched with it. ``nestlearn run --compile`` turns both on."""
     from nestlearn.loops import dgd_dual
 
     global _compiled_segment
+    if enabled:  # one variant per chunk length, grad mode, first/later chunk, ... per level
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+            if isinstance(getattr(dynamo_config, name, None), int):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     _compiled_segment = torch.compile(_segment, dynamic=False) if enabled else None
     dgd_dual.compiled_segment = torch.compile(dgd_dual._segment, dynamic=False) if enabled else None
 
@@ -191,7 +198,7 @@ def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tu
     # The tensors this inner graph saves are kept as they are even inside a level's ``remat``
     # checkpoint: the autograd.grad below unpacks them at once, and a checkpointed save would
     # make every such unpack re-run the whole group's forward (quadratic work and memory).
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+    with torch.enable_grad(), keep_saved():
         def record(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
             z = plain_lin(name, w, a, b)
             if not z.requires_grad:
@@ -215,6 +222,20 @@ def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tu
 
 def _keep(t: Tensor) -> Tensor:
     return t
+
+
+def keep_saved() -> torch.autograd.graph.saved_tensors_hooks:
+    """Saved tensors kept as they are, even inside a ``remat`` checkpoint: for a graph that an
+    ``autograd.grad`` inside the forward unpacks at once (a checkpointed save would make every
+    such unpack re-run the whole group's forward)."""
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+
+
+def traceable_step(pb: MemoryProblem) -> bool:
+    """The chunk step differentiates nothing itself (built-in objective, a memory with an
+    explicit backward), so torch.compile can take it whole; elsewhere its inner
+    ``autograd.grad`` would lose the inner-gradient graph under dynamo."""
+    return pb.objective in BUILTIN.values() and type(pb.arch).error_signals is not MemoryArch.error_signals
 
 
 def _segment(

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from nestlearn.loops.common import MemoryProblem, Params, detach_tree, hp_at, leaf_grads_ready
+from nestlearn.loops.dual import keep_saved
 from nestlearn.memories.base import plain_lin
 
 
@@ -28,7 +29,7 @@ def token_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tupl
     # a graph for the inner gradient whenever the caller records one (even from a detached,
     # truncated state: the gradient still depends on k and v)
     create = pb.grad.create_graph and torch.is_grad_enabled()
-    with torch.enable_grad():
+    with torch.enable_grad(), keep_saved():  # its grad is taken at once: not through a remat checkpoint
         p, _ = leaf_grads_ready(anchor)
         loss = pb.objective(pb.arch.apply(p, k, record), v).sum()
         names = list(p)
