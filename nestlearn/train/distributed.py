@@ -61,8 +61,14 @@ def init_distributed(use_cuda: bool) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = False) -> None:
+    """Tear the process group down; after a clean run, first wait for every rank (a rank that
+    destroys its gloo group while a peer is still finishing can abort that peer at exit:
+    "terminate called without an active exception"). Never wait after an error: the peer may
+    be gone."""
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

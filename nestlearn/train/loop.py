@@ -571,12 +571,15 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``steps`` (or ``stop_at``, or Ctrl-C); returns the summary (also in summary.json)."""
         self.setup()
+        clean = False
         try:
-            return self._fit()
+            summary = self._fit()
+            clean = True
+            return summary
         finally:
             if self.compiled is not None:
                 self.compiled.release()
-            D.shutdown()
+            D.shutdown(clean)
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.config
