@@ -43,42 +43,14 @@ parameters of the outer level); ``grad: unroll`` still differentiates through it
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from nestlearn.memories.base import ACT_VJPS, ACTS
 from nestlearn.rules.base import HyperValue, Params, Rule, State, bcast
-
-
-def _gelu_grad(x: Tensor) -> Tensor:
-    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2.0)))
-    return cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
-def _silu_grad(x: Tensor) -> Tensor:
-    s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s))
-
-
-def _tanh_grad(x: Tensor) -> Tensor:
-    return 1 - torch.tanh(x) ** 2
-
-
-def _relu_grad(x: Tensor) -> Tensor:
-    return (x > 0).to(x.dtype)
-
-
-#: activation and its derivative, for the momentum memory's closed-form inner gradient
-ACT_AND_GRAD: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    "gelu": (F.gelu, _gelu_grad),
-    "silu": (F.silu, _silu_grad),
-    "tanh": (torch.tanh, _tanh_grad),
-    "relu": (torch.relu, _relu_grad),
-}
 
 
 @dataclass
@@ -99,8 +71,8 @@ class DMGD(Rule):
             raise ValueError(f"dmgd: momentum must be 'linear' or 'mlp', not {self.momentum!r}")
         if self.momentum_objective not in ("dot", "l2"):
             raise ValueError(f"dmgd: momentum_objective must be 'dot' or 'l2', not {self.momentum_objective!r}")
-        if self.act not in ACT_AND_GRAD:
-            raise ValueError(f"dmgd: act must be one of {sorted(ACT_AND_GRAD)}, not {self.act!r}")
+        if self.act not in ACTS:
+            raise ValueError(f"dmgd: act must be one of {sorted(ACTS)}, not {self.act!r}")
         if self.expand <= 0 or self.init_std <= 0:
             raise ValueError("dmgd: expand and init_std must be positive")
 
@@ -127,7 +99,7 @@ class DMGD(Rule):
         """The momentum ``m_phi(I)`` the fast weight adds (``M`` for a linear memory)."""
         if "M" in mem:
             return mem["M"]
-        act = ACT_AND_GRAD[self.act][0]
+        act = ACTS[self.act]
         return mem["D"] @ act(mem["U"])
 
     def step(
@@ -148,12 +120,12 @@ class DMGD(Rule):
                 g_out = u if self.momentum_objective == "dot" else 2 * (mem["M"] + u)
                 upd = {"M": a * mem["M"] - e * g_out}
             else:
-                act, act_grad = ACT_AND_GRAD[self.act]
+                act, act_vjp = ACTS[self.act], ACT_VJPS[self.act]
                 z, d = mem["U"], mem["D"]
                 h = act(z)
                 g_out = u if self.momentum_objective == "dot" else 2 * (d @ h + u)
                 grad_d = g_out @ h.transpose(-1, -2)
-                grad_u = act_grad(z) * (d.transpose(-1, -2) @ g_out)
+                grad_u = act_vjp(d.transpose(-1, -2) @ g_out, z)
                 upd = {"U": a * z - e * grad_u, "D": a * d - e * grad_d}
             new_mem[k] = upd
             new_p[k] = (1 - bcast(decay, p)) * p + self.read(upd)
