@@ -39,22 +39,22 @@ def count(forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> tu
     for p in params:
         p.grad = None
     with Count() as f:
-        loss = forward().square().mean()
+        loss = forward().float().square().mean()
     with Count() as b:
         loss.backward()
     return f.ops, b.ops
 
 
-def timed(forward: Callable[[], torch.Tensor], params: list[torch.Tensor], reps: int) -> float:
-    """Median seconds of one forward+backward (after one warm-up)."""
+def timed(forward: Callable[[], torch.Tensor], params: list[torch.Tensor], reps: int) -> list[float]:
+    """Seconds of each of ``reps`` forward+backwards (after one warm-up)."""
     times = []
     for _ in range(reps + 1):
         for p in params:
             p.grad = None
         t0 = time.perf_counter()
-        forward().square().mean().backward()
+        forward().float().square().mean().backward()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return times[1:]
 
 
 def table(title: str, ours: Counter[str], hand: Counter[str], chunks: int) -> None:
@@ -95,7 +95,7 @@ def main() -> None:
     table("forward", of, hf, chunks)
     table("backward", ob, hb, chunks)
     if a.reps:
-        ours, theirs = timed(lambda: model(x)[0], params, a.reps), timed(lambda: hand(x), params, a.reps)
+        ours, theirs = (statistics.median(timed(f, params, a.reps)) for f in (lambda: model(x)[0], lambda: hand(x)))
         print(f"\nfwd+bwd median of {a.reps}: compiled {ours * 1e3:.1f} ms, hand {theirs * 1e3:.1f} ms, "
               f"ratio {ours / theirs:.3f}")
 

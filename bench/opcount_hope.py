@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -21,31 +20,9 @@ from pathlib import Path
 import torch
 
 import nestlearn
-from bench.opcount import Count
+from bench.opcount import count, timed
 
 SPEC = Path(__file__).resolve().parent.parent / "models" / "hope.yaml"
-
-
-def count(forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> tuple[Counter[str], Counter[str]]:
-    for p in params:
-        p.grad = None
-    with Count() as f:
-        loss = forward().float().square().mean()
-    with Count() as b:
-        loss.backward()
-    return f.ops, b.ops
-
-
-def timed(forward: Callable[[], torch.Tensor], params: list[torch.Tensor], reps: int) -> list[float]:
-    """Seconds of each of ``reps`` forward+backwards (after one warm-up)."""
-    times = []
-    for _ in range(reps + 1):
-        for p in params:
-            p.grad = None
-        t0 = time.perf_counter()
-        forward().float().square().mean().backward()
-        times.append(time.perf_counter() - t0)
-    return times[1:]
 
 
 def table(title: str, ops: Counter[str], chunks: int, top: int) -> None:

@@ -28,18 +28,16 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from nestlearn.loops.common import MemoryProblem, hp_at
+from nestlearn.loops.delta import DEFAULT_CHUNK
 
 Executor = Callable[[MemoryProblem, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
-
-DEFAULT_PARALLEL_CHUNK = 64
-"""Tokens per chunk assumed for period-1 levels without a ``chunk:`` (their executors' own
-chunk may differ; the group only has to be a whole number of tokens)."""
-
 
 def group_tokens(pb: MemoryProblem) -> int:
     """Tokens per recomputed group: ``remat`` chunks of the level's period (or compute chunk)."""
     assert pb.remat is not None
-    chunk = pb.period if pb.period > 1 else (pb.chunk or DEFAULT_PARALLEL_CHUNK)
+    # period-1 levels without a chunk: count in the delta rule's base chunk (the executor's own
+    # chunk may differ; a group only has to be a whole number of tokens)
+    chunk = pb.period if pb.period > 1 else (pb.chunk or DEFAULT_CHUNK)
     return pb.remat * chunk
 
 
