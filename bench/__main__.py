@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="small sizes (CPU smoke run, < 1 min)")
-    ap.add_argument("--only", default="", help="comma-separated case names or impls")
+    ap.add_argument("--only", default="", help="comma-separated case names, impls or name:impl pairs")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget", type=float, default=30.0, help="seconds of timed work per case at most")
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated chunk sizes: extra rows of the bare delta rule")
     ap.add_argument("--seqs", type=_ints, default=(),
                     help="comma-separated batch-1 lengths of the gpt/sdpa/stack/HOPE rows")
+    ap.add_argument("--graph-warmup", type=int, default=3,
+                    help="eager calls before a CUDA graph is captured (1 saves minutes on long HOPE rows)")
     ap.add_argument("--out", default="", help="JSON written after every row (atomically)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in --out and time only the missing ones")
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         _note_slow(r, slow, a.skip_after)
     t_all = time.time()
-    todo = [c for c in cases(dev, a.small, only, a.chunks, a.seqs)
+    todo = [c for c in cases(dev, a.small, only, a.chunks, a.seqs, a.graph_warmup)
             if (c.name, c.impl, c.batch, c.seq) not in done]
     if rows:
         print(f"resuming: {len(rows)} rows kept from {a.out}, {len(todo)} to time", flush=True)

@@ -175,23 +175,23 @@ def compiled_step(doc: dict[str, Any], b: int, t: int, dtype: str, dev: torch.de
 
 
 def with_compiled_chunk_step(build: Callable[[], Step]) -> Callable[[], Step]:
-    """The same step with the closed-form chunk step compiled (``dual.compile_chunk_steps``;
-    what ``nestlearn run --compile`` does inside the inner loops), switched on only while the
-    step runs so the other rows stay eager."""
+    """The same step with the chunk steps of the closed form and of the DGD closed form
+    compiled (``dual.compile_chunk_steps``; what ``nestlearn run --compile`` does inside the
+    inner loops), switched on only while the step runs so the other rows stay eager."""
     def build_compiled() -> Step:
-        from nestlearn.loops import dual
+        from nestlearn.loops import dgd_dual, dual
 
         step = build()
         dual.compile_chunk_steps(True)
-        fn = dual._compiled_segment
+        fns = dual._compiled_segment, dgd_dual.compiled_segment
         dual.compile_chunk_steps(False)
 
         def run() -> None:
-            dual._compiled_segment = fn
+            dual._compiled_segment, dgd_dual.compiled_segment = fns
             try:
                 step()
             finally:
-                dual._compiled_segment = None
+                dual._compiled_segment = dgd_dual.compiled_segment = None
 
         return run
 
@@ -347,14 +347,15 @@ def sdpa_step(b: int, t: int, h: int, d: int, dev: torch.device) -> Callable[[],
     return build
 
 
-def graphed(build: Callable[[], Step]) -> Callable[[], Step]:
-    """The same step captured once in a CUDA graph and replayed (removes launch overhead)."""
+def graphed(build: Callable[[], Step], warmup: int = 3) -> Callable[[], Step]:
+    """The same step captured once in a CUDA graph and replayed (removes launch overhead);
+    ``warmup`` eager calls on a side stream first (lazy initialisation, cuBLAS workspaces)."""
     def build_graphed() -> Step:
         step = build()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(3):
+            for _ in range(warmup):
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
@@ -382,9 +383,10 @@ def importable(mod: str) -> bool:
 
 
 def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[int, ...] = (),
-          lengths: tuple[int, ...] = ()) -> list[Case]:
+          lengths: tuple[int, ...] = (), graph_warmup: int = 3) -> list[Case]:
     """Every row of the run; ``chunks``: also the bare delta rule at these chunk sizes;
-    ``lengths``: the batch-1 sequence lengths of the GPT / SDPA / Titans-stack / HOPE rows."""
+    ``lengths``: the batch-1 sequence lengths of the GPT / SDPA / Titans-stack / HOPE rows;
+    ``graph_warmup``: eager calls before a CUDA graph's capture."""
     gpu = dev.type == "cuda"
     lp = "bf16" if gpu else "fp32"  # CPU has no fast bf16; time the same graphs in fp32
     fla = gpu and _fla_kernels()  # our fla backend's rows (fla installed, CUDA)
@@ -438,13 +440,16 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
         out.append(Case("titans-stack", "nestlearn", 1, t, lp, compiled_step(stack, 1, t, lp, dev)))
     # the shipped chunks (main 16, generators 64), both at 16 (the first session's HOPE), both at 64
     hope_variants = {"hope": {}, "hope-c16": {"gen_period": 16}, "hope-c64": {"period": 64, "gen_period": 64}}
-    for name, chunks in hope_variants.items():
-        hope = specs.hope(D, 4 if not small else 2, 4, **chunks)
+    for name, periods in hope_variants.items():
+        hope = specs.hope(D, 4 if not small else 2, 4, **periods)
         if hope is None:
             continue
         for t in seqs[:1] if small else seqs:
-            out.append(Case(name, "nestlearn", 1, t, lp, compiled_step(hope, 1, t, lp, dev),
-                            note=", ".join(f"{k}={v}" for k, v in chunks.items())))
+            note = ", ".join(f"{k}={v}" for k, v in periods.items())
+            out.append(Case(name, "nestlearn", 1, t, lp, compiled_step(hope, 1, t, lp, dev), note=note))
+            out.append(Case(name, "nestlearn-compiled-step", 1, t, lp,
+                            with_compiled_chunk_step(compiled_step(hope, 1, t, lp, dev)),
+                            note=", ".join([*([note] if note else []), "chunk steps through torch.compile"])))
     if importable("nested_learning.model"):  # the peer HOPE (kmccleary3301 nested-learning 0.2.0)
         kd, kl = (D, 4) if not small else (D, 2)
         k_sizes = [(8, 2048), (1, 2048), (1, 16384), (1, 65536)] if not small else [(1, 128)]
@@ -464,7 +469,8 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
         for c in list(out):
             graphable = ("titans-memory", "deltanet", "deltanet-kernel", "titans-stack", "gpt", *hope_variants)
             if c.impl.startswith("nestlearn") and c.name in graphable:
-                out.append(Case(c.name, c.impl + "+graph", c.batch, c.seq, c.dtype, graphed(c.build), c.note))
+                out.append(Case(c.name, c.impl + "+graph", c.batch, c.seq, c.dtype, graphed(c.build, graph_warmup),
+                                c.note))
     if only:
-        out = [c for c in out if c.name in only or c.impl in only]
+        out = [c for c in out if c.name in only or c.impl in only or f"{c.name}:{c.impl}" in only]
     return out

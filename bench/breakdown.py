@@ -1,0 +1,157 @@
+"""``python -m bench.breakdown [SPEC] [--seq T] [--batch B] [--device cuda|cpu] [--set k=v ...]``:
+where one block's forward+backward time goes, op by op.
+
+The first block's inputs are recorded from a real forward of the embedded tokens; then each op of
+that block is timed alone (forward, a squared-mean loss, backward into its parameters and
+inputs): eager, and on CUDA also replayed from a CUDA graph. Each row says how many sequential
+inner steps the op runs (its level's period, and the self-modifying op's generator period), so
+the time per step -- the quantity a fused kernel would cut -- is printed next to it. The sum over
+the ops times the depth is compared with the whole model's step, timed the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import nestlearn
+from bench.run import graphed
+
+SPEC = Path(__file__).resolve().parent.parent / "models" / "hope.yaml"
+
+
+def timed(step: Callable[[], Any], dev: torch.device, reps: int) -> float:
+    """Median seconds of ``step`` after one warm-up call (CUDA events on a GPU)."""
+    step()
+    times = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def sequential_steps(op: torch.nn.Module, seq: int) -> str:
+    """The op's sequential inner steps over ``seq`` tokens (``main+generators`` for selfmod)."""
+    level = getattr(op, "level", None)
+    if level is None:
+        return "-"
+    period = level.period
+    if not isinstance(period, int):
+        return "-"
+    steps = f"{-(-seq // period)}"
+    if hasattr(op, "gen_period"):  # the self-modifying op's generators (their period defaults to the level's)
+        steps += f"+{-(-seq // (op.gen_period or period))}"
+    return steps
+
+
+def op_step(op: torch.nn.Module, xs: list[Tensor], src: dict[str, Tensor]) -> Callable[[], None]:
+    """Forward + backward of one op on fixed inputs (gradients into its parameters and inputs)."""
+    leaves = [t.detach().requires_grad_() for t in xs]
+    srcs = {k: v.detach().requires_grad_() for k, v in src.items()}
+    params = [p for p in op.parameters() if p.requires_grad]
+
+    def step() -> None:
+        for t in [*params, *leaves, *srcs.values()]:
+            t.grad = None
+        y, _ = op(leaves, srcs, None)
+        y.float().square().mean().backward()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.breakdown", description=__doc__.split("\n\n")[0])
+    ap.add_argument("spec", nargs="?", default=str(SPEC))
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-graph", action="store_true", help="CUDA: eager rows only")
+    ap.add_argument("--set", nargs="*", default=[], help="spec overrides (key=value), e.g. model.dim=128")
+    a = ap.parse_args(argv)
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("error: CUDA is not available; use --device cpu", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if dev.type == "cuda" else "fp32")]
+    torch.manual_seed(0)
+    model = nestlearn.compile(a.spec, a.set).to(dev, dtype)
+    spec = model.spec
+    if model.embed is None:
+        print("error: bench.breakdown needs a token model (model.input: tokens)", file=sys.stderr)
+        return 2
+    x = torch.randint(0, spec.model.vocab, (a.batch, a.seq + 1), device=dev)
+    inp, tgt = x[:, :-1], x[:, 1:]
+    graph = dev.type == "cuda" and not a.no_graph
+
+    def whole() -> None:
+        for p in model.parameters():
+            p.grad = None
+        out = model(inp)[0]
+        F.cross_entropy(out.float().flatten(0, 1), tgt.flatten()).backward()
+
+    # the first block's inputs, op by op
+    block = model.blocks[0]
+    with torch.no_grad():
+        values: dict[str, Tensor] = {"x": model.embed(inp)}
+        rows: list[tuple[str, str, str, Callable[[], None]]] = []
+        for i in block.order:
+            op = block.ops[i]
+            xs = [values[j] for j in block.inputs[i]]
+            src = {s: values[s] for s in op.sources}
+            rows.append((i, type(op).__name__, sequential_steps(op, a.seq), op_step(op, xs, src)))
+            values[i], _ = op(xs, src, None)
+
+    def both(step: Callable[[], None]) -> tuple[float, float | None]:
+        eager = timed(step, dev, a.reps)
+        g = timed(graphed(lambda: step, warmup=1)(), dev, a.reps) if graph else None
+        return eager, g
+
+    def fmt(s: float | None) -> str:
+        return "-" if s is None else f"{s * 1e3:10.2f}"
+
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"# {spec.name}: {a.batch} x {a.seq} tokens, {dtype}, {device}, depth {spec.model.depth}; "
+          "ms per forward+backward of one op (first block)")
+    head = f"{'op':<8} {'type':<12} {'steps':>9} {'eager ms':>10} {'graph ms':>10} {'share':>6} {'us/step':>9}"
+    print(head)
+    timings = [(i, kind, steps, *both(step)) for i, kind, steps, step in rows]
+    ref = [g if g is not None else e for *_, e, g in timings]
+    total = sum(ref)
+    for (i, kind, steps, e, g), r in zip(timings, ref):
+        n = sum(int(s) for s in steps.split("+")) if steps != "-" else 0
+        per = f"{r / n * 1e6:9.1f}" if n else f"{'-':>9}"
+        print(f"{i:<8} {kind:<12} {steps:>9} {fmt(e)} {fmt(g)} {r / total:6.1%} {per}")
+    e_sum, g_sum = sum(t[3] for t in timings), (sum(t[4] for t in timings) if graph else None)  # type: ignore[misc]
+    print(f"{'block':<8} {'sum':<12} {'':>9} {fmt(e_sum)} {fmt(g_sum)}")
+    whole_e, whole_g = both(whole)
+    depth = spec.model.depth
+    print(f"{'model':<8} {'whole':<12} {'':>9} {fmt(whole_e)} {fmt(whole_g)}  "
+          f"(depth {depth} x block sum: {fmt(depth * e_sum).strip()} / {fmt(depth * g_sum if g_sum else None).strip()} ms)")
+    tps = a.batch * a.seq / (whole_g if whole_g is not None else whole_e)
+    print(f"whole model: {tps:,.0f} tokens/s ({'graphed' if whole_g is not None else 'eager'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
