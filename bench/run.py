@@ -358,6 +358,10 @@ def graphed(build: Callable[[], Step], warmup: int = 3) -> Callable[[], Step]:
             for _ in range(warmup):
                 step()
         torch.cuda.current_stream().wait_stream(side)
+        # the capture allocates from a private pool: hand the warm-up's cached blocks back first,
+        # or a step that fills half the GPU (HOPE at 65,536 tokens) runs out of memory mid-capture
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()

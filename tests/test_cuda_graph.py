@@ -1,6 +1,6 @@
 """``nestlearn run --cuda-graph``: the training step captured in a CUDA graph and replayed.
 
-CPU (always): the flag's errors (no CUDA device, --compile, --carry-state, torchrun), its
+CPU (always): the flag's errors (no CUDA device, --carry-state, torchrun), its
 plumbing through the config and ``--resume``, and the trainer's use of ``GraphedStep`` with
 ``torch.cuda``'s graph API replaced by an emulation (a "replay" recomputes the captured body
 and writes the results into the captured tensors, as a real replay does).
@@ -68,12 +68,12 @@ def test_cuda_graph_on_cpu_is_one_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "r" / "metrics.jsonl").exists() and not (tmp_path / "r" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("other", ["--compile", "--carry-state"])
-def test_cuda_graph_refuses_compile_and_carry_state(tmp_path: Path, other: str) -> None:
-    code, out = nl("run", TINY, "--device", "cpu", "--cuda-graph", other, "--steps", "2", *FAST,
+def test_cuda_graph_refuses_carry_state(tmp_path: Path) -> None:
+    code, out = nl("run", TINY, "--device", "cpu", "--cuda-graph", "--carry-state", "--steps", "2", *FAST,
                    "--out", tmp_path / "r")
     assert code == 1, out
-    assert "--cuda-graph" in out and other in out and "use one of them" in out, out
+    assert "--cuda-graph" in out and "--carry-state" in out and "use one of them" in out, out
+    assert len(out.strip().splitlines()) == 1, out
 
 
 def test_check_supported() -> None:
@@ -221,6 +221,44 @@ def test_trainer_replays_the_graph_with_eager_results(emulated: None, tmp_path: 
     assert (tmp_path / "graph" / "checkpoints" / "last.safetensors").exists()
 
 
+def test_compile_with_cuda_graph_compiles_only_the_chunk_steps(emulated: None, tmp_path: Path) -> None:
+    """``--compile --cuda-graph``: the chunk steps are compiled and run inside the captured step,
+    the rest of the model stays as the graph captures it; same results as eager; released after."""
+    from nestlearn.loops import dgd_dual, dual
+
+    spec = nestlearn.load_spec(TINY)
+    _fit(spec, tmp_path / "eager", device="cpu", threads=1)
+    seen: list[bool] = []
+    calls: list[int] = []
+    real_capture, real_switch = GraphedStep.capture, dual.compile_chunk_steps
+
+    def capture(self: GraphedStep, *a: Any, **k: Any) -> None:
+        seen.append(dual._compiled_segment is not None and dgd_dual.compiled_segment is not None)
+        real_capture(self, *a, **k)
+
+    def switch(enabled: bool = True) -> None:  # count the compiled chunk step's calls
+        real_switch(enabled)
+        if enabled:
+            fn = dual._compiled_segment
+            assert fn is not None
+            dual._compiled_segment = lambda *a: calls.append(1) or fn(*a)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GraphedStep, "capture", capture)
+        mp.setattr(dual, "compile_chunk_steps", switch)
+        trainer, msgs = _fit(spec, tmp_path / "graph", device="cpu", threads=1, cuda_graph=True, compile=True)
+    assert seen == [True] and calls  # the captured step runs the compiled chunk step
+    assert trainer.compiled is not None and trainer.compiled.active
+    assert trainer.fwd is trainer.model  # the outer model is not torch.compile'd under a graph
+    assert trainer.graphed is not None and trainer.graphed.replays == 4
+    assert any("chunk step" in m and "captured by --cuda-graph" in m for m in msgs.lines), msgs.lines
+    assert not any("failed" in m for m in msgs.lines), msgs.lines
+    assert dual._compiled_segment is None and dgd_dual.compiled_segment is None  # released at the end
+    graph, eager = _train_losses(tmp_path / "graph"), _train_losses(tmp_path / "eager")
+    assert graph == pytest.approx(eager, rel=1e-5, abs=1e-6)
+    assert _grad_norms(tmp_path / "graph") == pytest.approx(_grad_norms(tmp_path / "eager"), rel=1e-4, abs=1e-6)
+
+
 def test_graphed_step_fits_and_install_grads(emulated: None) -> None:
     torch.manual_seed(0)
     model = build_model(nestlearn.load_spec(TINY))
@@ -304,6 +342,21 @@ def test_gpu_training_with_cuda_graph_matches_eager(tmp_path: Path, path: Path, 
     assert len(graph) == 6 and all(math.isfinite(x) for x in graph)
     assert graph == pytest.approx(eager, rel=1e-4, abs=1e-5)
     assert _grad_norms(tmp_path / "graph") == pytest.approx(_grad_norms(tmp_path / "eager"), rel=1e-4, abs=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize(("path", "overrides"), _specs())
+def test_gpu_compile_with_cuda_graph_matches_eager(tmp_path: Path, path: Path, overrides: list[str]) -> None:
+    spec = nestlearn.load_spec(path, overrides)
+    kw = {"device": "cuda", "precision": "fp32"}
+    _fit(spec, tmp_path / "eager", **kw)
+    trainer, msgs = _fit(spec, tmp_path / "graph", cuda_graph=True, compile=True, **kw)
+    assert not any("failed" in m for m in msgs.lines), msgs.lines
+    assert trainer.compiled is not None and trainer.compiled.active
+    assert trainer.graphed is not None and trainer.graphed.replays == 4
+    graph = _train_losses(tmp_path / "graph")
+    assert all(math.isfinite(x) for x in graph)
+    assert graph == pytest.approx(_train_losses(tmp_path / "eager"), rel=1e-4, abs=1e-5)
 
 
 @needs_cuda

@@ -23,6 +23,10 @@ What torch.compile (dynamo + inductor) can and cannot do with a compiled spec:
 - torch 2.13's AOTAutograd cache replays some cached graphs with corrupt output-alias shapes
   (a ``shape '[9385..., ...]' is invalid`` error on the second process that compiles the same
   graph), so that cache is turned off while nestlearn compiles.
+- With ``--cuda-graph`` only those chunk steps are compiled (``compile_model(outer=False)``):
+  the graph already removes the launch overhead of the eager ops around them, and what the
+  compiled chunk steps add on top is their fusion (H200, forward + backward from a CUDA graph:
+  HOPE 3.7K -> 6.4K tokens/s, the Titans memory 369K -> 576K; docs/benchmarks.md, run 8).
 - If the compiler still fails on the first compiled step (another torch version, an op it does
   not support), the run says so once and continues eagerly: ``Compiled.fall_back``.
 """
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -106,9 +109,11 @@ def _configure() -> None:
         pass
 
 
-def compile_model(model: nn.Module, wrapped: nn.Module | None = None) -> Compiled:
+def compile_model(model: nn.Module, wrapped: nn.Module | None = None, outer: bool = True) -> Compiled:
     """torch.compile ``wrapped`` (``model`` or its DDP wrapper) with ``model``'s inner-loop ops
-    running eagerly. Raises ``TrainError`` only where torch.compile is unavailable altogether."""
+    running eagerly, and the inner loops' chunk steps compiled on their own; ``outer=False``
+    (under ``--cuda-graph``): the chunk steps only. Raises ``TrainError`` only where torch.compile
+    is unavailable altogether."""
     wrapped = wrapped if wrapped is not None else model
     try:
         import torch._dynamo as dynamo
@@ -122,22 +127,12 @@ def compile_model(model: nn.Module, wrapped: nn.Module | None = None) -> Compile
                          "run without --compile")
     _configure()
     restore: list[Callable[[], None]] = []
-    levels: list[str] = []
-    for _, op, level in inner_loop_ops(model):
-        had = "forward" in op.__dict__
-        original = op.__dict__.get("forward")
-        op.forward = torch.compiler.disable(op.forward)  # type: ignore[method-assign]
-
-        def undo(op: nn.Module = op, had: bool = had, original: Any = original) -> None:
-            if had:
-                op.forward = original  # type: ignore[method-assign]
-            else:
-                del op.forward
-
-        restore.append(undo)
-        if level not in levels:
-            levels.append(level)
-    fwd: nn.Module = torch.compile(wrapped)  # type: ignore[assignment]
+    levels = list(dict.fromkeys(level for _, _, level in inner_loop_ops(model)))
+    fwd = wrapped
+    if outer:
+        for _, op, _ in inner_loop_ops(model):
+            restore.append(_run_eagerly(op))
+        fwd = torch.compile(wrapped)  # type: ignore[assignment]
     if levels:
         from nestlearn.loops import dual
 
@@ -146,7 +141,25 @@ def compile_model(model: nn.Module, wrapped: nn.Module | None = None) -> Compile
         names = ", ".join(f"'{n}'" for n in levels)
         note = (f"--compile: the inner loops of level{'s' if len(levels) > 1 else ''} {names} run their chunk "
                 "loop eagerly with the closed-form chunk step (sgd / momentum / decay / dgd rules) compiled; "
-                "everything else is compiled")
-    else:
+                + ("everything else is compiled" if outer else "the rest of the step runs as captured by --cuda-graph"))
+    elif outer:
         note = "--compile: the whole model is compiled (it has no in-context level)"
+    else:
+        note = ("--compile: nothing to compile under --cuda-graph (the spec has no in-context level whose "
+                "chunk step could be compiled); the CUDA graph alone runs")
     return Compiled(model=model, fwd=fwd, eager_levels=levels, note=note, _restore=restore)
+
+
+def _run_eagerly(op: nn.Module) -> Callable[[], None]:
+    """Exclude ``op``'s forward from torch.compile; returns the undo."""
+    had = "forward" in op.__dict__
+    original = op.__dict__.get("forward")
+    op.forward = torch.compiler.disable(op.forward)  # type: ignore[method-assign]
+
+    def undo() -> None:
+        if had:
+            op.forward = original  # type: ignore[method-assign,assignment]
+        else:
+            del op.forward
+
+    return undo

@@ -77,9 +77,6 @@ class TrainConfig:
         need(self.device in DEVICES, "--device", self.device, f"must be one of {', '.join(DEVICES)}")
         need(self.precision in PRECISIONS, "--precision", self.precision,
              f"must be one of {', '.join(PRECISIONS)}")
-        if self.cuda_graph and self.compile:
-            raise TrainError("--cuda-graph: cannot be combined with --compile; use one of them (on a GPU, "
-                             "--cuda-graph removes the kernel-launch overhead that dominates a step)")
         if self.cuda_graph and self.carry_state:
             raise TrainError("--cuda-graph: cannot be combined with --carry-state (the carried state would be a "
                              "new input of the captured step at every batch); use one of them")

@@ -53,7 +53,7 @@ class CaptureFailed(Exception):
 
 def check_supported(cuda_graph: bool, device: str, world: int, cuda_available: bool | None = None) -> None:
     """Refuse ``--cuda-graph`` where it cannot run: without a CUDA device, or under torchrun.
-    (``--compile`` and ``--carry-state`` are refused by ``TrainConfig.check``.)"""
+    (``--carry-state`` is refused by ``TrainConfig.check``.)"""
     if not cuda_graph:
         return
     if cuda_available is None:
@@ -167,6 +167,11 @@ class GraphedStep:
         finally:
             self._drop_grads()
             main.wait_stream(side)
+        # the capture allocates from a private pool: give the warm-up's cached activations back
+        # first, or a step that fills half the GPU runs out of memory mid-capture
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         try:
             # the outer stream context puts ``main`` back even where a failed capture's

@@ -280,10 +280,11 @@ class Trainer:
         self.fwd: nn.Module = D.wrap(self.model, self.dist, device, unused=self._has_unused())
         self.compiled: Compiled | None = None
         if cfg.compile:
-            self.compiled = compile_model(self.model, self.fwd)
+            # under --cuda-graph only the chunk steps: the graph captures the rest as it runs
+            self.compiled = compile_model(self.model, self.fwd, outer=not cfg.cuda_graph)
             self.fwd = self.compiled.fwd
         self.graphed: GraphedStep | None = None
-        if cfg.cuda_graph:  # captured at the first step that uses it (TrainConfig.check refuses --compile)
+        if cfg.cuda_graph:  # captured at the first step that uses it
             self.graphed = GraphedStep(self.model, self.amp_dtype, scaled=self.scaler is not None)
         self._graph_said: set[str] = set()
         self.eval_set = self.task.eval_batches(cfg.batch, cfg.seq_len, cfg.eval_batches, cfg.seed)
