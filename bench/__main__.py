@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated chunk sizes: extra rows of the bare delta rule")
     ap.add_argument("--seqs", type=_ints, default=(),
                     help="comma-separated batch-1 lengths of the gpt/sdpa/stack/HOPE rows")
-    ap.add_argument("--graph-warmup", type=int, default=3,
+    ap.add_argument("--graph-warmup", type=_positive, default=3,
                     help="eager calls before a CUDA graph is captured (1 saves minutes on long HOPE rows)")
     ap.add_argument("--out", default="", help="JSON written after every row (atomically)")
     ap.add_argument("--resume", action="store_true",
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
     if dev.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    only = {s for s in a.only.split(",") if s} or None
+    only = {s.strip() for s in a.only.split(",") if s.strip()} or None
     rows: list[dict] = []
     if a.resume and os.path.exists(a.out):
         try:
@@ -67,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         _note_slow(r, slow, a.skip_after)
     t_all = time.time()
-    todo = [c for c in cases(dev, a.small, only, a.chunks, a.seqs, a.graph_warmup)
-            if (c.name, c.impl, c.batch, c.seq) not in done]
+    selected = cases(dev, a.small, only, a.chunks, a.seqs, a.graph_warmup)
+    if only and not selected:  # a typo would otherwise time nothing and exit 0
+        print(f"error: --only {a.only}: no row of this run (device {dev.type}{', --small' if a.small else ''}) "
+              "is called that; give case names (sdpa, hope, ...), impls (nestlearn, nestlearn+graph, ...) "
+              "or name:impl pairs", file=sys.stderr)
+        return 2
+    todo = [c for c in selected if (c.name, c.impl, c.batch, c.seq) not in done]
     if rows:
         print(f"resuming: {len(rows)} rows kept from {a.out}, {len(todo)} to time", flush=True)
     try:
@@ -109,6 +114,16 @@ def _ints(text: str) -> tuple[int, ...]:
     if any(n <= 0 for n in out):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return out
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:  # a capture without an eager call first fails (lazy cuBLAS / autograd initialisation)
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
 
 
 def _key(r: dict) -> tuple[str, str, int, int]:

@@ -78,28 +78,55 @@ def op_step(op: torch.nn.Module, xs: list[Tensor], src: dict[str, Tensor]) -> Ca
     return step
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _fail(message: str) -> int:
+    """A user's mistake: one ``error:`` line on stderr and exit code 2 (as argparse does)."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    from nestlearn.spec.errors import SpecError
+
     ap = argparse.ArgumentParser(prog="python -m bench.breakdown", description=__doc__.split("\n\n")[0])
     ap.add_argument("spec", nargs="?", default=str(SPEC))
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=_positive, default=2048)
+    ap.add_argument("--batch", type=_positive, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=_positive, default=3)
     ap.add_argument("--no-graph", action="store_true", help="CUDA: eager rows only")
     ap.add_argument("--set", nargs="*", default=[], help="spec overrides (key=value), e.g. model.dim=128")
     a = ap.parse_args(argv)
-    dev = torch.device(a.device)
+    try:
+        dev = torch.device(a.device)
+    except RuntimeError:
+        return _fail(f"--device: expected cpu, cuda or cuda:N, got {a.device!r}")
+    if dev.type not in ("cpu", "cuda"):
+        return _fail(f"--device: expected cpu, cuda or cuda:N, got {a.device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        print("error: CUDA is not available; use --device cpu", file=sys.stderr)
-        return 2
+        return _fail("CUDA is not available; use --device cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if dev.type == "cuda" else "fp32")]
     torch.manual_seed(0)
-    model = nestlearn.compile(a.spec, a.set).to(dev, dtype)
-    spec = model.spec
+    try:
+        model = nestlearn.compile(a.spec, a.set)
+    except SpecError as err:  # a missing file, a bad override, an invalid spec: its first issue
+        return _fail(str(err).splitlines()[0] if str(err) else f"{a.spec}: invalid spec")
+    except OSError as err:
+        return _fail(f"{a.spec}: {err.strerror or err}")
     if model.embed is None:
-        print("error: bench.breakdown needs a token model (model.input: tokens)", file=sys.stderr)
-        return 2
+        return _fail(f"{a.spec}: bench.breakdown needs a token model (model.input: tokens)")
+    model = model.to(dev, dtype)
+    spec = model.spec
     x = torch.randint(0, spec.model.vocab, (a.batch, a.seq + 1), device=dev)
     inp, tgt = x[:, :-1], x[:, 1:]
     graph = dev.type == "cuda" and not a.no_graph
@@ -120,15 +147,18 @@ def main(argv: list[str] | None = None) -> int:
             xs = [values[j] for j in block.inputs[i]]
             src = {s: values[s] for s in op.sources}
             rows.append((i, type(op).__name__, sequential_steps(op, a.seq), op_step(op, xs, src)))
-            values[i], _ = op(xs, src, None)
+            try:
+                values[i], _ = op(xs, src, None)
+            except (RuntimeError, ValueError) as err:  # a model that cannot run this shape
+                return _fail(f"op '{i}' ({type(op).__name__}) fails on {a.batch} x {a.seq} tokens: {err}")
 
     def both(step: Callable[[], None]) -> tuple[float, float | None]:
         eager = timed(step, dev, a.reps)
         g = timed(graphed(lambda: step, warmup=1)(), dev, a.reps) if graph else None
         return eager, g
 
-    def fmt(s: float | None) -> str:
-        return "-" if s is None else f"{s * 1e3:10.2f}"
+    def fmt(s: float | None) -> str:  # 10 wide either way, so a missing graph time keeps the columns
+        return f"{'-':>10}" if s is None else f"{s * 1e3:10.2f}"
 
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"# {spec.name}: {a.batch} x {a.seq} tokens, {dtype}, {device}, depth {spec.model.depth}; "

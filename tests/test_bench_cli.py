@@ -53,3 +53,25 @@ def test_bad_input_is_one_clear_message(tmp_path: Path, capsys: pytest.CaptureFi
     bad.write_text("{not json")
     assert cli.main([*SMALL, "--out", str(bad), "--resume"]) == 2
     assert "cannot read the rows of" in capsys.readouterr().err
+
+
+def test_graph_warmup_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main([*SMALL, "--graph-warmup", "0"])
+    assert e.value.code == 2 and "--graph-warmup: expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_only_matching_nothing_is_an_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli, "time_case", lambda *a: pytest.fail("nothing should be timed"))
+    assert cli.main(["--device", "cpu", "--small", "--only", "sdpa:nestlearn+graph"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--only sdpa:nestlearn+graph: no row" in err, err
+
+
+def test_only_takes_name_impl_pairs() -> None:
+    import torch
+
+    from bench.run import cases
+
+    picked = cases(torch.device("cpu"), True, {"hope:nestlearn-compiled-step", "sdpa"})
+    assert {(c.name, c.impl) for c in picked} == {("hope", "nestlearn-compiled-step"), ("sdpa", "torch")}
