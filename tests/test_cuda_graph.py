@@ -259,6 +259,160 @@ def test_compile_with_cuda_graph_compiles_only_the_chunk_steps(emulated: None, t
     assert _grad_norms(tmp_path / "graph") == pytest.approx(_grad_norms(tmp_path / "eager"), rel=1e-4, abs=1e-6)
 
 
+def _fake_chunk_steps(mp: pytest.MonkeyPatch, fail: Any = None) -> list[bool]:
+    """Make ``dual.compile_chunk_steps(True)`` install the eager chunk steps as the "compiled"
+    ones (no minutes of inductor on a CPU), each raising where ``fail()`` says the compiler
+    would. Returns a list that gets one entry per call of a compiled step."""
+    from nestlearn.loops import dgd_dual, dual
+
+    calls: list[bool] = []
+    real_switch = dual.compile_chunk_steps
+
+    def compiled(eager: Any) -> Any:
+        def step(*a: Any) -> Any:
+            calls.append(True)
+            if fail is not None and fail():
+                raise RuntimeError("BackendCompilerFailed: backend='inductor' raised: simulated")
+            return eager(*a)
+
+        return step
+
+    def switch(enabled: bool = True) -> None:
+        real_switch(enabled)
+        if enabled:
+            dual._compiled_segment = compiled(dual._segment)
+            dgd_dual.compiled_segment = compiled(dgd_dual._segment)
+
+    mp.setattr(dual, "compile_chunk_steps", switch)
+    return calls
+
+
+def test_compile_failure_in_the_graph_warmup_falls_back_and_captures_eagerly(emulated: None,
+                                                                             tmp_path: Path) -> None:
+    """``--compile --cuda-graph`` where the compiler fails at the first compiled chunk step (in the
+    capture's warm-up): said once, the step is redone eagerly and the graph captures the eager
+    chunk steps; the results equal an eager run's and nothing stays switched on."""
+    from nestlearn.loops import dgd_dual, dual
+
+    spec = nestlearn.load_spec(TINY)
+    _fit(spec, tmp_path / "eager", device="cpu", threads=1)
+    captured_with: list[bool] = []
+    real_capture = GraphedStep.capture
+
+    def capture(self: GraphedStep, *a: Any, **k: Any) -> None:
+        real_capture(self, *a, **k)
+        captured_with.append(dual._compiled_segment is not None)
+
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _fake_chunk_steps(mp, fail=lambda: True)
+        mp.setattr(GraphedStep, "capture", capture)
+        trainer, msgs = _fit(spec, tmp_path / "graph", device="cpu", threads=1, cuda_graph=True, compile=True)
+    assert len(calls) == 1  # the first call failed; none after the fall-back
+    failed = [m for m in msgs.lines if "failed" in m]
+    assert len(failed) == 1 and "torch.compile failed" in failed[0] and "simulated" in failed[0], msgs.lines
+    assert trainer.compiled is not None and not trainer.compiled.active
+    assert captured_with == [False]  # the capture that succeeded ran the eager chunk steps
+    assert trainer.graphed is not None and trainer.graphed.replays == 4
+    assert dual._compiled_segment is None and dgd_dual.compiled_segment is None
+    graph, eager = _train_losses(tmp_path / "graph"), _train_losses(tmp_path / "eager")
+    assert len(graph) == 6 and graph == pytest.approx(eager, rel=1e-6, abs=1e-7)
+    assert _grad_norms(tmp_path / "graph") == pytest.approx(_grad_norms(tmp_path / "eager"), rel=1e-6, abs=1e-7)
+
+
+def test_compile_failure_first_met_in_evaluation_falls_back(emulated: None, tmp_path: Path) -> None:
+    """The chunk step's no-grad variant is first compiled at the first evaluation (the graphed
+    training steps compiled only the grad one); a compiler failure there falls back too,
+    instead of ending the run with the compiler's exception."""
+    spec = nestlearn.load_spec(TINY)
+    _fit(spec, tmp_path / "eager", device="cpu", threads=1)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _fake_chunk_steps(mp, fail=lambda: not torch.is_grad_enabled())
+        trainer, msgs = _fit(spec, tmp_path / "graph", device="cpu", threads=1, cuda_graph=True, compile=True)
+    assert calls
+    failed = [m for m in msgs.lines if "failed" in m]
+    assert len(failed) == 1 and "torch.compile failed" in failed[0], msgs.lines
+    assert trainer.compiled is not None and not trainer.compiled.active
+    assert trainer.graphed is not None and trainer.graphed.replays == 4  # the graph keeps replaying
+    summary = json.loads((tmp_path / "graph" / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["step"] == 6
+    val = [r["loss"] for r in read_metrics(tmp_path / "graph" / "metrics.jsonl") if r["split"] == "val"]
+    val_eager = [r["loss"] for r in read_metrics(tmp_path / "eager" / "metrics.jsonl") if r["split"] == "val"]
+    assert len(val) == 2 and val == pytest.approx(val_eager, rel=1e-6, abs=1e-7)
+    assert _train_losses(tmp_path / "graph") == pytest.approx(_train_losses(tmp_path / "eager"), rel=1e-6, abs=1e-7)
+
+
+def test_resume_a_compile_cuda_graph_run(emulated: None, tmp_path: Path) -> None:
+    """``nestlearn run RUN --resume`` of a ``--compile --cuda-graph`` run stopped at step 3: the
+    resumed session compiles the chunk steps and captures again, and the run's losses equal an
+    uninterrupted eager run's."""
+    from nestlearn.loops import dgd_dual, dual
+
+    eager, run = tmp_path / "eager", tmp_path / "r"
+    every = ["--eval-every", "3", "--eval-batches", "1"]  # steps 1, 2, 4, 5 replay the graph
+    code, out = nl("run", TINY, "--device", "cpu", "--steps", "6", *every, *FAST, "--out", eager)
+    assert code == 0, out
+    captures: list[bool] = []
+    real_capture = GraphedStep.capture
+
+    def capture(self: GraphedStep, *a: Any, **k: Any) -> None:
+        captures.append(dual._compiled_segment is not None)
+        real_capture(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _fake_chunk_steps(mp)
+        mp.setattr(GraphedStep, "capture", capture)
+        code, out = nl("run", TINY, "--device", "cpu", "--compile", "--cuda-graph", "--steps", "6", "--stop-at", "3",
+                       *every, *FAST, "--out", run)
+        assert code == 0, out
+        config = json.loads((run / "config.json").read_text())
+        assert config["compile"] is True and config["cuda_graph"] is True
+        assert json.loads((run / "summary.json").read_text())["step"] == 3
+        n_first = len(calls)
+        code, out = nl("run", run, "--resume", "-q")
+        assert code == 0, out
+    assert captures == [True, True] and len(calls) > n_first  # each session compiled and captured
+    assert json.loads((run / "summary.json").read_text())["step"] == 6
+    assert dual._compiled_segment is None and dgd_dual.compiled_segment is None
+    assert _train_losses(run) == pytest.approx(_train_losses(eager), rel=1e-6, abs=1e-7)
+    assert _grad_norms(run) == pytest.approx(_grad_norms(eager), rel=1e-6, abs=1e-7)
+
+
+def test_a_failure_after_compiling_releases_the_chunk_steps(emulated: None, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainer setup compiles last: a setup error leaves no chunk step compiled process-wide."""
+    from nestlearn.loops import dgd_dual, dual
+    from nestlearn.tasks import TaskError
+    from nestlearn.tasks.text import CorpusLM
+
+    def no_eval(*a: Any, **k: Any) -> Any:
+        raise TaskError("lm: the validation split is too short (simulated)")
+
+    monkeypatch.setattr(CorpusLM, "eval_batches", no_eval)
+    _fake_chunk_steps(monkeypatch)
+    with pytest.raises(TaskError, match="simulated"):
+        _fit(nestlearn.load_spec(TINY), tmp_path / "r", device="cpu", threads=1, cuda_graph=True, compile=True)
+    assert dual._compiled_segment is None and dgd_dual.compiled_segment is None
+
+
+def test_fall_back_keeps_the_ddp_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Compiled.fall_back`` returns to the module the trainer wrapped (DDP under torchrun), not
+    to the bare model, whose steps would skip the gradient all-reduce."""
+    from nestlearn.train.compiling import compile_model
+
+    model = build_model(nestlearn.load_spec(TINY))
+    wrapper = torch.nn.Sequential(model)  # stands in for DistributedDataParallel(model)
+    monkeypatch.setattr(torch, "compile", lambda m, **k: torch.nn.Sequential(m) if isinstance(m, torch.nn.Module) else m)
+    _fake_chunk_steps(monkeypatch)
+    for outer in (True, False):
+        compiled = compile_model(model, wrapper, outer=outer)
+        assert (compiled.fwd is not wrapper) == outer
+        compiled.fall_back(RuntimeError("simulated"))
+        assert compiled.fwd is wrapper and not compiled.active
+    compiled = compile_model(model, outer=True)
+    compiled.fall_back(RuntimeError("simulated"))
+    assert compiled.fwd is model
+
+
 def test_graphed_step_fits_and_install_grads(emulated: None) -> None:
     torch.manual_seed(0)
     model = build_model(nestlearn.load_spec(TINY))

@@ -66,7 +66,8 @@ def inner_loop_ops(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
 @dataclass
 class Compiled:
     """A model compiled for training: ``fwd`` is what the trainer calls (the compiled module, or
-    the plain one after ``fall_back``); ``note`` says once what was and was not compiled."""
+    after ``fall_back`` the uncompiled ``wrapped``: the model or its DDP wrapper); ``note`` says
+    once what was and was not compiled."""
 
     model: nn.Module
     fwd: nn.Module
@@ -74,6 +75,7 @@ class Compiled:
     note: str
     _restore: list[Callable[[], None]] = field(default_factory=list)
     active: bool = True
+    wrapped: nn.Module | None = None  # None: ``model`` itself
 
     def release(self) -> None:
         """Undo what compiling changed in place (the ops' eager wrappers, the compiled chunk
@@ -85,7 +87,8 @@ class Compiled:
     def fall_back(self, error: BaseException) -> str:
         """Run eagerly from now on; returns the one-line explanation to show the user."""
         self.release()
-        self.fwd = self.model
+        # the DDP wrapper, where there is one: the bare model would skip the gradient all-reduce
+        self.fwd = self.wrapped if self.wrapped is not None else self.model
         self.active = False
         return (f"--compile: torch.compile failed on this model ({describe_error(error)}); "
                 "continuing without compilation (the results are the same, only slower)")
@@ -147,7 +150,7 @@ def compile_model(model: nn.Module, wrapped: nn.Module | None = None, outer: boo
     else:
         note = ("--compile: nothing to compile under --cuda-graph (the spec has no in-context level whose "
                 "chunk step could be compiled); the CUDA graph alone runs")
-    return Compiled(model=model, fwd=fwd, eager_levels=levels, note=note, _restore=restore)
+    return Compiled(model=model, fwd=fwd, eager_levels=levels, note=note, _restore=restore, wrapped=wrapped)
 
 
 def _run_eagerly(op: nn.Module) -> Callable[[], None]:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,8 @@ from nestlearn.train.cuda_graph import CaptureFailed, GraphedStep, check_support
 from nestlearn.train.errors import DivergedError, TrainError
 from nestlearn.train.metrics import TIMING_KEYS, MetricsLog, first_nonfinite, trace_nonfinite
 from nestlearn.train.rundir import RunDir
+
+_T = TypeVar("_T")
 
 OUTER_RULES = ("sgd", "momentum", "adam", "adamw")
 
@@ -278,16 +280,18 @@ class Trainer:
             self._restore()
 
         self.fwd: nn.Module = D.wrap(self.model, self.dist, device, unused=self._has_unused())
+        self.eval_set = self.task.eval_batches(cfg.batch, cfg.seq_len, cfg.eval_batches, cfg.seed)
+        self.graphed: GraphedStep | None = None
+        if cfg.cuda_graph:  # captured at the first step that uses it
+            self.graphed = GraphedStep(self.model, self.amp_dtype, scaled=self.scaler is not None)
+        self._graph_said: set[str] = set()
+        # last in setup: it switches process-wide state (the compiled chunk steps) that only
+        # fit's ``finally`` releases, so nothing after it may fail
         self.compiled: Compiled | None = None
         if cfg.compile:
             # under --cuda-graph only the chunk steps: the graph captures the rest as it runs
             self.compiled = compile_model(self.model, self.fwd, outer=not cfg.cuda_graph)
             self.fwd = self.compiled.fwd
-        self.graphed: GraphedStep | None = None
-        if cfg.cuda_graph:  # captured at the first step that uses it
-            self.graphed = GraphedStep(self.model, self.amp_dtype, scaled=self.scaler is not None)
-        self._graph_said: set[str] = set()
-        self.eval_set = self.task.eval_batches(cfg.batch, cfg.seq_len, cfg.eval_batches, cfg.seed)
 
     def _has_unused(self) -> bool:
         """Does any trainable parameter get no gradient from a (one-row) batch? DDP must know."""
@@ -533,8 +537,23 @@ class Trainer:
 
         return fn
 
+    def _eval_or_fall_back(self, run: Callable[[], _T]) -> _T:
+        """``run`` (an evaluation); under ``--compile`` a compiler failure met there first (the
+        chunk step's no-grad variant is compiled at the first evaluation) switches the run to
+        eager execution as in ``train_step`` and evaluates again."""
+        if self.compiled is None or not self.compiled.active:
+            return run()
+        try:
+            return run()
+        except (DivergedError, TrainError, TaskError, torch.OutOfMemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - the compiler's failures have many types
+            self.reporter.message(self.compiled.fall_back(e))
+            self.fwd = self.compiled.fwd
+            return run()
+
     def evaluate(self, step: int) -> dict[str, Any]:
-        metrics = self.task.evaluate(self.model_fn(), self.eval_set, self.device)
+        metrics = self._eval_or_fall_back(lambda: self.task.evaluate(self.model_fn(), self.eval_set, self.device))
         rec = {"step": step, "split": "val", **metrics}
         self.metrics.log(rec)
         self.reporter.eval(rec)
@@ -545,8 +564,8 @@ class Trainer:
         if ends is None or step not in ends():
             return
         cfg = self.config
-        per = self.task.evaluate_domains(  # type: ignore[attr-defined]
-            self.model_fn(), cfg.batch, cfg.seq_len, cfg.eval_batches, cfg.seed, self.device)
+        per = self._eval_or_fall_back(lambda: self.task.evaluate_domains(  # type: ignore[attr-defined]
+            self.model_fn(), cfg.batch, cfg.seq_len, cfg.eval_batches, cfg.seed, self.device))
         phase = ends().index(step)
         self.phase_rows.append([per[d]["loss"] for d in self.task.domains])  # type: ignore[attr-defined]
         rec = {"step": step, "split": "phase", "phase": phase,
