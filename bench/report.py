@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-OURS = ("hope", "hope-c16", "hope-c64")  # models/hope.yaml and its chunk variants
+OURS = ("hope", "hope-c16", "hope-c64", "hope-remat")  # models/hope.yaml and its chunk / remat variants
 TARGET_SEQ = 65536
 TARGET_VS_PEER = 10.0  # HOPE >= 10x kmccleary's HOPEModel at 65,536 tokens
 TARGET_VS_GPT = 3.0  # HOPE >= 3x the GPT (SDPA) at 65,536 tokens
@@ -52,7 +52,7 @@ def report(rows: list[dict[str, Any]]) -> str:
     hope = best(rows, OURS, "nestlearn")
     gpt = best(rows, ("gpt",), "nestlearn")
     peer = best(rows, ("hope",), "kmccleary-hope")
-    lines = ["targets (batch 1; HOPE = best of hope/hope-c16/hope-c64 incl. +graph; GPT = best gpt impl; "
+    lines = ["targets (batch 1; HOPE = best of hope/hope-c16/hope-c64/hope-remat incl. +graph; GPT = best gpt impl; "
              "kmccleary = best kmccleary-hope* row)"]
     if not hope:
         return "\n".join(lines + ["  no HOPE (ours) rows"])

@@ -443,7 +443,10 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
     for t in seqs:
         out.append(Case("titans-stack", "nestlearn", 1, t, lp, compiled_step(stack, 1, t, lp, dev)))
     # the shipped chunks (main 16, generators 64), both at 16 (the first session's HOPE), both at 64
-    hope_variants = {"hope": {}, "hope-c16": {"gen_period": 16}, "hope-c64": {"period": 64, "gen_period": 64}}
+    # and the shipped chunks with remat on the levels that save the most per chunk (peak memory)
+    hope_variants: dict[str, dict[str, Any]] = {
+        "hope": {}, "hope-c16": {"gen_period": 16}, "hope-c64": {"period": 64, "gen_period": 64},
+        "hope-remat": {"remat": {"selfmod": 8, "cms_fast": 8, "cms_mid": 2}}}
     for name, periods in hope_variants.items():
         hope = specs.hope(D, 4 if not small else 2, 4, **periods)
         if hope is None:

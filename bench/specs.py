@@ -121,9 +121,10 @@ def titans_stack(dim: int = 512, depth: int = 4, heads: int = 4, chunk: int = 64
 
 
 def hope(dim: int = 512, depth: int = 4, heads: int = 4, period: int | None = None,
-         gen_period: int | None = None) -> dict[str, Any] | None:
+         gen_period: int | None = None, remat: dict[str, int] | None = None) -> dict[str, Any] | None:
     """``models/hope.yaml`` at this size; ``period`` / ``gen_period`` set the self-modifying
-    memory's two chunk sizes (main memory / generators) when given."""
+    memory's two chunk sizes (main memory / generators) when given; ``remat`` maps level names
+    to their ``remat:`` group size."""
     path = ROOT / "models" / "hope.yaml"
     if not path.exists():
         return None
@@ -135,6 +136,8 @@ def hope(dim: int = 512, depth: int = 4, heads: int = 4, period: int | None = No
         for node in doc["block"]:
             if node.get("op") == "selfmod":
                 node["gen_period"] = gen_period
+    for level, n in (remat or {}).items():
+        doc["levels"][level]["remat"] = n
     return doc  # type: ignore[no-any-return]
 
 
