@@ -540,3 +540,16 @@ def test_gpu_cli_run_with_cuda_graph_writes_metrics_and_resumes(tmp_path: Path) 
     code, out = nl("run", run, "--resume", "--steps", "14", "-q")  # a new process would capture anew
     assert code == 0, out
     assert json.loads((run / "summary.json").read_text())["step"] == 14
+
+
+@pytest.mark.parametrize(("path", "want"), [(TINY, True), (ROOT / "specs" / "transformer.yaml", False)])
+def test_launch_bound_hint_only_for_in_context_specs_on_cuda(tmp_path: Path, path: Path, want: bool) -> None:
+    """An eager CUDA run of a spec with in-context levels is told once about --cuda-graph."""
+    trainer = Trainer(nestlearn.load_spec(path, ["model.dim=32", "model.depth=1"]),
+                      TrainConfig(steps=1, batch=2, seq_len=16, device="cpu", threads=1), tmp_path / "r")
+    trainer.setup()
+    assert not trainer._launch_bound_hint()  # a CPU run: no hint
+    trainer.device = torch.device("cuda")  # only its type is read
+    assert trainer._launch_bound_hint() is want
+    trainer.config.carry_state = True  # --cuda-graph refuses it: no hint either
+    assert not trainer._launch_bound_hint()
