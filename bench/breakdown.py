@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import nestlearn
-from bench.run import graphed
+from bench.run import graphed, seconds_of
 
 SPEC = Path(__file__).resolve().parent.parent / "models" / "hope.yaml"
 
@@ -31,21 +31,7 @@ SPEC = Path(__file__).resolve().parent.parent / "models" / "hope.yaml"
 def timed(step: Callable[[], Any], dev: torch.device, reps: int) -> float:
     """Median seconds of ``step`` after one warm-up call (CUDA events on a GPU)."""
     step()
-    times = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+    times = [seconds_of(step, dev) for _ in range(reps)]
     return statistics.median(times)
 
 

@@ -36,6 +36,20 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+def seconds_of(step: Step, dev: torch.device) -> float:
+    """Seconds of one call of ``step``: CUDA events on a GPU (device time, no host sync inside)."""
+    if dev.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
 def time_case(case: Case, dev: torch.device, warmup: int, reps: int, budget_s: float) -> dict[str, Any]:
     row: dict[str, Any] = {"name": case.name, "impl": case.impl, "batch": case.batch, "seq": case.seq,
                            "dtype": case.dtype, "note": case.note, **case.extra}
@@ -54,17 +68,7 @@ def time_case(case: Case, dev: torch.device, warmup: int, reps: int, budget_s: f
             step()
         n_reps = max(1, min(reps, int(budget_s / max(first, 1e-6))))
         for _ in range(n_reps):
-            if dev.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                step()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t0)
+            times.append(seconds_of(step, dev))
         med = statistics.median(times)
         row.update(status="ok", s_per_iter=med, tokens_per_s=case.batch * case.seq / med, reps=len(times),
                    spread=(max(times) - min(times)) / med if len(times) > 1 else 0.0)
