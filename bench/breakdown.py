@@ -138,10 +138,17 @@ def main(argv: list[str] | None = None) -> int:
             except (RuntimeError, ValueError) as err:  # a model that cannot run this shape
                 return _fail(f"op '{i}' ({type(op).__name__}) fails on {a.batch} x {a.seq} tokens: {err}")
 
-    def both(step: Callable[[], None]) -> tuple[float, float | None]:
+    failed: list[str] = []
+
+    def both(step: Callable[[], None], name: str) -> tuple[float, float | None]:
         eager = timed(step, dev, a.reps)
-        g = timed(graphed(lambda: step, warmup=1)(), dev, a.reps) if graph else None
-        return eager, g
+        if not graph:
+            return eager, None
+        try:
+            return eager, timed(graphed(lambda: step, warmup=1)(), dev, a.reps)
+        except Exception as err:  # noqa: BLE001 - a capture failure marks the row, the table goes on
+            failed.append(f"{name}: no graph time ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
+            return eager, None
 
     def fmt(s: float | None) -> str:  # 10 wide either way, so a missing graph time keeps the columns
         return f"{'-':>10}" if s is None else f"{s * 1e3:10.2f}"
@@ -151,21 +158,24 @@ def main(argv: list[str] | None = None) -> int:
           "ms per forward+backward of one op (first block)")
     head = f"{'op':<8} {'type':<12} {'steps':>9} {'eager ms':>10} {'graph ms':>10} {'share':>6} {'us/step':>9}"
     print(head)
-    timings = [(i, kind, steps, *both(step)) for i, kind, steps, step in rows]
+    timings = [(i, kind, steps, *both(step, i)) for i, kind, steps, step in rows]
     ref = [g if g is not None else e for *_, e, g in timings]
     total = sum(ref)
     for (i, kind, steps, e, g), r in zip(timings, ref):
         n = sum(int(s) for s in steps.split("+")) if steps != "-" else 0
         per = f"{r / n * 1e6:9.1f}" if n else f"{'-':>9}"
         print(f"{i:<8} {kind:<12} {steps:>9} {fmt(e)} {fmt(g)} {r / total:6.1%} {per}")
-    e_sum, g_sum = sum(t[3] for t in timings), (sum(t[4] for t in timings) if graph else None)  # type: ignore[misc]
+    e_sum = sum(t[3] for t in timings)
+    g_sum = sum(t[4] for t in timings) if graph and not failed else None  # type: ignore[misc]
     print(f"{'block':<8} {'sum':<12} {'':>9} {fmt(e_sum)} {fmt(g_sum)}")
-    whole_e, whole_g = both(whole)
+    whole_e, whole_g = both(whole, "model")
     depth = spec.model.depth
     print(f"{'model':<8} {'whole':<12} {'':>9} {fmt(whole_e)} {fmt(whole_g)}  "
           f"(depth {depth} x block sum: {fmt(depth * e_sum).strip()} / {fmt(depth * g_sum if g_sum else None).strip()} ms)")
     tps = a.batch * a.seq / (whole_g if whole_g is not None else whole_e)
     print(f"whole model: {tps:,.0f} tokens/s ({'graphed' if whole_g is not None else 'eager'})")
+    for line in failed:
+        print(line)
     return 0
 
 
