@@ -65,7 +65,7 @@ def _errors() -> Iterator[None]:
     """Every error a user can cause -> its message on stderr and exit code 1, no traceback."""
     from nestlearn.spec.errors import SpecError
     from nestlearn.tasks import TaskError
-    from nestlearn.train.errors import TrainError
+    from nestlearn.train.errors import TrainError, plain_message
 
     pre = _rank_prefix()
     try:
@@ -74,7 +74,7 @@ def _errors() -> Iterator[None]:
         typer.echo(f"{pre}{err}" if str(err) else f"{pre}error: invalid spec", err=True)
         raise typer.Exit(1) from None
     except (TrainError, TaskError, _Fail) as err:
-        typer.echo(f"{pre}error: {err}", err=True)
+        typer.echo(f"{pre}error: {plain_message(str(err))}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo(f"{pre}aborted; nothing more was saved (a checkpoint already on disk is kept)", err=True)
@@ -88,12 +88,14 @@ def _errors() -> Iterator[None]:
     except Exception as err:  # noqa: BLE001 - a bug, still no traceback unless asked for
         if os.environ.get("NESTLEARN_DEBUG"):
             raise
-        typer.echo(f"{pre}internal error: {type(err).__name__}: {err}\n"
+        typer.echo(f"{pre}internal error: {type(err).__name__}: {plain_message(str(err))}\n"
                    "  (set NESTLEARN_DEBUG=1 to see the traceback, and please report it)", err=True)
         raise typer.Exit(1) from None
 
 
-def _int(flag: str, value: str | None, lo: int = 1) -> int | None:
+def _int(flag: str, value: str | None, lo: int = 1, hi: int | None = None) -> int | None:
+    from nestlearn.train.config import MAX_COUNT
+
     if value is None:
         return None
     try:
@@ -102,6 +104,9 @@ def _int(flag: str, value: str | None, lo: int = 1) -> int | None:
         raise _Fail(f"{flag}: expected a whole number, got {value!r}") from None
     if n < lo:
         raise _Fail(f"{flag}: must be at least {lo}, got {n}")
+    top = MAX_COUNT if hi is None else hi
+    if n > top:  # torch overflows (or spawns threads until it crashes) far beyond any useful value
+        raise _Fail(f"{flag}: must be at most {top}, got {n}")
     return n
 
 
@@ -414,6 +419,8 @@ def run_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Train a spec: the outer level by torch.optim, every faster level inside the forward pass."""
+    from nestlearn.train.config import MAX_SEED, MAX_THREADS
+
     console = Console()
     with _errors():
         flags = {
@@ -427,8 +434,8 @@ def run_cmd(
             "device": _choice("--device", device, ("auto", "cpu", "cuda")),
             "precision": _choice("--precision", precision, ("auto", "fp32", "bf16", "fp16")),
             "compile": compile_, "cuda_graph": cuda_graph,
-            "seed": _int("--seed", seed, lo=0), "deterministic": deterministic,
-            "threads": _int("--threads", threads),
+            "seed": _int("--seed", seed, lo=0, hi=MAX_SEED), "deterministic": deterministic,
+            "threads": _int("--threads", threads, hi=MAX_THREADS),
             "carry_state": carry_state, "eval_every": _int("--eval-every", eval_every),
             "eval_batches": _int("--eval-batches", eval_batches), "ckpt_every": _int("--ckpt-every", ckpt_every),
             "log_every": _int("--log-every", log_every), "stop_at": _int("--stop-at", stop_at),
@@ -532,11 +539,13 @@ def generate_cmd(
     device: Optional[str] = typer.Option(None, "--device", metavar="auto|cpu|cuda"),
 ) -> None:
     """Sample text while the memories keep learning (the state is carried byte after byte)."""
+    from nestlearn.train.config import MAX_SEED
+
     with _errors():
         n = _int("--tokens", tokens) or 200
         temp = _float("--temperature", temperature, strict=False)
         k = _int("--top-k", top_k, lo=0) or 0
-        s = _int("--seed", seed, lo=0) or 0
+        s = _int("--seed", seed, lo=0, hi=MAX_SEED) or 0
         dev = _choice("--device", device, ("auto", "cpu", "cuda")) or "auto"
         from nestlearn.train.evaluate import Utf8Stream, generate, load_run
 
@@ -652,6 +661,8 @@ def compare_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train several specs on the same task with the same settings; print one table."""
+    from nestlearn.train.config import MAX_SEED
+
     console = Console()
     with _errors():
         from nestlearn import load_spec
@@ -661,7 +672,7 @@ def compare_cmd(
             "task": _task_choice(task), "task_options": _kv("--task-opt", task_opt) or None, "data": data,
             "steps": _int("--steps", steps), "batch": _int("--batch", batch), "seq_len": _int("--seq-len", seq_len),
             "lr": _float("--lr", lr), "device": _choice("--device", device, ("auto", "cpu", "cuda")),
-            "seed": _int("--seed", seed, lo=0),
+            "seed": _int("--seed", seed, lo=0, hi=MAX_SEED),
         }
         if data is not None and not data.strip():
             raise _Fail("--data: the path is empty")

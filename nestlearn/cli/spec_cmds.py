@@ -67,7 +67,9 @@ def _errors() -> Iterator[None]:
     except Exception as err:  # a bug of ours: still one line for the user, the traceback on request
         if os.environ.get("NESTLEARN_DEBUG"):
             raise
-        typer.echo(f"internal error: {type(err).__name__}: {err} (this is a bug in nestlearn; "
+        from nestlearn.train.errors import plain_message
+
+        typer.echo(f"internal error: {type(err).__name__}: {plain_message(str(err))} (this is a bug in nestlearn; "
                    "set NESTLEARN_DEBUG=1 to see the traceback)", err=True)
         raise typer.Exit(1) from None
 
@@ -126,7 +128,9 @@ def _compile_model(spec: Spec) -> tuple[Any, str | None]:
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise _Fail(f"the compiler failed on this spec: {type(exc).__name__}: {exc}") from None
+        from nestlearn.train.errors import plain_message
+
+        raise _Fail(f"the compiler failed on this spec: {type(exc).__name__}: {plain_message(str(exc))}") from None
 
 
 def _hyper(value: Any) -> str:

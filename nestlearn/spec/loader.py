@@ -620,8 +620,10 @@ def _message(err: dict[str, Any], walk: _Walk) -> str:
         return f"expected a string, got {_show(value)}"
     if t in ("int_type", "int_parsing", "int_from_float", "int_parsing_size"):
         return f"expected an integer, got {_show(value)}"
-    if t in ("float_type", "float_parsing", "finite_number"):
+    if t in ("float_type", "float_parsing"):
         return f"expected a number, got {_show(value)}"
+    if t == "finite_number":
+        return f"expected a finite number, got {_show(value)}"
     if t in ("bool_type", "bool_parsing"):
         return f"expected true or false, got {_show(value)}"
     if t in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):

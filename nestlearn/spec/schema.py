@@ -9,7 +9,7 @@ silently ignored value.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,8 +18,45 @@ FORMAT_VERSION = 1
 IDENT = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 
 
+def _numeric_kind(tp: Any) -> str | None:
+    """``"int"`` / ``"float"`` when ``tp`` takes numbers but not booleans, else None."""
+    seen: set[Any] = set()
+
+    def walk(t: Any) -> None:
+        seen.add(t)
+        for a in get_args(t):
+            walk(a)
+
+    walk(tp)
+    if bool in seen or Any in seen:
+        return None
+    return "float" if float in seen else "int" if int in seen else None
+
+
+class _BoolText(str):
+    """A boolean given where a number belongs: a string that fails number parsing at its own
+    position and shows as the YAML the user wrote (``true``, not ``'true'``)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=False)
+    # inf / nan are never a sensible size or hyper-parameter: rejected at their position
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=False, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        # pydantic's lax mode reads `dim: true` as 1 and `beta: false` as 0.0: a typo, not a number
+        if not isinstance(data, dict) or not any(isinstance(v, bool) for v in data.values()):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            key = field.alias if field.alias in out else name
+            if isinstance(out.get(key), bool) and _numeric_kind(field.annotation) is not None:
+                out[key] = _BoolText("true" if out[key] else "false")
+        return out
 
 
 # ----------------------------------------------------------------------------- hyper-parameters

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_STEPS = 300
 DEFAULT_BATCH = 16
 DEFAULT_SEQ_LEN = 128
+
+# Upper bounds of the whole-number knobs: beyond them torch overflows its int64 arguments (an
+# "Overflow when unpacking long long" from deep inside) or spawns threads until it crashes.
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**63 - 1
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -60,20 +67,33 @@ class TrainConfig:
             if not ok:
                 raise TrainError(f"{flag}: {what}, got {value!r}")
 
+        def whole(v: Any, lo: int, hi: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+        def number(v: Any) -> bool:  # a config.json edited by hand may hold anything
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
         for name, flag in (("batch", "--batch"), ("seq_len", "--seq-len"), ("accum", "--accum"),
                            ("eval_batches", "--eval-batches"), ("log_every", "--log-every")):
             v = getattr(self, name)
-            need(isinstance(v, int) and v >= 1, flag, v, "must be a whole number >= 1")
+            need(whole(v, 1, MAX_COUNT), flag, v, f"must be a whole number from 1 to {MAX_COUNT}")
         for name, flag in (("steps", "--steps"), ("eval_every", "--eval-every"),
-                           ("ckpt_every", "--ckpt-every"), ("stop_at", "--stop-at"),
-                           ("threads", "--threads")):
+                           ("ckpt_every", "--ckpt-every"), ("stop_at", "--stop-at")):
             v = getattr(self, name)
-            need(v is None or (isinstance(v, int) and v >= 1), flag, v, "must be a whole number >= 1")
-        need(self.warmup is None or self.warmup >= 0, "--warmup", self.warmup, "must be >= 0")
-        need(self.lr is None or (self.lr > 0 and self.lr == self.lr and self.lr != float("inf")),
-             "--lr", self.lr, "must be a positive finite number")
-        need(0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio", self.min_lr_ratio, "must be in [0, 1]")
-        need(self.clip >= 0 and self.clip == self.clip, "--clip", self.clip, "must be >= 0 (0 disables clipping)")
+            need(v is None or whole(v, 1, MAX_COUNT), flag, v, f"must be a whole number from 1 to {MAX_COUNT}")
+        need(self.threads is None or whole(self.threads, 1, MAX_THREADS), "--threads", self.threads,
+             f"must be a whole number from 1 to {MAX_THREADS}")
+        need(whole(self.seed, 0, MAX_SEED), "--seed", self.seed, f"must be a whole number from 0 to {MAX_SEED}")
+        need(self.warmup is None or whole(self.warmup, 0, MAX_COUNT), "--warmup", self.warmup,
+             f"must be a whole number from 0 to {MAX_COUNT}")
+        need(self.lr is None or (number(self.lr) and self.lr > 0), "--lr", self.lr, "must be a positive finite number")
+        need(number(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio", self.min_lr_ratio,
+             "must be in [0, 1]")
+        need(number(self.clip) and self.clip >= 0, "--clip", self.clip, "must be >= 0 (0 disables clipping)")
+        for name in ("task", "device", "precision"):
+            need(isinstance(getattr(self, name), str), f"--{name}", getattr(self, name), "must be a string")
+        need(self.data is None or isinstance(self.data, str), "--data", self.data, "must be a path")
+        need(isinstance(self.task_options, dict), "--task-opt", self.task_options, "must be KEY=VALUE pairs")
         need(self.device in DEVICES, "--device", self.device, f"must be one of {', '.join(DEVICES)}")
         need(self.precision in PRECISIONS, "--precision", self.precision,
              f"must be one of {', '.join(PRECISIONS)}")
@@ -89,5 +109,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
