@@ -74,3 +74,72 @@ def test_huge_whole_number_flags(tmp_path: Path, flag: str, value: str, message:
 def test_huge_seed_of_generate() -> None:
     code, out = nl("generate", TINY.parent, "--seed", HUGE)
     assert code == 1 and "--seed: must be at most" in out, out
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("bad") / "run"
+    code, out = nl("run", TINY, "--batch", "2", "--seq-len", "16", "--steps", "4", "--threads", "1", "-q",
+                   "--stop-at", "2", "--out", run)
+    assert code == 0, out
+    return run
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "copy"))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch", "4"], "data stream has batch=2 but this run has 4"),
+    (["--seq-len", "32"], "data stream has seq_len=16 but this run has 32"),
+    (["--steps", "1"], "the checkpoint is at step 2, past --steps 1"),
+    (["model.dim=64"], "model.dim: 32 -> 64"),
+])
+def test_a_refused_resume_leaves_the_run_directory_as_it_was(stopped: Path, tmp_path: Path, args: list[str],
+                                                             message: str) -> None:
+    run = _copy(stopped, tmp_path)
+    before = {p: (run / p).read_bytes() for p in ("spec.yaml", "config.json", "metrics.jsonl")}
+    code, out = nl("run", run, "--resume", *args)
+    assert code == 1 and message in out, out
+    assert {p: (run / p).read_bytes() for p in before} == before  # was rewritten: the run could never resume
+    code, out = nl("run", run, "--resume", "-q")
+    assert code == 0, out
+
+
+def test_damaged_metrics_lines_are_skipped(stopped: Path, tmp_path: Path) -> None:
+    run = _copy(stopped, tmp_path)
+    with (run / "metrics.jsonl").open("ab") as f:
+        f.write(b'\xff\xfe not utf-8\n[1]\n"x"\n{"step": "a"}\n{"step": 1, "split": "train", "loss": "x", "levels": 5}\n')
+    pytest.importorskip("matplotlib")
+    code, out = nl("plot", run, "-o", tmp_path / "c.png")
+    assert code == 0 and (tmp_path / "c.png").exists(), out
+    code, out = nl("run", run, "--resume", "-q")  # was an internal UnicodeDecodeError
+    assert code == 0, out
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("lr", "abc", "--lr: must be a positive finite number, got 'abc'"),
+    ("batch", 3.5, "--batch: must be a whole number"),
+    ("task_options", [1], "--task-opt: must be KEY=VALUE pairs"),
+])
+def test_hand_edited_config_json(stopped: Path, tmp_path: Path, key: str, value: object, message: str) -> None:
+    import json
+
+    run = _copy(stopped, tmp_path)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg[key] = value
+    (run / "config.json").write_text(json.dumps(cfg))
+    code, out = nl("run", run, "--resume", "-q")
+    assert code == 1 and message in out and "internal error" not in out, out
+
+
+def test_config_json_not_an_object(stopped: Path, tmp_path: Path) -> None:
+    run = _copy(stopped, tmp_path)
+    (run / "config.json").write_text("[1, 2]\n")
+    code, out = nl("run", run, "--resume", "-q")
+    assert code == 1 and "config.json is unreadable or corrupt (expected a JSON object, got list)" in out, out

@@ -585,11 +585,12 @@ def plot_cmd(
             raise _Fail("nestlearn plot needs matplotlib: pip install 'nestlearn[plot]'") from None
         if not any(recs for _, recs in runs):
             raise _Fail("no metrics to plot: the run directories have no metrics.jsonl records yet")
-        has_levels = any("levels" in r for _, recs in runs for r in recs)
+        has_levels = any(isinstance(r.get("levels"), dict) for _, recs in runs for r in recs)
         ncols = 3 if has_levels else 2
         fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4))
         for name, recs in runs:
-            train = [r for r in recs if r.get("split") == "train"]
+            # a record damaged by hand or on disk is left out, not a crash of the whole plot
+            train = [r for r in recs if r.get("split") == "train" and _num(r.get("loss"))]
             val = [r for r in recs if r.get("split") == "val"]
             xs = [r["step"] for r in train]
             ys = [float(r["loss"]) for r in train]
@@ -597,12 +598,14 @@ def plot_cmd(
             axes[0].plot(xs, _moving_average(ys, w), label=name)
             key = "bits_per_byte" if val and "bits_per_byte" in val[0] else "accuracy"
             if val:
-                axes[1].plot([r["step"] for r in val], [float(r.get(key, math.nan)) for r in val], marker="o",
+                axes[1].plot([r["step"] for r in val], [float(r[key]) if _num(r.get(key)) else math.nan for r in val], marker="o",
                              label=name)
                 axes[1].set_ylabel("validation " + key.replace("_", " "))
             if has_levels:
-                for lv in sorted({k for r in train for k in r.get("levels", {})}):
-                    pts = [(r["step"], r["levels"][lv]["update_norm"]) for r in train if lv in r.get("levels", {})]
+                for lv in sorted({str(k) for r in train if isinstance(r.get("levels"), dict) for k in r["levels"]}):
+                    pts = [(r["step"], r["levels"][lv]["update_norm"]) for r in train
+                           if isinstance(r.get("levels"), dict) and isinstance(r["levels"].get(lv), dict)
+                           and _num(r["levels"][lv].get("update_norm"))]
                     axes[2].plot([p[0] for p in pts], _moving_average([p[1] for p in pts], w), label=f"{name}: {lv}")
         axes[0].set_title("training loss (nats/byte)")
         axes[1].set_title("validation")
@@ -624,6 +627,10 @@ def plot_cmd(
         finally:
             plt.close(fig)
         typer.echo(f"wrote {target}")
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _moving_average(ys: list[float], w: int) -> list[float]:

@@ -291,6 +291,35 @@ def load_checkpoint(path: str | Path, spec: Any = None) -> Checkpoint:
     return ck
 
 
+def check_resumable(path: str | Path, spec: Any, settings: dict[str, Any], steps: int | None) -> None:
+    """Refuse, from the checkpoint's header alone (no tensors read), a resume that the full
+    restore would refuse: another spec, another data stream (``settings``: seed, batch,
+    seq_len), or ``steps`` before the checkpoint's step. Run before a resume rewrites the run's
+    spec.yaml / config.json, so a refused resume leaves the run directory as it was."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
+            meta = f.metadata() or {}
+        data = json.loads(meta.get("data", "{}"))
+        step, stored_hash, stored_json = int(meta["step"]), meta["spec_hash"], meta["spec"]
+    except Exception:  # noqa: BLE001 - load_checkpoint reports a corrupt file in detail
+        load_checkpoint(path)
+        return
+    if meta.get("format") != FORMAT or not isinstance(data, dict):
+        return
+    ck = Checkpoint(path=path, step=step, spec_hash=stored_hash, spec_json=stored_json, model={})
+    check_spec(ck, spec)
+    for key, value in settings.items():
+        if key in data and data[key] != value:
+            raise CheckpointError(f"--resume: the checkpoint's data stream has {key}={data[key]!r} but this run "
+                                  f"has {value!r}; resume with the original settings "
+                                  f"(see {path.parent.parent / 'config.json'})")
+    if steps is not None and step > steps:
+        raise CheckpointError(f"--resume: the checkpoint is at step {step}, past --steps {steps}")
+
+
 def check_spec(ck: Checkpoint, spec: Any) -> None:
     mine = spec_hash(spec)
     if ck.spec_hash == mine or _same_under_current_schema(ck.spec_json, spec):

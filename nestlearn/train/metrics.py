@@ -44,23 +44,23 @@ class MetricsLog:
         resumed run's log equals an uninterrupted one's."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
+        keep = [r for r in read_metrics(self.path) if r["step"] <= step]
         from nestlearn.train.checkpoint import atomic_write
 
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (a torn last line, from a crash mid-write, is skipped)."""
+    """The records of a ``metrics.jsonl``: a line that is not a JSON object with a whole-number
+    ``step`` (a torn last line from a crash mid-write, bytes damaged on disk) is skipped."""
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
+    for raw in Path(path).read_bytes().splitlines():
         try:
-            out.append(json.loads(line))
-        except ValueError:
+            rec = json.loads(raw.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included
             continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool):
+            out.append(rec)
     return out
 
 

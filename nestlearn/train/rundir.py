@@ -85,6 +85,11 @@ class RunDir:
                              "continue it, or choose another --out")
         if not write:
             return
+        if resume:  # a refused resume must not first overwrite the spec.yaml / config.json it needs
+            from nestlearn.train.checkpoint import check_resumable
+
+            check_resumable(self.last_checkpoint, spec, {"seed": config.seed, "batch": config.batch,
+                                                         "seq_len": config.seq_len}, config.steps)
         try:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.spec_path, spec_yaml(spec, config.profile).encode())
