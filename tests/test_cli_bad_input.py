@@ -143,3 +143,19 @@ def test_config_json_not_an_object(stopped: Path, tmp_path: Path) -> None:
     (run / "config.json").write_text("[1, 2]\n")
     code, out = nl("run", run, "--resume", "-q")
     assert code == 1 and "config.json is unreadable or corrupt (expected a JSON object, got list)" in out, out
+
+
+# ----------------------------------------------------------------------------- compile / plot
+
+
+def test_compile_tokens_has_a_ceiling() -> None:
+    code, out = nl("compile", TINY, "--tokens", HUGE)  # the schedule was built until memory ran out
+    assert code == 2 and "10000000" in out, out
+
+
+def test_plot_output_a_directory_or_without_suffix(stopped: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    code, out = nl("plot", stopped, "-o", tmp_path)
+    assert code == 1 and "is a directory" in out, out
+    code, out = nl("plot", stopped, "-o", tmp_path / "curves")  # matplotlib wrote curves.png, said "wrote curves"
+    assert code == 0 and f"wrote {tmp_path / 'curves.png'}" in out and (tmp_path / "curves.png").is_file(), out

@@ -618,6 +618,10 @@ def plot_cmd(
                 ax.legend(fontsize=8)
         fig.tight_layout()
         target = Path(output)
+        if target.is_dir():
+            raise _Fail(f"-o {output}: is a directory; give a file name such as {target / 'curves.png'}")
+        if not target.suffix:  # matplotlib would write FILE.png: say so, and write exactly that
+            target = target.with_name(target.name + ".png")
         if target.parent and not target.parent.exists():
             raise _Fail(f"-o {output}: the directory {target.parent} does not exist")
         try:

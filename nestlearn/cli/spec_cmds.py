@@ -33,6 +33,7 @@ class Format(str, Enum):
 
 GRAPH_FORMATS = {".dot": "dot", ".gv": "dot", ".mmd": "mermaid", ".mermaid": "mermaid"}
 MAX_SCHEDULE_ROWS = 24
+MAX_TOKENS = 10_000_000  # the schedule is built token by token: far beyond this it exhausts memory
 
 
 def register(app: typer.Typer) -> None:
@@ -317,7 +318,7 @@ def compile_cmd(
     format: Format = typer.Option(Format.text, "--format", "-f", help="Output format."),
     graph: str = typer.Option(None, "--graph", "-g", metavar="FILE",
                               help="Also write the graph: FILE.dot (Graphviz) or FILE.mmd (Mermaid)."),
-    tokens: int = typer.Option(None, "--tokens", "-t", min=1,
+    tokens: int = typer.Option(None, "--tokens", "-t", min=1, max=MAX_TOKENS,
                                help="Stream length for the schedule [default: twice the slowest period]"),
     build: bool = typer.Option(True, "--build/--no-build",
                                help="Build the module (parameter counts); --no-build shows the graph only."),
