@@ -99,6 +99,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     (["--seq-len", "32"], "data stream has seq_len=16 but this run has 32"),
     (["--steps", "1"], "the checkpoint is at step 2, past --steps 1"),
     (["model.dim=64"], "model.dim: 32 -> 64"),
+    (["--task", "parity"], "data stream has task="),
 ])
 def test_a_refused_resume_leaves_the_run_directory_as_it_was(stopped: Path, tmp_path: Path, args: list[str],
                                                              message: str) -> None:

@@ -268,7 +268,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.spec.levels[outer].rule, cfg.lr)
         self.base_lr = self.optimizer.param_groups[0]["lr"]
         self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
-        self.run.prepare(self.spec, cfg, self.resume, write=self.dist.is_main)
+        self.run.prepare(self.spec, cfg, self.resume, write=self.dist.is_main, task=self.task.describe())
         D.barrier(self.dist)
 
         self.step = 0

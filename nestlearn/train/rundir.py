@@ -70,9 +70,11 @@ class RunDir:
         return self.path / "summary.json"
 
     # -------------------------------------------------------------- creating / resuming
-    def prepare(self, spec: Any, config: TrainConfig, resume: bool, write: bool = True) -> None:
+    def prepare(self, spec: Any, config: TrainConfig, resume: bool, write: bool = True,
+                task: str | None = None) -> None:
         """Check the directory fits the request (``--resume`` or a fresh run) and write the
-        resolved spec and settings (rank 0 only: ``write``)."""
+        resolved spec and settings (rank 0 only: ``write``); ``task``: the data stream's
+        description, which a resume must match too."""
         if self.path.exists() and not self.path.is_dir():
             raise TrainError(f"--out {self.path}: exists and is not a directory")
         has_ckpt = self.last_checkpoint.exists()
@@ -88,8 +90,10 @@ class RunDir:
         if resume:  # a refused resume must not first overwrite the spec.yaml / config.json it needs
             from nestlearn.train.checkpoint import check_resumable
 
-            check_resumable(self.last_checkpoint, spec, {"seed": config.seed, "batch": config.batch,
-                                                         "seq_len": config.seq_len}, config.steps)
+            settings: dict[str, Any] = {"seed": config.seed, "batch": config.batch, "seq_len": config.seq_len}
+            if task is not None:
+                settings["task"] = task
+            check_resumable(self.last_checkpoint, spec, settings, config.steps)
         try:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.spec_path, spec_yaml(spec, config.profile).encode())
