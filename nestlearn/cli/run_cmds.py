@@ -653,7 +653,7 @@ def _moving_average(ys: list[float], w: int) -> list[float]:
 
 
 def compare_cmd(
-    specs: list[str] = typer.Argument(..., metavar="SPEC...", help="Two or more spec files."),
+    specs: list[str] = typer.Argument(..., metavar="SPEC...", help="The spec files to compare (one gives its row alone)."),
     task: Optional[str] = typer.Option(None, "--task", metavar="NAME", help="The task all specs train on (default lm)."),
     task_opt: Optional[list[str]] = typer.Option(None, "--task-opt", metavar="KEY=VALUE"),
     data: Optional[str] = typer.Option(None, "--data", metavar="PATH"),
