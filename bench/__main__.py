@@ -18,7 +18,7 @@ import time
 import torch
 
 from bench.report import report
-from bench.run import cases, time_case
+from bench.run import cases, positive_int, time_case
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated chunk sizes: extra rows of the bare delta rule")
     ap.add_argument("--seqs", type=_ints, default=(),
                     help="comma-separated batch-1 lengths of the gpt/sdpa/stack/HOPE rows")
-    ap.add_argument("--graph-warmup", type=_positive, default=3,
+    ap.add_argument("--graph-warmup", type=positive_int, default=3,
                     help="eager calls before a CUDA graph is captured (1 saves minutes on long HOPE rows)")
     ap.add_argument("--out", default="", help="JSON written after every row (atomically)")
     ap.add_argument("--resume", action="store_true",
@@ -114,16 +114,6 @@ def _ints(text: str) -> tuple[int, ...]:
     if any(n <= 0 for n in out):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return out
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:  # a capture without an eager call first fails (lazy cuBLAS / autograd initialisation)
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
 
 
 def _key(r: dict) -> tuple[str, str, int, int]:

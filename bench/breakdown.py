@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import nestlearn
-from bench.run import graphed, seconds_of
+from bench.run import graphed, positive_int, seconds_of
 
 SPEC = Path(__file__).resolve().parent.parent / "models" / "hope.yaml"
 
@@ -64,16 +64,6 @@ def op_step(op: torch.nn.Module, xs: list[Tensor], src: dict[str, Tensor]) -> Ca
     return step
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
-
-
 def _fail(message: str) -> int:
     """A user's mistake: one ``error:`` line on stderr and exit code 2 (as argparse does)."""
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
@@ -85,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m bench.breakdown", description=__doc__.split("\n\n")[0])
     ap.add_argument("spec", nargs="?", default=str(SPEC))
-    ap.add_argument("--seq", type=_positive, default=2048)
-    ap.add_argument("--batch", type=_positive, default=1)
+    ap.add_argument("--seq", type=positive_int, default=2048)
+    ap.add_argument("--batch", type=positive_int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--reps", type=_positive, default=3)
+    ap.add_argument("--reps", type=positive_int, default=3)
     ap.add_argument("--no-graph", action="store_true", help="CUDA: eager rows only")
     ap.add_argument("--set", nargs="*", default=[], help="spec overrides (key=value), e.g. model.dim=128")
     a = ap.parse_args(argv)

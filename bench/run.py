@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import os
@@ -34,6 +35,18 @@ class Case:
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the bench's counts (lengths, reps, warm-up calls before a graph capture,
+    which fails without one: lazy cuBLAS / autograd initialisation)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
 
 
 def seconds_of(step: Step, dev: torch.device) -> float:

@@ -309,15 +309,21 @@ def check_resumable(path: str | Path, spec: Any, settings: dict[str, Any], steps
         return
     if meta.get("format") != FORMAT or not isinstance(data, dict):
         return
-    ck = Checkpoint(path=path, step=step, spec_hash=stored_hash, spec_json=stored_json, model={})
+    ck = Checkpoint(path=path, step=step, spec_hash=stored_hash, spec_json=stored_json, model={}, data=data)
     check_spec(ck, spec)
+    check_continues(ck, settings, steps)
+
+
+def check_continues(ck: Checkpoint, settings: dict[str, Any], steps: int | None) -> None:
+    """Refuse a resume whose data stream (``settings``: task, seed, batch, seq_len) differs from
+    the checkpoint's, or whose ``steps`` end before the checkpoint's step."""
     for key, value in settings.items():
-        if key in data and data[key] != value:
-            raise CheckpointError(f"--resume: the checkpoint's data stream has {key}={data[key]!r} but this run "
+        if key in ck.data and ck.data[key] != value:
+            raise CheckpointError(f"--resume: the checkpoint's data stream has {key}={ck.data[key]!r} but this run "
                                   f"has {value!r}; resume with the original settings "
-                                  f"(see {path.parent.parent / 'config.json'})")
-    if steps is not None and step > steps:
-        raise CheckpointError(f"--resume: the checkpoint is at step {step}, past --steps {steps}")
+                                  f"(see {Path(ck.path).parent.parent / 'config.json'})")
+    if steps is not None and ck.step > steps:
+        raise CheckpointError(f"--resume: the checkpoint is at step {ck.step}, past --steps {steps}")
 
 
 def check_spec(ck: Checkpoint, spec: Any) -> None:

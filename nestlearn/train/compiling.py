@@ -130,11 +130,11 @@ def compile_model(model: nn.Module, wrapped: nn.Module | None = None, outer: boo
                          "run without --compile")
     _configure()
     restore: list[Callable[[], None]] = []
-    levels = list(dict.fromkeys(level for _, _, level in inner_loop_ops(model)))
+    ops = list(inner_loop_ops(model))
+    levels = list(dict.fromkeys(level for _, _, level in ops))
     fwd = wrapped
     if outer:
-        for _, op, _ in inner_loop_ops(model):
-            restore.append(_run_eagerly(op))
+        restore += [_run_eagerly(op) for _, op, _ in ops]
         fwd = torch.compile(wrapped)  # type: ignore[assignment]
     if levels:
         from nestlearn.loops import dual

@@ -39,6 +39,7 @@ from nestlearn.tasks import Batch, Task, TaskError, get_task
 from nestlearn.train import distributed as D
 from nestlearn.train.checkpoint import (
     CheckpointError,
+    check_continues,
     load_checkpoint,
     restore_model,
     rng_state,
@@ -46,7 +47,7 @@ from nestlearn.train.checkpoint import (
     set_rng_state,
     tree_to,
 )
-from nestlearn.train.compiling import Compiled, compile_model
+from nestlearn.train.compiling import Compiled, compile_model, inner_loop_ops
 from nestlearn.train.config import DEFAULT_STEPS, TrainConfig
 from nestlearn.train.cuda_graph import NOTE as CUDA_GRAPH_NOTE
 from nestlearn.train.cuda_graph import CaptureFailed, GraphedStep, check_supported
@@ -296,8 +297,6 @@ class Trainer:
     def _launch_bound_hint(self) -> bool:
         """Say once that --cuda-graph exists: a single CUDA process, no graph asked for, and a spec
         with in-context levels (its eager step is launch-bound)."""
-        from nestlearn.train.compiling import inner_loop_ops
-
         return (self.device.type == "cuda" and not self.dist.enabled and not self.config.carry_state
                 and next(inner_loop_ops(self.model), None) is not None)
 
@@ -324,15 +323,9 @@ class Trainer:
                                       f"optimizer ({e}); was the outer rule changed?") from None
         if self.scaler is not None and ck.scaler:
             self.scaler.load_state_dict(ck.scaler)
-        data = ck.data
         cfg = self.config
-        mine = {"task": self.task.describe(), "seed": cfg.seed, "batch": cfg.batch, "seq_len": cfg.seq_len}
-        for key, value in mine.items():
-            if key in data and data[key] != value:
-                raise TrainError(f"--resume: the checkpoint's data stream has {key}={data[key]!r} but this run "
-                                 f"has {value!r}; resume with the original settings (see {self.run.config_path})")
-        if ck.step > self.total:
-            raise TrainError(f"--resume: the checkpoint is at step {ck.step}, past --steps {self.total}")
+        check_continues(ck, {"task": self.task.describe(), "seed": cfg.seed, "batch": cfg.batch,
+                             "seq_len": cfg.seq_len}, self.total)
         if cfg.carry_state:
             carry = ck.carry if isinstance(ck.carry, list) and len(ck.carry) == cfg.accum else None
             self.carry = tree_to(carry, self.device) if carry else [None] * cfg.accum
