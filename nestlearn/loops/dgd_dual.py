@@ -36,7 +36,7 @@ from torch import Tensor
 from nestlearn.loops.chunked import segments
 from nestlearn.loops.common import MemoryProblem, Params, detach_tree
 from nestlearn.loops.dual import _hp_all, _log, _split, chunk_signals, run_segments, segsum, traceable_step
-from nestlearn.memories.base import MemoryArch
+from nestlearn.memories.base import Lin, MemoryArch
 
 
 def supports(pb: MemoryProblem) -> bool:
@@ -154,8 +154,10 @@ def _segment(
     stop = pb.grad.kind == "stop"
     q, k, v, co = part
 
-    # 1. error signals and layer inputs at the chunk-start state, one batched pass
-    deltas, inputs = chunk_signals(pb, anchor, k, v)
+    # 1. error signals and layer inputs at the chunk-start state, one batched pass; the memory
+    #    sees [B, H, ...] (its own per-head outer parameters, e.g. TTT's layer norm, broadcast
+    #    over that), its layers' tensors come back as [B*H, ...]
+    deltas, inputs = (_flat(t) for t in chunk_signals(pb, _unflat(anchor, bh), k.unflatten(0, bh), v.unflatten(0, bh)))
     names = [layer.weight for layer in pb.arch.layers]
 
     m0: Params = opt["m"]
@@ -210,9 +212,9 @@ def _segment(
         return z
 
     if pb.read_start:  # weights constant within the chunk: a plain read at its start
-        y = pb.arch.apply(detach_tree(anchor) if stop else anchor, q)
+        y = pb.arch.apply(_unflat(detach_tree(anchor) if stop else anchor, bh), q.unflatten(0, bh))
     else:
-        y = pb.arch.apply(cur, q, read)
+        y = pb.arch.apply(_unflat(cur, bh), q.unflatten(0, bh), _flat_lin(read, bh))
     for n in names:
         if n not in es:  # not read (read_start): solved on its own
             solve_alone(n)
@@ -231,4 +233,12 @@ def _segment(
             p_b = torch.addcmul(co["gam_end"][..., 0] * cur[bn], co["c_end"][..., 0], m0[bn])
             new_p[bn] = p_b + (d * co["ng_end"]).sum(1)
             new_m[bn] = co["b_end"][..., 0] * m0[bn] + (d * co["B_end"]).sum(1)
-    return y.unflatten(0, bh), new_p, {"m": new_m}
+    return y, new_p, {"m": new_m}
+
+
+def _flat_lin(read: Lin, bh: torch.Size) -> Lin:
+    """``read`` (over ``[B*H, ...]``) as a hook of a memory applied over ``[B, H, ...]``."""
+    def lin(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+        return read(name, w.flatten(0, 1), a.flatten(0, 1), None if b is None else b.flatten(0, 1)).unflatten(0, bh)
+
+    return lin
