@@ -371,6 +371,22 @@ def _resolve_config(
     return spec, base, run_path, steps_defaulted, note
 
 
+def _warn_no_outer_grad(spec: Any) -> None:
+    """One warning (stderr) naming the parameters the spec's first_order / stop levels keep
+    from ever receiving an outer gradient (``compile/gradcheck.py``)."""
+    from nestlearn.compile.gradcheck import cutting_levels, describe, no_outer_grad
+
+    modes = cutting_levels(spec)
+    if not modes:
+        return
+    try:
+        names = no_outer_grad(spec)
+    except Exception:  # noqa: BLE001 - advice only: the training itself reports its own errors
+        return
+    if names:
+        typer.echo(f"warning: {describe(names, modes)}", err=True)
+
+
 def run_cmd(
     spec: str = typer.Argument(..., metavar="SPEC", help="A spec YAML file, or a run directory with --resume."),
     overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...",
@@ -450,6 +466,8 @@ def run_cmd(
         main = os.environ.get("RANK", "0") == "0"
         if note and main and not quiet:
             console.print(note, highlight=False, soft_wrap=True)
+        if main:
+            _warn_no_outer_grad(the_spec)
         hint = None
         if defaulted:
             hint = (f"For a quick look, train a smaller model on shorter sequences, e.g.\n  nestlearn run {spec} "

@@ -215,7 +215,23 @@ def _report(spec: Spec, graph: LevelGraph, model: Any, note: str | None, tokens:
         "output": graph.output,
         "edges": desc["edges"],
         "schedule": {"tokens": tokens, "steps": [s.as_dict() for s in graph.schedule(tokens)]},
+        "no_outer_grad": _no_outer_grad(spec) if model is not None else None,
     }
+
+
+def _no_outer_grad(spec: Spec) -> dict[str, Any] | None:
+    """The parameters the spec's ``first_order`` / ``stop`` levels cut from the outer gradient
+    (``compile/gradcheck.py``): ``{"modes": {level: mode}, "params": [...]}``, None if no level
+    has such a mode."""
+    from nestlearn.compile.gradcheck import cutting_levels, no_outer_grad
+
+    modes = cutting_levels(spec)
+    if not modes:
+        return None
+    try:
+        return {"modes": modes, "params": no_outer_grad(spec)}
+    except Exception as exc:  # noqa: BLE001 - the check is advice; the spec itself compiled
+        return {"modes": modes, "params": None, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _count(n: Any) -> str:
@@ -247,6 +263,7 @@ def _print_text(report: dict[str, Any], console: Console) -> None:
         t.add_row(lv["name"], str(lv["period"]), lv["rule"], lv["objective"] or "-", lv["grad"] or "-",
                   _count(lv["params"]), _count(lv["state"]))
     console.print(t)
+    _print_no_outer_grad(report.get("no_outer_grad"), console)
 
     b = Table(title=f"block (a DAG, stacked {m['depth']}×; output {report['output']})", title_justify="left")
     for col in ("id", "op", "in", "level", "width", "details"):
@@ -282,6 +299,17 @@ def _print_text(report: dict[str, Any], console: Console) -> None:
         else:
             s.add_row(*row)
     console.print(s)
+
+
+def _print_no_outer_grad(found: dict[str, Any] | None, console: Console) -> None:
+    if found is None:
+        return
+    from nestlearn.compile.gradcheck import describe
+
+    if found["params"] is None:
+        console.print(Text(f"could not check which parameters the grad modes cut off: {found['error']}", style="yellow"))
+    elif found["params"]:
+        console.print(Text(describe(found["params"], found["modes"]), style="yellow"))
 
 
 def _schedule_rows(steps: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
