@@ -13,16 +13,40 @@ from nestlearn.spec.schema import Gate, Learned
 class Hypers(nn.Module):
     def __init__(self, hypers: dict[str, HyperValue], dim: int, heads: int):
         super().__init__()
+        self.dim, self.heads = dim, heads
         self.gates = nn.ModuleDict()
         self.learned = nn.ParameterDict()
         for name, h in hypers.items():
             if isinstance(h, Gate):
-                lin = nn.Linear(dim, heads)
-                nn.init.zeros_(lin.weight)
-                nn.init.constant_(lin.bias, h.bias)
-                self.gates[name] = lin
+                self.gates[name] = self._gate(h)
             elif isinstance(h, Learned):
                 self.learned[name] = nn.Parameter(torch.tensor(float(h.learned)))
+
+    def _gate(self, h: Gate) -> nn.Linear:
+        lin = nn.Linear(self.dim, self.heads)
+        nn.init.zeros_(lin.weight)
+        nn.init.constant_(lin.bias, h.bias)
+        return lin
+
+    def rebuild(self, hypers: dict[str, HyperValue], like: Tensor) -> tuple[list[str], list[str]]:
+        """Match a new rule's ``hypers`` (a rule swap): a gate or learned value of the same name
+        and kind is kept (trained as it is), the others are removed, the new ones start fresh
+        (on ``like``'s device and dtype). Returns ``(removed, added)`` as ``gates.NAME`` /
+        ``learned.NAME``."""
+        removed = [f"gates.{n}" for n in self.gates if not isinstance(hypers.get(n), Gate)]
+        removed += [f"learned.{n}" for n in self.learned if not isinstance(hypers.get(n), Learned)]
+        for key in removed:
+            kind, name = key.split(".", 1)
+            del getattr(self, kind)[name]
+        added = []
+        for name, h in hypers.items():
+            if isinstance(h, Gate) and name not in self.gates:
+                self.gates[name] = self._gate(h).to(device=like.device, dtype=like.dtype)
+                added.append(f"gates.{name}")
+            elif isinstance(h, Learned) and name not in self.learned:
+                self.learned[name] = nn.Parameter(torch.tensor(float(h.learned), device=like.device, dtype=like.dtype))
+                added.append(f"learned.{name}")
+        return removed, added
 
     def forward(
         self, hypers: dict[str, HyperValue], x: Tensor, offset: int, period: int,

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
 
 from nestlearn import objectives
 from nestlearn.loops import Executor, GradMode
 from nestlearn.rules import Rule, coerce
-from nestlearn.spec.schema import LevelSpec
+from nestlearn.spec.errors import SpecError
+from nestlearn.spec.schema import LevelSpec, Spec
+
+if TYPE_CHECKING:
+    from nestlearn.compile.model import CompiledModel
+
+PYTHON_FILE = "<python>"
+"""Where a rule given from Python is said to be, in its error messages."""
 
 
 class Level:
-    """One level of a compiled model. Assigning ``rule`` (one of ours, a torchopt
-    transformation, or a rule spec) takes effect on the next forward."""
+    """One level of a compiled model. Assigning ``rule`` takes effect on the next forward; it
+    takes one of our rules (``nestlearn.rules.adam(lr=1e-3)``), a torchopt transformation, a
+    rule name (``"adam"``) or a rule spec as in YAML (``{"name": "momentum", "lr": {"gate":
+    "token", "max": 0.1}}``). Names and specs are checked like the YAML (``SpecError``, the same
+    messages). The swap rebuilds the level's hyper-parameter modules (gates, learned values):
+    those the new rule has no use for leave the model (a warning names them), new ones start
+    fresh; build the outer optimizer after swapping."""
 
     def __init__(self, name: str, spec: LevelSpec):
         self.name = name
@@ -24,6 +39,8 @@ class Level:
         self.read_start = spec.read == "chunk_start"
         self.executor: Executor = "auto"
         self._rule: Rule = coerce(spec.rule) if not spec.is_outer else _OuterRule(spec.rule)
+        self.model: CompiledModel | None = None
+        """The compiled model this level belongs to (set by it): where a swap rebuilds the gates."""
 
     @property
     def is_outer(self) -> bool:
@@ -37,10 +54,58 @@ class Level:
     def rule(self, value: Any) -> None:
         if self.is_outer:
             raise ValueError("the outer level's rule is the training optimizer; set it in the spec")
-        self._rule = coerce(value)
+        rule, spec = self._checked(value)
+        if self.model is not None:
+            changed = self.model.rebuild_hypers(self, rule)
+            if changed:
+                warnings.warn(f"level {self.name!r}: swapping {self._rule.describe()} for {rule.describe()} "
+                              f"{changed}; build the outer optimizer after the swap", UserWarning, stacklevel=2)
+        self._rule = rule
+        if spec is not None:
+            self.spec = spec
+
+    def _checked(self, value: Any) -> tuple[Rule, LevelSpec | None]:
+        """``(rule, the level's spec with it)`` for a name or rule spec, checked like the YAML
+        (the spec as a whole, level graph included); ``(rule, None)`` for a rule object."""
+        if isinstance(value, Rule) or (hasattr(value, "init") and hasattr(value, "update")):
+            return coerce(value), None
+        raw = {"name": value} if isinstance(value, str) else value
+        if isinstance(raw, BaseModel):  # a rule spec object (schema.SgdRule, ...): checked again
+            raw = raw.model_dump(mode="python", exclude_unset=True)
+        if self.model is None:
+            from pydantic import TypeAdapter, ValidationError
+
+            from nestlearn.spec.schema import RuleSpec
+
+            try:
+                rule_spec = TypeAdapter(RuleSpec).validate_python(raw)
+            except ValidationError as exc:
+                raise ValueError(f"level {self.name!r}: not a rule: {exc}") from None
+            return coerce(rule_spec), self.spec.model_copy(update={"rule": rule_spec})
+        new = _with_rule(self.model.spec, self.name, raw)
+        return coerce(new.levels[self.name].rule), new.levels[self.name]
 
     def __repr__(self) -> str:
         return f"Level({self.name!r}, period={self.period}, rule={self._rule.describe()}, grad={self.grad.kind})"
+
+
+def _with_rule(spec: Spec, level: str, raw: Any) -> Spec:
+    """``spec`` with level ``level``'s rule replaced by ``raw``, validated as a whole like a YAML
+    document (schema, then the level graph); a ``SpecError`` says what is wrong, at
+    ``levels.LEVEL.rule...`` as in a file."""
+    from nestlearn.graph import build_graph
+    from nestlearn.spec.loader import SourceMap, validate_document
+
+    doc = spec.model_dump(mode="python", exclude_unset=True)
+    doc["levels"][level]["rule"] = raw
+    try:
+        new = validate_document(doc, SourceMap(file=PYTHON_FILE))
+        build_graph(new)
+    except SpecError as err:
+        for issue in err.issues:
+            issue.file, issue.line, issue.col = PYTHON_FILE, None, None
+        raise
+    return new
 
 
 class _OuterRule(Rule):

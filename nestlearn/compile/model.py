@@ -7,6 +7,7 @@ caches and convolution tails), so a long stream can be fed in pieces.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import networkx as nx
@@ -15,9 +16,11 @@ from torch import Tensor, nn
 
 from nestlearn.compile import basic
 from nestlearn.compile.attention import Attention
+from nestlearn.compile.hypers import Hypers
 from nestlearn.compile.levels import Level
 from nestlearn.compile.mac import MACOp
-from nestlearn.compile.memory_op import MemoryOp
+from nestlearn.compile.memory_op import MemoryOp, NestedInit
+from nestlearn.rules.base import Rule
 from nestlearn.spec import schema as S
 
 
@@ -131,6 +134,8 @@ class CompiledModel(nn.Module):
         self.spec = spec
         m = spec.model
         self.levels: dict[str, Level] = {n: Level(n, lv) for n, lv in spec.levels.items()}
+        for lv in self.levels.values():
+            lv.model = self
         self.embed = nn.Embedding(m.vocab, m.dim) if m.input == "tokens" else None
         self.blocks = nn.ModuleList([Block(spec, self.levels) for _ in range(m.depth)])
         self.norm = basic.RMSNorm(m.dim) if m.norm == "rmsnorm" else basic.LayerNorm(m.dim)
@@ -154,6 +159,28 @@ class CompiledModel(nn.Module):
         h, _ = self.norm([h], {}, None)
         out = self.head(h) if self.head is not None else h
         return out, new_state
+
+    # ------------------------------------------------------------------ rule swaps
+    def rebuild_hypers(self, level: Level, rule: Rule) -> str:
+        """Rebuild the hyper-parameter modules every op of ``level`` built from its rule for
+        ``rule`` (``Level.rule``'s setter calls this); what was removed and added, in words
+        (empty if nothing changed). Checks every op before changing any."""
+        from nestlearn.compile.selfmod import SelfModOp
+
+        owners: list[tuple[str, Any]] = []
+        for name, mod in self.named_modules():
+            if isinstance(mod, (MemoryOp, NestedInit)) and mod.level is level:
+                owners.append((f"{name}.hypers", mod.hypers))
+            elif isinstance(mod, SelfModOp) and mod.level is level:
+                owners.append((name, mod))
+        like = next(self.parameters())
+        removed: list[str] = []
+        added: list[str] = []
+        for prefix, owner in owners:
+            gone, new = owner.rebuild(rule.hypers, like) if isinstance(owner, Hypers) else owner.rebuild_hypers(rule, like)
+            removed += [_any_block(f"{prefix}.{n}") for n in gone]
+            added += [_any_block(f"{prefix}.{n}") for n in new]
+        return _changes(removed, added)
 
     # ------------------------------------------------------------------ introspection
     def num_parameters(self) -> int:
@@ -179,6 +206,22 @@ class CompiledModel(nn.Module):
                 "params": owned[n], "state": state[n],
             })
         return rows
+
+
+def _any_block(name: str) -> str:
+    return re.sub(r"^blocks\.\d+\.", "blocks.*.", name)
+
+
+def _changes(removed: list[str], added: list[str]) -> str:
+    def unique(names: list[str]) -> str:
+        return ", ".join(dict.fromkeys(names))
+
+    parts = []
+    if removed:
+        parts.append(f"removed its hyper-parameter modules the new rule has no use for: {unique(removed)}")
+    if added:
+        parts.append(f"added fresh (untrained) ones: {unique(added)}")
+    return "; ".join(parts)
 
 
 def compile_spec(spec: S.Spec, *, dtype: torch.dtype | None = None) -> CompiledModel:

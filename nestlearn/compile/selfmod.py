@@ -39,6 +39,7 @@ from nestlearn.compile.memory_op import build_arch
 from nestlearn.loops import MemoryProblem, init_state, run
 from nestlearn.loops.chunked import segments
 from nestlearn.memories import LinearMemory, MemoryArch
+from nestlearn.rules.base import Rule
 from nestlearn.rules.dgd import DGD
 from nestlearn.spec.schema import Gate, Learned, MemorySpec
 
@@ -84,6 +85,21 @@ class SelfModOp(Op):
     def _heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.heads, self.dh).transpose(1, 2)
+
+    def rebuild_hypers(self, rule: Rule, like: Tensor) -> tuple[list[str], list[str]]:
+        """A rule swap: the generated rates take the new rule's ``lr`` / ``decay`` maxima (their
+        biases stay trained), a learned ``beta`` is kept, removed or added. ``(removed, added)``."""
+        hyp = rule.hypers
+        self.max_lr, _ = _gate_of(self.level, "lr", hyp.get("lr", 0.1))
+        self.max_decay, _ = _gate_of(self.level, "decay", hyp.get("decay", 0.0))
+        beta = hyp.get("beta")
+        if isinstance(beta, Learned) and self.beta is None:
+            self.beta = nn.Parameter(torch.tensor(float(beta.learned), device=like.device, dtype=like.dtype))
+            return [], ["beta"]
+        if not isinstance(beta, Learned) and self.beta is not None:
+            self.beta = None
+            return ["beta"], []
+        return [], []
 
     def _initial(self, batch: int, dtype: torch.dtype) -> dict[str, Any]:
         rule = self.level.rule
@@ -135,7 +151,7 @@ class SelfModOp(Op):
             # the generators' self-generated values (bounded inputs keep the self-reference stable)
             vhat = self.gen_arch.apply(anchor, F.normalize(v, dim=-1))
             pb_gen = MemoryProblem(self.gen_arch, rule, lv.objective, xs_seg, k, vhat, hp, gen_period,
-                                   lv.grad, lv.name, read_start=gen_read_start)
+                                   lv.grad, lv.name, read_start=gen_read_start, clip=lv.spec.clip)
             _, mems["gen"] = run(pb_gen, g, lv.executor)
             ks.append(k)
             vs.append(v)
@@ -146,7 +162,7 @@ class SelfModOp(Op):
         if self.max_decay > 0:
             hp_main["decay"] = _cat(decays, 2)
         pb_main = MemoryProblem(self.main_arch, rule, lv.objective, qh, _cat(ks, 2), _cat(vs, 2), hp_main,
-                                period, lv.grad, lv.name, lv.read_start, remat=lv.spec.remat)
+                                period, lv.grad, lv.name, lv.read_start, remat=lv.spec.remat, clip=lv.spec.clip)
         y, mems["main"] = run(pb_main, mems["main"], lv.executor)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.out(y), {"mems": mems, "conv": conv_state}
