@@ -91,3 +91,40 @@ def test_bad_rules_from_python_say_what_yaml_says(value: object, message: str) -
 def test_outer_level_rule_is_refused() -> None:
     with pytest.raises(ValueError, match="outer level's rule"):
         model().levels["outer"].rule = "sgd"
+
+
+# ----------------------------------------------------------------------------- inspection
+
+
+def test_params_and_init_read_the_state_and_the_outer_parameters() -> None:
+    m = model()
+    lv = m.levels["memory"]
+    assert lv.nodes() == ["0.mem", "1.mem"]
+    _, state = m(torch.randint(0, 256, (3, 20)))
+    fast = lv.params(state)
+    assert set(fast) == {"0.mem", "1.mem"}
+    for key in fast:
+        block, node = key.split(".")
+        assert fast[key] is state[block][node]["mem"]["params"]
+        assert all(t.shape[:2] == (3, 2) for t in fast[key].values())
+        init = lv.init[key]
+        assert set(init) == set(fast[key])
+        assert all(init[n] is p for n, p in m.blocks[int(block)].ops[node].init.items())
+    # the fast weights moved away from the initial memory
+    assert (fast["0.mem"]["W0"][0] - lv.init["0.mem"]["W0"]).abs().max() > 0
+
+
+def test_selfmod_and_nested_levels() -> None:
+    m = nestlearn.compile(nestlearn.load_spec(Path(__file__).parents[1] / "specs" / "hope-cms-nested.yaml",
+                                              ["model.dim=16", "model.depth=1", "model.heads=2"]))
+    _, state = m(torch.randint(0, 256, (2, 20)))
+    sm = m.levels["selfmod"]
+    assert set(sm.params(state)) == set(sm.init) == {"0.sm", "0.sm.generators"}
+    mid = m.levels["cms_mid"]  # its own node, and the initial state of cms_fast's it meta-learns
+    assert set(mid.params(state)) == {"0.c1", "0.c2"}
+    assert mid.params(state)["0.c1"] is state["0"]["c1"]["nest"]["params"]
+
+
+def test_params_of_a_foreign_state_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="the state has no entry for node 'mem' of block 0"):
+        model().levels["memory"].params({})

@@ -27,3 +27,10 @@ def test_readme_python_blocks_run(monkeypatch: pytest.MonkeyPatch) -> None:
             model = namespace["model"]
             logits, _ = model(torch.randint(0, 256, (1, 16)))  # type: ignore[operator]
             assert torch.isfinite(logits).all()
+
+
+def test_readme_inspects_a_level() -> None:
+    """The README shows the documented way to read a level's fast weights and initial memory."""
+    text = (ROOT / "README.md").read_text()
+    code = "\n".join(_python_blocks(text))
+    assert ".params(state)" in code and ".init" in code and "state[" not in code

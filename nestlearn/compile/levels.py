@@ -5,7 +5,9 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
+import torch
 from pydantic import BaseModel
+from torch import Tensor
 
 from nestlearn import objectives
 from nestlearn.loops import Executor, GradMode
@@ -85,8 +87,73 @@ class Level:
         new = _with_rule(self.model.spec, self.name, raw)
         return coerce(new.levels[self.name].rule), new.levels[self.name]
 
+    # ------------------------------------------------------------------ inspection
+    def nodes(self) -> list[str]:
+        """The nodes that run this level, as ``"BLOCK.NODE"`` (e.g. ``"0.mem"``), the keys of
+        :meth:`params` and :attr:`init` (which add a selfmod node's ``".generators"`` and the
+        faster nodes whose initial state this level meta-learns)."""
+        return [key for key, _ in self._ops()]
+
+    def params(self, state: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
+        """The fast weights this level has learned in context, read from a state the model
+        returned (``logits, state = model(tokens)``): ``{"BLOCK.NODE": {name: [B, H, ...]}}``.
+
+        A selfmod node gives its main memory under ``"BLOCK.NODE"`` and its k / v / lr / decay
+        generators (one weight, their rows stacked) under ``"BLOCK.NODE.generators"``; a slower
+        level that meta-learns a faster node's initial state (``init: LEVEL``) gives that state.
+        The tensors are the state's own (``.detach()`` them to keep them)."""
+        out: dict[str, dict[str, Tensor]] = {}
+        for key, op in self._ops(nested=True):
+            block, node = key.split(".", 1)
+            st = state.get(block, {}).get(node) if isinstance(state, dict) else None
+            if st is None:
+                raise ValueError(f"level {self.name!r}: the state has no entry for node {node!r} of block {block}; "
+                                 "pass the state the model returned")
+            out.update(_op_params(key, op, st, self))
+        return out
+
+    @property
+    def init(self) -> dict[str, dict[str, Tensor]]:
+        """The initial memory every sequence starts from (outer parameters, ``[H, ...]`` per
+        weight), by ``"BLOCK.NODE"`` like :meth:`params`. For a node whose ``init`` names a
+        slower in-context level, that level's starting state."""
+        out: dict[str, dict[str, Tensor]] = {}
+        for key, op in self._ops(nested=True):
+            out.update(_op_init(key, op, self))
+        return out
+
+    def _ops(self, nested: bool = False) -> list[tuple[str, Any]]:
+        """``("BLOCK.NODE", op)`` of every top-level op running this level (with ``nested``: also
+        the ops whose initial state this level meta-learns)."""
+        if self.model is None:
+            raise ValueError(f"level {self.name!r} is not part of a compiled model")
+        found = []
+        for i, block in enumerate(self.model.blocks):
+            for node, op in block.ops.items():  # type: ignore[union-attr,operator]
+                nest = getattr(op, "nest", None)
+                if getattr(op, "level", None) is self or (nested and nest is not None and nest.level is self):
+                    found.append((f"{i}.{node}", op))
+        return found
+
     def __repr__(self) -> str:
         return f"Level({self.name!r}, period={self.period}, rule={self._rule.describe()}, grad={self.grad.kind})"
+
+
+def _op_params(key: str, op: Any, st: dict[str, Any], level: Level) -> dict[str, dict[str, Tensor]]:
+    if "mems" in st:  # selfmod: the main memory and its generators
+        return {key: st["mems"]["main"]["params"], f"{key}.generators": st["mems"]["gen"]["params"]}
+    if getattr(op, "level", None) is not level:  # the slower level of a nested init: its state Φ
+        return {key: st["nest"]["params"]}
+    return {key: st["mem"]["params"]}
+
+
+def _op_init(key: str, op: Any, level: Level) -> dict[str, dict[str, Tensor]]:
+    mem = getattr(op, "memory", op)  # a mac node's neural memory
+    init = dict(mem.init.items())
+    if getattr(op, "gen_arch", None) is not None:  # selfmod: see _op_params
+        gens = torch.cat([init[f"{n}__W"] for n in ("k", "v", "lr", "decay")], dim=1)
+        return {key: {k[6:]: p for k, p in init.items() if k.startswith("main__")}, f"{key}.generators": {"W": gens}}
+    return {key: init}
 
 
 def _with_rule(spec: Spec, level: str, raw: Any) -> Spec:
