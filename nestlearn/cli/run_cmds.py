@@ -204,7 +204,7 @@ class RichReporter:
         if self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tok/s"),
+                TextColumn("loss {task.fields[loss]} (smoothed)"), TextColumn("{task.fields[rate]} tok/s"),
                 TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
                 console=self.console, transient=False,
             )
@@ -218,7 +218,7 @@ class RichReporter:
         self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
         done = rec["step"] - self.start_step
         elapsed = time.perf_counter() - self.t0
-        rate = self.tokens_per_step * done / elapsed if elapsed > 0 else None
+        rate = rec.get("tokens_per_s")  # wall-clock: this session's tokens over its time, as in metrics.jsonl
         if done in (1, 3) and self.hint and elapsed > 0:
             eta = elapsed / done * (self.total - rec["step"]) / 60
             if eta > SLOW_HINT_MINUTES:
@@ -235,7 +235,7 @@ class RichReporter:
         if now - self.last_print >= 10 or rec["step"] in (self.start_step + 1, self.total):
             self.last_print = now
             extra = f" acc {rec['accuracy']:.3f}" if "accuracy" in rec else ""
-            self.console.print(f"step {rec['step']}/{self.total}  loss {self.loss_ema:.4f}{extra}  "
+            self.console.print(f"step {rec['step']}/{self.total}  loss {self.loss_ema:.4f} (smoothed){extra}  "
                                f"{_fmt_rate(rate)} tok/s  lr {rec['lr']:.2e}  elapsed {_fmt_time(elapsed)}")
 
     def eval(self, rec: dict[str, Any]) -> None:
@@ -600,40 +600,10 @@ def plot_cmd(
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            raise _Fail("nestlearn plot needs matplotlib: pip install 'nestlearn[plot]'") from None
+            raise _Fail("nestlearn plot needs matplotlib (part of the default install): pip install matplotlib") from None
         if not any(recs for _, recs in runs):
             raise _Fail("no metrics to plot: the run directories have no metrics.jsonl records yet")
-        has_levels = any(isinstance(r.get("levels"), dict) for _, recs in runs for r in recs)
-        ncols = 3 if has_levels else 2
-        fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4))
-        for name, recs in runs:
-            # a record damaged by hand or on disk is left out, not a crash of the whole plot
-            train = [r for r in recs if r.get("split") == "train" and _num(r.get("loss"))]
-            val = [r for r in recs if r.get("split") == "val"]
-            xs = [r["step"] for r in train]
-            ys = [float(r["loss"]) for r in train]
-            w = window or max(1, len(ys) // 50)
-            axes[0].plot(xs, _moving_average(ys, w), label=name)
-            key = "bits_per_byte" if val and "bits_per_byte" in val[0] else "accuracy"
-            if val:
-                axes[1].plot([r["step"] for r in val], [float(r[key]) if _num(r.get(key)) else math.nan for r in val], marker="o",
-                             label=name)
-                axes[1].set_ylabel("validation " + key.replace("_", " "))
-            if has_levels:
-                for lv in sorted({str(k) for r in train if isinstance(r.get("levels"), dict) for k in r["levels"]}):
-                    pts = [(r["step"], r["levels"][lv]["update_norm"]) for r in train
-                           if isinstance(r.get("levels"), dict) and isinstance(r["levels"].get(lv), dict)
-                           and _num(r["levels"][lv].get("update_norm"))]
-                    axes[2].plot([p[0] for p in pts], _moving_average([p[1] for p in pts], w), label=f"{name}: {lv}")
-        axes[0].set_title("training loss (nats/byte)")
-        axes[1].set_title("validation")
-        if has_levels:
-            axes[2].set_title("in-context update norm per level")
-        for ax in axes:
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
+        fig = curves_figure(plt, runs, window)
         fig.tight_layout()
         target = Path(output)
         if target.is_dir():
@@ -649,6 +619,55 @@ def plot_cmd(
         finally:
             plt.close(fig)
         typer.echo(f"wrote {target}")
+
+
+def curves_figure(plt: Any, runs: list[tuple[str, list[dict[str, Any]]]], window: int | None) -> Any:
+    """The figure of ``nestlearn plot``: training loss (a moving average), validation, and the
+    in-context update norm per level where recorded. Language-modelling runs show training and
+    validation both in bits per byte (the loss in nats / ln 2) on one y scale; other tasks show
+    their loss in nats and validation accuracy. Every axis says its unit."""
+    has_levels = any(isinstance(r.get("levels"), dict) for _, recs in runs for r in recs)
+    bits = all("bits_per_byte" in r for _, recs in runs for r in recs if r.get("split") in ("train", "val"))
+    ncols = 3 if has_levels else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4))
+    if bits:
+        axes[0].sharey(axes[1])
+    unit = "bits/byte" if bits else "nats"
+    w = 1
+    for name, recs in runs:
+        # a record damaged by hand or on disk is left out, not a crash of the whole plot
+        train = [r for r in recs if r.get("split") == "train" and _num(r.get("loss"))]
+        val = [r for r in recs if r.get("split") == "val"]
+        ys = [float(r["loss"]) / (math.log(2) if bits else 1.0) for r in train]
+        w = window or max(1, len(ys) // 50)
+        axes[0].plot([r["step"] for r in train], _moving_average(ys, w), label=name)
+        key = "bits_per_byte" if bits else "accuracy"
+        if val:
+            axes[1].plot([r["step"] for r in val], [float(r[key]) if _num(r.get(key)) else math.nan for r in val],
+                         marker="o", label=name)
+        if has_levels:
+            _plot_update_norms(axes[2], name, train, w)
+    axes[0].set_title(f"training loss ({unit}, moving average of {w} steps)" if w > 1 else f"training loss ({unit})")
+    axes[0].set_ylabel(f"loss ({unit})")
+    axes[1].set_title("validation loss (bits/byte)" if bits else "validation accuracy")
+    axes[1].set_ylabel("loss (bits/byte)" if bits else "accuracy")
+    if has_levels:
+        axes[2].set_title("in-context update norm per level")
+        axes[2].set_ylabel("update norm")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return fig
+
+
+def _plot_update_norms(ax: Any, name: str, train: list[dict[str, Any]], w: int) -> None:
+    for lv in sorted({str(k) for r in train if isinstance(r.get("levels"), dict) for k in r["levels"]}):
+        pts = [(r["step"], r["levels"][lv]["update_norm"]) for r in train
+               if isinstance(r.get("levels"), dict) and isinstance(r["levels"].get(lv), dict)
+               and _num(r["levels"][lv].get("update_norm"))]
+        ax.plot([p[0] for p in pts], _moving_average([p[1] for p in pts], w), label=f"{name}: {lv}")
 
 
 def _num(x: Any) -> bool:

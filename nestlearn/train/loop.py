@@ -263,6 +263,9 @@ class Trainer:
                              "a different state); run it in one process")
         if cfg.stop_at is not None and cfg.stop_at > self.total:
             raise TrainError(f"--stop-at {cfg.stop_at} is past the end of the run (--steps {self.total})")
+        if cfg.warmup is not None and cfg.warmup > self.total:
+            raise TrainError(f"--warmup {cfg.warmup} is longer than the run (--steps {self.total}): the learning "
+                             f"rate would never reach its peak; give at most {self.total} warm-up steps")
 
         self.model = build_model(self.spec).to(device)
         outer = self.spec.outer_level
@@ -277,6 +280,8 @@ class Trainer:
         self.phase_rows: list[list[float]] = []
         self.last_ckpt_step: int | None = None
         self.tokens_before = 0
+        self.first_loss: float | None = None
+        """The loss of step 1 (kept across resumes: the summary's train loss starts there)."""
         if self.resume:
             self._restore()
 
@@ -334,7 +339,18 @@ class Trainer:
         self.last_ckpt_step = ck.step
         self.tokens_before = int(ck.extra.get("tokens", 0))
         self.metrics.truncate_after(ck.step)
+        self.first_loss = self._first_loss(ck.extra.get("first_loss"))
         self.phase_rows = [list(r) for r in ck.extra.get("phase_rows", [])]
+
+    def _first_loss(self, saved: Any) -> float | None:
+        """Step 1's loss for a resumed run: from the checkpoint, else from metrics.jsonl (older
+        checkpoints), else None (step 1 was not logged)."""
+        if isinstance(saved, (int, float)) and not isinstance(saved, bool):
+            return float(saved)
+        for rec in self.run.metrics():
+            if rec.get("split") == "train" and rec.get("step") == 1 and isinstance(rec.get("loss"), (int, float)):
+                return float(rec["loss"])
+        return None
 
     # ---------------------------------------------------------------- pieces of a step
     def _autocast(self) -> AbstractContextManager[Any]:
@@ -583,7 +599,8 @@ class Trainer:
         path = save_checkpoint(
             self.run.last_checkpoint, model=self.model, spec=self.spec, step=step, optimizer=self.optimizer,
             carry=self.carry, data=data, scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            extra={"tokens": tokens, "phase_rows": self.phase_rows, "total_steps": self.total},
+            extra={"tokens": tokens, "phase_rows": self.phase_rows, "total_steps": self.total,
+                   "first_loss": self.first_loss},
         )
         self.last_ckpt_step = step
         return path
@@ -628,11 +645,9 @@ class Trainer:
             self.reporter.end(done_summary)
             return done_summary
         status, error = "done", None
-        first_loss: float | None = None
         last_train: dict[str, Any] = {}
         last_val: dict[str, Any] = {}
         t_start = time.perf_counter()
-        t_mark, steps_mark = t_start, start
         tokens = self.tokens_before + 0
         restore = self._install_signals()
         try:
@@ -653,13 +668,10 @@ class Trainer:
                     ) from None
                 done = step + 1
                 tokens += per_step
-                first_loss = rec["loss"] if first_loss is None else first_loss
+                if done == 1:
+                    self.first_loss = rec["loss"]
+                self._timing(rec, tokens, t_start, sync=self.is_log_step(step))
                 if self.is_log_step(step):
-                    now = time.perf_counter()
-                    rec["tokens_per_s"] = per_step * (done - steps_mark) / max(now - t_mark, 1e-9)
-                    rec["tokens"] = tokens
-                    rec["time"] = now - t_start
-                    t_mark, steps_mark = now, done
                     self.metrics.log(rec)
                 last_train = rec
                 self.reporter.step(rec)
@@ -671,7 +683,6 @@ class Trainer:
                     stopping = self._stop or done == cfg.stop_at
                     if done % self.ckpt_every == 0 or done == self.total or stopping:
                         self.save(done, tokens)
-                    t_mark = time.perf_counter()
                 if done == cfg.stop_at:
                     status = "stopped"
                     break
@@ -680,13 +691,26 @@ class Trainer:
         finally:
             restore()
         elapsed = time.perf_counter() - t_start
-        summary = self._summary(status, start, tokens, elapsed, first_loss, last_train, last_val)
+        summary = self._summary(status, start, tokens, elapsed, self.first_loss, last_train, last_val)
         if self.dist.is_main:
             self.run.write_summary(summary)
         self.reporter.end(summary)
         if error is not None:
             raise error
         return summary
+
+    def _timing(self, rec: dict[str, Any], tokens: int, t_start: float, sync: bool) -> None:
+        """The wall-clock fields of a step's record: ``tokens`` (trained in the whole run),
+        ``time`` (seconds since this session's first step began) and ``tokens_per_s`` = this
+        session's tokens / ``time``: everything included (evaluation, checkpoints, compilation,
+        graph capture), so it agrees with a stopwatch, the progress line and the summary. With
+        ``sync`` (logged steps) a GPU's queued work is waited for before the clock is read."""
+        if sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = max(time.perf_counter() - t_start, 1e-9)
+        rec["tokens"] = tokens
+        rec["time"] = elapsed
+        rec["tokens_per_s"] = (tokens - self.tokens_before) / elapsed
 
     def _summary(self, status: str, start: int, tokens: int, elapsed: float, first_loss: float | None,
                  last_train: dict[str, Any], last_val: dict[str, Any]) -> dict[str, Any]:
