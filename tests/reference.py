@@ -38,13 +38,14 @@ def layer_inputs(mem: str, p: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]
 
 def inner_loop(
     mem: str, rule: str, objective: str, init: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor,
-    hp: dict[str, Tensor | float], period: int, read_start: bool = False,
+    hp: dict[str, Tensor | float], period: int, read_start: bool = False, clip: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One sequence, one head: q, k, v are [T, d]; hp values are [T] tensors or floats.
 
     Mini-batch semantics: every gradient of a chunk of ``period`` tokens is taken at the
     chunk-start weights; token t is read after its own update (``read_start``: with the
-    chunk-start weights, Nested Learning Eq. 71).
+    chunk-start weights, Nested Learning Eq. 71). ``clip``: each token's gradient, all weights
+    together, is scaled down to that norm when longer.
     """
     f = linear_mem if mem == "linear" else mlp_mem
     obj = l2 if objective == "l2" else dot
@@ -64,6 +65,10 @@ def inner_loop(
         loss = obj(f(anchor, k[t]), v[t])
         names = list(anchor)
         grads = dict(zip(names, torch.autograd.grad(loss, [anchor[n] for n in names])))
+        if clip is not None:
+            norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+            if norm > clip:
+                grads = {n: g * (clip / norm) for n, g in grads.items()}
         lr = h("lr", t)
         if rule == "sgd":
             W = {n: (1 - h("decay", t)) * W[n] - lr * grads[n] for n in W}

@@ -38,14 +38,14 @@ def hypers(name: str, g: torch.Generator) -> dict[str, torch.Tensor | float]:
     return {"lr": r(0.1), "decay": r(0.1), "beta": r(0.5)}  # larger rates diverge for the MLP
 
 
-def reference(mem, rule, obj, init, q, k, v, hp, period):
+def reference(mem, rule, obj, init, q, k, v, hp, period, clip=None):
     ys = torch.zeros(B, H, T, D, dtype=DT)
     finals = {n: torch.zeros(B, *p.shape, dtype=DT) for n, p in init.items()}
     for b in range(B):
         for h in range(H):
             hp_bh = {n: (x[b, h] if isinstance(x, torch.Tensor) else x) for n, x in hp.items()}
             init_h = {n: p[h] for n, p in init.items()}
-            y, fin = ref.inner_loop(mem, rule, obj, init_h, q[b, h], k[b, h], v[b, h], hp_bh, period)
+            y, fin = ref.inner_loop(mem, rule, obj, init_h, q[b, h], k[b, h], v[b, h], hp_bh, period, clip=clip)
             ys[b, h] = y
             for n in fin:
                 finals[n][b, h] = fin[n]
@@ -70,6 +70,35 @@ def test_executors_match_reference(mem: str, rule: str, obj: str, period: int) -
         torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10, msg=f"{executor} outputs")
         for n in w_ref:
             torch.testing.assert_close(st["params"][n], w_ref[n], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mem", ["linear", "mlp"])
+@pytest.mark.parametrize("rule", ["sgd", "momentum", "adam", "dgd"])
+@pytest.mark.parametrize("period", [1, 4])
+def test_clip_matches_reference(mem: str, rule: str, period: int) -> None:
+    """The level's ``clip`` (each token's inner gradient scaled to at most that norm, all weights
+    together) in every executor == the plain reference that clips by hand; outer gradients too."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"clip/{mem}/{rule}/{period}".encode()))
+    arch = LinearMemory(D, D, H, init_std=0.5) if mem == "linear" else MLPMemory(D, D, H, expand=2)
+    init = {n: torch.randn(p.shape, generator=g, dtype=DT) * 0.5 for n, p in arch.init_params().items()}
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=DT) for _ in range(3))
+    hp = hypers(rule, g)
+    clip = 1.5  # between the smallest and the largest token gradient here: both branches run
+    y_ref, w_ref = reference(mem, rule, "l2", init, q, k, v, hp, period, clip=clip)
+    y_free, _ = reference(mem, rule, "l2", init, q, k, v, hp, period)
+    assert not torch.allclose(y_free, y_ref), "the clip must be active in this test"
+    r = make_rule(rule)
+    grads = {}
+    for executor in ("sequential", "auto", "scan"):
+        kk = k.clone().requires_grad_()
+        pb = MemoryProblem(arch, r, objectives.l2, q, kk, v, hp, period, GradMode(), clip=clip)
+        y, st = run(pb, init_state(arch, r, init, B), executor)  # type: ignore[arg-type]
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10, msg=f"{executor} outputs")
+        for n in w_ref:
+            torch.testing.assert_close(st["params"][n], w_ref[n], rtol=1e-9, atol=1e-10)
+        (grads[executor],) = torch.autograd.grad(y.pow(2).sum(), kk)
+    torch.testing.assert_close(grads["auto"], grads["sequential"], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(grads["scan"], grads["sequential"], rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("period", [1, 3])

@@ -170,7 +170,7 @@ class MACOp(Op):
             q_y, tails["qy"] = self._features("q", y, tails.get("qy"))
             hp, chunk_hp = mem.hypers(rule.hypers, y, i0, period, chunk_hp)
             pb = MemoryProblem(mem.arch, rule, level.objective, q_y, k, v, hp, period, level.grad, level.name,
-                               level.read_start, level.spec.chunk, level.spec.remat)
+                               level.read_start, level.spec.chunk, level.spec.remat, level.spec.clip)
             m, mem_state = run(pb, mem_state, level.executor)
             # Eq. 25: o_t = y_t (x) M*_t(y_t)
             gate = torch.sigmoid(self.norm_m([self._merge(m)], {}, None)[0])

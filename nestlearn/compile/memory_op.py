@@ -8,6 +8,7 @@ meta-learns in context. See :class:`NestedInit`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -24,12 +25,14 @@ from nestlearn.memories import LinearMemory, MemoryArch, MLPMemory
 from nestlearn.spec.schema import MemorySpec
 
 
-def build_arch(mem: MemorySpec, d_in: int, d_out: int, heads: int) -> MemoryArch:
+def build_arch(mem: MemorySpec, d_in: int, d_out: int, heads: int, unit_keys: bool = False) -> MemoryArch:
+    """The memory of ``mem``; ``unit_keys``: its keys are L2-normalised (sets a TTT memory's init)."""
     if mem.type == "linear":
         return LinearMemory(d_in, d_out, heads, bias=mem.bias)
     if mem.type in ("ttt-linear", "ttt-mlp"):  # an nn.Module too: its LN scale/shift are outer params
         from nestlearn.memories.ttt import TTTMemory
-        return TTTMemory(d_in, d_out, heads, core=mem.type[4:], expand=mem.expand, act=mem.act, bias=mem.bias)
+        return TTTMemory(d_in, d_out, heads, core=mem.type[4:], expand=mem.expand, act=mem.act, bias=mem.bias,
+                         init_std=mem.init_std, key_rms=1 / math.sqrt(d_in) if unit_keys else 1.0)
     return MLPMemory(d_in, d_out, heads, expand=mem.expand, depth=mem.depth, act=mem.act,
                      residual=mem.residual and d_in == d_out, bias=mem.bias)
 
@@ -48,7 +51,7 @@ class MemoryOp(Op):
         self.sources = tuple(s for s in self.roles.values() if s not in ("proj", "input"))
         self.proj = nn.ModuleDict({r: nn.Linear(dim, dim, bias=False) for r, s in self.roles.items() if s == "proj"})
         self.convs = nn.ModuleDict({r: CausalConv(dim, conv) for r in self.roles} if conv else {})
-        self.arch = build_arch(mem, self.dh, self.dh, heads)
+        self.arch = build_arch(mem, self.dh, self.dh, heads, unit_keys=qk_norm)
         init = self.arch.init_params()
         if learned_init:
             self.init = nn.ParameterDict({k: nn.Parameter(v) for k, v in init.items()})
@@ -95,7 +98,8 @@ class MemoryOp(Op):
         offset = mem_state["offset"] if mem_state is not None else 0
         hp, chunk_hp = self.hypers(rule.hypers, x, offset, period, state.get("chunk_hp"))
         pb = MemoryProblem(self.arch, rule, self.level.objective, q, k, v, hp, period, self.level.grad,
-                           self.level.name, self.level.read_start, self.level.spec.chunk, self.level.spec.remat)
+                           self.level.name, self.level.read_start, self.level.spec.chunk, self.level.spec.remat,
+                           self.level.spec.clip)
         new: dict[str, Any] = {}
         if self.nest is None:
             y, mem_state = run(pb, mem_state, self.level.executor)

@@ -58,7 +58,7 @@ class SelfModOp(Op):
         dh = self.dh
         self.widths = {"k": dh, "v": dh, "lr": 1, "decay": 1}
         self.gen_arch = LinearMemory(dh, sum(self.widths.values()), heads)
-        main = build_arch(mem, dh, dh, heads)
+        main = build_arch(mem, dh, dh, heads, unit_keys=True)  # its keys are L2-normalised
         # an nn.Module memory (TTT) owns outer parameters (its layer norm): register it
         self.main_arch: MemoryArch = main
         self.init = nn.ParameterDict()

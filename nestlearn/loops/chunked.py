@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from nestlearn.loops.common import MemoryProblem, Params, detach_tree, hp_at
+from nestlearn.loops.common import MemoryProblem, Params, clip_grads, detach_tree, hp_at
 from nestlearn.memories.base import plain_lin
 
 
@@ -38,7 +38,8 @@ def chunk_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> Para
 
     if not pb.grad.create_graph:
         anchor, k, v = detach_tree(anchor), k.detach(), v.detach()
-    return vmap(grad(loss), in_dims=(None, 2, 2))(anchor, k, v)  # type: ignore[no-any-return]
+    grads = vmap(grad(loss), in_dims=(None, 2, 2))(anchor, k, v)
+    return clip_grads(grads, pb.clip, lead=3)
 
 
 def layer_inputs(pb: MemoryProblem, anchor: Params, k: Tensor) -> Params:

@@ -58,6 +58,27 @@ class MemoryProblem:
     """Compute chunk of a period-1 parallel form (the level's ``chunk:``); None: the executor's default."""
     remat: int | None = None
     """Recompute the backward per group of this many chunks (the level's ``remat:``; ``loops/remat.py``)."""
+    clip: float | None = None
+    """Clip each token's inner gradient (per sequence and head, over all of the memory's fast
+    weights) to this norm before the rule sees it (the level's ``clip:``; ``clip_factor``)."""
+
+
+def clip_factor(sq_norm: Tensor, clip: float) -> Tensor:
+    """``min(1, clip / ||g||)`` from ``||g||^2``: the scale that clips a gradient to norm ``clip``.
+
+    Written as ``clip * rsqrt(max(||g||^2, clip^2))`` so that its derivative is finite at
+    ``g = 0`` (the outer loss differentiates through it where it clips, and sees 1 elsewhere)."""
+    return clip * torch.rsqrt(sq_norm.clamp_min(clip * clip))
+
+
+def clip_grads(grads: Params, clip: float | None, lead: int = 2) -> Params:
+    """Per-token gradients ``grads`` (leading ``lead`` dims index the token: ``[B, H]`` or
+    ``[n, B, H]``) clipped jointly over every weight to norm ``clip`` (None: unchanged)."""
+    if clip is None:
+        return grads
+    sq = sum(g.pow(2).flatten(lead).sum(-1) for g in grads.values())
+    f = clip_factor(sq, clip)  # type: ignore[arg-type]
+    return {n: g * f.reshape(f.shape + (1,) * (g.dim() - lead)) for n, g in grads.items()}
 
 
 def with_rule_constants(rule: Rule, hp: Mapping[str, Tensor | float]) -> dict[str, Tensor | float]:

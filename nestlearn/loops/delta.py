@@ -64,6 +64,7 @@ def supports(pb: MemoryProblem) -> bool:
     return (
         pb.period == 1
         and not pb.read_start
+        and pb.clip is None
         and type(pb.rule) is Momentum
         and "beta" not in pb.rule.hypers
         and isinstance(pb.arch, LinearMemory)

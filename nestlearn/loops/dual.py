@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from nestlearn.loops.chunked import segments
-from nestlearn.loops.common import MemoryProblem, Params, detach_tree, weighted_sum
+from nestlearn.loops.common import MemoryProblem, Params, clip_factor, detach_tree, weighted_sum
 from nestlearn.memories.base import MemoryArch, plain_lin
 from nestlearn.objectives import BUILTIN, error_signal
 
@@ -184,7 +184,25 @@ def run_segments(pb: MemoryProblem, state: dict[str, Any], step: SegmentStep) ->
 
 def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tuple[Params, Params]:
     """Every layer's error signal ``dL/dz`` and input at the chunk-start state, for all of the
-    chunk's tokens in one batched pass: ``(deltas, inputs)`` keyed by weight name."""
+    chunk's tokens in one batched pass: ``(deltas, inputs)`` keyed by weight name.
+
+    With the level's ``clip``, the signals are scaled per token so that the token's whole
+    gradient (``delta x^T`` per weight, ``delta`` per bias) has at most that norm: the same
+    clip as ``common.clip_grads`` on the gradients themselves."""
+    deltas, inputs = _signals(pb, anchor, k, v)
+    if pb.clip is None:
+        return deltas, inputs
+    sq: Tensor | float = 0.0
+    for layer in pb.arch.layers:
+        d2 = deltas[layer.weight].pow(2).sum(-1)  # [B, H, n]
+        sq = sq + d2 * inputs[layer.weight].pow(2).sum(-1)
+        if layer.bias is not None and layer.bias in anchor:
+            sq = sq + d2
+    f = clip_factor(sq, pb.clip).unsqueeze(-1)  # type: ignore[arg-type]
+    return {n: d * f for n, d in deltas.items()}, inputs
+
+
+def _signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tuple[Params, Params]:
     stop = pb.grad.kind == "stop"
     create = pb.grad.create_graph and not stop
     src = detach_tree(anchor) if stop else anchor

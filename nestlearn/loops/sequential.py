@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nestlearn.loops.common import MemoryProblem, Params, detach_tree, hp_at, leaf_grads_ready
+from nestlearn.loops.common import MemoryProblem, Params, clip_grads, detach_tree, hp_at, leaf_grads_ready
 from nestlearn.loops.dual import keep_saved
 from nestlearn.memories.base import plain_lin
 
@@ -37,7 +37,7 @@ def token_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tupl
     grads = {n: (g if g is not None else torch.zeros_like(p[n])) for n, g in zip(names, gs)}
     if not create:
         grads = {n: g.detach() for n, g in grads.items()}
-    return grads, inputs
+    return clip_grads(grads, pb.clip), inputs
 
 
 def run_sequential(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:

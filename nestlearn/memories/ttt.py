@@ -12,6 +12,8 @@ registers them, moves them with ``.to()`` and trains them with the rest of the m
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +23,8 @@ from nestlearn.memories.base import ACTS, Layer, Lin, MemoryArch, plain_lin
 class TTTMemory(nn.Module, MemoryArch):
     def __init__(
         self, d_in: int, d_out: int, heads: int, core: str = "linear", expand: float = 4.0,
-        act: str = "gelu", bias: bool = True, eps: float = 1e-6, init_std: float = 0.02,
+        act: str = "gelu", bias: bool = True, eps: float = 1e-6, init_std: float | None = 0.02,
+        key_rms: float = 1.0,
     ):
         nn.Module.__init__(self)
         if d_in != d_out:
@@ -30,6 +33,9 @@ class TTTMemory(nn.Module, MemoryArch):
             raise ValueError(f"unknown TTT core {core!r}: use 'linear' or 'mlp'")
         self.d_in, self.d_out, self.heads = d_in, d_out, heads
         self.core, self.act, self.bias, self.eps, self.init_std = core, act, bias, eps, init_std
+        self.key_rms = key_rms
+        """RMS of the keys this memory reads (1/sqrt(d) for L2-normalised keys): sets the fan-in
+        init when ``init_std`` is None."""
         self.hidden = max(1, int(round(d_in * expand))) if core == "mlp" else d_out
         self.widths = [d_in, self.hidden, d_out] if core == "mlp" else [d_in, d_out]
         n = len(self.widths) - 1
@@ -40,10 +46,19 @@ class TTTMemory(nn.Module, MemoryArch):
     def init_params(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         p: dict[str, Tensor] = {}
         for i, (a, b) in enumerate(zip(self.widths[:-1], self.widths[1:])):
-            p[f"W{i}"] = torch.randn(self.heads, b, a, dtype=dtype) * self.init_std
+            p[f"W{i}"] = torch.randn(self.heads, b, a, dtype=dtype) * self.layer_std(i)
             if self.bias:
                 p[f"b{i}"] = torch.zeros(self.heads, b, dtype=dtype)
         return p
+
+    def layer_std(self, i: int) -> float:
+        """Layer ``i``'s initial std: ``init_std``, or fan-in scaled to its input's RMS (the keys'
+        for the first layer, about 1 after it), so the pre-norm activations start with a spread
+        of order 1 and the layer norm does not magnify the inner gradients."""
+        if self.init_std is not None:
+            return self.init_std
+        fan_in = self.widths[i]
+        return 1.0 / (math.sqrt(fan_in) * (self.key_rms if i == 0 else 1.0))
 
     def apply(self, params: dict[str, Tensor], x: Tensor, lin: Lin = plain_lin) -> Tensor:  # type: ignore[override]
         h = x

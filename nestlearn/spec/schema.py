@@ -249,6 +249,10 @@ class LevelSpec(Strict):
     the carried state at each group boundary is kept, so activation memory grows with the
     number of groups instead of every chunk's intermediates. Same results; costs one more
     forward of the inner loop."""
+    clip: Annotated[float, Field(gt=0)] | None = None
+    """Clip each token's inner gradient to this norm (per sequence and head, jointly over all of
+    the level's fast weights) before the rule sees it, as titans-pytorch's ``max_grad_norm``: a
+    bound on any one token's push, e.g. a long run of one byte. In-context levels only."""
     read: Literal["updated", "chunk_start"] = "updated"
     """``updated``: token t is read with the state after its own update (TTT's mini-batch
     semantics); ``chunk_start``: with the state at its chunk's start, so the weights are constant
@@ -351,6 +355,12 @@ class MemorySpec(Strict):
     residual: bool = True
     """MLP memories: ``M(x) = x + W_L ... act(W_1 x)`` (the paper's Eq. 89)."""
     bias: bool = False
+    init_std: Annotated[float, Field(gt=0)] | None = None
+    """TTT memories: std of the fast weights' initial draw (TTT's paper: 0.02). Default: fan-in
+    scaled to each layer's input RMS (the keys' RMS is 1/sqrt(d_head) when ``qk_norm`` L2-normalises
+    them), so the pre-norm activations start with a spread of order 1. A small draw makes the
+    memory's layer norm divide by a tiny spread, which multiplies the inner gradients and the
+    curvature of the inner loss by hundreds (docs/training-health.md)."""
 
 
 Source = Annotated[str, Field(pattern=IDENT)]

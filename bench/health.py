@@ -1,0 +1,170 @@
+"""Training health: train every shipped language-model spec at its own size on the default
+corpus for the same steps and tokens, and print one row each: bits/byte on held-out text, the
+largest outer gradient norm (before clipping), end-to-end tokens/s and peak GPU memory.
+
+    python -m bench.health --device cuda --steps 300 --batch 8 --seq-len 2048 --cuda-graph
+    python -m bench.health --device cpu --steps 20 --batch 2 --seq-len 2048 --set model.dim=64 --set model.depth=2
+
+Every run is an ordinary ``nestlearn run`` (``Trainer``) into ``--out/<spec>``, in this process
+one after another; ``--resume`` skips the specs whose row is already in ``--out/health.json``.
+A diverged run gets its row with the step it stopped at. The table goes to stdout last (markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SPECS = (
+    "specs/transformer.yaml", "specs/deltanet.yaml", "specs/gated-deltanet.yaml", "specs/titans-lmm.yaml",
+    "specs/titans-mal.yaml", "specs/titans-mag.yaml", "specs/titans-mac.yaml", "specs/ttt-linear.yaml",
+    "specs/ttt-mlp.yaml", "models/hope.yaml",
+)
+"""The shipped language-model specs, in the order of the table (the Transformer first: the
+reference for the gradient-norm ratio)."""
+
+
+def positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.health", description=__doc__.split("\n\n")[0])
+    p.add_argument("specs", nargs="*", help="spec files (default: every shipped LM spec)")
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=2048)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--cuda-graph", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-batches", type=positive_int, default=8)
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every spec")
+    p.add_argument("--out", default="runs/health", help="run directories and health.json go here")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT/health.json")
+    return p.parse_args(argv)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def summarise(name: str, run_dir: Path, wall: float, peak_gb: float | None, error: str | None,
+              params: int | None) -> dict[str, Any]:
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if r.get("split") == "train"]
+    val = [r for r in rows if r.get("split") in ("val", "validation", "eval") or "val_loss" in r]
+    gnorms = [r["grad_norm"] for r in train if isinstance(r.get("grad_norm"), (int, float))]
+    finite = [g for g in gnorms if math.isfinite(g)]
+    last_val = val[-1] if val else {}
+    bpb = last_val.get("bits_per_byte")
+    tokens = train[-1].get("tokens") if train else None
+    return {
+        "spec": name, "params": params, "steps": train[-1]["step"] if train else 0,
+        "bits_per_byte": bpb, "max_grad_norm": max(finite) if finite else None,
+        "median_grad_norm": sorted(finite)[len(finite) // 2] if finite else None,
+        "nonfinite_grad_steps": len(gnorms) - len(finite),
+        "tokens": tokens, "tokens_per_s": (tokens / wall) if tokens and wall > 0 else None,
+        "peak_gb": peak_gb, "error": error,
+    }
+
+
+def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    import torch
+
+    import nestlearn
+    from nestlearn.spec.errors import SpecError
+    from nestlearn.train.config import TrainConfig
+    from nestlearn.train.errors import TrainError
+    from nestlearn.train.loop import Trainer
+
+    name = Path(path).stem
+    run_dir = out / name
+    spec = nestlearn.load_spec(path, overrides=args.set, profile=None)
+    params = sum(p.numel() for p in nestlearn.compile(spec).parameters())
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, device=args.device,
+                      precision=args.precision, cuda_graph=args.cuda_graph, compile=args.compile, seed=args.seed,
+                      eval_every=args.steps, eval_batches=args.eval_batches, log_every=1, threads=args.threads,
+                      ckpt_every=args.steps)
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    error = None
+    t0 = time.perf_counter()
+    try:
+        Trainer(spec, cfg, run_dir).fit()
+    except (TrainError, SpecError, RuntimeError) as exc:  # a diverged or failed run still gets its row
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    return summarise(name, run_dir, wall, peak, error, params)
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    ref = next((r for r in rows if r["spec"] == "transformer"), None)
+    ref_g = ref["median_grad_norm"] if ref else None
+    lines = ["| spec | params | steps | bits/byte | max grad norm | x Transformer (median) | tokens/s | peak GB | note |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        ratio = r["median_grad_norm"] / ref_g if ref_g and r["median_grad_norm"] else None
+        note = r["error"] or (f"{r['nonfinite_grad_steps']} non-finite steps" if r["nonfinite_grad_steps"] else "")
+        lines.append(f"| {r['spec']} | {_fmt(r['params'], ',')} | {r['steps']} | {_fmt(r['bits_per_byte'], '.3f')} | "
+                     f"{_fmt(r['max_grad_norm'], '.3g')} | {_fmt(ratio, '.2f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
+                     f"{_fmt(r['peak_gb'], '.1f')} | {note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "health.json"
+    done: dict[str, dict[str, Any]] = {}
+    if args.resume and store.exists():
+        done = {r["spec"]: r for r in json.loads(store.read_text())["rows"]}
+    specs = args.specs or list(SPECS)
+    for i, path in enumerate(specs, 1):
+        if not Path(path).exists():
+            print(f"error: no spec file {path}", file=sys.stderr)
+            return 2
+        name = Path(path).stem
+        if name in done:
+            continue
+        print(f"[{i}/{len(specs)}] {name} ...", file=sys.stderr, flush=True)
+        done[name] = run_one(path, args, out)
+        print(f"[{i}/{len(specs)}] {name}: {json.dumps(done[name])}", file=sys.stderr, flush=True)
+        tmp = store.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"args": vars(args), "rows": list(done.values())}, indent=1))
+        os.replace(tmp, store)
+    rows = [done[Path(p).stem] for p in specs if Path(p).stem in done]
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
