@@ -429,6 +429,14 @@ def run_cmd(
              "as written. Default: `cpu` when training on a CPU and the spec defines it."),
     stop_at: Optional[str] = typer.Option(None, "--stop-at", metavar="N", hidden=True,
                                           help="Stop (with a checkpoint) after N steps of the schedule."),
+    tensorboard: Optional[str] = typer.Option(
+        None, "--tensorboard", metavar="DIR",
+        help="Also log the metrics to TensorBoard in DIR (per-level inner losses and update norms as their own "
+             "scalars); needs tensorboard: pip install 'nestlearn[loggers]'."),
+    wandb: Optional[bool] = typer.Option(
+        None, "--wandb/--no-wandb",
+        help="Also log the metrics to Weights & Biases (offline, no network needed, without an API key or with "
+             "WANDB_MODE=offline; project $WANDB_PROJECT or nestlearn); needs wandb: pip install 'nestlearn[loggers]'."),
     out: Optional[str] = typer.Option(None, "--out", "-o", metavar="RUN_DIR",
                                       help="Run directory (default runs/<spec name>-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or SPEC = RUN_DIR) from its checkpoint."),
@@ -455,7 +463,10 @@ def run_cmd(
             "carry_state": carry_state, "eval_every": _int("--eval-every", eval_every),
             "eval_batches": _int("--eval-batches", eval_batches), "ckpt_every": _int("--ckpt-every", ckpt_every),
             "log_every": _int("--log-every", log_every), "stop_at": _int("--stop-at", stop_at),
+            "tensorboard": tensorboard, "wandb": wandb,
         }
+        if tensorboard is not None and not tensorboard.strip():
+            raise _Fail("--tensorboard: the directory is empty; give the directory to write TensorBoard logs to")
         if data is not None and not data.strip():
             raise _Fail("--data: the path is empty; give a text file or folder (or leave --data out "
                         "to train on the Python standard library's sources)")

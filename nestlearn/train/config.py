@@ -60,6 +60,10 @@ class TrainConfig:
     """Stop (with a checkpoint) after this many steps of a ``steps``-long schedule; resume later."""
     profile: str | None = None
     """The spec profile the run's spec was resolved with (a record; the spec already has it)."""
+    tensorboard: str | None = None
+    """Also log every metrics record to TensorBoard, in this directory (``train/loggers.py``)."""
+    wandb: bool = False
+    """Also log every metrics record to Weights & Biases (offline without an API key)."""
 
     def check(self) -> None:
         """Raise ``TrainError`` naming the first bad value."""
@@ -93,6 +97,9 @@ class TrainConfig:
         for name in ("task", "device", "precision"):
             need(isinstance(getattr(self, name), str), f"--{name}", getattr(self, name), "must be a string")
         need(self.data is None or isinstance(self.data, str), "--data", self.data, "must be a path")
+        need(self.tensorboard is None or (isinstance(self.tensorboard, str) and bool(self.tensorboard.strip())),
+             "--tensorboard", self.tensorboard, "must be a directory")
+        need(isinstance(self.wandb, bool), "--wandb", self.wandb, "must be true or false")
         need(isinstance(self.task_options, dict), "--task-opt", self.task_options, "must be KEY=VALUE pairs")
         need(self.device in DEVICES, "--device", self.device, f"must be one of {', '.join(DEVICES)}")
         need(self.precision in PRECISIONS, "--precision", self.precision,

@@ -37,6 +37,7 @@ from nestlearn.loops import stats as inner_stats
 from nestlearn.spec.errors import SpecError
 from nestlearn.tasks import Batch, Task, TaskError, get_task
 from nestlearn.train import distributed as D
+from nestlearn.train import loggers
 from nestlearn.train.checkpoint import (
     CheckpointError,
     check_continues,
@@ -271,8 +272,13 @@ class Trainer:
         outer = self.spec.outer_level
         self.optimizer = build_optimizer(self.model, self.spec.levels[outer].rule, cfg.lr)
         self.base_lr = self.optimizer.param_groups[0]["lr"]
+        if self.dist.is_main:
+            loggers.check_available(cfg.tensorboard, cfg.wandb)
         self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
         self.run.prepare(self.spec, cfg, self.resume, write=self.dist.is_main, task=self.task.describe())
+        if self.dist.is_main:
+            self.metrics.loggers = loggers.build(cfg.tensorboard, cfg.wandb, self.run.path, self.run.path.name,
+                                                 {"spec": self.spec.name, **cfg.to_dict()})
         D.barrier(self.dist)
 
         self.step = 0
@@ -617,6 +623,8 @@ class Trainer:
         finally:
             if self.compiled is not None:
                 self.compiled.release()
+            if hasattr(self, "metrics"):
+                self.metrics.close()
             D.shutdown(clean)
 
     def _fit(self) -> dict[str, Any]:

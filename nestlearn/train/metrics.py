@@ -29,15 +29,24 @@ TIMING_KEYS = ("tokens_per_s", "time")
 class MetricsLog:
     """Append-only JSON lines (written by rank 0 only; ``enabled=False`` elsewhere)."""
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, loggers: list[Any] | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.loggers = list(loggers or [])
+        """Also given every record: ``train/loggers.py`` (TensorBoard, Weights & Biases)."""
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(_clean(record)) + "\n")
+        for logger in self.loggers:
+            logger.log(record)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (written after the checkpoint a run resumes from), so a
