@@ -8,6 +8,7 @@ are independent at the chunk-start state).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,30 @@ def dot(pred: Tensor, target: Tensor) -> Tensor:
 
 
 BUILTIN: dict[str, Objective] = {"l2": l2, "dot": dot}
+
+
+def check_name(name: str) -> str | None:
+    """What is wrong with an objective's name, without importing anything (None: nothing).
+
+    ``package.module:function`` is checked by its syntax and by whether its top-level package
+    is installed (``importlib.util.find_spec`` of that name runs none of its code); the
+    module itself is imported, and its function looked up, only when a model is built to run
+    (``nestlearn run``, ``nestlearn.compile``). ``nestlearn validate`` and ``compile`` therefore
+    never execute code named by a spec received from someone else."""
+    if name in BUILTIN:
+        return None
+    module, sep, attr = name.partition(":")
+    parts = module.split(".")
+    if not sep or not attr.isidentifier() or not all(p.isidentifier() for p in parts):
+        return f"unknown objective {name!r}: use 'l2', 'dot' or a callable as 'package.module:function'"
+    try:
+        found = importlib.util.find_spec(parts[0])
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        return (f"no installed package {parts[0]!r} for the objective {name!r} (checked without importing it; "
+                "nestlearn run imports it)")
+    return None
 
 
 def resolve(name: str) -> Objective:

@@ -99,7 +99,34 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _load(spec_path: str, overrides: list[str] | None) -> tuple[Spec, LevelGraph]:
     spec = load_spec(spec_path, overrides or ())
-    return spec, build_graph(spec)
+    return spec, _graph_without_imports(spec)
+
+
+def _graph_without_imports(spec: Spec) -> LevelGraph:
+    """``build_graph(spec)`` with every user objective (``package.module:function``) checked by
+    ``objectives.check_name`` instead of imported: the graph is built for a stand-in with the
+    built-in ``l2`` there (nothing else depends on it) and then given the real names back."""
+    from nestlearn.objectives import check_name
+    from nestlearn.spec.loader import attach_source, issue_at
+
+    issues = [issue_at(spec, ("levels", n, "objective"), msg) for n, lv in spec.levels.items()
+              if not lv.is_outer and (msg := check_name(lv.objective)) is not None]
+    custom = {n for n, lv in spec.levels.items() if lv.objective not in ("l2", "dot")}
+    stand_in = spec
+    if custom:
+        stand_in = spec.model_copy(update={"levels": {
+            n: lv.model_copy(update={"objective": "l2"}) if n in custom else lv for n, lv in spec.levels.items()}})
+        attach_source(stand_in, spec)
+    try:
+        graph = build_graph(stand_in)
+    except SpecError as err:
+        issues += err.issues
+    if issues:
+        raise SpecError(sorted(issues, key=lambda i: (i.line or 0, i.col or 0, i.message)))
+    graph.spec = spec
+    for n in custom:
+        graph.levels.nodes[n]["objective"] = spec.levels[n].objective
+    return graph
 
 
 # ----------------------------------------------------------------------------- compile

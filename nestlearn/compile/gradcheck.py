@@ -59,6 +59,9 @@ def _probe_spec(spec: Spec, grads: dict[str, str]) -> Spec:
     doc["model"]["depth"] = 1
     for name, grad in grads.items():
         doc["levels"][name]["grad"] = grad
+    for lv in doc["levels"].values():  # a user objective is not imported here (compile runs no user code)
+        if lv.get("objective") not in (None, "l2", "dot"):
+            lv["objective"] = "l2"
     return Spec.model_validate(doc)
 
 

@@ -35,7 +35,7 @@ class Level:
         self.name = name
         self.spec = spec
         self.period: int | str = spec.period
-        self.objective = objectives.resolve(spec.objective)
+        self._objective: objectives.Objective | None = None
         self.objective_name = spec.objective
         self.grad = GradMode.parse(spec.grad)
         self.read_start = spec.read == "chunk_start"
@@ -43,6 +43,14 @@ class Level:
         self._rule: Rule = coerce(spec.rule) if not spec.is_outer else _OuterRule(spec.rule)
         self.model: CompiledModel | None = None
         """The compiled model this level belongs to (set by it): where a swap rebuilds the gates."""
+
+    @property
+    def objective(self) -> objectives.Objective:
+        """The inner objective, resolved on first use: a ``package.module:function`` is imported
+        when the model first runs, not when it is built (``nestlearn compile`` builds it)."""
+        if self._objective is None:
+            self._objective = objectives.resolve(self.spec.objective)
+        return self._objective
 
     @property
     def is_outer(self) -> bool:

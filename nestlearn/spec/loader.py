@@ -108,6 +108,14 @@ def _attach(spec: Spec, smap: SourceMap) -> None:
     weakref.finalize(spec, _SOURCES.pop, id(spec), None)
 
 
+def attach_source(copy: Spec, original: Spec) -> None:
+    """Give ``copy`` (e.g. a ``model_copy`` of ``original``) the positions ``original`` was
+    loaded from, so that issues found in it point into the same file."""
+    smap = source_map(original)
+    if smap is not None:
+        _attach(copy, smap)
+
+
 def source_map(spec: Spec) -> SourceMap | None:
     """The positions a spec was loaded from (``None`` for a spec built in Python)."""
     return _SOURCES.get(id(spec))
