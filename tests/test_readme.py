@@ -34,3 +34,19 @@ def test_readme_inspects_a_level() -> None:
     text = (ROOT / "README.md").read_text()
     code = "\n".join(_python_blocks(text))
     assert ".params(state)" in code and ".init" in code and "state[" not in code
+
+
+def test_readme_says_how_to_train_on_several_gpus(tmp_path: Path) -> None:
+    """The torchrun command, how --batch is split, and the run directory's files as a run writes them."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Several GPUs", 1)[1].split("\n## ", 1)[0]
+    assert "torchrun --standalone --nproc_per_node 2 -m nestlearn run" in section
+    assert "`--batch` is the *global* batch" in section and "`--batch / N`" in section
+    listed = set(re.findall(r"^\| `([^`]+)` \|", section, flags=re.M))
+    from tests.cli_run import nl
+
+    code, out = nl("run", ROOT / "tests" / "data" / "tiny_run.yaml", "--steps", "1", "--batch", "2", "--seq-len", "16",
+                   "--threads", "1", "-q", "--out", tmp_path / "r")
+    assert code == 0, out
+    written = {str(p.relative_to(tmp_path / "r")) for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    assert listed == written
