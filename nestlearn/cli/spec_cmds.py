@@ -99,7 +99,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _load(spec_path: str, overrides: list[str] | None) -> tuple[Spec, LevelGraph]:
     spec = load_spec(spec_path, overrides or ())
-    return spec, _graph_without_imports(spec)
+    graph = _graph_without_imports(spec)
+    from nestlearn.stability import spec_warnings
+
+    for issue in spec_warnings(spec):  # valid, but likely to diverge at long sequences: say so, exit 0
+        typer.echo(f"warning: {issue.format()}", err=True)
+    return spec, graph
 
 
 def _graph_without_imports(spec: Spec) -> LevelGraph:

@@ -1,0 +1,120 @@
+"""The chunk-step stability bound of an in-context level, checked before anything is built.
+
+Within a chunk of ``C`` tokens every inner gradient is taken at the chunk-start state, so a
+chunk whose tokens push the same way (a run of one byte: indentation, a line of ``=``) moves the
+memory by ``lr * S(C, beta)`` times one token's gradient with no feedback in between, where
+
+    S(C, beta) = sum_{t=1..C} sum_{j=1..t} beta^(t-j)          (= C for plain SGD)
+
+is the chunk's accumulated step under momentum ``beta``. For the ``l2`` objective on a linear
+memory read by a key of norm ``r`` the curvature along that step is ``2 r^2``, so the chunk's
+error is multiplied by ``1 - 2 r^2 lr S``: beyond ``lr S r^2 = 1`` it grows from chunk to chunk,
+and the outer gradient through the unrolled updates grows geometrically with the sequence's
+length (what made Titans' outer gradients reach 1e9 at 2,048 tokens). Deeper memories only add
+curvature, so the bound is necessary, not sufficient.
+
+``r = 1`` for L2-normalised keys (``qk_norm``, the selfmod op); elsewhere the keys' RMS is taken
+as 1 (``r^2 = d_head``). A level with ``clip`` has a bounded step per token and is not flagged.
+Learned rates are judged at their initial value, gates at their maximum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+LINEAR_STEP_RULES = ("sgd", "momentum", "dgd")
+"""Rules whose chunk step is ``lr`` times a sum of gradients (what the bound speaks of)."""
+
+
+@dataclass(frozen=True)
+class ChunkStep:
+    level: str
+    period: int
+    lr: float
+    beta: float
+    key_sq: float
+    """The squared key norm assumed (1 for L2-normalised keys)."""
+
+    @property
+    def accumulated(self) -> float:
+        return accumulated_step(self.period, self.beta)
+
+    @property
+    def gain(self) -> float:
+        """``lr * S(C, beta) * r^2``: above 1 the chunk step overshoots."""
+        return self.lr * self.accumulated * self.key_sq
+
+    @property
+    def safe_lr(self) -> float:
+        return 1.0 / (self.accumulated * self.key_sq)
+
+    def message(self) -> str:
+        keys = "unit-norm keys" if self.key_sq == 1 else f"keys of RMS 1 (|k|^2 = {self.key_sq:g})"
+        return (f"chunk step {self.gain:.3g} > 1: a chunk of {self.period} tokens pushing the same way moves "
+                f"the memory by lr {self.lr:g} x {self.accumulated:.4g} (momentum {self.beta:g}) gradient steps, "
+                f"which overshoots the l2 objective for {keys}; at long sequences the inner loop and the outer "
+                f"gradients through it can explode. Keep lr at most {self.safe_lr:.2g} or set the level's "
+                f"'clip' (docs/training-health.md)")
+
+
+def accumulated_step(period: int, beta: float) -> float:
+    """``S(C, beta)``: the total movement of a chunk of ``C`` equal gradients, in units of one."""
+    if beta <= 0:
+        return float(period)
+    if beta >= 1:
+        return period * (period + 1) / 2
+    return sum((1 - beta**t) / (1 - beta) for t in range(1, period + 1))
+
+
+def _upper(value: Any) -> float | None:
+    """A hyper-parameter's largest value: a constant, a learned value's start, a gate's max."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    for attr in ("max", "learned"):
+        v = getattr(value, attr, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
+def chunk_steps(spec: Any) -> list[ChunkStep]:
+    """The chunk step of every in-context ``l2`` level with a gradient-sum rule, over the nodes
+    that use it (the largest key norm among them)."""
+    out: list[ChunkStep] = []
+    heads = spec.model.heads
+    for name, lv in spec.levels.items():
+        if lv.is_outer or lv.objective != "l2" or getattr(lv.rule, "name", None) not in LINEAR_STEP_RULES:
+            continue
+        lr = _upper(getattr(lv.rule, "lr", None))
+        if lr is None or lr <= 0:
+            continue
+        beta = _upper(getattr(lv.rule, "beta", 0.0)) or 0.0
+        key_sq = 0.0
+        for node in spec.block:
+            if getattr(node, "level", None) != name:
+                continue
+            if node.op == "selfmod" or getattr(node, "qk_norm", False):
+                key_sq = max(key_sq, 1.0)
+            else:
+                width = spec.model.dim // (getattr(node, "heads", None) or (heads if node.op != "mlp" else 1))
+                key_sq = max(key_sq, float(width))
+        if key_sq:
+            out.append(ChunkStep(name, int(lv.period), lr, beta, key_sq))
+    return out
+
+
+def warnings_for(spec: Any) -> list[tuple[tuple[str, ...], str]]:
+    """``(spec path, message)`` for every level whose chunk step exceeds the bound without a clip."""
+    found = []
+    for cs in chunk_steps(spec):
+        if cs.gain > 1 and spec.levels[cs.level].clip is None:
+            found.append((("levels", cs.level, "rule", "lr"), cs.message()))
+    return found
+
+
+def spec_warnings(spec: Any) -> list[Any]:
+    """``warnings_for`` as positioned ``SpecIssue`` s (``file:line:col: path: message``)."""
+    from nestlearn.spec.loader import issue_at
+
+    return [issue_at(spec, loc, msg) for loc, msg in warnings_for(spec)]
