@@ -1,0 +1,123 @@
+"""Regression tests for the mechanisms that made the nested specs diverge at the GPU's
+2,048-byte sequences (docs/training-health.md). Each test reproduces the failure with the old
+setting, at small width on the CPU, and checks that the shipped setting avoids it."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nestlearn
+from nestlearn import stability
+from nestlearn.compile.memory_op import build_arch
+from nestlearn.spec.schema import MemorySpec
+
+T = 2048
+
+
+def source_windows(n: int) -> torch.Tensor:
+    """Two windows of ``n + 1`` bytes of the standard library's own source (``inspect.py``: long
+    runs of indentation, the inputs that pushed one way for whole chunks), as in the default corpus."""
+    text = Path(inspect.getfile(inspect)).read_bytes()
+    data = torch.tensor(list(text[:200_000]), dtype=torch.long)
+    starts = torch.randint(0, len(data) - n - 1, (2,), generator=torch.Generator().manual_seed(0))
+    return torch.stack([data[i : i + n + 1] for i in starts.tolist()])
+
+
+def outer_grad_norm(path: str, overrides: list[str]) -> float:
+    torch.manual_seed(0)
+    model = nestlearn.compile(nestlearn.load_spec(path, overrides=["model.dim=32", "model.depth=2", *overrides]))
+    x = source_windows(T)
+    logits, _ = model(x[:, :-1])
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
+    return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None))
+
+
+OLD_TITANS = ["levels.memory.rule.lr.max=0.01", "block.mem.memory.init_std=0.02"]
+"""The Titans memory before the fix: lr max 0.01 (chunk step 5.5), TTT's 0.02 init on unit keys, no clip."""
+
+
+@pytest.mark.slow
+def test_titans_outer_gradients_stay_near_the_transformers_at_2048_tokens() -> None:
+    ref = outer_grad_norm("specs/transformer.yaml", [])
+    old = outer_grad_norm("specs/titans-lmm.yaml", [*OLD_TITANS, "levels.memory.clip=null"])
+    new = outer_grad_norm("specs/titans-lmm.yaml", [])
+    print(f"outer gradient norm at {T} bytes: transformer {ref:.3g}, titans-lmm old {old:.3g}, shipped {new:.3g}")
+    assert old > 20 * ref, (old, new, ref)  # the mechanism: the old setting explodes on runs of one byte
+    assert new < 5 * ref, (old, new, ref)
+
+
+def test_ttt_memory_on_unit_keys_takes_a_chunk_step_without_overshooting() -> None:
+    """TTT's 0.02 init on L2-normalised keys leaves the pre-norm activations with a spread of
+    ~1e-3, so the memory's layer norm multiplies the inner loss's curvature by orders of
+    magnitude: one chunk step of the shipped size (lr 0.001 x S(64, 0.9) = 0.55 gradient steps on
+    a run of one key) overshoots and raises the loss. The fan-in init lowers it."""
+    d, heads = 128, 1  # the Titans specs' head size
+    g = torch.Generator().manual_seed(0)
+    k = F.normalize(torch.randn(1, heads, 1, d, generator=g), dim=-1)
+    v = torch.randn(1, heads, 1, d, generator=g)
+    step = 0.001 * stability.accumulated_step(64, 0.9)
+
+    def loss_ratio(mem: MemorySpec) -> float:
+        arch = build_arch(mem, d, d, heads, unit_keys=True)
+        params = {n: p.unsqueeze(0).requires_grad_() for n, p in arch.init_params(torch.float64).items()}
+        kk, vv = k.double(), v.double()
+        before = (arch.apply(params, kk) - vv).pow(2).sum()
+        grads = torch.autograd.grad(before, list(params.values()))
+        moved = {n: p - step * gr for (n, p), gr in zip(params.items(), grads)}
+        return float((arch.apply(moved, kk) - vv).pow(2).sum() / before)
+
+    assert loss_ratio(MemorySpec(type="ttt-mlp", expand=4, init_std=0.02)) > 1.0
+    assert loss_ratio(MemorySpec(type="ttt-mlp", expand=4)) < 1.0
+
+
+@pytest.mark.parametrize("period", [1, 7, 64])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+def test_accumulated_step_is_the_momentum_rules_movement(period: int, beta: float) -> None:
+    """S(C, beta) == the distance the momentum rule moves over C equal unit gradients."""
+    w, s = 0.0, 0.0
+    for _ in range(period):
+        s = beta * s - 1.0
+        w = w + s
+    assert stability.accumulated_step(period, beta) == pytest.approx(-w)
+
+
+def test_the_bound_flags_the_old_titans_rate_and_not_the_shipped_specs() -> None:
+    old = nestlearn.load_spec("specs/titans-lmm.yaml", overrides=["levels.memory.rule.lr.max=0.01",
+                                                                  "levels.memory.clip=null"])
+    (found,) = stability.warnings_for(old)
+    assert found[0] == ("levels", "memory", "rule", "lr")
+    assert "chunk step 5.5" in found[1] and "at most 0.0018" in found[1]
+    for path in ("specs/titans-lmm.yaml", "specs/titans-mal.yaml", "specs/titans-mag.yaml", "specs/titans-mac.yaml",
+                 "models/hope.yaml", "specs/hope-attention.yaml"):
+        assert stability.warnings_for(nestlearn.load_spec(path)) == [], path
+
+
+def test_linear_memory_chunk_step_over_the_bound_grows_the_error() -> None:
+    """The bound's arithmetic on the plain recurrence: a chunk of equal unit keys multiplies the
+    error by 1 - 2 lr S(C, beta), so lr S > 1 grows it and lr S < 1 does not."""
+    from nestlearn import objectives, rules
+    from nestlearn.loops import GradMode, MemoryProblem, init_state, run
+    from nestlearn.memories import LinearMemory
+
+    d, C, beta = 4, 16, 0.9
+    k = F.normalize(torch.ones(1, 1, 4 * C, d, dtype=torch.float64), dim=-1)
+    v = torch.ones(1, 1, 4 * C, d, dtype=torch.float64)
+    arch = LinearMemory(d, d, 1)
+    s = stability.accumulated_step(C, beta)
+
+    def final_error(lr: float) -> float:
+        rule = rules.momentum(lr, beta, 0.0)
+        pb = MemoryProblem(arch, rule, objectives.l2, k, k, v, {}, C, GradMode())
+        init = {"W": torch.zeros(1, d, d, dtype=torch.float64)}
+        y, st = run(pb, init_state(arch, rule, init, 1))
+        return float((torch.einsum("bhoi,bhi->bho", st["params"]["W"], k[:, :, 0]) - v[:, :, 0]).norm())
+
+    start = float(v[0, 0, 0].norm())
+    assert final_error(2.0 / s) > start  # over the bound
+    assert final_error(0.5 / s) < start
