@@ -106,7 +106,7 @@ def chunk_steps(spec: Any) -> list[ChunkStep]:
 
 def warnings_for(spec: Any) -> list[tuple[tuple[str, ...], str]]:
     """``(spec path, message)`` for every level whose chunk step exceeds the bound without a clip."""
-    found = []
+    found: list[tuple[tuple[str, ...], str]] = []
     for cs in chunk_steps(spec):
         if cs.gain > 1 and spec.levels[cs.level].clip is None:
             found.append((("levels", cs.level, "rule", "lr"), cs.message()))
