@@ -479,6 +479,10 @@ def run_cmd(
             console.print(note, highlight=False, soft_wrap=True)
         if main:
             _warn_no_outer_grad(the_spec)
+            from nestlearn.stability import spec_warnings
+
+            for issue in spec_warnings(the_spec):  # the chunk-step bound (docs/training-health.md)
+                typer.echo(f"warning: {issue.format()}", err=True)
         hint = None
         if defaulted:
             hint = (f"For a quick look, train a smaller model on shorter sequences, e.g.\n  nestlearn run {spec} "
