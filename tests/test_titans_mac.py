@@ -54,7 +54,9 @@ CONFIGS = {
 
 def build(*overrides: str, depth: int = 2, period: int = 4, executor: str = "auto", seed: int = 0) -> CompiledModel:
     ov = ["model.vocab=32", "model.dim=8", "model.heads=2", f"model.depth={depth}",
-          f"levels.memory.period={period}", "block.mac.persistent=3", *overrides]
+          f"levels.memory.period={period}", "block.mac.persistent=3",
+          "levels.memory.clip=null",  # the paper's equations have no clip (tests/test_executors.py checks it)
+          *overrides]
     spec = nestlearn.load_spec(ROOT / "specs" / "titans-mac.yaml", overrides=ov)
     torch.manual_seed(seed)
     model = nestlearn.compile(spec, dtype=DT)
