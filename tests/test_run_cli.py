@@ -222,6 +222,9 @@ def test_existing_run_and_wrong_spec_and_corrupt_checkpoint(trained: Path, tmp_p
 def test_nan_loss_names_step_and_level(tmp_path: Path) -> None:
     code, out = nl("run", TINY, "levels.memory.rule.lr.max=1.0e6", "--steps", "3", *FAST, "--out", tmp_path / "n")
     assert code == 1, out
+    # the rate is far over the chunk-step bound: one warning first says so (docs/training-health.md)
+    warning, out = out.split("\n", 1)
+    assert warning.startswith("warning: ") and "levels.memory.rule.lr: chunk step" in warning
     assert "diverged at step 1" in out and "level 'memory'" in out
     assert out.startswith("error: training diverged") and out.count("error") == 1 and len(out.splitlines()) == 1
     assert "no checkpoint had been written yet" in out
