@@ -5,8 +5,9 @@ largest outer gradient norm (before clipping), end-to-end tokens/s and peak GPU 
     python -m bench.health --device cuda --steps 300 --batch 8 --seq-len 2048 --cuda-graph
     python -m bench.health --device cpu --steps 20 --batch 2 --seq-len 2048 --set model.dim=64 --set model.depth=2
 
-Every run is an ordinary ``nestlearn run`` (``Trainer``) into ``--out/<spec>``, in this process
-one after another; ``--resume`` skips the specs whose row is already in ``--out/health.json``.
+Every run is an ordinary ``nestlearn run`` (``Trainer``) into ``--out/<spec>``, one process per
+spec (so one spec's CUDA-graph pools and peak memory never reach the next one's row);
+``--resume`` skips the specs whose row is already in ``--out/health.json``.
 A diverged run gets its row with the step it stopped at. The table goes to stdout last (markdown).
 """
 
@@ -16,10 +17,13 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.run import positive_int
 
 SPECS = (
     "specs/transformer.yaml", "specs/deltanet.yaml", "specs/gated-deltanet.yaml", "specs/titans-lmm.yaml",
@@ -28,13 +32,6 @@ SPECS = (
 )
 """The shipped language-model specs, in the order of the table (the Transformer first: the
 reference for the gradient-norm ratio)."""
-
-
-def positive_int(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +50,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every spec")
     p.add_argument("--out", default="runs/health", help="run directories and health.json go here")
     p.add_argument("--resume", action="store_true", help="keep the rows already in OUT/health.json")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: train one spec, write its row here
     return p.parse_args(argv)
 
 
@@ -73,7 +71,7 @@ def summarise(name: str, run_dir: Path, wall: float, peak_gb: float | None, erro
               params: int | None) -> dict[str, Any]:
     rows = read_metrics(run_dir)
     train = [r for r in rows if r.get("split") == "train"]
-    val = [r for r in rows if r.get("split") in ("val", "validation", "eval") or "val_loss" in r]
+    val = [r for r in rows if r.get("split") == "val"]
     gnorms = [r["grad_norm"] for r in train if isinstance(r.get("grad_norm"), (int, float))]
     finite = [g for g in gnorms if math.isfinite(g)]
     last_val = val[-1] if val else {}
@@ -121,6 +119,29 @@ def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return summarise(name, run_dir, wall, peak, error, params)
 
 
+def child_argv(path: str, args: argparse.Namespace, row: Path) -> list[str]:
+    """The command that trains ``path`` alone in a fresh process and writes its row to ``row``."""
+    argv = [sys.executable, "-m", "bench.health", path, "--row", str(row), "--out", args.out,
+            "--steps", str(args.steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+            "--device", args.device, "--precision", args.precision, "--seed", str(args.seed),
+            "--eval-batches", str(args.eval_batches)]
+    argv += ["--cuda-graph"] * args.cuda_graph + ["--compile"] * args.compile
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    for kv in args.set:
+        argv += ["--set", kv]
+    return argv
+
+
+def run_isolated(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    row = out / f".{Path(path).stem}.row.json"
+    row.unlink(missing_ok=True)
+    proc = subprocess.run(child_argv(path, args, row), check=False)
+    if row.exists():
+        return json.loads(row.read_text())  # type: ignore[no-any-return]
+    run_dir = out / Path(path).stem  # the process died (a crash, the OOM killer): the row from its metrics
+    return summarise(Path(path).stem, run_dir, 0.0, None, f"the training process exited with {proc.returncode}", None)
+
+
 def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -143,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.row is not None:  # the child: one spec, its row to a file
+        (path,) = args.specs
+        Path(args.row).write_text(json.dumps(run_one(path, args, out)))
+        return 0
     store = out / "health.json"
     done: dict[str, dict[str, Any]] = {}
     if args.resume and store.exists():
@@ -156,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in done:
             continue
         print(f"[{i}/{len(specs)}] {name} ...", file=sys.stderr, flush=True)
-        done[name] = run_one(path, args, out)
+        done[name] = run_isolated(path, args, out)
         print(f"[{i}/{len(specs)}] {name}: {json.dumps(done[name])}", file=sys.stderr, flush=True)
         tmp = store.with_suffix(".tmp")
         tmp.write_text(json.dumps({"args": vars(args), "rows": list(done.values())}, indent=1))

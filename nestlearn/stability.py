@@ -23,9 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-LINEAR_STEP_RULES = ("sgd", "momentum", "dgd")
-"""Rules whose chunk step is ``lr`` times a sum of gradients (what the bound speaks of)."""
-
 
 @dataclass(frozen=True)
 class ChunkStep:
@@ -78,13 +75,22 @@ def _upper(value: Any) -> float | None:
     return None
 
 
+def _sums_gradients(rule_spec: Any) -> bool:
+    from nestlearn.rules import coerce
+
+    try:
+        return bool(coerce(rule_spec).sums_gradients)
+    except Exception:  # noqa: BLE001  (a rule that does not build is reported by the graph's own check)
+        return False
+
+
 def chunk_steps(spec: Any) -> list[ChunkStep]:
     """The chunk step of every in-context ``l2`` level with a gradient-sum rule, over the nodes
     that use it (the largest key norm among them)."""
     out: list[ChunkStep] = []
     heads = spec.model.heads
     for name, lv in spec.levels.items():
-        if lv.is_outer or lv.objective != "l2" or getattr(lv.rule, "name", None) not in LINEAR_STEP_RULES:
+        if lv.is_outer or lv.objective != "l2" or not _sums_gradients(lv.rule):
             continue
         lr = _upper(getattr(lv.rule, "lr", None))
         if lr is None or lr <= 0:

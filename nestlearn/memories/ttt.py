@@ -23,7 +23,7 @@ from nestlearn.memories.base import ACTS, Layer, Lin, MemoryArch, plain_lin
 class TTTMemory(nn.Module, MemoryArch):
     def __init__(
         self, d_in: int, d_out: int, heads: int, core: str = "linear", expand: float = 4.0,
-        act: str = "gelu", bias: bool = True, eps: float = 1e-6, init_std: float | None = 0.02,
+        act: str = "gelu", bias: bool = True, eps: float = 1e-6, init_std: float | None = None,
         key_rms: float = 1.0,
     ):
         nn.Module.__init__(self)

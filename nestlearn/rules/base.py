@@ -40,6 +40,9 @@ class Rule:
     linear = False
     #: True when ``step`` needs the memory's layer inputs (``inputs``), e.g. DGD.
     needs_inputs = False
+    #: True when a chunk's step is ``lr`` times a (momentum-weighted) sum of its gradients, so the
+    #: chunk-step stability bound applies (``nestlearn/stability.py``): sgd, momentum, dgd.
+    sums_gradients = False
 
     def init(self, params: Params) -> State:
         return {}

@@ -25,6 +25,7 @@ from nestlearn.rules.base import HyperValue, Params, Rule, State, bcast
 class DGD(Rule):
     name = "dgd"
     needs_inputs = True
+    sums_gradients = True
 
     def init(self, params: Params) -> State:
         return {"m": {k: torch.zeros_like(p) for k, p in params.items()}}

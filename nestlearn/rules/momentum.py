@@ -22,6 +22,7 @@ from nestlearn.rules.base import HyperValue, Params, Rule, State, bcast
 class Momentum(Rule):
     name = "momentum"
     linear = True
+    sums_gradients = True
 
     @property
     def has_momentum(self) -> bool:
