@@ -413,7 +413,7 @@ def run_cmd(
     cuda_graph: Optional[bool] = typer.Option(
         None, "--cuda-graph/--no-cuda-graph",
         help="CUDA only: capture each step's forward + backward in a CUDA graph and replay it "
-             "(far fewer kernel launches; evaluation and stats steps run eagerly)."),
+             "(far fewer kernel launches; evaluation runs eagerly)."),
     seed: Optional[str] = typer.Option(None, "--seed", metavar="N", help="Seed of the weights and the data (default 0)."),
     threads: Optional[str] = typer.Option(None, "--threads", metavar="N", help="CPU threads for torch."),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic algorithms only."),

@@ -223,7 +223,7 @@ class GraphedStep:
 
 
 NOTE = ("--cuda-graph: each step's forward, loss and backward are captured in a CUDA graph at the first "
-        "step and replayed; evaluation and the steps that record per-level inner-loop stats (evaluation "
-        "steps and the last step) run eagerly")
+        "step and replayed; evaluation runs eagerly, and the per-level inner-loop stats (evaluation "
+        "steps and the last step) come from one extra no-grad forward")
 
 __all__ = ["GraphedStep", "CaptureFailed", "check_supported", "NOTE", "WARMUP_PASSES"]

@@ -399,14 +399,14 @@ class Trainer:
 
     def _graph_this_step(self, step: int, log: bool, local: Batch, n_tok: float) -> bool:
         """Does this step replay the CUDA graph (capturing it first if need be)? No (eager) when
-        there is none, when the step records per-level stats (an evaluation step or the last
-        one that is also a log step), or when its micro-batches' shape is not the captured one."""
+        there is none or when its micro-batches' shape is not the captured one. A step that
+        records per-level stats replays it too, and takes the stats from a no-grad forward
+        (``_stats_forward``): an eager training step beside the graph's memory pool ran a
+        full-size HOPE out of memory on an 80 GB card."""
         g = self.graphed
         if g is None:
             return False
         done = step + 1
-        if log and (done % self.eval_every == 0 or done == self.total):
-            return False
         first = local.split(self.config.accum)[0]
         if not g.fits(first):
             self._graph_once("shape", f"--cuda-graph: step {done}'s micro-batch has shape {list(first.inputs.shape)}, "
@@ -422,6 +422,21 @@ class Trainer:
                                   "continuing without it (the results are the same, only slower)")
             return False
         return True
+
+    def records_stats(self, step: int) -> bool:
+        """Does a graphed log step also record the per-level stats? At evaluation steps and the
+        last one (the others: the graph's replay alone, no extra forward)."""
+        done = step + 1
+        return done % self.eval_every == 0 or done == self.total
+
+    def _stats_forward(self, local: Batch) -> dict[str, dict[str, list[Tensor]]]:
+        """The per-level stats of a replayed step: the same micro-batches through the model
+        without a graph or autograd, at the parameters the replay used (before the optimizer
+        step), so they equal an eager step's."""
+        with torch.no_grad(), self._autocast(), inner_stats.collect() as collected:
+            for mb in local.split(self.config.accum):
+                self.model(mb.inputs.to(self.device, non_blocking=True))
+        return collected
 
     def _graphed_micro(self, mb: Batch, n_tok: float, i: int) -> tuple[Tensor, Any]:
         """``_micro`` by replaying the captured graph; the gradients are summed into ``.grad``."""
@@ -467,7 +482,7 @@ class Trainer:
         graphed = self._graph_this_step(step, log, local, n_tok)
         # at log steps the inner loops also record each level's inner loss and update norm
         # (one extra no-grad objective evaluation per memory); other steps record nothing.
-        # A replayed CUDA graph records nothing: under --cuda-graph only eager steps record.
+        # A replayed CUDA graph records nothing: such a step's stats come from _stats_forward.
         recording: AbstractContextManager[dict[str, dict[str, list[Tensor]]]] = (
             inner_stats.collect() if log and not graphed else nullcontext({}))
         with recording as collected:
@@ -479,6 +494,8 @@ class Trainer:
                     s, st = self._micro(mb, n_tok, i, sync=i == cfg.accum - 1)
                 sums += s
                 states.append(st)
+        if log and graphed and self.records_stats(step):
+            collected = self._stats_forward(local)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
