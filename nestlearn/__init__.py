@@ -30,7 +30,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), pro
 
     ``profile="cpu"`` applies the spec's profile of that name (its ``profiles:`` section: named
     overrides, e.g. smaller sizes for a CPU) before ``overrides``; ``"none"`` applies none."""
-    from nestlearn.spec.loader import load_spec as _load
+    from nestlearn.spec import load_spec as _load
 
     return _load(path, overrides, profile)
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import nestlearn
-from nestlearn.spec.loader import profile_overrides, spec_json_schema
+from nestlearn.spec import profile_overrides, spec_json_schema
 from nestlearn.train import TrainConfig, train
 from nestlearn.train.checkpoint import spec_hash, spec_json
 from tests.cli_run import nl

@@ -133,15 +133,12 @@ def _choice(flag: str, value: str | None, choices: tuple[str, ...]) -> str | Non
 def _task_choice(value: str | None) -> str | None:
     if value is None:
         return None
-    import difflib
-
+    from nestlearn.spec.errors import suggest
     from nestlearn.tasks import task_names
 
     names = task_names()
     if value not in names:
-        near = difflib.get_close_matches(value, names, n=2)
-        hint = f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
-        raise _Fail(f"--task: unknown task '{value}'{hint}; choices: {', '.join(names)}")
+        raise _Fail(f"--task: unknown task '{value}'{suggest(value, names, n=2, cutoff=0.6)}; choices: {', '.join(names)}")
     return value
 
 
@@ -298,7 +295,7 @@ def _choose_profile(src: Path, flag: str | None, device: str, recorded: str | No
     """(profile to apply or "none", why) for the spec file ``src``: ``--profile`` if given; else
     the one a resumed run was trained with (``recorded``); else ``cpu`` when training on a CPU
     and the spec defines it."""
-    from nestlearn.spec.loader import NO_PROFILE, profile_names
+    from nestlearn.spec import NO_PROFILE, profile_names
     from nestlearn.train.loop import resolve_device
 
     if flag is not None:
@@ -312,7 +309,7 @@ def _choose_profile(src: Path, flag: str | None, device: str, recorded: str | No
 
 
 def _profile_line(spec_path: Path, name: str, why: str) -> str:
-    from nestlearn.spec.loader import load_spec, profile_overrides
+    from nestlearn.spec import load_spec, profile_overrides
 
     sets = " ".join(profile_overrides(load_spec(spec_path), name))
     undo = "" if why.startswith("as when") else "; --profile none trains the spec as written"
@@ -327,7 +324,7 @@ def _resolve_config(
     from the arguments; a run directory as SPEC (or ``--resume``) starts from the run's saved
     settings, flags given now win."""
     from nestlearn import load_spec
-    from nestlearn.spec.loader import NO_PROFILE
+    from nestlearn.spec import NO_PROFILE
     from nestlearn.train import RunDir, TrainConfig, default_run_dir
 
     src = Path(spec_arg)
@@ -739,7 +736,7 @@ def compare_cmd(
         }
         if data is not None and not data.strip():
             raise _Fail("--data: the path is empty")
-        from nestlearn.spec.loader import NO_PROFILE
+        from nestlearn.spec import NO_PROFILE
 
         loaded, chosen = [], []
         for spec_file in specs:  # every spec checked before any training

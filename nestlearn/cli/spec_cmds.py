@@ -19,8 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from nestlearn.graph import LevelGraph, build_graph
+from nestlearn.spec import load_spec, spec_json_schema
 from nestlearn.spec.errors import SpecError
-from nestlearn.spec.loader import load_spec, spec_json_schema
 from nestlearn.spec.schema import Gate, Learned, Spec
 
 __all__ = ["register", "compile_cmd", "validate_cmd", "schema_cmd"]
@@ -112,7 +112,7 @@ def _graph_without_imports(spec: Spec) -> LevelGraph:
     ``objectives.check_name`` instead of imported: the graph is built for a stand-in with the
     built-in ``l2`` there (nothing else depends on it) and then given the real names back."""
     from nestlearn.objectives import check_name
-    from nestlearn.spec.loader import attach_source, issue_at
+    from nestlearn.spec import attach_source, issue_at
 
     issues = [issue_at(spec, ("levels", n, "objective"), msg) for n, lv in spec.levels.items()
               if not lv.is_outer and (msg := check_name(lv.objective)) is not None]
