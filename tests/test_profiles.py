@@ -141,12 +141,12 @@ def test_profile_none_and_a_named_profile(tmp_path: Path) -> None:
 def test_no_cpu_profile_off_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    import nestlearn.train.loop as loop
+    import nestlearn.train.build as build
     from nestlearn.cli.run_cmds import _choose_profile
 
     assert _choose_profile(SPEC, None, "auto") == ("cpu", "because training runs on the CPU")
     assert _choose_profile(PLAIN, None, "cpu") == ("none", "")
-    monkeypatch.setattr(loop, "resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr(build, "resolve_device", lambda name: torch.device("cuda", 0))
     assert _choose_profile(SPEC, None, "auto") == ("none", "")
     assert _choose_profile(SPEC, "cpu", "auto") == ("cpu", "(--profile)")
 

@@ -296,7 +296,7 @@ def _choose_profile(src: Path, flag: str | None, device: str, recorded: str | No
     the one a resumed run was trained with (``recorded``); else ``cpu`` when training on a CPU
     and the spec defines it."""
     from nestlearn.spec import NO_PROFILE, profile_names
-    from nestlearn.train.loop import resolve_device
+    from nestlearn.train.build import resolve_device
 
     if flag is not None:
         return flag, "(--profile)"
