@@ -142,13 +142,13 @@ def test_no_cpu_profile_off_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     import torch
 
     import nestlearn.train.build as build
-    from nestlearn.cli.run_cmds import _choose_profile
+    from nestlearn.cli.run_cmds import choose_profile
 
-    assert _choose_profile(SPEC, None, "auto") == ("cpu", "because training runs on the CPU")
-    assert _choose_profile(PLAIN, None, "cpu") == ("none", "")
+    assert choose_profile(SPEC, None, "auto") == ("cpu", "because training runs on the CPU")
+    assert choose_profile(PLAIN, None, "cpu") == ("none", "")
     monkeypatch.setattr(build, "resolve_device", lambda name: torch.device("cuda", 0))
-    assert _choose_profile(SPEC, None, "auto") == ("none", "")
-    assert _choose_profile(SPEC, "cpu", "auto") == ("cpu", "(--profile)")
+    assert choose_profile(SPEC, None, "auto") == ("none", "")
+    assert choose_profile(SPEC, "cpu", "auto") == ("cpu", "(--profile)")
 
 
 @pytest.mark.parametrize("args, expect", [

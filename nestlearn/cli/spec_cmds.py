@@ -25,6 +25,8 @@ from nestlearn.spec.schema import Gate, Learned, Spec
 
 __all__ = ["register", "compile_cmd", "validate_cmd", "schema_cmd"]
 
+ORDER = 0
+
 
 class Format(str, Enum):
     text = "text"
