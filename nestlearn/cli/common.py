@@ -7,12 +7,17 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
+import click
 import typer
+
+from nestlearn.spec.errors import SpecError
 
 
 class Fail(Exception):
-    """A bad flag value or argument (reported as ``error: ...``, exit 1)."""
+    """A user error outside the spec itself: a bad flag value or argument, an unwritable path
+    (reported as ``error: ...``, exit 1)."""
 
 
 def _rank_prefix() -> str:
@@ -22,35 +27,70 @@ def _rank_prefix() -> str:
 
 @contextlib.contextmanager
 def errors() -> Iterator[None]:
-    """Every error a user can cause -> its message on stderr and exit code 1, no traceback."""
-    from nestlearn.spec.errors import SpecError
-    from nestlearn.tasks import TaskError
-    from nestlearn.train.errors import TrainError, plain_message
-
+    """Every error a user can cause -> its message on stderr and exit code 1 (Ctrl-C: 130), no
+    traceback; a bug of ours -> one ``internal error`` line (the traceback with NESTLEARN_DEBUG=1).
+    Importing nothing up front: the spec commands run without torch."""
     pre = _rank_prefix()
     try:
         yield
     except SpecError as err:
         typer.echo(f"{pre}{err}" if str(err) else f"{pre}error: invalid spec", err=True)
         raise typer.Exit(1) from None
-    except (TrainError, TaskError, Fail) as err:
+    except Fail as err:
         typer.echo(f"{pre}error: {plain_message(str(err))}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo(f"{pre}aborted; nothing more was saved (a checkpoint already on disk is kept)", err=True)
         raise typer.Exit(130) from None
-    except OSError as err:
-        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        typer.echo(f"{pre}error: {err.strerror or err}{where}", err=True)
-        raise typer.Exit(1) from None
-    except typer.Exit:
+    except (typer.Exit, click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
         raise
-    except Exception as err:  # noqa: BLE001 - a bug, still no traceback unless asked for
-        if os.environ.get("NESTLEARN_DEBUG"):
+    except Exception as err:
+        if _is_training_error(err):
+            typer.echo(f"{pre}error: {plain_message(str(err))}", err=True)
+        elif isinstance(err, OSError):
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            typer.echo(f"{pre}error: {err.strerror or err}{where}", err=True)
+        elif os.environ.get("NESTLEARN_DEBUG"):
             raise
-        typer.echo(f"{pre}internal error: {type(err).__name__}: {plain_message(str(err))}\n"
-                   "  (set NESTLEARN_DEBUG=1 to see the traceback, and please report it)", err=True)
+        else:  # a bug of ours: still one line for the user
+            typer.echo(f"{pre}internal error: {type(err).__name__}: {plain_message(str(err))} (this is a bug in "
+                       "nestlearn; set NESTLEARN_DEBUG=1 to see the traceback)", err=True)
         raise typer.Exit(1) from None
+
+
+def _is_training_error(err: Exception) -> bool:
+    """A ``TrainError`` or ``TaskError``: a user's error (bad data, run directory, checkpoint)."""
+    from nestlearn.tasks import TaskError
+    from nestlearn.train.errors import TrainError
+
+    return isinstance(err, (TrainError, TaskError))
+
+
+def plain_message(text: str) -> str:
+    """``text`` without the C++ backtrace torch appends to some errors (``Exception raised
+    from ...`` and dozens of ``frame #N`` lines): the user gets the one line that says what failed."""
+    cut = text.find("\nException raised from ")
+    if cut < 0:
+        return text
+    head = text[:cut].rstrip()
+    # torch quotes the inner message ("... with error \"Overflow ...") and closes it after the frames
+    return head + '"' if head.count('"') % 2 else head
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to the file ``path`` a user named (atomically); ``Fail`` if it cannot be."""
+    from nestlearn.files import atomic_write
+
+    target = path.expanduser()
+    if target.is_dir():
+        raise Fail(f"{path}: is a directory")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise Fail(f"{path}: the directory {parent} does not exist")
+    try:
+        atomic_write(target, text.encode("utf-8"))
+    except OSError as exc:
+        raise Fail(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def parse_int(flag: str, value: str | None, lo: int = 1, hi: int | None = None) -> int | None:

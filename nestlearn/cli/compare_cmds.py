@@ -213,7 +213,7 @@ def compare_cmd(
                 fmt_time(s.get("time_s") or 0), s["status"],
             )
         console.print(table)
-        from nestlearn.train.checkpoint import atomic_write
+        from nestlearn.files import atomic_write
 
         atomic_write(root / "compare.json", (json.dumps([s for _, s in rows], indent=2, default=str) + "\n").encode())
         typer.echo(f"runs in {root}")

@@ -46,7 +46,7 @@ def eval_cmd(
                 raise Fail(f"--lengths: expected numbers like 128,256, got {lengths!r}")
         n, b, t = parse_int("--batches", batches), parse_int("--batch", batch), parse_int("--seq-len", seq_len)
         dev = parse_choice("--device", device, ("auto", "cpu", "cuda")) or "auto"
-        from nestlearn.train.checkpoint import atomic_write
+        from nestlearn.files import atomic_write
         from nestlearn.train.evaluate import evaluate_run, load_run
 
         loaded = load_run(run_dir, dev)
