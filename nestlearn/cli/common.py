@@ -4,7 +4,6 @@ message on stderr and a non-zero exit, never a traceback) and the parsing of fla
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,41 +92,25 @@ def write_text(path: Path, text: str) -> None:
         raise Fail(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
-def parse_int(flag: str, value: str | None, lo: int = 1, hi: int | None = None) -> int | None:
-    from nestlearn.train.config import MAX_COUNT
-
+def parse_int(flag: str, value: str | None) -> int | None:
+    """The whole number a flag's text gives (``1_000`` too); its bounds are the setting's own
+    (``TrainConfig``, ``train.config.check_flag``)."""
     if value is None:
         return None
     try:
-        n = int(value.replace("_", ""))
+        return int(value.replace("_", ""))
     except ValueError:
         raise Fail(f"{flag}: expected a whole number, got {value!r}") from None
-    if n < lo:
-        raise Fail(f"{flag}: must be at least {lo}, got {n}")
-    top = MAX_COUNT if hi is None else hi
-    if n > top:  # torch overflows (or spawns threads until it crashes) far beyond any useful value
-        raise Fail(f"{flag}: must be at most {top}, got {n}")
-    return n
 
 
-def parse_float(flag: str, value: str | None, lo: float = 0.0, strict: bool = True) -> float | None:
+def parse_float(flag: str, value: str | None) -> float | None:
+    """The number a flag's text gives; its bounds are the setting's own, as for ``parse_int``."""
     if value is None:
         return None
     try:
-        x = float(value)
+        return float(value)
     except ValueError:
         raise Fail(f"{flag}: expected a number, got {value!r}") from None
-    if not math.isfinite(x) or x < lo or (strict and x == lo):
-        raise Fail(f"{flag}: must be a finite number {'>' if strict else '>='} {lo:g}, got {value}")
-    return x
-
-
-def parse_choice(flag: str, value: str | None, choices: tuple[str, ...]) -> str | None:
-    if value is None:
-        return None
-    if value not in choices:
-        raise Fail(f"{flag}: expected one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 def parse_task(value: str | None) -> str | None:

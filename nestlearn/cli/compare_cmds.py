@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nestlearn.cli.common import Fail, errors, parse_choice, parse_float, parse_int, parse_kv, parse_task
+from nestlearn.cli.common import Fail, errors, parse_float, parse_int, parse_kv, parse_task
 from nestlearn.cli.progress import RichReporter, fmt_rate, fmt_time
 from nestlearn.cli.run_cmds import choose_profile, profile_line
 
@@ -36,8 +36,11 @@ def plot_cmd(
     """Training and validation curves of several runs side by side (needs matplotlib)."""
     with errors():
         from nestlearn.train import RunDir
+        from nestlearn.train.config import Count, check_flag
 
         window = parse_int("--smooth", smooth)
+        if window is not None:
+            check_flag("--smooth", window, Count)
         runs = [(Path(r).name or str(r), RunDir.open(r).metrics()) for r in run_dirs]
         try:
             import matplotlib
@@ -151,8 +154,6 @@ def compare_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train several specs on the same task with the same settings; print one table."""
-    from nestlearn.train.config import MAX_SEED
-
     console = Console()
     with errors():
         from nestlearn import load_spec
@@ -162,11 +163,11 @@ def compare_cmd(
             "task": parse_task(task), "task_options": parse_kv("--task-opt", task_opt) or None, "data": data,
             "steps": parse_int("--steps", steps), "batch": parse_int("--batch", batch),
             "seq_len": parse_int("--seq-len", seq_len),
-            "lr": parse_float("--lr", lr), "device": parse_choice("--device", device, ("auto", "cpu", "cuda")),
-            "seed": parse_int("--seed", seed, lo=0, hi=MAX_SEED),
+            "lr": parse_float("--lr", lr), "device": device, "seed": parse_int("--seed", seed),
         }
         if data is not None and not data.strip():
             raise Fail("--data: the path is empty")
+        TrainConfig.check_values(cfg_flags)
         from nestlearn.spec import NO_PROFILE
 
         loaded, chosen = [], []

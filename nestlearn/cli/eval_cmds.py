@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nestlearn.cli.common import Fail, errors, parse_choice, parse_float, parse_int
+from nestlearn.cli.common import Fail, errors, parse_float, parse_int
 
 __all__ = ["register", "eval_cmd", "generate_cmd"]
 
@@ -39,13 +39,18 @@ def eval_cmd(
     by length; every domain of a continual run). Also written to RUN_DIR/eval.json."""
     console = Console()
     with errors():
+        from nestlearn.train.config import Count, TrainConfig, check_flag
+
         lens = None
         if lengths is not None:
-            lens = [v for v in (parse_int("--lengths", x.strip()) for x in lengths.split(",") if x.strip()) if v]
+            lens = [check_flag("--lengths", parse_int("--lengths", x.strip()), Count)
+                    for x in lengths.split(",") if x.strip()]
             if not lens:
                 raise Fail(f"--lengths: expected numbers like 128,256, got {lengths!r}")
         n, b, t = parse_int("--batches", batches), parse_int("--batch", batch), parse_int("--seq-len", seq_len)
-        dev = parse_choice("--device", device, ("auto", "cpu", "cuda")) or "auto"
+        TrainConfig.check_values({"eval_batches": n, "batch": b, "seq_len": t, "device": device},
+                                 flags={"eval_batches": "--batches"})
+        dev = device or "auto"
         from nestlearn.files import atomic_write
         from nestlearn.train.evaluate import evaluate_run, load_run
 
@@ -85,14 +90,16 @@ def generate_cmd(
     device: Optional[str] = typer.Option(None, "--device", metavar="auto|cpu|cuda"),
 ) -> None:
     """Sample text while the memories keep learning (the state is carried byte after byte)."""
-    from nestlearn.train.config import MAX_SEED
-
     with errors():
-        n = parse_int("--tokens", tokens) or 200
-        temp = parse_float("--temperature", temperature, strict=False)
-        k = parse_int("--top-k", top_k, lo=0) or 0
-        s = parse_int("--seed", seed, lo=0, hi=MAX_SEED) or 0
-        dev = parse_choice("--device", device, ("auto", "cpu", "cuda")) or "auto"
+        from nestlearn.train.config import Count, NonNegative, Size, TrainConfig, check_flag
+
+        n, temp, k, s = (parse_int("--tokens", tokens), parse_float("--temperature", temperature),
+                         parse_int("--top-k", top_k), parse_int("--seed", seed))
+        for flag, value, bounds in (("--tokens", n, Count), ("--temperature", temp, NonNegative), ("--top-k", k, Size)):
+            if value is not None:
+                check_flag(flag, value, bounds)
+        TrainConfig.check_values({"seed": s, "device": device})
+        n, k, s, dev = n or 200, k or 0, s or 0, device or "auto"
         from nestlearn.train.evaluate import Utf8Stream, generate, load_run
 
         loaded = load_run(run_dir, dev)

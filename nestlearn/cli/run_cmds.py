@@ -16,7 +16,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from nestlearn.cli.common import Fail, errors, parse_choice, parse_float, parse_int, parse_kv, parse_task
+from nestlearn.cli.common import Fail, errors, parse_float, parse_int, parse_kv, parse_task
 from nestlearn.cli.progress import RichReporter, summary_table
 
 __all__ = ["register", "run_cmd", "choose_profile", "profile_line"]
@@ -177,23 +177,21 @@ def run_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Train a spec: the outer level by torch.optim, every faster level inside the forward pass."""
-    from nestlearn.train.config import MAX_SEED, MAX_THREADS
-
     console = Console()
     with errors():
+        from nestlearn.train.config import TrainConfig
+
         flags = {
             "task": parse_task(task),
             "task_options": parse_kv("--task-opt", task_opt) or None,
             "data": data,
             "steps": parse_int("--steps", steps), "batch": parse_int("--batch", batch),
             "seq_len": parse_int("--seq-len", seq_len), "lr": parse_float("--lr", lr),
-            "warmup": parse_int("--warmup", warmup, lo=0), "clip": parse_float("--clip", clip, strict=False),
-            "accum": parse_int("--accum", accum),
-            "device": parse_choice("--device", device, ("auto", "cpu", "cuda")),
-            "precision": parse_choice("--precision", precision, ("auto", "fp32", "bf16", "fp16")),
+            "warmup": parse_int("--warmup", warmup), "clip": parse_float("--clip", clip),
+            "accum": parse_int("--accum", accum), "device": device, "precision": precision,
             "compile": compile_, "cuda_graph": cuda_graph,
-            "seed": parse_int("--seed", seed, lo=0, hi=MAX_SEED), "deterministic": deterministic,
-            "threads": parse_int("--threads", threads, hi=MAX_THREADS),
+            "seed": parse_int("--seed", seed), "deterministic": deterministic,
+            "threads": parse_int("--threads", threads),
             "carry_state": carry_state, "eval_every": parse_int("--eval-every", eval_every),
             "eval_batches": parse_int("--eval-batches", eval_batches), "ckpt_every": parse_int("--ckpt-every", ckpt_every),
             "log_every": parse_int("--log-every", log_every), "stop_at": parse_int("--stop-at", stop_at),
@@ -206,6 +204,7 @@ def run_cmd(
                         "to train on the Python standard library's sources)")
         if profile is not None and not profile.strip():
             raise Fail("--profile: the name is empty; give a profile of the spec, or none")
+        TrainConfig.check_values(flags)  # the bounds, before the spec is read
         the_spec, config, run_path, defaulted, note = _resolve_config(
             spec, list(overrides or []), resume, out, flags, profile.strip() if profile is not None else None)
         main = os.environ.get("RANK", "0") == "0"
