@@ -38,10 +38,6 @@ class SpecError(Exception):
     def __str__(self) -> str:
         return "\n".join(i.format() for i in self.issues)
 
-    @classmethod
-    def single(cls, loc: Loc, message: str) -> SpecError:
-        return cls([SpecIssue(loc=loc, message=message)])
-
 
 def suggest(word: str, choices: Iterable[str], *, n: int = 1, cutoff: float = 0.5) -> str:
     """The did-you-mean of every message: ``" (did you mean 'adam'?)"`` for the ``n`` choices
