@@ -165,8 +165,6 @@ def compare_cmd(
             "seq_len": parse_int("--seq-len", seq_len),
             "lr": parse_float("--lr", lr), "device": device, "seed": parse_int("--seed", seed),
         }
-        if data is not None and not data.strip():
-            raise Fail("--data: the path is empty")
         TrainConfig.check_values(cfg_flags)
         from nestlearn.spec import NO_PROFILE
 

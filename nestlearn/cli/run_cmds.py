@@ -197,14 +197,9 @@ def run_cmd(
             "log_every": parse_int("--log-every", log_every), "stop_at": parse_int("--stop-at", stop_at),
             "tensorboard": tensorboard, "wandb": wandb,
         }
-        if tensorboard is not None and not tensorboard.strip():
-            raise Fail("--tensorboard: the directory is empty; give the directory to write TensorBoard logs to")
-        if data is not None and not data.strip():
-            raise Fail("--data: the path is empty; give a text file or folder (or leave --data out "
-                        "to train on the Python standard library's sources)")
         if profile is not None and not profile.strip():
             raise Fail("--profile: the name is empty; give a profile of the spec, or none")
-        TrainConfig.check_values(flags)  # the bounds, before the spec is read
+        TrainConfig.check_values(flags)  # the bounds (and empty paths), before the spec is read
         the_spec, config, run_path, defaulted, note = _resolve_config(
             spec, list(overrides or []), resume, out, flags, profile.strip() if profile is not None else None)
         main = os.environ.get("RANK", "0") == "0"

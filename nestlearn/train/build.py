@@ -61,9 +61,6 @@ def build_task(config: TrainConfig) -> Task:
     if config.data is not None:
         if config.task != "lm":
             raise TrainError(f"--data applies to --task lm, not to --task {config.task}")
-        if not str(config.data).strip():
-            raise TrainError("--data: the path is empty; give a text file or folder (or leave --data out "
-                             "to train on the Python standard library's sources)")
         options["data"] = config.data
     return get_task(config.task, **options)
 

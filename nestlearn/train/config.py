@@ -33,7 +33,8 @@ Threads = Annotated[int, Field(ge=1, le=MAX_THREADS)]
 Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Ratio = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-Directory = Annotated[str, Field(pattern=r"\S")]
+Text = Annotated[str, Field(pattern=r"\S")]
+"""A path or a name: not empty, not only spaces."""
 
 _STRICT = ConfigDict(strict=True)  # a config.json edited by hand may hold anything: no coercion
 
@@ -43,6 +44,11 @@ _KINDS = {  # what a field's value must be, where its type alone does not say it
     "data": "a path",
     "tensorboard": "a directory",
     "task_options": "KEY=VALUE pairs",
+}
+_EMPTY = {  # what an empty (or blank) text means, and what to give instead
+    "data": "the path is empty; give a text file or folder (or leave --data out to train on the Python standard "
+            "library's sources)",
+    "tensorboard": "the directory is empty; give the directory to write TensorBoard logs to",
 }
 _FLAGS = {"task_options": "--task-opt"}
 
@@ -56,7 +62,7 @@ class TrainConfig(BaseModel):
 
     task: str = "lm"
     task_options: dict[str, Any] = Field(default_factory=dict)
-    data: str | None = None
+    data: Text | None = None
     steps: Count | None = None
     batch: Count = DEFAULT_BATCH
     seq_len: Count = DEFAULT_SEQ_LEN
@@ -83,7 +89,7 @@ class TrainConfig(BaseModel):
     """Stop (with a checkpoint) after this many steps of a ``steps``-long schedule; resume later."""
     profile: str | None = None
     """The spec profile the run's spec was resolved with (a record; the spec already has it)."""
-    tensorboard: Directory | None = None
+    tensorboard: Text | None = None
     """Also log every metrics record to TensorBoard, in this directory (``train/loggers.py``)."""
     wandb: bool = False
     """Also log every metrics record to Weights & Biases (offline without an API key)."""
@@ -103,7 +109,7 @@ class TrainConfig(BaseModel):
             flags = (info.context or {}).get("flags", {})
             flag = flags.get(name) or _FLAGS.get(name, "--" + name.replace("_", "-"))
             annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
-            raise TrainError(f"{flag}: {_message(err, annotation, _KINDS.get(name))}") from None
+            raise TrainError(f"{flag}: {_message(err, annotation, name)}") from None
 
     @classmethod
     def check_values(cls, values: dict[str, Any], flags: dict[str, str] | None = None) -> None:
@@ -143,8 +149,9 @@ def check_flag(flag: str, value: Any, annotation: Any) -> Any:
         raise TrainError(f"{flag}: {_message(exc.errors(include_url=False)[0], annotation)}") from None
 
 
-def _message(err: ErrorDetails, annotation: Any, kind: str | None = None) -> str:
-    """``must be ..., got X`` for one pydantic error of a value of type ``annotation``."""
+def _message(err: ErrorDetails, annotation: Any, name: str | None = None) -> str:
+    """``must be ..., got X`` for one pydantic error of a value of type ``annotation`` (of the
+    setting ``name``, if it is one)."""
     from nestlearn.spec.errors import show
     from nestlearn.spec.walk import describe, unwrap
 
@@ -165,6 +172,7 @@ def _message(err: ErrorDetails, annotation: Any, kind: str | None = None) -> str
             where = " and ".join(f"{sym} {bounds[k]:g}" for k, sym in (("gt", ">"), ("ge", ">="), ("le", "<="))
                                  if k in bounds)
         return f"must be a finite number {where}, got {float(value):g}"
-    if kind is None:
-        kind = "a whole number" if base is int else describe(annotation)
+    if t == "string_pattern_mismatch" and name in _EMPTY:
+        return _EMPTY[name]
+    kind = _KINDS.get(name or "") or ("a whole number" if base is int else describe(annotation))
     return f"must be {kind}, got {value!r}"
