@@ -7,6 +7,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import typer
@@ -74,6 +75,15 @@ def plain_message(text: str) -> str:
     head = text[:cut].rstrip()
     # torch quotes the inner message ("... with error \"Overflow ...") and closes it after the frames
     return head + '"' if head.count('"') % 2 else head
+
+
+def warn_spec(spec: Any) -> None:
+    """One ``warning:`` line on stderr per problem of a valid spec that is likely to diverge at
+    long sequences (the chunk-step bound, ``nestlearn.stability``, docs/training-health.md)."""
+    from nestlearn.stability import spec_warnings
+
+    for issue in spec_warnings(spec):
+        typer.echo(f"warning: {issue.format()}", err=True)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from nestlearn.cli.common import Fail, errors, parse_float, parse_int, parse_kv, parse_task
+from nestlearn.cli.common import Fail, errors, parse_float, parse_int, parse_kv, parse_task, warn_spec
 from nestlearn.cli.progress import RichReporter, summary_table
 
 __all__ = ["register", "run_cmd", "choose_profile", "profile_line"]
@@ -207,10 +207,7 @@ def run_cmd(
             console.print(note, highlight=False, soft_wrap=True)
         if main:
             _warn_no_outer_grad(the_spec)
-            from nestlearn.stability import spec_warnings
-
-            for issue in spec_warnings(the_spec):  # the chunk-step bound (docs/training-health.md)
-                typer.echo(f"warning: {issue.format()}", err=True)
+            warn_spec(the_spec)
         hint = None
         if defaulted:
             hint = (f"For a quick look, train a smaller model on shorter sequences, e.g.\n  nestlearn run {spec} "

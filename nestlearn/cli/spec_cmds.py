@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from nestlearn.cli.common import Fail, errors, plain_message, write_text
+from nestlearn.cli.common import Fail, errors, plain_message, warn_spec, write_text
 from nestlearn.graph import LevelGraph, build_graph
 from nestlearn.spec import load_spec, spec_json_schema
 from nestlearn.spec.errors import SpecError
@@ -43,10 +43,7 @@ def register(app: typer.Typer) -> None:
 def _load(spec_path: str, overrides: list[str] | None) -> tuple[Spec, LevelGraph]:
     spec = load_spec(spec_path, overrides or ())
     graph = _graph_without_imports(spec)
-    from nestlearn.stability import spec_warnings
-
-    for issue in spec_warnings(spec):  # valid, but likely to diverge at long sequences: say so, exit 0
-        typer.echo(f"warning: {issue.format()}", err=True)
+    warn_spec(spec)
     return spec, graph
 
 
