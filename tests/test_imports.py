@@ -10,28 +10,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+STAGES = """
+import sys
+from pathlib import Path
 
-def _torch_free(code: str) -> None:
+def torch_loaded(stage):
+    loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+    assert not loaded, f"{stage} imported torch ({', '.join(loaded[:3])}, ...)"
+
+import nestlearn, nestlearn.spec
+for path in [*sorted(Path("specs").glob("*.yaml")), Path("models/hope.yaml")]:
+    nestlearn.load_spec(path, ["model.dim=64"], profile="none")
+nestlearn.spec.spec_json_schema()
+torch_loaded("loading every shipped spec")
+import nestlearn.cli
+torch_loaded("import nestlearn.cli")
+"""
+
+
+def test_spec_loading_and_the_cli_do_not_import_torch() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    check = f"{code}\nimport sys\nloaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n" \
-            "assert not loaded, loaded[:5]\n"
-    proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", STAGES], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-
-
-def test_spec_loading_does_not_import_torch() -> None:
-    _torch_free(
-        "import nestlearn, nestlearn.spec\n"
-        "from pathlib import Path\n"
-        "for path in [*sorted(Path('specs').glob('*.yaml')), Path('models/hope.yaml')]:\n"
-        "    nestlearn.load_spec(path, ['model.dim=64'], profile='none')\n"
-        "nestlearn.spec.spec_json_schema()\n"
-    )
-
-
-def test_cli_import_does_not_import_torch() -> None:
-    _torch_free("import nestlearn.cli")
 
 
 def test_rules_and_compile_are_still_there() -> None:
