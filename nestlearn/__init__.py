@@ -4,21 +4,25 @@
     model = nestlearn.compile(spec)
     logits, state = model(tokens)              # state carries every level's fast weights
     model.levels["memory"].rule = nestlearn.rules.adam(lr=1e-3)   # swap an inner optimizer
+
+Importing ``nestlearn`` (or ``nestlearn.spec``) does not import torch: ``rules`` is loaded on
+first use (PEP 562), the compiler when ``compile`` is called, so that checking a spec
+(``nestlearn validate``) does not pay for torch.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nestlearn import rules
-
-# imported here so that the `compile` function below wins over the subpackage name
-from nestlearn.compile import compile_spec as _compile_spec
 from nestlearn.spec.errors import SpecError
 from nestlearn.spec.schema import Spec
 
 if TYPE_CHECKING:
+    from nestlearn import rules
     from nestlearn.compile.model import CompiledModel
 
 __all__ = ["Spec", "SpecError", "load_spec", "compile", "rules"]
@@ -39,7 +43,27 @@ def compile(spec: Spec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     """Validate the level graph and build the module (a path is loaded first)."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec, overrides)
+    from nestlearn.compile import compile_spec
     from nestlearn.graph import build_graph
 
     build_graph(spec)  # every structural check before any tensor is allocated
-    return _compile_spec(spec, **kw)
+    return compile_spec(spec, **kw)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "rules":
+        return importlib.import_module("nestlearn.rules")
+    raise AttributeError(f"module 'nestlearn' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """``nestlearn.compile`` stays the function above: importing the subpackage of that name
+    (which the import system records as an attribute of its parent) does not replace it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "compile" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

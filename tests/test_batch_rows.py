@@ -9,7 +9,8 @@ import torch
 import nestlearn
 from nestlearn.compile.model import CompiledModel
 from nestlearn.spec import schema
-from nestlearn.spec.loader import load_document, validate_document
+from nestlearn.spec.document import load_document
+from nestlearn.spec.messages import validate_document
 
 B, T, DIM, HEADS = 3, 10, 8, 2
 RULES: dict[str, dict[str, object]] = {

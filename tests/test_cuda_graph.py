@@ -29,8 +29,9 @@ import nestlearn
 from nestlearn.tasks import Batch
 from nestlearn.train import TrainConfig, Trainer, TrainError, read_metrics
 from nestlearn.train import cuda_graph as cg
+from nestlearn.train.build import build_model
 from nestlearn.train.cuda_graph import GraphedStep, check_supported
-from nestlearn.train.loop import SilentReporter, build_model
+from nestlearn.train.reporting import SilentReporter
 from tests.cli_run import nl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from nestlearn.graph import build_graph
+from nestlearn.spec import apply_overrides, load_spec, locate, parse_spec
 from nestlearn.spec.errors import SpecError
-from nestlearn.spec.loader import apply_overrides, load_spec, locate, parse_spec
 from nestlearn.spec.schema import AdamRule, Gate, MomentumRule
 
 DATA = Path(__file__).parent / "data"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import nestlearn
-from nestlearn.spec.loader import profile_overrides, spec_json_schema
+from nestlearn.spec import profile_overrides, spec_json_schema
 from nestlearn.train import TrainConfig, train
 from nestlearn.train.checkpoint import spec_hash, spec_json
 from tests.cli_run import nl
@@ -141,14 +141,14 @@ def test_profile_none_and_a_named_profile(tmp_path: Path) -> None:
 def test_no_cpu_profile_off_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    import nestlearn.train.loop as loop
-    from nestlearn.cli.run_cmds import _choose_profile
+    import nestlearn.train.build as build
+    from nestlearn.cli.run_cmds import choose_profile
 
-    assert _choose_profile(SPEC, None, "auto") == ("cpu", "because training runs on the CPU")
-    assert _choose_profile(PLAIN, None, "cpu") == ("none", "")
-    monkeypatch.setattr(loop, "resolve_device", lambda name: torch.device("cuda", 0))
-    assert _choose_profile(SPEC, None, "auto") == ("none", "")
-    assert _choose_profile(SPEC, "cpu", "auto") == ("cpu", "(--profile)")
+    assert choose_profile(SPEC, None, "auto") == ("cpu", "because training runs on the CPU")
+    assert choose_profile(PLAIN, None, "cpu") == ("none", "")
+    monkeypatch.setattr(build, "resolve_device", lambda name: torch.device("cuda", 0))
+    assert choose_profile(SPEC, None, "auto") == ("none", "")
+    assert choose_profile(SPEC, "cpu", "auto") == ("cpu", "(--profile)")
 
 
 @pytest.mark.parametrize("args, expect", [

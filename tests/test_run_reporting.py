@@ -79,7 +79,7 @@ def test_plot_shows_training_and_validation_in_bits_per_byte(tmp_path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nestlearn.cli.run_cmds import curves_figure
+    from nestlearn.cli.compare_cmds import curves_figure
 
     assert nl("run", TINY, "--steps", "4", "--eval-every", "2", *FAST, "-q", "--out", tmp_path / "r")[0] == 0
     recs = RunDir(tmp_path / "r").metrics()

@@ -24,8 +24,8 @@ from nestlearn.train import (
     save_checkpoint,
     train,
 )
+from nestlearn.train.build import build_model, lr_at
 from nestlearn.train.checkpoint import flatten_tree, unflatten_tree
-from nestlearn.train.loop import build_model, lr_at
 
 TINY = Path(__file__).parent / "data" / "tiny_run.yaml"
 SMALL = dict(batch=4, seq_len=32, threads=1)
@@ -76,7 +76,7 @@ def test_lr_schedule_warmup_then_cosine() -> None:
 
 
 def test_outer_rule_is_the_optimizer(spec: Any) -> None:
-    from nestlearn.train.loop import build_optimizer
+    from nestlearn.train.build import build_optimizer
 
     model = build_model(spec)
     opt = build_optimizer(model, spec.levels["outer"].rule, None)

@@ -1,8 +1,10 @@
 """The ``nestlearn`` command line.
 
-Commands live in ``nestlearn/cli/<topic>_cmds.py`` modules, each exposing ``register(app)``;
-every such module is found and registered here, so adding a command group needs no edit to
-this file. Errors a user can cause are printed as one clear message with a non-zero exit.
+Commands live in ``nestlearn/cli/<topic>_cmds.py`` modules, each exposing ``register(app)``
+(and ``ORDER``, its place in ``--help``); every such module is found and registered here, so
+adding a command group needs no edit to this file. What the commands share is in ``common``
+(the one error handler: every error a user can cause is one clear message with a non-zero exit;
+flag parsing) and ``progress`` (the training display).
 """
 
 from __future__ import annotations
@@ -43,15 +45,16 @@ def _root(
 
 
 def _register_all() -> None:
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: (m.name != "spec_cmds", m.name)):
+    modules = []
+    for info in pkgutil.iter_modules(__path__):
         if not info.name.endswith("_cmds"):
             continue
         try:
-            module = importlib.import_module(f"{__name__}.{info.name}")
+            modules.append(importlib.import_module(f"{__name__}.{info.name}"))
         except Exception as exc:  # noqa: BLE001 - one broken command module must not break the others
             print(f"nestlearn: the commands of {info.name} are unavailable ({type(exc).__name__}: {exc})",
                   file=sys.stderr)
-            continue
+    for module in sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.__name__)):
         register = getattr(module, "register", None)
         if callable(register):
             register(app)

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
-import tempfile
-from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from nestlearn.cli.common import Fail, errors, plain_message, warn_spec, write_text
 from nestlearn.graph import LevelGraph, build_graph
+from nestlearn.spec import load_spec, spec_json_schema
 from nestlearn.spec.errors import SpecError
-from nestlearn.spec.loader import load_spec, spec_json_schema
 from nestlearn.spec.schema import Gate, Learned, Spec
 
 __all__ = ["register", "compile_cmd", "validate_cmd", "schema_cmd"]
+
+ORDER = 0
 
 
 class Format(str, Enum):
@@ -42,68 +40,10 @@ def register(app: typer.Typer) -> None:
     app.command("schema")(schema_cmd)
 
 
-# ----------------------------------------------------------------------------- errors
-
-
-class _Fail(Exception):
-    """A user error outside the spec itself (a bad flag, an unwritable path)."""
-
-
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """Every error a user can cause -> its message on stderr and exit code 1, no traceback."""
-    try:
-        yield
-    except SpecError as err:
-        for issue in err.issues or []:
-            typer.echo(issue.format(), err=True)
-        if not err.issues:
-            typer.echo("error: invalid spec", err=True)
-        raise typer.Exit(1) from None
-    except _Fail as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
-    except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
-        raise
-    except Exception as err:  # a bug of ours: still one line for the user, the traceback on request
-        if os.environ.get("NESTLEARN_DEBUG"):
-            raise
-        from nestlearn.train.errors import plain_message
-
-        typer.echo(f"internal error: {type(err).__name__}: {plain_message(str(err))} (this is a bug in nestlearn; "
-                   "set NESTLEARN_DEBUG=1 to see the traceback)", err=True)
-        raise typer.Exit(1) from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` without ever leaving a half-written file."""
-    target = path.expanduser()
-    if target.is_dir():
-        raise _Fail(f"{path}: is a directory")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise _Fail(f"{path}: the directory {parent} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=parent)
-    except OSError as exc:
-        raise _Fail(f"{path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise _Fail(f"{path}: cannot write ({exc.strerror or exc})") from None
-
-
 def _load(spec_path: str, overrides: list[str] | None) -> tuple[Spec, LevelGraph]:
     spec = load_spec(spec_path, overrides or ())
     graph = _graph_without_imports(spec)
-    from nestlearn.stability import spec_warnings
-
-    for issue in spec_warnings(spec):  # valid, but likely to diverge at long sequences: say so, exit 0
-        typer.echo(f"warning: {issue.format()}", err=True)
+    warn_spec(spec)
     return spec, graph
 
 
@@ -112,7 +52,7 @@ def _graph_without_imports(spec: Spec) -> LevelGraph:
     ``objectives.check_name`` instead of imported: the graph is built for a stand-in with the
     built-in ``l2`` there (nothing else depends on it) and then given the real names back."""
     from nestlearn.objectives import check_name
-    from nestlearn.spec.loader import attach_source, issue_at
+    from nestlearn.spec import attach_source, issue_at
 
     issues = [issue_at(spec, ("levels", n, "objective"), msg) for n, lv in spec.levels.items()
               if not lv.is_outer and (msg := check_name(lv.objective)) is not None]
@@ -161,9 +101,7 @@ def _compile_model(spec: Spec) -> tuple[Any, str | None]:
     except SpecError:
         raise
     except Exception as exc:  # noqa: BLE001
-        from nestlearn.train.errors import plain_message
-
-        raise _Fail(f"the compiler failed on this spec: {type(exc).__name__}: {plain_message(str(exc))}") from None
+        raise Fail(f"the compiler failed on this spec: {type(exc).__name__}: {plain_message(str(exc))}") from None
 
 
 def _hyper(value: Any) -> str:
@@ -366,7 +304,7 @@ def _schedule_rows(steps: list[dict[str, Any]]) -> list[tuple[str, str, str, str
 def _graph_format(path: str) -> str:
     fmt = GRAPH_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise _Fail(f"--graph {path}: unknown graph format {Path(path).suffix or '(no suffix)'!r}; "
+        raise Fail(f"--graph {path}: unknown graph format {Path(path).suffix or '(no suffix)'!r}; "
                     "use a .dot (Graphviz) or .mmd (Mermaid) file")
     return fmt
 
@@ -384,13 +322,13 @@ def compile_cmd(
                                help="Build the module (parameter counts); --no-build shows the graph only."),
 ) -> None:
     """Validate SPEC, build its level graph and module; show levels, block graph and schedule."""
-    with _errors():
+    with errors():
         fmt = _graph_format(graph) if graph else None
         spec_obj, g = _load(spec, overrides)
         model, note = _compile_model(spec_obj) if build else (None, "module not built (--no-build)")
         report = _report(spec_obj, g, model, note, tokens or g.default_tokens())
         if fmt is not None:
-            _write_atomic(Path(graph), g.to_dot() if fmt == "dot" else g.to_mermaid())
+            write_text(Path(graph), g.to_dot() if fmt == "dot" else g.to_mermaid())
         if format == Format.json:
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:
@@ -408,7 +346,7 @@ def validate_cmd(
                                           help="Overrides, e.g. model.dim=64"),
 ) -> None:
     """Check SPEC (schema and level graph): print its errors and exit 1, or 'ok: NAME'."""
-    with _errors():
+    with errors():
         spec_obj, _ = _load(spec, overrides)
         typer.echo(f"ok: {spec_obj.name}")
 
@@ -418,10 +356,10 @@ def schema_cmd(
                                help="Write to FILE instead of stdout."),
 ) -> None:
     """Print the JSON Schema of a spec (for editor completion and validation)."""
-    with _errors():
+    with errors():
         text = json.dumps(spec_json_schema(), indent=2) + "\n"
         if output:
-            _write_atomic(Path(output), text)
+            write_text(Path(output), text)
             typer.echo(f"schema written to {output}", err=True)
         else:
             sys.stdout.write(text)

@@ -9,12 +9,13 @@ for all, or one per phase); after the last phase the stream stays on the last do
 from __future__ import annotations
 
 import bisect
-import difflib
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 
 import torch
 from torch import Tensor
+
+from nestlearn.spec.errors import suggest
 
 from .base import Batch, Task, TaskError
 from .corpus import Corpus, split_items, stdlib_corpus
@@ -49,8 +50,7 @@ def _domain_task(domain: str, prose: str, code_bytes: int | None) -> Task:
     if domain == "mqar":
         return MQARTask()
     choices = (*TEXT_DOMAINS, *SYNTHETIC_DOMAINS)
-    near = difflib.get_close_matches(domain, choices, n=1)
-    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    hint = suggest(domain, choices, cutoff=0.6)
     raise TaskError(f"continual: unknown domain '{domain}'{hint}; choices: {', '.join(choices)}")
 
 

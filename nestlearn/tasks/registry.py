@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import typing
 from collections.abc import Sequence
 from typing import Any
+
+from nestlearn.spec.errors import suggest
 
 from .base import Task, TaskError
 from .continual import ContinualTask
@@ -47,8 +48,7 @@ def task_options(name: str) -> dict[str, Any]:
 
 def _check_name(name: str) -> None:
     if name not in _REGISTRY:
-        near = difflib.get_close_matches(name, list(_REGISTRY), n=2)
-        hint = f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
+        hint = suggest(name, _REGISTRY, n=2, cutoff=0.6)
         raise TaskError(f"unknown task '{name}'{hint}; choices: {', '.join(_REGISTRY)}")
 
 
@@ -89,8 +89,7 @@ def get_task(name: str, **options: Any) -> Task:
     hints = typing.get_type_hints(cls.__init__)
     for key in options:
         if key not in params:
-            near = difflib.get_close_matches(key, list(params), n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            hint = suggest(key, params, cutoff=0.6)
             valid = ", ".join(params) or "none"
             raise TaskError(f"task '{name}' has no option '{key}'{hint}; options: {valid}")
     kwargs = {k: _coerce(name, k, v, hints.get(k, Any)) for k, v in options.items()}

@@ -7,8 +7,9 @@
 from nestlearn.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, spec_hash
 from nestlearn.train.config import TrainConfig
 from nestlearn.train.errors import CheckpointError, DivergedError, TrainError
-from nestlearn.train.loop import Reporter, Trainer, train
+from nestlearn.train.loop import Trainer, train
 from nestlearn.train.metrics import MetricsLog, read_metrics
+from nestlearn.train.reporting import Reporter
 from nestlearn.train.rundir import RunDir, default_run_dir
 
 __all__ = [

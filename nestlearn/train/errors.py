@@ -22,13 +22,3 @@ class DivergedError(TrainError):
         self.step = step
         self.level = level
 
-
-def plain_message(text: str) -> str:
-    """``text`` without the C++ backtrace torch appends to some errors (``Exception raised
-    from ...`` and dozens of ``frame #N`` lines): the user gets the one line that says what failed."""
-    cut = text.find("\nException raised from ")
-    if cut < 0:
-        return text
-    head = text[:cut].rstrip()
-    # torch quotes the inner message ("... with error \"Overflow ...") and closes it after the frames
-    return head + '"' if head.count('"') % 2 else head

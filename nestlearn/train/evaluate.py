@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from nestlearn.tasks import Task
+from nestlearn.train.build import build_model, build_task, resolve_device
 from nestlearn.train.checkpoint import Checkpoint, load_checkpoint, restore_model
 from nestlearn.train.config import TrainConfig
 from nestlearn.train.errors import TrainError
-from nestlearn.train.loop import build_model, build_task, resolve_device
 from nestlearn.train.rundir import RunDir
 
 

@@ -18,32 +18,25 @@ returns with ``status == "interrupted"``.
 
 from __future__ import annotations
 
-import math
-import os
-import random
 import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nestlearn.loops import stats as inner_stats
-from nestlearn.spec.errors import SpecError
-from nestlearn.tasks import Batch, Task, TaskError, get_task
+from nestlearn.tasks import TaskError
 from nestlearn.train import distributed as D
 from nestlearn.train import loggers
+from nestlearn.train.build import build_model, build_optimizer, build_task, resolve_device, resolve_precision, seed_everything
 from nestlearn.train.checkpoint import (
     CheckpointError,
     check_continues,
     load_checkpoint,
     restore_model,
-    rng_state,
     save_checkpoint,
     set_rng_state,
     tree_to,
@@ -51,181 +44,24 @@ from nestlearn.train.checkpoint import (
 from nestlearn.train.compiling import Compiled, compile_model, inner_loop_ops
 from nestlearn.train.config import DEFAULT_STEPS, TrainConfig
 from nestlearn.train.cuda_graph import NOTE as CUDA_GRAPH_NOTE
-from nestlearn.train.cuda_graph import CaptureFailed, GraphedStep, check_supported
+from nestlearn.train.cuda_graph import GraphedStep, check_supported
 from nestlearn.train.errors import DivergedError, TrainError
-from nestlearn.train.metrics import TIMING_KEYS, MetricsLog, first_nonfinite, trace_nonfinite
+from nestlearn.train.metrics import TIMING_KEYS, MetricsLog
+from nestlearn.train.reporting import Reporter, SilentReporter
 from nestlearn.train.rundir import RunDir
+from nestlearn.train.step import Steps
 
 _T = TypeVar("_T")
-
-OUTER_RULES = ("sgd", "momentum", "adam", "adamw")
-
-
-# ----------------------------------------------------------------------------- reporting
-
-
-class Reporter(Protocol):
-    """Hooks for progress display (the CLI's rich bar)."""
-
-    def start(self, info: dict[str, Any]) -> None: ...
-
-    def step(self, record: dict[str, Any]) -> None: ...
-
-    def eval(self, record: dict[str, Any]) -> None: ...
-
-    def message(self, text: str) -> None: ...
-
-    def end(self, summary: dict[str, Any]) -> None: ...
-
-
-class SilentReporter:
-    """Shows nothing (the default)."""
-
-    def start(self, info: dict[str, Any]) -> None:
-        pass
-
-    def step(self, record: dict[str, Any]) -> None:
-        pass
-
-    def eval(self, record: dict[str, Any]) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
-
-    def end(self, summary: dict[str, Any]) -> None:
-        pass
-
-
-# ----------------------------------------------------------------------------- building blocks
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda: CUDA is not available here "
-                         f"(torch {torch.__version__}, {torch.cuda.device_count()} GPUs); use --device cpu or auto")
-    if name in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain fp32). ``auto``: bf16 on a CUDA device that has it."""
-    if name == "fp32":
-        return None
-    if device.type != "cuda":
-        if name == "auto":
-            return None
-        raise TrainError(f"--precision {name}: mixed precision needs a CUDA device; use --precision fp32 on CPU")
-    if name == "fp16":
-        return torch.float16
-    if name == "auto" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-def build_task(config: TrainConfig) -> Task:
-    options = dict(config.task_options)
-    if config.data is not None:
-        if config.task != "lm":
-            raise TrainError(f"--data applies to --task lm, not to --task {config.task}")
-        if not str(config.data).strip():
-            raise TrainError("--data: the path is empty; give a text file or folder (or leave --data out "
-                             "to train on the Python standard library's sources)")
-        options["data"] = config.data
-    return get_task(config.task, **options)
-
-
-def _hyper(value: Any, what: str) -> float:
-    if isinstance(value, (int, float)):
-        return float(value)
-    raise TrainError(f"levels.<outer>.rule.{what}: the outer level is trained by torch.optim, so its "
-                     f"hyper-parameters must be numbers (got {value!r})")
-
-
-def build_optimizer(model: nn.Module, rule: Any, lr: float | None) -> torch.optim.Optimizer:
-    """torch.optim for the spec's outer rule; weight decay only on matrices (not norms/biases)."""
-    name = rule.name
-    if name not in OUTER_RULES:
-        raise TrainError(f"levels.<outer>.rule.name: '{name}' cannot train the outer level; "
-                         f"use one of {', '.join(OUTER_RULES)}")
-    base_lr = lr if lr is not None else _hyper(rule.lr, "lr")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainError("the model has no trainable parameters")
-    if name in ("sgd", "momentum"):
-        decay = _hyper(getattr(rule, "decay", 0.0), "decay")
-        groups = _groups(params, decay / base_lr if decay else 0.0)  # W <- (1 - decay) W at the base lr
-        beta = _hyper(rule.beta, "beta") if name == "momentum" else 0.0
-        return torch.optim.SGD(groups, lr=base_lr, momentum=beta)
-    groups = _groups(params, float(rule.weight_decay))
-    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=base_lr, betas=(rule.b1, rule.b2), eps=rule.eps)
-
-
-def _groups(params: list[nn.Parameter], decay: float) -> list[dict[str, Any]]:
-    mats = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    return [g for g in ({"params": mats, "weight_decay": decay}, {"params": rest, "weight_decay": 0.0})
-            if g["params"]]
-
-
-def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio * base`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def _detach(tree: Any) -> Any:
-    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
-
-
-def build_model(spec: Any) -> nn.Module:
-    """Validate the level graph and compile the spec (every failure is a SpecError/TrainError)."""
-    from nestlearn.compile import compile_spec
-    from nestlearn.graph import build_graph
-
-    build_graph(spec)
-    try:
-        return compile_spec(spec)
-    except (SpecError, TrainError):
-        raise
-    except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise TrainError(f"cannot build a model from spec '{spec.name}': {e}") from None
-
-
-def _inner_detail(entry: dict[str, list[Tensor]] | None) -> str:
-    """What ``loops.stats`` saw of a diverging level's first non-finite inner step, if anything."""
-    if not entry:
-        return ""
-    for loss, norm in zip(entry.get("inner_loss", []), entry.get("update_norm", []), strict=False):
-        before, size = float(loss), float(norm)
-        if not math.isfinite(before):
-            return f": its inner loss was already {before} at the state it started from"
-        if not math.isfinite(size):
-            return f": its inner loss was {before:.4g} before the update, the update's norm is {size}"
-    return ""
 
 
 # ----------------------------------------------------------------------------- the trainer
 
 
-class Trainer:
-    """One training run of ``spec`` under ``config``, writing to the run directory ``out``."""
+class Trainer(Steps):
+    """One training run of ``spec`` under ``config``, writing to the run directory ``out``.
+
+    The step itself (forward, backward, optimizer, divergence diagnosis) is :class:`Steps`
+    (:mod:`nestlearn.train.step`); the pieces it is built from are in :mod:`nestlearn.train.build`."""
 
     def __init__(self, spec: Any, config: TrainConfig, out: str | Path, resume: bool = False,
                  reporter: Reporter | None = None):
@@ -359,216 +195,6 @@ class Trainer:
         return None
 
     # ---------------------------------------------------------------- pieces of a step
-    def _autocast(self) -> AbstractContextManager[Any]:
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def lr(self, step: int) -> float:
-        cfg = self.config
-        return lr_at(step, self.total, self.base_lr, self.warmup, cfg.min_lr_ratio)
-
-    def _micro(self, mb: Batch, n_tok: float, i: int, sync: bool) -> tuple[Tensor, Any]:
-        """Forward + backward of one micro-batch; returns ``[loss sum, correct]`` (detached)."""
-        state = self.carry[i] if self.carry is not None else None
-        with D.no_sync(self.fwd, sync):
-            with self._autocast():
-                logits, new_state = self.fwd(mb.inputs, state)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), mb.targets.flatten(), reduction="none")
-            mask = mb.mask.flatten().to(ce.dtype)
-            ce_sum = (ce * mask).sum()
-            loss = ce_sum * (self.dist.world / n_tok)
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        with torch.no_grad():
-            correct = ((logits.argmax(-1).flatten() == mb.targets.flatten()).to(ce.dtype) * mask).sum()
-        new_state = _detach(new_state)
-        if self.carry is not None:
-            self.carry[i] = new_state
-        return torch.stack([ce_sum.detach(), correct]), new_state
-
-    def _graph_scale(self) -> Tensor | None:
-        """The GradScaler's current scale as a device scalar (no host sync), or None without one."""
-        if self.scaler is None:
-            return None
-        return self.scaler.scale(torch.ones((), device=self.device))
-
-    def _graph_once(self, key: str, text: str) -> None:
-        if key not in self._graph_said:
-            self._graph_said.add(key)
-            self.reporter.message(text)
-
-    def _graph_this_step(self, step: int, log: bool, local: Batch, n_tok: float) -> bool:
-        """Does this step replay the CUDA graph (capturing it first if need be)? No (eager) when
-        there is none or when its micro-batches' shape is not the captured one. A step that
-        records per-level stats replays it too, and takes the stats from a no-grad forward
-        (``_stats_forward``): an eager training step beside the graph's memory pool ran a
-        full-size HOPE out of memory on an 80 GB card."""
-        g = self.graphed
-        if g is None:
-            return False
-        done = step + 1
-        first = local.split(self.config.accum)[0]
-        if not g.fits(first):
-            self._graph_once("shape", f"--cuda-graph: step {done}'s micro-batch has shape {list(first.inputs.shape)}, "
-                                      "not the captured one; such steps run eagerly")
-            return False
-        if g.captured:
-            return True
-        try:
-            g.capture(first.to(self.device, non_blocking=True), self.dist.world / n_tok, self._graph_scale())
-        except CaptureFailed as e:
-            self.graphed = None
-            self.reporter.message(f"--cuda-graph: capturing the training step in a CUDA graph failed ({e}); "
-                                  "continuing without it (the results are the same, only slower)")
-            return False
-        return True
-
-    def records_stats(self, step: int) -> bool:
-        """Does a graphed log step also record the per-level stats? At evaluation steps and the
-        last one (the others: the graph's replay alone, no extra forward)."""
-        done = step + 1
-        return done % self.eval_every == 0 or done == self.total
-
-    def _stats_forward(self, local: Batch) -> dict[str, dict[str, list[Tensor]]]:
-        """The per-level stats of a replayed step: the same micro-batches through the model
-        without a graph or autograd, at the parameters the replay used (before the optimizer
-        step), so they equal an eager step's."""
-        with torch.no_grad(), self._autocast(), inner_stats.collect() as collected:
-            for mb in local.split(self.config.accum):
-                self.model(mb.inputs.to(self.device, non_blocking=True))
-        return collected
-
-    def _graphed_micro(self, mb: Batch, n_tok: float, i: int) -> tuple[Tensor, Any]:
-        """``_micro`` by replaying the captured graph; the gradients are summed into ``.grad``."""
-        assert self.graphed is not None
-        out, state = self.graphed.run(mb, self.dist.world / n_tok, self._graph_scale())
-        self.graphed.install_grads(i, self.config.accum)
-        return out, state
-
-    def is_log_step(self, step: int) -> bool:
-        """Is ``step`` (0-based) one whose record goes to metrics.jsonl?"""
-        return (step + 1) % self.config.log_every == 0 or step + 1 == self.total
-
-    def train_step(self, step: int) -> dict[str, Any]:
-        """One optimizer step. Under ``--compile``, a failure of the compiled forward or backward
-        switches the run to eager execution (said once) and redoes the step from the same state."""
-        if self.compiled is None or not self.compiled.active:
-            return self._train_step(step)
-        carry = list(self.carry) if self.carry is not None else None
-        rng = rng_state()
-        try:
-            return self._train_step(step)
-        except (DivergedError, TrainError, TaskError, torch.OutOfMemoryError, KeyboardInterrupt):
-            raise
-        except Exception as e:  # noqa: BLE001 - the compiler's failures have many types
-            self.reporter.message(self.compiled.fall_back(e))
-            self.fwd = self.compiled.fwd
-            self.optimizer.zero_grad(set_to_none=True)
-            self.carry = carry
-            set_rng_state(*rng)
-            return self._train_step(step)
-
-    def _train_step(self, step: int) -> dict[str, Any]:
-        cfg = self.config
-        lr = self.lr(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        batch = self.task.batch_at(step, cfg.batch, cfg.seq_len, cfg.seed)
-        n_tok = max(float(batch.mask.sum()), 1.0)
-        local = batch.shard(self.dist.rank, self.dist.world) if self.dist.enabled else batch
-        sums = torch.zeros(2, device=self.device)
-        states = []
-        log = self.is_log_step(step)
-        graphed = self._graph_this_step(step, log, local, n_tok)
-        # at log steps the inner loops also record each level's inner loss and update norm
-        # (one extra no-grad objective evaluation per memory); other steps record nothing.
-        # A replayed CUDA graph records nothing: such a step's stats come from _stats_forward.
-        recording: AbstractContextManager[dict[str, dict[str, list[Tensor]]]] = (
-            inner_stats.collect() if log and not graphed else nullcontext({}))
-        with recording as collected:
-            for i, mb in enumerate(local.split(cfg.accum)):
-                mb = mb.to(self.device, non_blocking=True)
-                if graphed:
-                    s, st = self._graphed_micro(mb, n_tok, i)
-                else:
-                    s, st = self._micro(mb, n_tok, i, sync=i == cfg.accum - 1)
-                sums += s
-                states.append(st)
-        if log and graphed and self.records_stats(step):
-            collected = self._stats_forward(local)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-        flags = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
-        stats = D.all_reduce_sum(torch.cat([sums, flags]), self.dist)
-        loss_sum, correct, stop = stats.tolist()  # the step's one host sync
-        gnorm = float(gn)
-        self._stop = self._stop or stop > 0
-        loss = loss_sum / n_tok
-        if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(gnorm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise self._diverged(step + 1, loss, gnorm, states, local)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        rec: dict[str, Any] = {"step": step + 1, "split": "train", "loss": loss}
-        if self.task.kind == "lm":
-            rec["bits_per_byte"] = loss / math.log(2)
-        else:
-            rec["accuracy"] = correct / n_tok
-        rec["lr"] = lr
-        rec["grad_norm"] = gnorm
-        if log:
-            levels = inner_stats.summarize(collected)
-            if levels:
-                rec["levels"] = levels
-        return rec
-
-    def _diverged(self, step: int, loss: float, gnorm: float, states: list[Any], local: Batch) -> DivergedError:
-        """Name where the divergence began: replay the step's micro-batches watching every op's
-        output and state; else the first non-finite carried state; else the outer level."""
-        where = None
-        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
-        recorded: dict[str, dict[str, list[Tensor]]] = {}
-        try:
-            if bad:
-                raise RuntimeError("the weights themselves are non-finite")
-            with self._autocast(), inner_stats.collect() as recorded:
-                inputs = [mb.inputs.to(self.device) for mb in local.split(self.config.accum)]
-                where = trace_nonfinite(self.model, inputs)
-        except Exception:  # noqa: BLE001 - a diagnosis must not hide the divergence itself
-            where = None
-        for st in states:
-            if where is not None:
-                break
-            where = first_nonfinite(self.model, st)
-        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
-        if where is not None and where[2] is not None:
-            blk, node, level = where
-            detail = _inner_detail(recorded.get(level or ""))
-            cause = (f"the inner update of level '{level}' diverged first (block {blk}, node '{node}' produced "
-                     f"non-finite values{detail}); lower that level's rate (e.g. levels.{level}.rule.lr=...), use "
-                     "grad: truncate:N for it, or lower the outer --lr")
-        elif where is not None:
-            blk, node, _ = where
-            cause = f"node '{node}' of block {blk} produced non-finite values; try a lower --lr"
-            level = None
-        else:
-            level = self.spec.outer_level
-            what_outer = f"its weights ({bad[0]}, ...)" if bad else "its weights or gradients"
-            cause = (f"every in-context memory stayed finite, so the outer level '{level}' diverged "
-                     f"({what_outer}); try a lower --lr or a smaller --clip")
-        if self.last_ckpt_step is not None:
-            keep = f"the last good checkpoint is kept: {self.run.last_checkpoint} (step {self.last_ckpt_step})"
-        else:
-            keep = "no checkpoint had been written yet"
-        msg = f"training diverged at step {step}: {what}; {cause}. Nothing was saved after the divergence; {keep}."
-        return DivergedError(msg, step, level)
-
     # ---------------------------------------------------------------- evaluation & checkpoints
     def model_fn(self) -> Callable[[Tensor], Tensor]:
         def fn(x: Tensor) -> Tensor:
@@ -786,5 +412,4 @@ def train(spec: Any, config: TrainConfig, out: str | Path, resume: bool = False,
     return Trainer(spec, config, out, resume, reporter).fit()
 
 
-__all__ = ["Reporter", "SilentReporter", "Trainer", "train", "lr_at", "build_optimizer", "build_task", "build_model",
-           "resolve_device", "resolve_precision", "TaskError"]
+__all__ = ["Trainer", "train"]

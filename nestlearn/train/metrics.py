@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nestlearn.files import atomic_write
+
 TIMING_KEYS = ("tokens_per_s", "time")
 
 
@@ -54,8 +56,6 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         keep = [r for r in read_metrics(self.path) if r["step"] <= step]
-        from nestlearn.train.checkpoint import atomic_write
-
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from nestlearn.train.checkpoint import atomic_write
+from nestlearn.files import atomic_write
 from nestlearn.train.config import TrainConfig
 from nestlearn.train.errors import TrainError
 
