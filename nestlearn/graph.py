@@ -469,13 +469,13 @@ def _check_remat(issues: _Issues, name: str, lv: Any) -> None:
                    "to recompute); remove it")
         return
     try:
+        from nestlearn.loops.executors import remat_available
         from nestlearn.rules import coerce
-        from nestlearn.rules.dgd import DGD
 
         rule = coerce(lv.rule)
     except Exception:  # noqa: BLE001  (a bad rule is reported by its own check)
         return
-    if not (rule.linear or isinstance(rule, DGD)):
+    if not remat_available(rule):
         issues.add(loc, f"'remat' is not available for rule {lv.rule.name!r}: its executor differentiates "
                    "with torch.func, which checkpointing cannot wrap (sgd, momentum and dgd levels can)")
 

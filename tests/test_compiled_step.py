@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import nestlearn
-from nestlearn.loops import dgd_dual, dual
+from nestlearn.loops import chunks, dgd_dual, dual
 
 HOPE = Path(__file__).resolve().parents[1] / "models" / "hope.yaml"
 
@@ -51,8 +51,8 @@ def test_untraceable_steps_stay_eager_and_exact() -> None:
     q, k, v = (torch.randn(1, 1, 8, 3, dtype=dt, requires_grad=True) for _ in range(3))
     user_objective = lambda p, t: (p - t).pow(4)  # noqa: E731
     pb = MemoryProblem(arch, rules.sgd(0.05, 0.0), user_objective, q, k, v, {"lr": 0.05}, 4, GradMode())
-    assert not dual.traceable_step(pb)
-    assert dual.traceable_step(MemoryProblem(arch, pb.rule, objectives.BUILTIN["l2"], q, k, v, {}, 4, GradMode()))
+    assert not chunks.traceable_step(pb)
+    assert chunks.traceable_step(MemoryProblem(arch, pb.rule, objectives.BUILTIN["l2"], q, k, v, {}, 4, GradMode()))
     leaves = [q, k, v, *init.values()]
 
     def go(executor: str = "auto") -> list[torch.Tensor]:

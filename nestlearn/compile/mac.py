@@ -48,7 +48,7 @@ from nestlearn.compile.basic import Op, RMSNorm
 from nestlearn.compile.levels import Level
 from nestlearn.compile.memory_op import MemoryOp
 from nestlearn.loops import MemoryProblem, init_state, run
-from nestlearn.loops.chunked import segments
+from nestlearn.loops.chunks import segments
 from nestlearn.loops.common import detach_tree
 from nestlearn.spec.schema import MACNode, MemorySpec
 

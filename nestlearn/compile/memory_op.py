@@ -9,7 +9,6 @@ meta-learns in context. See :class:`NestedInit`.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from nestlearn.compile.basic import CausalConv, Op
 from nestlearn.compile.hypers import Hypers
 from nestlearn.compile.levels import Level
 from nestlearn.loops import MemoryProblem, init_state, run
-from nestlearn.loops.common import GradMode, Params, detach_tree, hp_at, with_rule_constants
+from nestlearn.loops.common import GradMode, MemoryState, Params, detach_tree, hp_at, start_state, with_rule_constants
 from nestlearn.memories import LinearMemory, MemoryArch, MLPMemory
 from nestlearn.spec.schema import MemorySpec
 
@@ -142,9 +141,9 @@ class NestedInit(nn.Module):
         self.hypers = Hypers(level.rule.hypers, dim, heads)
 
     def forward(
-        self, pb: MemoryProblem, fast: Level, init: Params, x: Tensor, mem_state: dict[str, Any] | None,
+        self, pb: MemoryProblem, fast: Level, init: Params, x: Tensor, mem_state: MemoryState | None,
         nest: dict[str, Any] | None, nest_hp: dict[str, Tensor] | None,
-    ) -> tuple[Tensor, dict[str, Any], dict[str, Any], dict[str, Tensor]]:
+    ) -> tuple[Tensor, MemoryState, dict[str, Any], dict[str, Tensor]]:
         slow = self.level
         rule = slow.rule
         if rule.needs_inputs:
@@ -173,23 +172,20 @@ class NestedInit(nn.Module):
             while t0 < total:
                 t1 = min(total, t0 + c_f - f_off)
                 if s_off == 0:  # a new chunk of S: F starts again from Φ (Eq. 72)
-                    if mode.kind == "stop" or not outside or (
-                            mode.kind == "truncate" and chunks > 0 and chunks % mode.n == 0):
+                    if mode.kind == "stop" or not outside or mode.cuts_at(chunks):
                         phi, opt = detach_tree(phi), detach_tree(opt)
                     if not all(p.requires_grad for p in phi.values()):
                         phi = {n: p.detach().requires_grad_() for n, p in phi.items()}
-                    mem_state = {"params": phi, "opt": fast.rule.init(phi), "anchor": phi, "offset": 0,
-                                 "chunks": 0}
+                    mem_state = start_state(fast.rule, phi)
                     chunks += 1
                 assert mem_state is not None  # set above: the first token of a stream starts a chunk of S
                 # ℓ over these tokens: F's inner losses at the state their gradients are taken at
                 # (the chunk-start state; read here, as not every executor carries it back)
                 start = mem_state["params"] if f_off == 0 else mem_state["anchor"]
-                cut = pb.grad.kind == "truncate" and f_off == 0 and 0 < mem_state["chunks"] \
-                    and mem_state["chunks"] % pb.grad.n == 0
+                cut = f_off == 0 and pb.grad.cuts_at(mem_state["chunks"])
                 anchor = {n: a if a.requires_grad and not cut else phi[n] + (a - phi[n]).detach()
                           for n, a in start.items()}
-                seg = _segment(pb, t0, t1)
+                seg = pb.slice(t0, t1)
                 y, mem_state = run(seg, mem_state, fast.executor)
                 ys.append(y)
                 loss = pb.objective(pb.arch.apply(anchor, seg.k), seg.v).sum()
@@ -214,7 +210,3 @@ class NestedInit(nn.Module):
         new_nest = {"params": phi, "opt": opt, "offset": s_off, "chunks": chunks, "grad": acc}
         return y_all, mem_state, new_nest, nest_hp
 
-
-def _segment(pb: MemoryProblem, t0: int, t1: int) -> MemoryProblem:
-    sl = slice(t0, t1)
-    return replace(pb, q=pb.q[:, :, sl], k=pb.k[:, :, sl], v=pb.v[:, :, sl], hp=hp_at(pb.hp, sl))

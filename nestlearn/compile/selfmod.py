@@ -27,6 +27,7 @@ plain equations).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,11 +37,10 @@ from torch import Tensor, nn
 from nestlearn.compile.basic import CausalConv, Op
 from nestlearn.compile.levels import Level
 from nestlearn.compile.memory_op import build_arch
-from nestlearn.loops import MemoryProblem, init_state, run
-from nestlearn.loops.chunked import segments
+from nestlearn.loops import MemoryProblem, init_state, pick, run
+from nestlearn.loops.chunks import segments
 from nestlearn.memories import LinearMemory, MemoryArch
 from nestlearn.rules.base import Rule
-from nestlearn.rules.dgd import DGD
 from nestlearn.spec.schema import Gate, Learned, MemorySpec
 
 GENERATORS = ("k", "v", "lr", "decay")
@@ -134,9 +134,6 @@ class SelfModOp(Op):
         spans = list(segments(mems["gen"]["offset"], gen_period, t))
         x_segs = xh.split([t1 - t0 for t0, t1 in spans], 2) if len(spans) > 1 else (xh,)
         bias = torch.stack([self.gen_bias["lr"], self.gen_bias["decay"]], -1).to(x.dtype)[:, None]  # [H, 1, 2]
-        # the generators' read is never used: a plain one (read_start) where that changes nothing
-        # else (DGD's closed form; other rules keep their executor choice)
-        gen_read_start = isinstance(rule, DGD)
         ks, vs, lrs, decays = [], [], [], []
         for xs_seg in x_segs:
             g = mems["gen"]
@@ -151,7 +148,12 @@ class SelfModOp(Op):
             # the generators' self-generated values (bounded inputs keep the self-reference stable)
             vhat = self.gen_arch.apply(anchor, F.normalize(v, dim=-1))
             pb_gen = MemoryProblem(self.gen_arch, rule, lv.objective, xs_seg, k, vhat, hp, gen_period,
-                                   lv.grad, lv.name, read_start=gen_read_start, clip=lv.spec.clip)
+                                   lv.grad, lv.name, clip=lv.spec.clip)
+            # the generators' read is never used: a plain one (read_start) where that keeps the
+            # executor (DGD's closed form; not where it would move a delta rule off its fast path)
+            plain = replace(pb_gen, read_start=True)
+            if pick(plain, lv.executor) is pick(pb_gen, lv.executor):
+                pb_gen = plain
             _, mems["gen"] = run(pb_gen, g, lv.executor)
             ks.append(k)
             vs.append(v)
