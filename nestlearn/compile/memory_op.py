@@ -8,7 +8,6 @@ meta-learns in context. See :class:`NestedInit`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -20,20 +19,8 @@ from nestlearn.compile.hypers import Hypers
 from nestlearn.compile.levels import Level
 from nestlearn.loops import MemoryProblem, init_state, run
 from nestlearn.loops.common import GradMode, MemoryState, Params, detach_tree, hp_at, start_state, with_rule_constants
-from nestlearn.memories import LinearMemory, MemoryArch, MLPMemory
+from nestlearn.memories import build_arch
 from nestlearn.spec.schema import MemorySpec
-
-
-def build_arch(mem: MemorySpec, d_in: int, d_out: int, heads: int, unit_keys: bool = False) -> MemoryArch:
-    """The memory of ``mem``; ``unit_keys``: its keys are L2-normalised (sets a TTT memory's init)."""
-    if mem.type == "linear":
-        return LinearMemory(d_in, d_out, heads, bias=mem.bias)
-    if mem.type in ("ttt-linear", "ttt-mlp"):  # an nn.Module too: its LN scale/shift are outer params
-        from nestlearn.memories.ttt import TTTMemory
-        return TTTMemory(d_in, d_out, heads, core=mem.type[4:], expand=mem.expand, act=mem.act, bias=mem.bias,
-                         init_std=mem.init_std, key_rms=1 / math.sqrt(d_in) if unit_keys else 1.0)
-    return MLPMemory(d_in, d_out, heads, expand=mem.expand, depth=mem.depth, act=mem.act,
-                     residual=mem.residual and d_in == d_out, bias=mem.bias)
 
 
 class MemoryOp(Op):

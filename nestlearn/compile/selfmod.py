@@ -36,10 +36,9 @@ from torch import Tensor, nn
 
 from nestlearn.compile.basic import CausalConv, Op
 from nestlearn.compile.levels import Level
-from nestlearn.compile.memory_op import build_arch
 from nestlearn.loops import MemoryProblem, init_state, pick, run
 from nestlearn.loops.chunks import segments
-from nestlearn.memories import LinearMemory, MemoryArch
+from nestlearn.memories import LinearMemory, MemoryArch, build_arch
 from nestlearn.rules.base import Rule
 from nestlearn.spec.schema import Gate, Learned, MemorySpec
 

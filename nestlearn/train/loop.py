@@ -58,8 +58,6 @@ from nestlearn.train.rundir import RunDir
 
 _T = TypeVar("_T")
 
-OUTER_RULES = ("sgd", "momentum", "adam", "adamw")
-
 
 # ----------------------------------------------------------------------------- reporting
 
@@ -157,10 +155,13 @@ def _hyper(value: Any, what: str) -> float:
 
 def build_optimizer(model: nn.Module, rule: Any, lr: float | None) -> torch.optim.Optimizer:
     """torch.optim for the spec's outer rule; weight decay only on matrices (not norms/biases)."""
+    from nestlearn.rules import RULES
+
     name = rule.name
-    if name not in OUTER_RULES:
+    outer_rules = [n for n, entry in RULES.items() if entry.cls.usable_as_outer]
+    if name not in outer_rules:
         raise TrainError(f"levels.<outer>.rule.name: '{name}' cannot train the outer level; "
-                         f"use one of {', '.join(OUTER_RULES)}")
+                         f"use one of {', '.join(outer_rules)}")
     base_lr = lr if lr is not None else _hyper(rule.lr, "lr")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
