@@ -78,7 +78,11 @@ class Level:
         """``(rule, the level's spec with it)`` for a name or rule spec, checked like the YAML
         (the spec as a whole, level graph included); ``(rule, None)`` for a rule object."""
         if isinstance(value, Rule) or (hasattr(value, "init") and hasattr(value, "update")):
-            return coerce(value), None
+            rule = coerce(value)  # a rule object: no spec for the level graph to check, so its one fact here
+            if rule.needs_inputs and self.model is not None and self.name in self.model.graph.nested_inits.values():
+                raise ValueError(f"level {self.name!r} meta-learns an initial state (nested init), but rule "
+                                 f"{rule.name!r} needs a memory's layer inputs; use a rule without them")
+            return rule, None
         raw = {"name": value} if isinstance(value, str) else value
         if isinstance(raw, BaseModel):  # a rule spec object (schema.SgdRule, ...): checked again
             raw = raw.model_dump(mode="python", exclude_unset=True)

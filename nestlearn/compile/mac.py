@@ -81,10 +81,6 @@ class MACOp(Op):
     @classmethod
     def build(cls, node: MACNode, dim: int, heads: int, levels: dict[str, Level]) -> MACOp:
         """The op of a ``mac`` spec node (``heads`` defaults to the model's)."""
-        init = levels.get(node.init)
-        if init is not None and not init.is_outer:
-            raise ValueError(f"block node {node.id!r}: a mac node's memory starts from the outer level or "
-                             f"'zeros'; nested init from the in-context level {node.init!r} is not supported")
         return cls(dim, node.heads or heads, levels[node.level], node.memory, persistent=node.persistent,
                    conv=node.conv, qk_norm=node.qk_norm, use_rope=node.rope, learned_init=node.init != "zeros")
 

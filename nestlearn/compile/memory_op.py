@@ -133,13 +133,7 @@ class NestedInit(nn.Module):
     ) -> tuple[Tensor, MemoryState, dict[str, Any], dict[str, Tensor]]:
         slow = self.level
         rule = slow.rule
-        if rule.needs_inputs:
-            raise ValueError(f"level {slow.name!r} meta-learns an initial state (nested init), but its rule "
-                             f"{rule.name!r} needs a memory's layer inputs; use a rule without them")
-        c_s, c_f = int(slow.period), pb.period
-        if c_s % c_f:
-            raise ValueError(f"nested init: the period of {slow.name!r} ({c_s}) must be a multiple of the "
-                             f"period of {fast.name!r} ({c_f})")
+        c_s, c_f = int(slow.period), pb.period  # a multiple (the level graph checked it)
         b = x.shape[0]
         outside = torch.is_grad_enabled()
         if nest is None:

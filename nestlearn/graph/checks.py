@@ -72,9 +72,9 @@ def check_init(
             issues.add(loc, f"nested init: the period of {init!r} ({q}) must be a multiple of the period "
                        f"of {lvl!r} ({p})")
             return
-        if node.op == "selfmod":
+        if not node.nests:
             outer = next(n for n, v in spec.levels.items() if v.is_outer)
-            issues.add(loc, f"nested init from {init!r} is implemented for memory and mlp nodes; a selfmod "
+            issues.add(loc, f"nested init from {init!r} is implemented for memory and mlp nodes; a {node.op} "
                        f"node's memories start from the outer level (init: {outer}) or 'zeros'")
             return
         if _needs_inputs(src.rule.name):

@@ -308,6 +308,8 @@ class _Node(Strict):
     or ``model.dim``, which its inputs must have too (``model``)."""
     owner: ClassVar[Literal["outer", "level", "none"]] = "outer"
     """Whose parameters it has: the outer level's, the level its ``level`` field names, or none."""
+    nests: ClassVar[bool] = False
+    """Its ``init`` may name a slower in-context level (a nested CMS level, ``compile.NestedInit``)."""
 
     def input_ids(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
@@ -388,6 +390,7 @@ class MemoryNode(_Node):
     op: Literal["memory"]
     out_width: ClassVar[Literal["same", "dim", "model"]] = "model"
     owner: ClassVar[Literal["outer", "level", "none"]] = "level"
+    nests: ClassVar[bool] = True
     level: str
     memory: MemorySpec = Field(default_factory=MemorySpec)
     heads: Annotated[int, Field(gt=0)] | None = None
@@ -407,6 +410,7 @@ class MLPNode(_Node):
     op: Literal["mlp"]
     out_width: ClassVar[Literal["same", "dim", "model"]] = "model"
     owner: ClassVar[Literal["outer", "level", "none"]] = "level"
+    nests: ClassVar[bool] = True
     expand: Annotated[float, Field(gt=0)] = 4.0
     act: Literal["silu", "gelu", "relu", "tanh"] = "gelu"
     level: str = "outer"
