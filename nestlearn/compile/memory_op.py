@@ -18,6 +18,7 @@ from nestlearn.compile.basic import CausalConv, Op
 from nestlearn.compile.hypers import Hypers
 from nestlearn.compile.levels import Level
 from nestlearn.loops import MemoryProblem, init_state, run
+from nestlearn.loops.chunks import segments
 from nestlearn.loops.common import GradMode, MemoryState, Params, detach_tree, hp_at, start_state, with_rule_constants
 from nestlearn.memories import build_arch
 from nestlearn.spec.schema import MemorySpec
@@ -147,11 +148,8 @@ class NestedInit(nn.Module):
         mode: GradMode = slow.grad
         create = outside and mode.create_graph
         ys = []
-        total = pb.q.shape[2]
-        t0 = 0
         with torch.enable_grad():
-            while t0 < total:
-                t1 = min(total, t0 + c_f - f_off)
+            for t0, t1 in segments(f_off, c_f, pb.q.shape[2]):  # F's chunks (S's are whole numbers of them)
                 if s_off == 0:  # a new chunk of S: F starts again from Φ (Eq. 72)
                     if mode.kind == "stop" or not outside or mode.cuts_at(chunks):
                         phi, opt = detach_tree(phi), detach_tree(opt)
@@ -183,7 +181,6 @@ class NestedInit(nn.Module):
                     if not outside or mode.kind == "stop":
                         phi, opt = detach_tree(phi), detach_tree(opt)
                     s_off, acc = 0, None
-                t0 = t1
         y_all = torch.cat(ys, dim=2)
         if not outside:
             y_all = y_all.detach()
