@@ -1,4 +1,17 @@
-"""Executors for one memory's inner loop: sequential (the oracle) and chunk-parallel."""
+"""Executors for one memory's inner loop: sequential (the oracle) and chunk-parallel.
+
+One floor, imported bottom-up (no cycle; ``tests/test_loops_imports.py``):
+
+- ``common``: ``MemoryProblem`` (one memory's problem over a span, ``slice``), ``GradMode``
+  (``cuts_at``), ``MemoryState`` (the carried state), gradient clipping, ``init_state``;
+- ``chunks``: what every executor shares: ``segments`` (where a chunk starts), the chunk loop
+  ``run_segments``, ``segsum`` / ``masks``, ``per_token``, ``chunk_signals``;
+- the executors, each ``run_*(problem, state) -> (y, state)``: ``sequential``, ``chunked``
+  (``vmap(grad)`` + scan, any rule), ``dual`` (closed form of linear rules), ``dgd_dual`` (DGD's
+  closed form), ``delta`` (+ ``chunk_scan``: the period-1 delta rule), ``fla_backend`` (fla's kernels);
+- ``executors``: the table ``(supports, run, remat_ok, compilable)`` that ``run`` below, the spec
+  checks and the compiled ops query; ``remat`` (recomputation) and ``stats`` (diagnostics) wrap a run.
+"""
 
 from __future__ import annotations
 
