@@ -134,6 +134,7 @@ class SelfModOp(Op):
         x_segs = xh.split([t1 - t0 for t0, t1 in spans], 2) if len(spans) > 1 else (xh,)
         bias = torch.stack([self.gen_bias["lr"], self.gen_bias["decay"]], -1).to(x.dtype)[:, None]  # [H, 1, 2]
         ks, vs, lrs, decays = [], [], [], []
+        gen_read_start: bool | None = None
         for xs_seg in x_segs:
             g = mems["gen"]
             anchor = g["params"] if g["offset"] == 0 else g["anchor"]
@@ -147,12 +148,13 @@ class SelfModOp(Op):
             # the generators' self-generated values (bounded inputs keep the self-reference stable)
             vhat = self.gen_arch.apply(anchor, F.normalize(v, dim=-1))
             pb_gen = MemoryProblem(self.gen_arch, rule, lv.objective, xs_seg, k, vhat, hp, gen_period,
-                                   lv.grad, lv.name, clip=lv.spec.clip)
-            # the generators' read is never used: a plain one (read_start) where that keeps the
-            # executor (DGD's closed form; not where it would move a delta rule off its fast path)
-            plain = replace(pb_gen, read_start=True)
-            if pick(plain, lv.executor) is pick(pb_gen, lv.executor):
-                pb_gen = plain
+                                   lv.grad, lv.name, read_start=bool(gen_read_start), clip=lv.spec.clip)
+            if gen_read_start is None:  # decided once per call: every segment's problem is alike
+                # the generators' read is never used: a plain one (read_start) where that keeps the
+                # executor (DGD's closed form; not where it would move a delta rule off its fast path)
+                plain = replace(pb_gen, read_start=True)
+                gen_read_start = pick(plain, lv.executor) is pick(pb_gen, lv.executor)
+                pb_gen = plain if gen_read_start else pb_gen
             _, mems["gen"] = run(pb_gen, g, lv.executor)
             ks.append(k)
             vs.append(v)
