@@ -68,3 +68,25 @@ block:
     with pytest.raises(ValueError, match="meta-learns an initial state"):
         model.levels["slow"].rule = rules.dgd()
     model.levels["fast"].rule = rules.dgd()  # the fast level itself may take it
+
+
+def test_a_mac_node_refuses_a_nested_init_in_the_graph() -> None:
+    """The op fact ``nests``: only memory and mlp nodes take a nested init (a mac node's was
+    refused at run time, without a position, before the graph knew it)."""
+    from nestlearn.graph import build_graph
+    from nestlearn.spec.errors import SpecError
+
+    text = """\
+nestlearn: 1
+model: {vocab: 16, dim: 8, depth: 1, heads: 2}
+levels:
+  outer: {period: outer, rule: {name: adamw}}
+  slow:  {period: 8, rule: {name: sgd}}
+  mem:   {period: 4, rule: {name: sgd}}
+block:
+  - {id: mac, op: mac, in: x, level: mem, init: slow}
+  - {id: c2, op: mlp, in: mac, level: slow}
+"""
+    with pytest.raises(SpecError, match=r"t\.yaml:8:\d+: block\.0\.init: nested init from 'slow' is implemented "
+                       r"for memory and mlp nodes; a mac node's memories start from the outer level"):
+        build_graph(parse_spec(text, "t.yaml"))
