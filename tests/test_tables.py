@@ -47,7 +47,7 @@ def test_executor_table() -> None:
     assert [row.name for row in EXECUTORS][-2:] == ["chunked", "sequential"]  # the fall-backs come last
     assert remat_available(rules.sgd()) and remat_available(rules.dgd())
     assert not remat_available(rules.adam())
-    assert {row.name for row in EXECUTORS if row.compilable} == {"dual", "dgd_dual"}  # dual.compile_chunk_steps
+    assert {row.name for row in EXECUTORS if row.compilable} == {"dual", "dgd_dual"}  # chunks.chunk_step
 
 
 def test_swapping_in_a_rule_object_the_nested_init_cannot_step_is_refused() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -10,7 +12,8 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from nestlearn import objectives
-from nestlearn.loops import Executor, GradMode
+from nestlearn.loops import Executor, GradMode, MemoryProblem
+from nestlearn.memories.base import MemoryArch
 from nestlearn.rules import Rule, coerce
 from nestlearn.spec.errors import SpecError
 from nestlearn.spec.schema import LevelSpec, Spec
@@ -40,9 +43,22 @@ class Level:
         self.grad = GradMode.parse(spec.grad)
         self.read_start = spec.read == "chunk_start"
         self.executor: Executor = "auto"
+        self.compile_chunk_steps = False
+        """Run the closed-form chunk steps of this level's memories through torch.compile
+        (``MemoryProblem.compiled``; ``CompiledModel.compile_chunk_steps`` sets it)."""
         self._rule: Rule = coerce(spec.rule) if not spec.is_outer else _OuterRule(spec.rule)
         self.model: CompiledModel | None = None
         """The compiled model this level belongs to (set by it): where a swap rebuilds the gates."""
+
+    def problem(self, arch: MemoryArch, q: Tensor, k: Tensor, v: Tensor, hp: Mapping[str, Tensor | float],
+                period: int, **fields: Any) -> MemoryProblem:
+        """One memory's inner problem at this level: its rule, objective, gradient mode, read,
+        chunk, remat, clip and chunk-step compilation; ``fields`` replace some of them (e.g. a
+        generator memory's ``read_start``)."""
+        pb = MemoryProblem(arch, self.rule, self.objective, q, k, v, hp, period, self.grad, self.name,
+                           self.read_start, self.spec.chunk, self.spec.remat, self.spec.clip,
+                           compiled=self.compile_chunk_steps)
+        return replace(pb, **fields) if fields else pb
 
     @property
     def objective(self) -> objectives.Objective:

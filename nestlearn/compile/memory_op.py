@@ -84,9 +84,7 @@ class MemoryOp(Op):
         period = int(self.level.period)
         offset = mem_state["offset"] if mem_state is not None else 0
         hp, chunk_hp = self.hypers(rule.hypers, x, offset, period, state.get("chunk_hp"))
-        pb = MemoryProblem(self.arch, rule, self.level.objective, q, k, v, hp, period, self.level.grad,
-                           self.level.name, self.level.read_start, self.level.spec.chunk, self.level.spec.remat,
-                           self.level.spec.clip)
+        pb = self.level.problem(self.arch, q, k, v, hp, period)
         new: dict[str, Any] = {}
         if self.nest is None:
             y, mem_state = run(pb, mem_state, self.level.executor)

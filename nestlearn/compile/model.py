@@ -80,6 +80,14 @@ class CompiledModel(nn.Module):
         for lv in self.levels.values():
             lv.executor = executor  # type: ignore[assignment]
 
+    def compile_chunk_steps(self, enabled: bool = True) -> None:
+        """Run the closed-form chunk steps of every in-context level through torch.compile (or
+        not): each level's memory problems carry the switch (``MemoryProblem.compiled``), and the
+        executor rows marked ``compilable`` take the compiled step where it traces. Off by
+        default; ``nestlearn run --compile`` turns it on."""
+        for lv in self.levels.values():
+            lv.compile_chunk_steps = enabled and not lv.is_outer
+
     def forward(self, inputs: Tensor, state: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
         h = self.embed(inputs) if self.embed is not None else inputs
         state = state or {}

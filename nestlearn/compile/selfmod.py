@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from nestlearn.compile.basic import CausalConv, Op
 from nestlearn.compile.levels import Level
-from nestlearn.loops import MemoryProblem, init_state, pick, run
+from nestlearn.loops import init_state, pick, run
 from nestlearn.loops.chunks import segments
 from nestlearn.memories import LinearMemory, MemoryArch, build_arch
 from nestlearn.rules.base import Rule
@@ -147,8 +147,8 @@ class SelfModOp(Op):
                 hp["decay"] = self.max_decay * decay_raw
             # the generators' self-generated values (bounded inputs keep the self-reference stable)
             vhat = self.gen_arch.apply(anchor, F.normalize(v, dim=-1))
-            pb_gen = MemoryProblem(self.gen_arch, rule, lv.objective, xs_seg, k, vhat, hp, gen_period,
-                                   lv.grad, lv.name, read_start=bool(gen_read_start), clip=lv.spec.clip)
+            pb_gen = lv.problem(self.gen_arch, xs_seg, k, vhat, hp, gen_period, read_start=bool(gen_read_start),
+                                chunk=None, remat=None)
             if gen_read_start is None:  # decided once per call: every segment's problem is alike
                 # the generators' read is never used: a plain one (read_start) where that keeps the
                 # executor (DGD's closed form; not where it would move a delta rule off its fast path)
@@ -164,8 +164,7 @@ class SelfModOp(Op):
         hp_main["lr"] = _cat(lrs, 2)
         if self.max_decay > 0:
             hp_main["decay"] = _cat(decays, 2)
-        pb_main = MemoryProblem(self.main_arch, rule, lv.objective, qh, _cat(ks, 2), _cat(vs, 2), hp_main,
-                                period, lv.grad, lv.name, lv.read_start, remat=lv.spec.remat, clip=lv.spec.clip)
+        pb_main = lv.problem(self.main_arch, qh, _cat(ks, 2), _cat(vs, 2), hp_main, period, chunk=None)
         y, mems["main"] = run(pb_main, mems["main"], lv.executor)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.out(y), {"mems": mems, "conv": conv_state}

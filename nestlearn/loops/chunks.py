@@ -8,7 +8,8 @@
 - ``per_token``: one hyper-parameter (float or tensor) as ``[B, H, T]``;
 - ``chunk_signals``: every layer's error signal and input at the chunk-start state, in one pass
   (the closed forms' inner gradients, ``delta x^T`` per weight);
-- ``traceable_step`` / ``keep_saved``: what torch.compile and ``remat`` need to know.
+- ``traceable_step`` / ``keep_saved``: what torch.compile and ``remat`` need to know;
+  ``chunk_step``: the eager or the compiled chunk step of a problem (``MemoryProblem.compiled``).
 """
 
 from __future__ import annotations
@@ -185,3 +186,27 @@ def traceable_step(pb: MemoryProblem) -> bool:
     explicit backward), so torch.compile can take it whole; elsewhere its inner
     ``autograd.grad`` would lose the inner-gradient graph under dynamo."""
     return pb.objective in BUILTIN.values() and type(pb.arch).error_signals is not MemoryArch.error_signals
+
+
+StepFn = Callable[..., tuple[Tensor, Params, dict[str, Any]]]
+
+
+def chunk_step(pb: MemoryProblem, eager: StepFn) -> StepFn:
+    """The chunk step that runs ``pb``: ``eager`` through torch.compile where the problem asks
+    for it (``pb.compiled``) and the step can be traced (``traceable_step``); ``eager`` itself
+    elsewhere (under dynamo the inner ``autograd.grad`` of other problems loses its graph)."""
+    return compiled(eager) if pb.compiled and traceable_step(pb) else eager
+
+
+@functools.cache
+def compiled(eager: StepFn) -> StepFn:
+    """``eager`` through ``torch.compile``, built once per function and shared by every problem
+    that asks for it: its element-wise work fuses into a few kernels. One compile per variant
+    (chunk length, grad mode, first / later chunk, ... per level), so dynamo's recompile limit
+    is raised to 64 for it."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if isinstance(getattr(dynamo_config, name, None), int):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+    return torch.compile(eager, dynamic=False)  # type: ignore[no-any-return]

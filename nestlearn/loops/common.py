@@ -65,6 +65,10 @@ class MemoryProblem:
     clip: float | None = None
     """Clip each token's inner gradient (per sequence and head, over all of the memory's fast
     weights) to this norm before the rule sees it (the level's ``clip:``; ``clip_factor``)."""
+    compiled: bool = False
+    """Run the executor's chunk step through torch.compile where it can be traced
+    (``chunks.chunk_step``; the executor table's ``compilable`` rows honour it): the level's
+    ``compile_chunk_steps``, which ``nestlearn run --compile`` turns on. Off by default."""
 
     def slice(self, t0: int, t1: int) -> MemoryProblem:
         """The same problem over tokens ``[t0, t1)``."""

@@ -27,7 +27,7 @@ the read's (``x'_t``) are stacked so that one matmul per term serves both.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,12 +36,12 @@ from torch import Tensor
 from nestlearn.loops.chunks import (
     chunk_signals,
     chunk_spans,
+    chunk_step,
     hp_tokens,
     run_segments,
     safe_log,
     segsum,
     split,
-    traceable_step,
 )
 from nestlearn.loops.common import MemoryProblem, MemoryState, Params, detach_tree
 from nestlearn.memories.base import Lin, MemoryArch
@@ -99,15 +99,11 @@ def run_dgd_dual(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryS
     parts = dict(zip([t0 for t0, _ in spans], _chunk_inputs(pb, [t1 - t0 for t0, t1 in spans])))
     flat = MemoryState(params=_flat(state["params"]), opt={"m": _flat(state["opt"]["m"])},
                        anchor=_flat(state["anchor"]), offset=state["offset"], chunks=state["chunks"])
-    step = compiled_segment if compiled_segment is not None and traceable_step(pb) else _segment
+    step = chunk_step(pb, _segment)  # through torch.compile where pb.compiled
     y, new = run_segments(pb, flat, lambda p, o, a, t0, t1: step(pb, p, o, a, parts[t0], bh))
     out = MemoryState(params=_unflat(new["params"], bh), opt={"m": _unflat(new["opt"]["m"], bh)},
                       anchor=_unflat(new["anchor"], bh), offset=new["offset"], chunks=new["chunks"])
     return y, out
-
-
-compiled_segment: Callable[..., tuple[Tensor, Params, dict[str, Any]]] | None = None
-"""``_segment`` through torch.compile while ``dual.compile_chunk_steps`` is on (HOPE's hot path)."""
 
 
 Chunk = tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]

@@ -24,7 +24,7 @@ The sequential reference is ``rules/momentum.py`` stepped by ``loops/sequential.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,12 +33,12 @@ from torch import Tensor
 from nestlearn.loops.chunks import (
     chunk_signals,
     chunk_spans,
+    chunk_step,
     hp_tokens,
     run_segments,
     safe_log,
     segsum,
     split,
-    traceable_step,
 )
 from nestlearn.loops.common import MemoryProblem, MemoryState, Params, detach_tree
 
@@ -86,33 +86,8 @@ def run_dual(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState
     has_m = "S" in state["opt"]
     spans = chunk_spans(pb, state)
     parts = dict(zip([t0 for t0, _ in spans], _chunk_inputs(pb, [t1 - t0 for t0, t1 in spans], has_m)))
-    step = _compiled_segment if _compiled_segment is not None and traceable_step(pb) else _segment
+    step = chunk_step(pb, _segment)  # through torch.compile where pb.compiled (error signals, read, chunk end fused)
     return run_segments(pb, state, lambda p, o, a, t0, t1: step(pb, p, o, a, parts[t0], has_m))
-
-
-_compiled_segment: Callable[..., tuple[Tensor, Params, dict[str, Any]]] | None = None
-
-
-def compile_chunk_steps(enabled: bool = True) -> None:
-    """Run this executor's chunk step (error signals, dual read, chunk-end state) through
-    ``torch.compile``: its element-wise work fuses into a few kernels. Possible because the
-    step differentiates nothing itself where the memory has an explicit backward
-    (``MemoryArch.error_signals``) and the objective is built in (``traceable_step``); other
-    problems keep the eager step (under dynamo their inner ``autograd.grad`` loses its graph).
-    One compile per variant (chunk length, grad mode, ...; dynamo's recompile limit is raised
-    to 64 for that). The DGD closed form's chunk step (``dgd_dual``: HOPE's self-modifying
-    memory) is switched with it. ``nestlearn run --compile`` turns both on."""
-    from nestlearn.loops import dgd_dual
-
-    global _compiled_segment
-    if enabled:  # one variant per chunk length, grad mode, first/later chunk, ... per level
-        import torch._dynamo.config as dynamo_config
-
-        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
-            if isinstance(getattr(dynamo_config, name, None), int):
-                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-    _compiled_segment = torch.compile(_segment, dynamic=False) if enabled else None
-    dgd_dual.compiled_segment = torch.compile(dgd_dual._segment, dynamic=False) if enabled else None
 
 
 ChunkInputs = tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]

@@ -41,7 +41,8 @@ class ExecutorRow:
     remat_ok: bool
     """``remat`` can wrap it (no torch.func inside: checkpointing's saved-tensor hooks work)."""
     compilable: bool
-    """Its chunk step can go through torch.compile (``dual.compile_chunk_steps``)."""
+    """Its chunk step goes through torch.compile where the problem asks for it
+    (``MemoryProblem.compiled``, via ``chunks.chunk_step``)."""
     takes: Callable[[Rule], bool]
     """The rule-level part of ``supports`` (a necessary condition, known at spec time)."""
 
