@@ -46,10 +46,10 @@ DEFAULT_CHUNK = 64
 
 
 def auto_chunk(t: int) -> int:
-    """The compute chunk where the spec sets none: 64 tokens up to 1K, then longer chunks so
-    the sequential chunk-to-chunk part (three kernels per chunk each way, launch-bound) stays
-    short. H200 sweep of the bare rule (docs/benchmarks.md): at 8 x 2048 chunk 128 is 1.3x
-    faster than 64 eager (0.9x under a CUDA graph); at 1 x 65536 chunk 256 is 4x faster."""
+    """The compute chunk where the spec sets none: 64 tokens up to 1K, then longer chunks. The
+    state passes from chunk to chunk sequentially (three small kernels per chunk each way, bound
+    by their launches on a GPU), so on long sequences fewer, longer chunks pay for their larger
+    in-chunk products; the thresholds come from a chunk sweep of the bare rule (docs/benchmarks.md)."""
     return DEFAULT_CHUNK if t <= 1024 else 128 if t <= 16384 else 256
 
 
