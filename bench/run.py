@@ -154,12 +154,16 @@ def _require_fla_dispatch(step: Step) -> None:
 
 
 def compiled_step(doc: dict[str, Any], b: int, t: int, dtype: str, dev: torch.device,
-                  hand: bool = False, fla: bool = False) -> Callable[[], Step]:
+                  hand: bool = False, fla: bool = False, compile_steps: bool = False) -> Callable[[], Step]:
+    """``compile_steps``: the chunk steps of the closed form and of the DGD closed form through
+    torch.compile (``CompiledModel.compile_chunk_steps``; what ``nestlearn run --compile`` does
+    inside the inner loops), for this model only."""
     def build() -> Step:
         from nestlearn.compile import compile_spec
 
         torch.manual_seed(0)
         model = compile_spec(specs.validate(doc)).to(dev, _dt(dtype))
+        model.compile_chunk_steps(compile_steps)
         _randomise_gates(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if doc["model"].get("input") == "embeddings":
@@ -189,30 +193,6 @@ def compiled_step(doc: dict[str, Any], b: int, t: int, dtype: str, dev: torch.de
         return step
 
     return build
-
-
-def with_compiled_chunk_step(build: Callable[[], Step]) -> Callable[[], Step]:
-    """The same step with the chunk steps of the closed form and of the DGD closed form
-    compiled (``dual.compile_chunk_steps``; what ``nestlearn run --compile`` does inside the
-    inner loops), switched on only while the step runs so the other rows stay eager."""
-    def build_compiled() -> Step:
-        from nestlearn.loops import dgd_dual, dual
-
-        step = build()
-        dual.compile_chunk_steps(True)
-        fns = dual._compiled_segment, dgd_dual.compiled_segment
-        dual.compile_chunk_steps(False)
-
-        def run() -> None:
-            dual._compiled_segment, dgd_dual.compiled_segment = fns
-            try:
-                step()
-            finally:
-                dual._compiled_segment = dgd_dual.compiled_segment = None
-
-        return run
-
-    return build_compiled
 
 
 def delta_kernel_step(b: int, t: int, h: int, d: int, dev: torch.device, backend: str,
@@ -426,8 +406,8 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
         out.append(Case("titans-memory", "nestlearn-remat8", b, t, "fp32", compiled_step(tm_remat, b, t, "fp32", dev),
                         note="levels.memory.remat: 8 (backward recomputes per group of 8 chunks)"))
         out.append(Case("titans-memory", "nestlearn-compiled-step", b, t, "fp32",
-                        with_compiled_chunk_step(compiled_step(tm, b, t, "fp32", dev)),
-                        note="chunk step through torch.compile (dual.compile_chunk_steps)"))
+                        compiled_step(tm, b, t, "fp32", dev, compile_steps=True),
+                        note="chunk step through torch.compile (CompiledModel.compile_chunk_steps)"))
         if gpu and importable("titans_pytorch"):
             out.append(Case("titans-memory", "titans-pytorch", b, t, "fp32", titans_pytorch_step(b, t, dev)))
     dn = specs.deltanet(D, 4, None if not small else 16)
@@ -472,7 +452,7 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
             note = ", ".join(f"{k}={v}" for k, v in periods.items())
             out.append(Case(name, "nestlearn", 1, t, lp, compiled_step(hope, 1, t, lp, dev), note=note))
             out.append(Case(name, "nestlearn-compiled-step", 1, t, lp,
-                            with_compiled_chunk_step(compiled_step(hope, 1, t, lp, dev)),
+                            compiled_step(hope, 1, t, lp, dev, compile_steps=True),
                             note=", ".join([*([note] if note else []), "chunk steps through torch.compile"])))
     if importable("nested_learning.model"):  # the peer HOPE (kmccleary3301 nested-learning 0.2.0)
         kd, kl = (D, 4) if not small else (D, 2)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import nestlearn
+import nestlearn.rules
 from nestlearn.compile.model import CompiledModel
 from nestlearn.spec import schema
 from nestlearn.spec.document import load_document
@@ -29,7 +30,7 @@ EXECUTORS = ["auto", "sequential", "chunked", "scan"]
 
 
 def test_every_rule_and_memory_is_covered() -> None:
-    assert set(RULES) == set(schema.RULE_NAMES)
+    assert set(RULES) == set(nestlearn.rules.RULES)
     mem_types = schema.MemorySpec.model_fields["type"].annotation.__args__  # type: ignore[union-attr]
     assert set(MEMORIES) == set(mem_types)
 

@@ -1,13 +1,17 @@
-"""``dual.compile_chunk_steps``: HOPE's DGD chunk step through torch.compile == eager."""
+"""``CompiledModel.compile_chunk_steps`` / ``MemoryProblem.compiled``: HOPE's DGD chunk step
+through torch.compile == eager; off by default."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 import nestlearn
-from nestlearn.loops import dgd_dual, dual
+from nestlearn.loops import chunks, dgd_dual, dual
 
 HOPE = Path(__file__).resolve().parents[1] / "models" / "hope.yaml"
 
@@ -17,24 +21,29 @@ def test_hope_with_compiled_chunk_steps_equals_eager() -> None:
     model = nestlearn.compile(HOPE, ["model.dim=32", "model.depth=1", "model.heads=2"])
     x = torch.randint(0, 256, (1, 80))
     params = [p for p in model.parameters() if p.requires_grad]
+    assert not any(lv.compile_chunk_steps for lv in model.levels.values())  # off by default
     y0 = model(x)[0]
     g0 = torch.autograd.grad(y0.square().mean(), params, allow_unused=True)
-    dual.compile_chunk_steps(True)
-    try:
-        calls: list[int] = []
-        real = dgd_dual.compiled_segment
-        assert real is not None
-        dgd_dual.compiled_segment = lambda *a: calls.append(1) or real(*a)
+    model.compile_chunk_steps(True)
+    assert not model.levels["outer"].compile_chunk_steps and model.levels["selfmod"].compile_chunk_steps
+    calls: list[int] = []
+    real = chunks.compiled
+
+    def counting(eager: Any) -> Any:  # count the compiled DGD step's calls
+        fn = real(eager)
+        return (lambda *a: calls.append(1) or fn(*a)) if eager is dgd_dual._segment else fn
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chunks, "compiled", counting)
         y1 = model(x)[0]
         g1 = torch.autograd.grad(y1.square().mean(), params, allow_unused=True)
-    finally:
-        dual.compile_chunk_steps(False)
     assert calls, "the DGD executor did not take the compiled step"
     torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
     for a, b in zip(g1, g0, strict=True):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
-    assert dual._compiled_segment is None and dgd_dual.compiled_segment is None
+    model.compile_chunk_steps(False)
+    assert not any(lv.compile_chunk_steps for lv in model.levels.values())
 
 
 def test_untraceable_steps_stay_eager_and_exact() -> None:
@@ -51,8 +60,8 @@ def test_untraceable_steps_stay_eager_and_exact() -> None:
     q, k, v = (torch.randn(1, 1, 8, 3, dtype=dt, requires_grad=True) for _ in range(3))
     user_objective = lambda p, t: (p - t).pow(4)  # noqa: E731
     pb = MemoryProblem(arch, rules.sgd(0.05, 0.0), user_objective, q, k, v, {"lr": 0.05}, 4, GradMode())
-    assert not dual.traceable_step(pb)
-    assert dual.traceable_step(MemoryProblem(arch, pb.rule, objectives.BUILTIN["l2"], q, k, v, {}, 4, GradMode()))
+    assert not chunks.traceable_step(pb)
+    assert chunks.traceable_step(MemoryProblem(arch, pb.rule, objectives.BUILTIN["l2"], q, k, v, {}, 4, GradMode()))
     leaves = [q, k, v, *init.values()]
 
     def go(executor: str = "auto") -> list[torch.Tensor]:
@@ -60,13 +69,12 @@ def test_untraceable_steps_stay_eager_and_exact() -> None:
         return [y, *torch.autograd.grad(y.sum(), leaves)]
 
     ref = go("sequential")
-    dual.compile_chunk_steps(True)
-    try:
-        got = go()
-        ttt = nestlearn.compile(Path(__file__).resolve().parents[1] / "specs" / "ttt-linear.yaml",
-                                ["model.dim=16", "model.depth=1", "model.heads=2"])
-        ttt(torch.randint(0, 256, (1, 40)))[0].sum().backward()  # runs (was: an error inside the step)
-    finally:
-        dual.compile_chunk_steps(False)
+    pb = replace(pb, compiled=True)
+    assert chunks.chunk_step(pb, dual._segment) is dual._segment  # asked for, but not traceable: eager
+    got = go()
+    ttt = nestlearn.compile(Path(__file__).resolve().parents[1] / "specs" / "ttt-linear.yaml",
+                            ["model.dim=16", "model.depth=1", "model.heads=2"])
+    ttt.compile_chunk_steps(True)
+    ttt(torch.randint(0, 256, (1, 40)))[0].sum().backward()  # runs (was: an error inside the step)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -49,6 +49,15 @@ def _specs() -> list[Any]:
     return out
 
 
+def _compiling(model: Any) -> bool:
+    """Whether ``model``'s in-context levels run their chunk steps through torch.compile."""
+    return all(lv.compile_chunk_steps for lv in model.levels.values() if not lv.is_outer)
+
+
+def _released(model: Any) -> bool:
+    return not any(lv.compile_chunk_steps for lv in model.levels.values())
+
+
 def _train_losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
 
@@ -232,28 +241,25 @@ def test_trainer_replays_the_graph_with_eager_results(emulated: None, tmp_path: 
 def test_compile_with_cuda_graph_compiles_only_the_chunk_steps(emulated: None, tmp_path: Path) -> None:
     """``--compile --cuda-graph``: the chunk steps are compiled and run inside the captured step,
     the rest of the model stays as the graph captures it; same results as eager; released after."""
-    from nestlearn.loops import dgd_dual, dual
+    from nestlearn.loops import chunks, dual
 
     spec = nestlearn.load_spec(TINY)
     _fit(spec, tmp_path / "eager", device="cpu", threads=1)
     seen: list[bool] = []
     calls: list[int] = []
-    real_capture, real_switch = GraphedStep.capture, dual.compile_chunk_steps
+    real_capture, real_compiled = GraphedStep.capture, chunks.compiled
 
     def capture(self: GraphedStep, *a: Any, **k: Any) -> None:
-        seen.append(dual._compiled_segment is not None and dgd_dual.compiled_segment is not None)
+        seen.append(_compiling(self.model))
         real_capture(self, *a, **k)
 
-    def switch(enabled: bool = True) -> None:  # count the compiled chunk step's calls
-        real_switch(enabled)
-        if enabled:
-            fn = dual._compiled_segment
-            assert fn is not None
-            dual._compiled_segment = lambda *a: calls.append(1) or fn(*a)
+    def counting(eager: Any) -> Any:  # count the compiled chunk step's calls
+        fn = real_compiled(eager)
+        return (lambda *a: calls.append(1) or fn(*a)) if eager is dual._segment else fn
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(GraphedStep, "capture", capture)
-        mp.setattr(dual, "compile_chunk_steps", switch)
+        mp.setattr(chunks, "compiled", counting)
         trainer, msgs = _fit(spec, tmp_path / "graph", device="cpu", threads=1, cuda_graph=True, compile=True)
     assert seen == [True] and calls  # the captured step runs the compiled chunk step
     assert trainer.compiled is not None and trainer.compiled.active
@@ -261,20 +267,19 @@ def test_compile_with_cuda_graph_compiles_only_the_chunk_steps(emulated: None, t
     assert trainer.graphed is not None and trainer.graphed.replays == 6  # every step replays, the stats steps too
     assert any("chunk step" in m and "captured by --cuda-graph" in m for m in msgs.lines), msgs.lines
     assert not any("failed" in m for m in msgs.lines), msgs.lines
-    assert dual._compiled_segment is None and dgd_dual.compiled_segment is None  # released at the end
+    assert _released(trainer.model)  # released at the end
     graph, eager = _train_losses(tmp_path / "graph"), _train_losses(tmp_path / "eager")
     assert graph == pytest.approx(eager, rel=1e-5, abs=1e-6)
     assert _grad_norms(tmp_path / "graph") == pytest.approx(_grad_norms(tmp_path / "eager"), rel=1e-4, abs=1e-6)
 
 
 def _fake_chunk_steps(mp: pytest.MonkeyPatch, fail: Any = None) -> list[bool]:
-    """Make ``dual.compile_chunk_steps(True)`` install the eager chunk steps as the "compiled"
-    ones (no minutes of inductor on a CPU), each raising where ``fail()`` says the compiler
-    would. Returns a list that gets one entry per call of a compiled step."""
-    from nestlearn.loops import dgd_dual, dual
+    """Make the "compiled" chunk steps (``chunks.compiled``) the eager ones (no minutes of
+    inductor on a CPU), each raising where ``fail()`` says the compiler would. Returns a list
+    that gets one entry per call of a compiled step."""
+    from nestlearn.loops import chunks
 
     calls: list[bool] = []
-    real_switch = dual.compile_chunk_steps
 
     def compiled(eager: Any) -> Any:
         def step(*a: Any) -> Any:
@@ -285,13 +290,7 @@ def _fake_chunk_steps(mp: pytest.MonkeyPatch, fail: Any = None) -> list[bool]:
 
         return step
 
-    def switch(enabled: bool = True) -> None:
-        real_switch(enabled)
-        if enabled:
-            dual._compiled_segment = compiled(dual._segment)
-            dgd_dual.compiled_segment = compiled(dgd_dual._segment)
-
-    mp.setattr(dual, "compile_chunk_steps", switch)
+    mp.setattr(chunks, "compiled", compiled)
     return calls
 
 
@@ -300,8 +299,6 @@ def test_compile_failure_in_the_graph_warmup_falls_back_and_captures_eagerly(emu
     """``--compile --cuda-graph`` where the compiler fails at the first compiled chunk step (in the
     capture's warm-up): said once, the step is redone eagerly and the graph captures the eager
     chunk steps; the results equal an eager run's and nothing stays switched on."""
-    from nestlearn.loops import dgd_dual, dual
-
     spec = nestlearn.load_spec(TINY)
     _fit(spec, tmp_path / "eager", device="cpu", threads=1)
     captured_with: list[bool] = []
@@ -309,7 +306,7 @@ def test_compile_failure_in_the_graph_warmup_falls_back_and_captures_eagerly(emu
 
     def capture(self: GraphedStep, *a: Any, **k: Any) -> None:
         real_capture(self, *a, **k)
-        captured_with.append(dual._compiled_segment is not None)
+        captured_with.append(_compiling(self.model))
 
     with pytest.MonkeyPatch.context() as mp:
         calls = _fake_chunk_steps(mp, fail=lambda: True)
@@ -321,7 +318,7 @@ def test_compile_failure_in_the_graph_warmup_falls_back_and_captures_eagerly(emu
     assert trainer.compiled is not None and not trainer.compiled.active
     assert captured_with == [False]  # the capture that succeeded ran the eager chunk steps
     assert trainer.graphed is not None and trainer.graphed.replays == 6  # every step replays, the stats steps too
-    assert dual._compiled_segment is None and dgd_dual.compiled_segment is None
+    assert _released(trainer.model)
     graph, eager = _train_losses(tmp_path / "graph"), _train_losses(tmp_path / "eager")
     assert len(graph) == 6 and graph == pytest.approx(eager, rel=1e-6, abs=1e-7)
     assert _grad_norms(tmp_path / "graph") == pytest.approx(_grad_norms(tmp_path / "eager"), rel=1e-6, abs=1e-7)
@@ -353,8 +350,6 @@ def test_resume_a_compile_cuda_graph_run(emulated: None, tmp_path: Path) -> None
     """``nestlearn run RUN --resume`` of a ``--compile --cuda-graph`` run stopped at step 3: the
     resumed session compiles the chunk steps and captures again, and the run's losses equal an
     uninterrupted eager run's."""
-    from nestlearn.loops import dgd_dual, dual
-
     eager, run = tmp_path / "eager", tmp_path / "r"
     every = ["--eval-every", "3", "--eval-batches", "1"]  # steps 1, 2, 4, 5 replay the graph
     code, out = nl("run", TINY, "--device", "cpu", "--steps", "6", *every, *FAST, "--out", eager)
@@ -363,7 +358,7 @@ def test_resume_a_compile_cuda_graph_run(emulated: None, tmp_path: Path) -> None
     real_capture = GraphedStep.capture
 
     def capture(self: GraphedStep, *a: Any, **k: Any) -> None:
-        captures.append(dual._compiled_segment is not None)
+        captures.append(_compiling(self.model))
         real_capture(self, *a, **k)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -380,26 +375,30 @@ def test_resume_a_compile_cuda_graph_run(emulated: None, tmp_path: Path) -> None
         assert code == 0, out
     assert captures == [True, True] and len(calls) > n_first  # each session compiled and captured
     assert json.loads((run / "summary.json").read_text())["step"] == 6
-    assert dual._compiled_segment is None and dgd_dual.compiled_segment is None
+    assert _released(build_model(nestlearn.load_spec(TINY)))  # a later model runs eagerly (off by default)
     assert _train_losses(run) == pytest.approx(_train_losses(eager), rel=1e-6, abs=1e-7)
     assert _grad_norms(run) == pytest.approx(_grad_norms(eager), rel=1e-6, abs=1e-7)
 
 
 def test_a_failure_after_compiling_releases_the_chunk_steps(emulated: None, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Trainer setup compiles last: a setup error leaves no chunk step compiled process-wide."""
-    from nestlearn.loops import dgd_dual, dual
+    """Trainer setup compiles last: a setup error leaves no chunk step compiled."""
     from nestlearn.tasks import TaskError
     from nestlearn.tasks.text import CorpusLM
+    from nestlearn.train import loop
 
     def no_eval(*a: Any, **k: Any) -> Any:
         raise TaskError("lm: the validation split is too short (simulated)")
 
+    compiled: list[Any] = []  # the models compile_model switched on
+    real = loop.compile_model
+    monkeypatch.setattr(loop, "compile_model", lambda model, *a, **k: compiled.append(model) or real(model, *a, **k))
     monkeypatch.setattr(CorpusLM, "eval_batches", no_eval)
     _fake_chunk_steps(monkeypatch)
     with pytest.raises(TaskError, match="simulated"):
         _fit(nestlearn.load_spec(TINY), tmp_path / "r", device="cpu", threads=1, cuda_graph=True, compile=True)
-    assert dual._compiled_segment is None and dgd_dual.compiled_segment is None
+    assert all(_released(m) for m in compiled)
+    assert _released(build_model(nestlearn.load_spec(TINY)))  # a later model runs eagerly (off by default)
 
 
 def test_fall_back_keeps_the_ddp_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:

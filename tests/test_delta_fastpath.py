@@ -155,7 +155,7 @@ def test_float32_state_with_bf16_inputs():
 def test_the_level_chunk_reaches_the_fast_path(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """``levels.<name>.chunk`` is the compute chunk the delta-rule fast path runs with."""
     import nestlearn
-    import nestlearn.loops as loops
+    import nestlearn.loops.executors as loops
 
     seen: list[int | None] = []
     real = loops.run_delta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -155,11 +156,19 @@ def _train_losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
 
 
-def test_compile_equals_eager_with_the_inner_loops_left_eager(spec: Any, tmp_path: Path) -> None:
+def test_compile_equals_eager_with_the_inner_loops_left_eager(spec: Any, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = dict(steps=3, eval_every=3, **SMALL)
     train(spec, TrainConfig(**cfg), tmp_path / "eager")
     rep = _Messages()
-    s = Trainer(spec, TrainConfig(**cfg, compile=True), tmp_path / "compiled", reporter=rep).fit()
+    from nestlearn.loops import chunks
+
+    calls: list[int] = []
+    real = chunks.compiled
+    monkeypatch.setattr(chunks, "compiled", lambda eager: (lambda fn: lambda *a: calls.append(1) or fn(*a))(real(eager)))
+    trainer = Trainer(spec, TrainConfig(**cfg, compile=True), tmp_path / "compiled", reporter=rep)
+    s = trainer.fit()
+    assert calls  # --compile: the in-context level took the compiled chunk step
     assert s["status"] == "done"
     assert rep.messages == ["--compile: the inner loops of level 'memory' run their chunk loop eagerly with the "
                             "closed-form chunk step (sgd / momentum / decay / dgd rules) compiled; everything else is "
@@ -168,10 +177,8 @@ def test_compile_equals_eager_with_the_inner_loops_left_eager(spec: Any, tmp_pat
     eager = read_metrics(tmp_path / "eager" / "metrics.jsonl")[-2]["levels"]["memory"]
     compiled = read_metrics(tmp_path / "compiled" / "metrics.jsonl")[-2]["levels"]["memory"]
     assert compiled == pytest.approx(eager, rel=1e-4)  # the eager inner loops still record their stats
-    from nestlearn.loops import dgd_dual, dual
-
-    assert dual._compiled_segment is None  # released at the end of the run: later models run eagerly
-    assert dgd_dual.compiled_segment is None
+    # released at the end of the run: the model's inner loops run eagerly again
+    assert not any(lv.compile_chunk_steps for lv in trainer.model.levels.values())
 
 
 def test_a_compiler_failure_is_said_once_and_the_run_goes_on_eagerly(spec: Any, tmp_path: Path,
@@ -181,6 +188,9 @@ def test_a_compiler_failure_is_said_once_and_the_run_goes_on_eagerly(spec: Any, 
 
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=broken_backend))
+    from nestlearn.loops import chunks  # the chunk steps compiled by the broken compiler: a cache of their own
+
+    monkeypatch.setattr(chunks, "compiled", functools.cache(chunks.compiled.__wrapped__))
     cfg = dict(steps=3, eval_every=3, **SMALL)
     rep = _Messages()
     s = Trainer(spec, TrainConfig(**cfg, compile=True), tmp_path / "c", reporter=rep).fit()

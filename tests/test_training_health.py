@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import nestlearn
 from nestlearn import stability
-from nestlearn.compile.memory_op import build_arch
+from nestlearn.memories import build_arch
 from nestlearn.spec.schema import MemorySpec
 
 T = 2048

@@ -77,7 +77,7 @@ def _graph_without_imports(spec: Spec) -> LevelGraph:
 # ----------------------------------------------------------------------------- compile
 
 
-def _compile_model(spec: Spec) -> tuple[Any, str | None]:
+def _compile_model(spec: LevelGraph) -> tuple[Any, str | None]:
     """Build the module if the compiler is there: ``(model or None, note)``.
 
     The module is built on the ``meta`` device when possible (no memory for the weights: only
@@ -325,7 +325,7 @@ def compile_cmd(
     with errors():
         fmt = _graph_format(graph) if graph else None
         spec_obj, g = _load(spec, overrides)
-        model, note = _compile_model(spec_obj) if build else (None, "module not built (--no-build)")
+        model, note = _compile_model(g) if build else (None, "module not built (--no-build)")
         report = _report(spec_obj, g, model, note, tokens or g.default_tokens())
         if fmt is not None:
             write_text(Path(graph), g.to_dot() if fmt == "dot" else g.to_mermaid())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -10,7 +12,8 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from nestlearn import objectives
-from nestlearn.loops import Executor, GradMode
+from nestlearn.loops import Executor, GradMode, MemoryProblem
+from nestlearn.memories.base import MemoryArch
 from nestlearn.rules import Rule, coerce
 from nestlearn.spec.errors import SpecError
 from nestlearn.spec.schema import LevelSpec, Spec
@@ -40,9 +43,22 @@ class Level:
         self.grad = GradMode.parse(spec.grad)
         self.read_start = spec.read == "chunk_start"
         self.executor: Executor = "auto"
+        self.compile_chunk_steps = False
+        """Run the closed-form chunk steps of this level's memories through torch.compile
+        (``MemoryProblem.compiled``; ``CompiledModel.compile_chunk_steps`` sets it)."""
         self._rule: Rule = coerce(spec.rule) if not spec.is_outer else _OuterRule(spec.rule)
         self.model: CompiledModel | None = None
         """The compiled model this level belongs to (set by it): where a swap rebuilds the gates."""
+
+    def problem(self, arch: MemoryArch, q: Tensor, k: Tensor, v: Tensor, hp: Mapping[str, Tensor | float],
+                period: int, **fields: Any) -> MemoryProblem:
+        """One memory's inner problem at this level: its rule, objective, gradient mode, read,
+        chunk, remat, clip and chunk-step compilation; ``fields`` replace some of them (e.g. a
+        generator memory's ``read_start``)."""
+        pb = MemoryProblem(arch, self.rule, self.objective, q, k, v, hp, period, self.grad, self.name,
+                           self.read_start, self.spec.chunk, self.spec.remat, self.spec.clip,
+                           compiled=self.compile_chunk_steps)
+        return replace(pb, **fields) if fields else pb
 
     @property
     def objective(self) -> objectives.Objective:
@@ -78,7 +94,11 @@ class Level:
         """``(rule, the level's spec with it)`` for a name or rule spec, checked like the YAML
         (the spec as a whole, level graph included); ``(rule, None)`` for a rule object."""
         if isinstance(value, Rule) or (hasattr(value, "init") and hasattr(value, "update")):
-            return coerce(value), None
+            rule = coerce(value)  # a rule object: no spec for the level graph to check, so its one fact here
+            if rule.needs_inputs and self.model is not None and self.name in self.model.graph.nested_inits.values():
+                raise ValueError(f"level {self.name!r} meta-learns an initial state (nested init), but rule "
+                                 f"{rule.name!r} needs a memory's layer inputs; use a rule without them")
+            return rule, None
         raw = {"name": value} if isinstance(value, str) else value
         if isinstance(raw, BaseModel):  # a rule spec object (schema.SgdRule, ...): checked again
             raw = raw.model_dump(mode="python", exclude_unset=True)

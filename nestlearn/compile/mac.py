@@ -47,8 +47,8 @@ from nestlearn.compile.attention import rope
 from nestlearn.compile.basic import Op, RMSNorm
 from nestlearn.compile.levels import Level
 from nestlearn.compile.memory_op import MemoryOp
-from nestlearn.loops import MemoryProblem, init_state, run
-from nestlearn.loops.chunked import segments
+from nestlearn.loops import init_state, run
+from nestlearn.loops.chunks import segments
 from nestlearn.loops.common import detach_tree
 from nestlearn.spec.schema import MACNode, MemorySpec
 
@@ -81,10 +81,6 @@ class MACOp(Op):
     @classmethod
     def build(cls, node: MACNode, dim: int, heads: int, levels: dict[str, Level]) -> MACOp:
         """The op of a ``mac`` spec node (``heads`` defaults to the model's)."""
-        init = levels.get(node.init)
-        if init is not None and not init.is_outer:
-            raise ValueError(f"block node {node.id!r}: a mac node's memory starts from the outer level or "
-                             f"'zeros'; nested init from the in-context level {node.init!r} is not supported")
         return cls(dim, node.heads or heads, levels[node.level], node.memory, persistent=node.persistent,
                    conv=node.conv, qk_norm=node.qk_norm, use_rope=node.rope, learned_init=node.init != "zeros")
 
@@ -169,8 +165,7 @@ class MACOp(Op):
             v, tails["v"] = self._features("v", y, tails.get("v"))
             q_y, tails["qy"] = self._features("q", y, tails.get("qy"))
             hp, chunk_hp = mem.hypers(rule.hypers, y, i0, period, chunk_hp)
-            pb = MemoryProblem(mem.arch, rule, level.objective, q_y, k, v, hp, period, level.grad, level.name,
-                               level.read_start, level.spec.chunk, level.spec.remat, level.spec.clip)
+            pb = level.problem(mem.arch, q_y, k, v, hp, period)
             m, mem_state = run(pb, mem_state, level.executor)
             # Eq. 25: o_t = y_t (x) M*_t(y_t)
             gate = torch.sigmoid(self.norm_m([self._merge(m)], {}, None)[0])

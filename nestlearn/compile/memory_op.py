@@ -8,8 +8,6 @@ meta-learns in context. See :class:`NestedInit`.
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,21 +18,10 @@ from nestlearn.compile.basic import CausalConv, Op
 from nestlearn.compile.hypers import Hypers
 from nestlearn.compile.levels import Level
 from nestlearn.loops import MemoryProblem, init_state, run
-from nestlearn.loops.common import GradMode, Params, detach_tree, hp_at, with_rule_constants
-from nestlearn.memories import LinearMemory, MemoryArch, MLPMemory
+from nestlearn.loops.chunks import segments
+from nestlearn.loops.common import GradMode, MemoryState, Params, detach_tree, hp_at, start_state, with_rule_constants
+from nestlearn.memories import build_arch
 from nestlearn.spec.schema import MemorySpec
-
-
-def build_arch(mem: MemorySpec, d_in: int, d_out: int, heads: int, unit_keys: bool = False) -> MemoryArch:
-    """The memory of ``mem``; ``unit_keys``: its keys are L2-normalised (sets a TTT memory's init)."""
-    if mem.type == "linear":
-        return LinearMemory(d_in, d_out, heads, bias=mem.bias)
-    if mem.type in ("ttt-linear", "ttt-mlp"):  # an nn.Module too: its LN scale/shift are outer params
-        from nestlearn.memories.ttt import TTTMemory
-        return TTTMemory(d_in, d_out, heads, core=mem.type[4:], expand=mem.expand, act=mem.act, bias=mem.bias,
-                         init_std=mem.init_std, key_rms=1 / math.sqrt(d_in) if unit_keys else 1.0)
-    return MLPMemory(d_in, d_out, heads, expand=mem.expand, depth=mem.depth, act=mem.act,
-                     residual=mem.residual and d_in == d_out, bias=mem.bias)
 
 
 class MemoryOp(Op):
@@ -97,9 +84,7 @@ class MemoryOp(Op):
         period = int(self.level.period)
         offset = mem_state["offset"] if mem_state is not None else 0
         hp, chunk_hp = self.hypers(rule.hypers, x, offset, period, state.get("chunk_hp"))
-        pb = MemoryProblem(self.arch, rule, self.level.objective, q, k, v, hp, period, self.level.grad,
-                           self.level.name, self.level.read_start, self.level.spec.chunk, self.level.spec.remat,
-                           self.level.spec.clip)
+        pb = self.level.problem(self.arch, q, k, v, hp, period)
         new: dict[str, Any] = {}
         if self.nest is None:
             y, mem_state = run(pb, mem_state, self.level.executor)
@@ -142,18 +127,12 @@ class NestedInit(nn.Module):
         self.hypers = Hypers(level.rule.hypers, dim, heads)
 
     def forward(
-        self, pb: MemoryProblem, fast: Level, init: Params, x: Tensor, mem_state: dict[str, Any] | None,
+        self, pb: MemoryProblem, fast: Level, init: Params, x: Tensor, mem_state: MemoryState | None,
         nest: dict[str, Any] | None, nest_hp: dict[str, Tensor] | None,
-    ) -> tuple[Tensor, dict[str, Any], dict[str, Any], dict[str, Tensor]]:
+    ) -> tuple[Tensor, MemoryState, dict[str, Any], dict[str, Tensor]]:
         slow = self.level
         rule = slow.rule
-        if rule.needs_inputs:
-            raise ValueError(f"level {slow.name!r} meta-learns an initial state (nested init), but its rule "
-                             f"{rule.name!r} needs a memory's layer inputs; use a rule without them")
-        c_s, c_f = int(slow.period), pb.period
-        if c_s % c_f:
-            raise ValueError(f"nested init: the period of {slow.name!r} ({c_s}) must be a multiple of the "
-                             f"period of {fast.name!r} ({c_f})")
+        c_s, c_f = int(slow.period), pb.period  # a multiple (the level graph checked it)
         b = x.shape[0]
         outside = torch.is_grad_enabled()
         if nest is None:
@@ -167,29 +146,23 @@ class NestedInit(nn.Module):
         mode: GradMode = slow.grad
         create = outside and mode.create_graph
         ys = []
-        total = pb.q.shape[2]
-        t0 = 0
         with torch.enable_grad():
-            while t0 < total:
-                t1 = min(total, t0 + c_f - f_off)
+            for t0, t1 in segments(f_off, c_f, pb.q.shape[2]):  # F's chunks (S's are whole numbers of them)
                 if s_off == 0:  # a new chunk of S: F starts again from Φ (Eq. 72)
-                    if mode.kind == "stop" or not outside or (
-                            mode.kind == "truncate" and chunks > 0 and chunks % mode.n == 0):
+                    if mode.kind == "stop" or not outside or mode.cuts_at(chunks):
                         phi, opt = detach_tree(phi), detach_tree(opt)
                     if not all(p.requires_grad for p in phi.values()):
                         phi = {n: p.detach().requires_grad_() for n, p in phi.items()}
-                    mem_state = {"params": phi, "opt": fast.rule.init(phi), "anchor": phi, "offset": 0,
-                                 "chunks": 0}
+                    mem_state = start_state(fast.rule, phi)
                     chunks += 1
                 assert mem_state is not None  # set above: the first token of a stream starts a chunk of S
                 # ℓ over these tokens: F's inner losses at the state their gradients are taken at
                 # (the chunk-start state; read here, as not every executor carries it back)
                 start = mem_state["params"] if f_off == 0 else mem_state["anchor"]
-                cut = pb.grad.kind == "truncate" and f_off == 0 and 0 < mem_state["chunks"] \
-                    and mem_state["chunks"] % pb.grad.n == 0
+                cut = f_off == 0 and pb.grad.cuts_at(mem_state["chunks"])
                 anchor = {n: a if a.requires_grad and not cut else phi[n] + (a - phi[n]).detach()
                           for n, a in start.items()}
-                seg = _segment(pb, t0, t1)
+                seg = pb.slice(t0, t1)
                 y, mem_state = run(seg, mem_state, fast.executor)
                 ys.append(y)
                 loss = pb.objective(pb.arch.apply(anchor, seg.k), seg.v).sum()
@@ -206,7 +179,6 @@ class NestedInit(nn.Module):
                     if not outside or mode.kind == "stop":
                         phi, opt = detach_tree(phi), detach_tree(opt)
                     s_off, acc = 0, None
-                t0 = t1
         y_all = torch.cat(ys, dim=2)
         if not outside:
             y_all = y_all.detach()
@@ -214,7 +186,3 @@ class NestedInit(nn.Module):
         new_nest = {"params": phi, "opt": opt, "offset": s_off, "chunks": chunks, "grad": acc}
         return y_all, mem_state, new_nest, nest_hp
 
-
-def _segment(pb: MemoryProblem, t0: int, t1: int) -> MemoryProblem:
-    sl = slice(t0, t1)
-    return replace(pb, q=pb.q[:, :, sl], k=pb.k[:, :, sl], v=pb.v[:, :, sl], hp=hp_at(pb.hp, sl))

@@ -10,110 +10,36 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import networkx as nx
 import torch
 from torch import Tensor, nn
 
 from nestlearn.compile import basic
-from nestlearn.compile.attention import Attention
 from nestlearn.compile.hypers import Hypers
 from nestlearn.compile.levels import Level
-from nestlearn.compile.mac import MACOp
 from nestlearn.compile.memory_op import MemoryOp, NestedInit
+from nestlearn.compile.ops import OPS, OpContext
+from nestlearn.compile.selfmod import SelfModOp
+from nestlearn.graph import LevelGraph, build_graph
 from nestlearn.rules.base import Rule
 from nestlearn.spec import schema as S
 
 
-def node_order(spec: S.Spec) -> list[str]:
-    g = nx.DiGraph()
-    for node in spec.block:
-        g.add_node(node.id)
-        for i in node.input_ids():
-            g.add_edge(i, node.id)
-        for s in _sources(node):
-            g.add_edge(s, node.id)
-    return [n for n in nx.topological_sort(g) if n != "x"]
-
-
-def _sources(node: Any) -> list[str]:
-    if isinstance(node, S.MemoryNode):
-        return [s for s in (node.query, node.key, node.value) if s not in ("proj", "input")]
-    return []
-
-
-def build_op(node: Any, spec: S.Spec, levels: dict[str, Level], dims: dict[str, int]) -> basic.Op:
-    m = spec.model
-    d_in = dims[node.input_ids()[0]]
-    if isinstance(node, S.NormNode):
-        return basic.RMSNorm(d_in) if node.op == "rmsnorm" else basic.LayerNorm(d_in)
-    if isinstance(node, S.L2NormNode):
-        return basic.L2Norm()
-    if isinstance(node, S.LinearNode):
-        return basic.Linear(d_in, node.dim or m.dim, node.bias)
-    if isinstance(node, S.ConvNode):
-        return basic.Conv(d_in, node.width)
-    if isinstance(node, S.AddNode):
-        return basic.Add()
-    if isinstance(node, S.MulNode):
-        return basic.Mul()
-    if isinstance(node, S.ActNode):
-        return basic.Act(node.fn)
-    if isinstance(node, S.AttentionNode):
-        return Attention(m.dim, node.heads or m.heads, node.window, node.persistent, node.rope)
-    if isinstance(node, S.MemoryNode):
-        return MemoryOp(
-            m.dim, node.heads or m.heads, levels[node.level], node.memory, query=node.query,
-            key=node.key, value=node.value, qk_norm=node.qk_norm, conv=node.conv,
-            learned_init=node.init != "zeros", out_proj=node.out_proj, nest=nested_init(node, levels),
-        )
-    if isinstance(node, S.MLPNode):
-        if levels[node.level].is_outer:
-            return basic.FeedForward(m.dim, node.expand, node.act)
-        # a Continuum Memory System level: the FFN's weights learn in context every period
-        mem = S.MemorySpec(type="mlp", expand=node.expand, act=node.act, residual=False)
-        return MemoryOp(m.dim, 1, levels[node.level], mem, query="input", qk_norm=False,
-                        learned_init=node.init != "zeros", out_proj=False, nest=nested_init(node, levels))
-    if isinstance(node, S.SelfModNode):
-        if nested_init(node, levels) is not None:
-            raise ValueError(f"block node {node.id!r}: a selfmod node's memories start from the outer level "
-                             f"or 'zeros'; nested init from {node.init!r} is for memory and mlp nodes")
-        from nestlearn.compile.selfmod import SelfModOp
-
-        return SelfModOp(m.dim, node.heads or m.heads, levels[node.level], node.memory, node.conv,
-                         learned_init=node.init != "zeros", gen_period=node.gen_period)
-    if isinstance(node, S.MACNode):
-        return MACOp.build(node, m.dim, m.heads, levels)
-    raise TypeError(f"no op for {node.op!r}")
-
-
-def nested_init(node: Any, levels: dict[str, Level]) -> Level | None:
-    """The slower in-context level that meta-learns ``node``'s initial state (Eq. 72), if any.
-
-    ``init: outer`` (or any outer level) keeps the initial state an outer parameter; ``zeros``
-    starts from zero; an in-context level makes the node a nested CMS level."""
-    init = getattr(node, "init", None)
-    if init is None or init not in levels or levels[init].is_outer:
-        return None
-    if init == node.level or levels[node.level].is_outer:
-        raise ValueError(f"block node {node.id!r}: init {init!r} must be an in-context level slower than "
-                         f"the node's own level {node.level!r}")
-    return levels[init]
-
-
 class Block(nn.Module):
-    def __init__(self, spec: S.Spec, levels: dict[str, Level]):
+    def __init__(self, graph: LevelGraph, levels: dict[str, Level]):
         super().__init__()
-        self.order = node_order(spec)
+        spec = graph.spec
+        self.order = graph.build_order
         by_id = {n.id: n for n in spec.block}
         self.inputs = {i: by_id[i].input_ids() for i in self.order}
-        dims: dict[str, int] = {"x": spec.model.dim}
+        dims = graph.node_dims
         ops = {}
         for i in self.order:
             node = by_id[i]
-            ops[i] = build_op(node, spec, levels, dims)
-            dims[i] = node.dim or spec.model.dim if isinstance(node, S.LinearNode) else dims[node.input_ids()[0]]
+            nest = graph.nested_inits.get(i)
+            ctx = OpContext(spec.model, levels, dims[node.input_ids()[0]], dims[i], levels[nest] if nest else None)
+            ops[i] = OPS[node.op](node, ctx)
         self.ops = nn.ModuleDict(ops)
-        self.output = spec.output or spec.block[-1].id
+        self.output = graph.output
 
     def forward(self, x: Tensor, state: dict[str, Any] | None) -> tuple[Tensor, dict[str, Any]]:
         values = {"x": x}
@@ -129,15 +55,19 @@ class Block(nn.Module):
 
 
 class CompiledModel(nn.Module):
-    def __init__(self, spec: S.Spec):
+    """The module of a checked spec: built from its ``LevelGraph`` (``compile_spec``)."""
+
+    def __init__(self, graph: LevelGraph):
         super().__init__()
+        spec = graph.spec
         self.spec = spec
+        self.graph = graph
         m = spec.model
         self.levels: dict[str, Level] = {n: Level(n, lv) for n, lv in spec.levels.items()}
         for lv in self.levels.values():
             lv.model = self
         self.embed = nn.Embedding(m.vocab, m.dim) if m.input == "tokens" else None
-        self.blocks = nn.ModuleList([Block(spec, self.levels) for _ in range(m.depth)])
+        self.blocks = nn.ModuleList([Block(graph, self.levels) for _ in range(m.depth)])
         self.norm = basic.RMSNorm(m.dim) if m.norm == "rmsnorm" else basic.LayerNorm(m.dim)
         self.head = nn.Linear(m.dim, m.vocab, bias=False) if m.input == "tokens" else None
         if self.embed is not None:
@@ -149,6 +79,14 @@ class CompiledModel(nn.Module):
         """``auto`` (default), ``sequential`` (the reference) or ``scan`` for every level."""
         for lv in self.levels.values():
             lv.executor = executor  # type: ignore[assignment]
+
+    def compile_chunk_steps(self, enabled: bool = True) -> None:
+        """Run the closed-form chunk steps of every in-context level through torch.compile (or
+        not): each level's memory problems carry the switch (``MemoryProblem.compiled``), and the
+        executor rows marked ``compilable`` take the compiled step where it traces. Off by
+        default; ``nestlearn run --compile`` turns it on."""
+        for lv in self.levels.values():
+            lv.compile_chunk_steps = enabled and not lv.is_outer
 
     def forward(self, inputs: Tensor, state: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
         h = self.embed(inputs) if self.embed is not None else inputs
@@ -165,8 +103,6 @@ class CompiledModel(nn.Module):
         """Rebuild the hyper-parameter modules every op of ``level`` built from its rule for
         ``rule`` (``Level.rule``'s setter calls this); what was removed and added, in words
         (empty if nothing changed). Checks every op before changing any."""
-        from nestlearn.compile.selfmod import SelfModOp
-
         owners: list[tuple[str, Any]] = []
         for name, mod in self.named_modules():
             if isinstance(mod, (MemoryOp, NestedInit)) and mod.level is level:
@@ -191,7 +127,7 @@ class CompiledModel(nn.Module):
         state: dict[str, int] = {n: 0 for n in self.levels}
         outer = self.spec.outer_level
         for mod in self.modules():
-            if isinstance(mod, MemoryOp) or type(mod).__name__ == "SelfModOp":
+            if isinstance(mod, (MemoryOp, SelfModOp)):
                 level: Level = mod.level  # type: ignore[assignment]
                 state[level.name] += sum(p.numel() for p in mod.init.values())  # type: ignore[union-attr,operator]
             if isinstance(mod, MemoryOp) and mod.nest is not None:  # Φ: the slow level's state (Eq. 72)
@@ -224,6 +160,9 @@ def _changes(removed: list[str], added: list[str]) -> str:
     return "; ".join(parts)
 
 
-def compile_spec(spec: S.Spec, *, dtype: torch.dtype | None = None) -> CompiledModel:
-    model = CompiledModel(spec)
+def compile_spec(spec: S.Spec | LevelGraph, *, dtype: torch.dtype | None = None) -> CompiledModel:
+    """The module of a spec, built from its level graph (``build_graph``: every structural check,
+    the build order, the widths, the nested inits; given a ``Spec``, built here first)."""
+    graph = spec if isinstance(spec, LevelGraph) else build_graph(spec)
+    model = CompiledModel(graph)
     return model.to(dtype) if dtype is not None else model

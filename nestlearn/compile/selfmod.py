@@ -27,6 +27,7 @@ plain equations).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,12 +36,10 @@ from torch import Tensor, nn
 
 from nestlearn.compile.basic import CausalConv, Op
 from nestlearn.compile.levels import Level
-from nestlearn.compile.memory_op import build_arch
-from nestlearn.loops import MemoryProblem, init_state, run
-from nestlearn.loops.chunked import segments
-from nestlearn.memories import LinearMemory, MemoryArch
+from nestlearn.loops import init_state, pick, run
+from nestlearn.loops.chunks import segments
+from nestlearn.memories import LinearMemory, MemoryArch, build_arch
 from nestlearn.rules.base import Rule
-from nestlearn.rules.dgd import DGD
 from nestlearn.spec.schema import Gate, Learned, MemorySpec
 
 GENERATORS = ("k", "v", "lr", "decay")
@@ -134,10 +133,8 @@ class SelfModOp(Op):
         spans = list(segments(mems["gen"]["offset"], gen_period, t))
         x_segs = xh.split([t1 - t0 for t0, t1 in spans], 2) if len(spans) > 1 else (xh,)
         bias = torch.stack([self.gen_bias["lr"], self.gen_bias["decay"]], -1).to(x.dtype)[:, None]  # [H, 1, 2]
-        # the generators' read is never used: a plain one (read_start) where that changes nothing
-        # else (DGD's closed form; other rules keep their executor choice)
-        gen_read_start = isinstance(rule, DGD)
         ks, vs, lrs, decays = [], [], [], []
+        gen_read_start: bool | None = None
         for xs_seg in x_segs:
             g = mems["gen"]
             anchor = g["params"] if g["offset"] == 0 else g["anchor"]
@@ -150,8 +147,14 @@ class SelfModOp(Op):
                 hp["decay"] = self.max_decay * decay_raw
             # the generators' self-generated values (bounded inputs keep the self-reference stable)
             vhat = self.gen_arch.apply(anchor, F.normalize(v, dim=-1))
-            pb_gen = MemoryProblem(self.gen_arch, rule, lv.objective, xs_seg, k, vhat, hp, gen_period,
-                                   lv.grad, lv.name, read_start=gen_read_start, clip=lv.spec.clip)
+            pb_gen = lv.problem(self.gen_arch, xs_seg, k, vhat, hp, gen_period, read_start=bool(gen_read_start),
+                                chunk=None, remat=None)
+            if gen_read_start is None:  # decided once per call: every segment's problem is alike
+                # the generators' read is never used: a plain one (read_start) where that keeps the
+                # executor (DGD's closed form; not where it would move a delta rule off its fast path)
+                plain = replace(pb_gen, read_start=True)
+                gen_read_start = pick(plain, lv.executor) is pick(pb_gen, lv.executor)
+                pb_gen = plain if gen_read_start else pb_gen
             _, mems["gen"] = run(pb_gen, g, lv.executor)
             ks.append(k)
             vs.append(v)
@@ -161,8 +164,7 @@ class SelfModOp(Op):
         hp_main["lr"] = _cat(lrs, 2)
         if self.max_decay > 0:
             hp_main["decay"] = _cat(decays, 2)
-        pb_main = MemoryProblem(self.main_arch, rule, lv.objective, qh, _cat(ks, 2), _cat(vs, 2), hp_main,
-                                period, lv.grad, lv.name, lv.read_start, remat=lv.spec.remat, clip=lv.spec.clip)
+        pb_main = lv.problem(self.main_arch, qh, _cat(ks, 2), _cat(vs, 2), hp_main, period, chunk=None)
         y, mems["main"] = run(pb_main, mems["main"], lv.executor)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.out(y), {"mems": mems, "conv": conv_state}

@@ -9,25 +9,16 @@ sequential. Linear rules take the closed form in ``dual.py`` instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from nestlearn.loops.common import MemoryProblem, Params, clip_grads, detach_tree, hp_at
+from nestlearn.loops.chunks import run_segments
+from nestlearn.loops.common import MemoryProblem, MemoryState, Params, clip_grads, detach_tree, hp_at
+from nestlearn.loops.sequential import run_stopped
 from nestlearn.memories.base import plain_lin
-
-
-def segments(offset: int, period: int, total: int) -> Iterator[tuple[int, int]]:
-    """Spans ``[t0, t1)`` of this call that lie in one chunk, given the carried offset."""
-    t0 = 0
-    while t0 < total:
-        t1 = min(total, t0 + period - offset)
-        yield t0, t1
-        offset = 0
-        t0 = t1
 
 
 def chunk_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> Params:
@@ -54,28 +45,20 @@ def layer_inputs(pb: MemoryProblem, anchor: Params, k: Tensor) -> Params:
     return rec if pb.grad.create_graph else detach_tree(rec)
 
 
-def run_chunked(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+def run_chunked(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
     if pb.grad.kind == "stop":
-        from nestlearn.loops.sequential import _run_stopped
+        return run_stopped(pb, state)
 
-        return _run_stopped(pb, state)
-    params, opt, anchor = state["params"], state["opt"], state["anchor"]
-    offset, chunks = state["offset"], state["chunks"]
-    ys = []
-    for t0, t1 in segments(offset, pb.period, pb.q.shape[2]):
-        if offset == 0:
-            if pb.grad.kind == "truncate" and chunks > 0 and chunks % pb.grad.n == 0:
-                params, opt = detach_tree(params), detach_tree(opt)
-            anchor = params
-            chunks += 1
+    def step(params: Params, opt: dict[str, Any], anchor: Params, t0: int, t1: int) -> tuple[Tensor, Params, dict[str, Any]]:
         k, v = pb.k[:, :, t0:t1], pb.v[:, :, t0:t1]
         grads = chunk_grads(pb, anchor, k, v)
         inputs = layer_inputs(pb, anchor, k) if pb.rule.needs_inputs else None
-        for i in range(t1 - t0):
+        ys = []
+        for i in range(t1 - t0):  # the rule scanned over the chunk's tokens
             g_i = {n: g[i] for n, g in grads.items()}
             in_i = None if inputs is None else {n: a[:, :, i] for n, a in inputs.items()}
             params, opt = pb.rule.step(params, opt, g_i, hp_at(pb.hp, t0 + i), in_i)
             ys.append(pb.arch.apply(anchor if pb.read_start else params, pb.q[:, :, t0 + i : t0 + i + 1]))
-        offset = (offset + t1 - t0) % pb.period
-    new_state = {"params": params, "opt": opt, "anchor": anchor, "offset": offset, "chunks": chunks}
-    return torch.cat(ys, dim=2), new_state
+        return torch.cat(ys, dim=2), params, opt
+
+    return run_segments(pb, state, step)

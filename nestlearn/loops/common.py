@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -35,6 +35,10 @@ class GradMode:
     def create_graph(self) -> bool:
         return self.kind in ("unroll", "truncate")
 
+    def cuts_at(self, chunks: int) -> bool:
+        """Whether ``truncate:N`` cuts the graph before a chunk, ``chunks`` chunks into the stream."""
+        return self.kind == "truncate" and chunks > 0 and chunks % self.n == 0
+
 
 @dataclass
 class MemoryProblem:
@@ -61,6 +65,30 @@ class MemoryProblem:
     clip: float | None = None
     """Clip each token's inner gradient (per sequence and head, over all of the memory's fast
     weights) to this norm before the rule sees it (the level's ``clip:``; ``clip_factor``)."""
+    compiled: bool = False
+    """Run the executor's chunk step through torch.compile where it can be traced
+    (``chunks.chunk_step``; the executor table's ``compilable`` rows honour it): the level's
+    ``compile_chunk_steps``, which ``nestlearn run --compile`` turns on. Off by default."""
+
+    def slice(self, t0: int, t1: int) -> MemoryProblem:
+        """The same problem over tokens ``[t0, t1)``."""
+        sl = slice(t0, t1)
+        return replace(self, q=self.q[:, :, sl], k=self.k[:, :, sl], v=self.v[:, :, sl], hp=hp_at(self.hp, sl))
+
+
+class MemoryState(TypedDict):
+    """What one memory carries from call to call (a plain dict: checkpoints and pytrees see it as one)."""
+
+    params: Params
+    """The fast weights, ``[B, H, ...]`` each."""
+    opt: dict[str, Any]
+    """The rule's state."""
+    anchor: Params
+    """The state at the current chunk's start (every gradient of the chunk is taken there)."""
+    offset: int
+    """Tokens of the current chunk already taken (0: the next token starts a chunk)."""
+    chunks: int
+    """Chunks started so far (``truncate:N`` cuts every N)."""
 
 
 def clip_factor(sq_norm: Tensor, clip: float) -> Tensor:
@@ -91,10 +119,14 @@ def hp_at(hp: Mapping[str, Tensor | float], sl: slice | int) -> dict[str, Tensor
     return {n: (h[..., sl] if isinstance(h, Tensor) and h.dim() > 0 else h) for n, h in hp.items()}
 
 
-def init_state(arch: MemoryArch, rule: Rule, init: Params, batch: int) -> dict[str, Any]:
+def init_state(arch: MemoryArch, rule: Rule, init: Params, batch: int) -> MemoryState:
     """Per-sequence copies of the (meta-learned) initial state ``init`` ([H, ...] each)."""
-    params = {k: p.unsqueeze(0).expand(batch, *p.shape) for k, p in init.items()}
-    return {"params": params, "opt": rule.init(params), "anchor": params, "offset": 0, "chunks": 0}
+    return start_state(rule, {k: p.unsqueeze(0).expand(batch, *p.shape) for k, p in init.items()})
+
+
+def start_state(rule: Rule, params: Params) -> MemoryState:
+    """A stream's first state from per-sequence fast weights ``params``."""
+    return MemoryState(params=params, opt=rule.init(params), anchor=params, offset=0, chunks=0)
 
 
 def detach_tree(x: Any) -> Any:
@@ -111,14 +143,3 @@ def leaf_grads_ready(p: Params) -> tuple[Params, bool]:
         return {k: t.view_as(t) for k, t in p.items()}, True
     return {k: t.detach().requires_grad_() for k, t in p.items()}, False
 
-
-# Batched products over ``[B, H, ...]`` written as plain matmuls: an einsum costs several
-# view/permute dispatches per call, which dominate the per-chunk cost of the inner loops.
-def weighted_outer(c: Tensor, d: Tensor, x: Tensor) -> Tensor:
-    """``sum_s c_s d_s x_s^T``: ``[B,H,n] x [B,H,n,o] x [B,H,n,i] -> [B,H,o,i]``."""
-    return (d * c.unsqueeze(-1)).transpose(-1, -2) @ x
-
-
-def weighted_sum(c: Tensor, d: Tensor) -> Tensor:
-    """``sum_s c_s d_s``: ``[B,H,n] x [B,H,n,o] -> [B,H,o]``."""
-    return (c.unsqueeze(-2) @ d).squeeze(-2)

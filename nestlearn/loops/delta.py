@@ -26,7 +26,7 @@ reverse recurrence for the backward). The reads are batched over all chunks:
 
     Y = diag(gamma) Q W_c^T + ((gamma_t/gamma_s) [s<=t] * Q K^T) (beta * E).
 
-Gate ratios come from log-space cumulative sums (``dual.segsum``). Computation is in float32
+Gate ratios come from log-space cumulative sums (``chunks.segsum``). Computation is in float32
 at least (fp32 fast weights with bf16 activations); the carried weights stay in that dtype.
 The reference is ``loops/sequential.py``; ``tests/test_delta_fastpath.py`` checks equality in
 float64, gradients included.
@@ -34,24 +34,22 @@ float64, gradients included.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from nestlearn.loops.chunk_scan import scan
-from nestlearn.loops.common import MemoryProblem
-from nestlearn.loops.dual import identity, masks, segsum
+from nestlearn.loops.chunks import identity, masks, per_token, safe_log, segsum
+from nestlearn.loops.common import MemoryProblem, MemoryState
 
 DEFAULT_CHUNK = 64
 
 
 def auto_chunk(t: int) -> int:
-    """The compute chunk where the spec sets none: 64 tokens up to 1K, then longer chunks so
-    the sequential chunk-to-chunk part (three kernels per chunk each way, launch-bound) stays
-    short. H200 sweep of the bare rule (docs/benchmarks.md): at 8 x 2048 chunk 128 is 1.3x
-    faster than 64 eager (0.9x under a CUDA graph); at 1 x 65536 chunk 256 is 4x faster."""
+    """The compute chunk where the spec sets none: 64 tokens up to 1K, then longer chunks. The
+    state passes from chunk to chunk sequentially (three small kernels per chunk each way, bound
+    by their launches on a GPU), so on long sequences fewer, longer chunks pay for their larger
+    in-chunk products; the thresholds come from a chunk sweep of the bare rule (docs/benchmarks.md)."""
     return DEFAULT_CHUNK if t <= 1024 else 128 if t <= 16384 else 256
 
 
@@ -73,20 +71,6 @@ def supports(pb: MemoryProblem) -> bool:
         and pb.grad.kind in ("unroll", "first_order")
         and set(pb.hp) <= {"lr", "decay"}
     )
-
-
-def _per_token(h: Tensor | float, ref: Tensor) -> Tensor:
-    """A hyper-parameter as ``[B, H, T]`` in ``ref``'s dtype."""
-    if isinstance(h, Tensor):
-        h = h.to(ref.dtype)
-        if h.dim() == 3:
-            return h.expand_as(ref)
-        return h.reshape(h.shape + (1,) * (3 - h.dim())).expand_as(ref)
-    return torch.full_like(ref, float(h))
-
-
-def _log(x: Tensor) -> Tensor:
-    return torch.log(x.clamp_min(1e-30))
 
 
 def delta_rule(
@@ -112,7 +96,7 @@ def delta_rule(
     not_strict_lower, above = masks(n, q.device)
 
     if alpha is not None:
-        la = _log(alpha).reshape(b * h, nc, n).transpose(0, 1)
+        la = safe_log(alpha).reshape(b * h, nc, n).transpose(0, 1)
         ratio = torch.exp(segsum(la))  # [.., t, s] = gamma_t / gamma_s for s <= t, else 0
         gamma = torch.exp(torch.cumsum(la, -1))  # [.., n]
         g_prev = torch.cat([torch.ones_like(gamma[..., :1]), gamma[..., :-1]], -1)
@@ -158,8 +142,8 @@ def delta_rule(
 
 
 def run_delta(
-    pb: MemoryProblem, state: dict[str, Any], chunk: int | None = None,
-) -> tuple[Tensor, dict[str, Any]]:
+    pb: MemoryProblem, state: MemoryState, chunk: int | None = None,
+) -> tuple[Tensor, MemoryState]:
     """Executor entry: same contract as ``run_sequential`` for problems ``supports`` accepts.
 
     The carried ``anchor`` is the final weights (the sequential path keeps the weights
@@ -167,11 +151,14 @@ def run_delta(
     dtype = torch.promote_types(pb.q.dtype, torch.float32)
     q, k, v = (x.to(dtype) for x in (pb.q, pb.k, pb.v))
     ref = q[..., 0]
-    beta = 2.0 * _per_token(pb.hp.get("lr", 0.0), ref)
+    beta = 2.0 * per_token(pb.hp.get("lr", 0.0), ref)
     dec = pb.hp.get("decay", 0.0)
-    alpha = None if (not isinstance(dec, Tensor) and float(dec) == 0.0) else 1.0 - _per_token(dec, ref)
+    alpha = None if (not isinstance(dec, Tensor) and float(dec) == 0.0) else 1.0 - per_token(dec, ref)
     w0 = state["params"]["W"].to(dtype)
     y, w = delta_rule(q, k, v, beta, alpha, w0, chunk, pb.grad.kind == "first_order")
-    new_state = {"params": {"W": w}, "opt": state["opt"], "anchor": {"W": w}, "offset": 0,
-                 "chunks": state["chunks"] + pb.q.shape[2]}
-    return y.to(pb.q.dtype), new_state
+    return y.to(pb.q.dtype), carried_weights(state, w, pb.q.shape[2])
+
+
+def carried_weights(state: MemoryState, w: Tensor, tokens: int) -> MemoryState:
+    """The state after ``tokens`` tokens of a period-1 delta rule that ended at weights ``w``."""
+    return MemoryState(params={"W": w}, opt=state["opt"], anchor={"W": w}, offset=0, chunks=state["chunks"] + tokens)

@@ -16,7 +16,7 @@ Unrolled over the chunk (``Gam_t = prod_{j<=t} lam_j``, ``b_t = prod_{j<=t} beta
 so ``e`` solves one unit-lower-triangular system per chunk, ``(I + L) E = R`` with
 ``L_ts = K_{t-1,s} eta_s (u_s . u_t)`` for s < t, and every in-chunk read ``W_t x'_t`` is a
 masked matmul (the dual form) -- no weight copy per token. Biases follow the same formula
-without the ``u u^T`` term. Coefficients come from log-space cumulative sums (``dual.segsum``).
+without the ``u u^T`` term. Coefficients come from log-space cumulative sums (``chunks.segsum``).
 
 Launch-bound on GPU (tiny products per chunk), so each chunk dispatches as few ops as it can:
 the coefficients of every chunk of a call are computed at once, q/k/v/gates split once, every
@@ -27,15 +27,23 @@ the read's (``x'_t``) are stacked so that one matmul per term serves both.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from nestlearn.loops.chunked import segments
-from nestlearn.loops.common import MemoryProblem, Params, detach_tree
-from nestlearn.loops.dual import _hp_all, _log, _split, chunk_signals, run_segments, segsum, traceable_step
+from nestlearn.loops.chunks import (
+    chunk_signals,
+    chunk_spans,
+    chunk_step,
+    hp_tokens,
+    run_segments,
+    safe_log,
+    segsum,
+    split,
+)
+from nestlearn.loops.common import MemoryProblem, MemoryState, Params, detach_tree
 from nestlearn.memories.base import Lin, MemoryArch
 
 
@@ -61,7 +69,7 @@ def _all_layer_params(arch: MemoryArch) -> bool:
 
 def dgd_coefficients(lr: Tensor, beta: Tensor, decay: Tensor) -> dict[str, Tensor]:
     """Scalar coefficients over ``[B, H, n(, n)]`` (see the module docstring)."""
-    log_lam, log_beta = _log(1 - decay), _log(beta)
+    log_lam, log_beta = safe_log(1 - decay), safe_log(beta)
     K = torch.exp(segsum(log_lam))  # K[t, s] = prod_{r=s+1..t} lam_r, 0 above diagonal
     B = torch.exp(segsum(log_beta))  # B[s, r] = prod_{j=r+1..s} beta_j
     gam = torch.exp(torch.cumsum(log_lam, -1))
@@ -82,24 +90,20 @@ def _shift(x: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(x[..., :1, :]), x[..., :-1, :]], -2)
 
 
-def run_dgd_dual(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+def run_dgd_dual(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
     """Every chunk of the call in ``[B*H, ...]`` tensors (so each product is one ``bmm``, not a
     broadcasting ``matmul`` of views and expands), its inputs split and its coefficients
     computed once for all chunks; the state is flattened on entry and restored on exit."""
     bh = pb.q.shape[:2]
-    spans = list(segments(state["offset"], pb.period, pb.q.shape[2]))
+    spans = chunk_spans(pb, state)
     parts = dict(zip([t0 for t0, _ in spans], _chunk_inputs(pb, [t1 - t0 for t0, t1 in spans])))
-    flat = {**state, "params": _flat(state["params"]), "anchor": _flat(state["anchor"]),
-            "opt": {"m": _flat(state["opt"]["m"])}}
-    step = compiled_segment if compiled_segment is not None and traceable_step(pb) else _segment
+    flat = MemoryState(params=_flat(state["params"]), opt={"m": _flat(state["opt"]["m"])},
+                       anchor=_flat(state["anchor"]), offset=state["offset"], chunks=state["chunks"])
+    step = chunk_step(pb, _segment)  # through torch.compile where pb.compiled
     y, new = run_segments(pb, flat, lambda p, o, a, t0, t1: step(pb, p, o, a, parts[t0], bh))
-    out = {**new, "params": _unflat(new["params"], bh), "anchor": _unflat(new["anchor"], bh),
-           "opt": {"m": _unflat(new["opt"]["m"], bh)}}
+    out = MemoryState(params=_unflat(new["params"], bh), opt={"m": _unflat(new["opt"]["m"], bh)},
+                      anchor=_unflat(new["anchor"], bh), offset=new["offset"], chunks=new["chunks"])
     return y, out
-
-
-compiled_segment: Callable[..., tuple[Tensor, Params, dict[str, Any]]] | None = None
-"""``_segment`` through torch.compile while ``dual.compile_chunk_steps`` is on (HOPE's hot path)."""
 
 
 Chunk = tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]
@@ -120,11 +124,11 @@ def _chunk_inputs(pb: MemoryProblem, sizes: list[int]) -> Iterator[Chunk]:
     equal-length spans in one batched pass (they depend on the gates only)."""
     stop = pb.grad.kind == "stop"
     q, k, v = pb.q, pb.k, pb.v
-    lr, decay, beta = (_hp_all(pb, n, q).flatten(0, 1) for n in ("lr", "decay", "beta"))
+    lr, decay, beta = (hp_tokens(pb, n).flatten(0, 1) for n in ("lr", "decay", "beta"))
     if stop:
         k, v, lr, decay, beta = k.detach(), v.detach(), lr.detach(), decay.detach(), beta.detach()
     runs = [(n, len(list(g))) for n, g in itertools.groupby(sizes)]
-    pieces = zip(*(_split(g, [n * m for n, m in runs], -1) for g in (lr, beta, decay)))
+    pieces = zip(*(split(g, [n * m for n, m in runs], -1) for g in (lr, beta, decay)))
     cos: list[dict[str, Tensor]] = []
     for (n, m), piece in zip(runs, pieces):
         lr_r, beta_r, decay_r = (g.unflatten(-1, (m, n)) for g in piece)  # [BH, m, n]
@@ -144,7 +148,7 @@ def _chunk_inputs(pb: MemoryProblem, sizes: list[int]) -> Iterator[Chunk]:
                       nG2=torch.cat([shaped["nG_p"], shaped["nG"]], -2),
                       K2=torch.cat([shaped["Keta_p"], shaped["nKeta"]], -2))
         cos.extend(dict(zip(shaped, ts)) for ts in zip(*(t.unbind(1) for t in shaped.values())))
-    qs, ks, vs = (_split(x.contiguous().flatten(0, 1), sizes, 1) for x in (q, k, v))
+    qs, ks, vs = (split(x.contiguous().flatten(0, 1), sizes, 1) for x in (q, k, v))
     return zip(qs, ks, vs, cos)
 
 

@@ -62,8 +62,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nestlearn.loops.common import MemoryProblem
-from nestlearn.loops.delta import _per_token
+from nestlearn.loops.chunks import per_token
+from nestlearn.loops.common import MemoryProblem, MemoryState
+from nestlearn.loops.delta import carried_weights
 from nestlearn.loops.delta import supports as delta_supports
 
 ALPHA_MIN = 1e-6
@@ -174,15 +175,15 @@ class FlaArgs:
     scale: float = 1.0
 
 
-def to_fla(pb: MemoryProblem, state: dict[str, Any]) -> FlaArgs:
+def to_fla(pb: MemoryProblem, state: MemoryState) -> FlaArgs:
     """Map ``pb`` and its carried state to fla's conventions (exact; see the module doc)."""
     wdt = torch.promote_types(pb.q.dtype, torch.float32)
     ref = pb.q[..., 0].to(wdt)  # [B, H, T]
-    beta = 2.0 * _per_token(pb.hp.get("lr", 0.0), ref)  # l2 is not halved: its gradient carries 2
+    beta = 2.0 * per_token(pb.hp.get("lr", 0.0), ref)  # l2 is not halved: its gradient carries 2
     v = pb.v
     g: Tensor | None = None
     if has_decay(pb):
-        alpha = (1.0 - _per_token(pb.hp.get("decay", 0.0), ref)).clamp_min(ALPHA_MIN)
+        alpha = (1.0 - per_token(pb.hp.get("decay", 0.0), ref)).clamp_min(ALPHA_MIN)
         g = torch.log(alpha)
         beta = beta / alpha
         v = (v.to(wdt) * alpha.unsqueeze(-1)).to(pb.v.dtype)
@@ -191,13 +192,11 @@ def to_fla(pb: MemoryProblem, state: dict[str, Any]) -> FlaArgs:
     return FlaArgs(bthd(pb.q), bthd(pb.k), bthd(v), bthd(beta), None if g is None else bthd(g), h0)
 
 
-def from_fla(pb: MemoryProblem, state: dict[str, Any], o: Tensor, ht: Tensor) -> tuple[Tensor, dict[str, Any]]:
+def from_fla(pb: MemoryProblem, state: MemoryState, o: Tensor, ht: Tensor) -> tuple[Tensor, MemoryState]:
     """fla's ``o [B, T, H, V]`` and final state ``[B, H, K, V]`` back to our output and state."""
     y = o.transpose(1, 2).to(pb.q.dtype)
     w = ht.transpose(-1, -2)
-    new_state = {"params": {"W": w}, "opt": state["opt"], "anchor": {"W": w}, "offset": 0,
-                 "chunks": state["chunks"] + pb.q.shape[2]}
-    return y, new_state
+    return y, carried_weights(state, w, pb.q.shape[2])
 
 
 def call_kernels(fk: FlaKernels, a: FlaArgs, chunk: int = 64) -> tuple[Tensor, Tensor]:
@@ -211,7 +210,7 @@ def call_kernels(fk: FlaKernels, a: FlaArgs, chunk: int = 64) -> tuple[Tensor, T
     return fk.chunk_gated_delta_rule(q=a.q, k=a.k, v=a.v, g=g, beta=a.beta, **kw)
 
 
-def run_fla(pb: MemoryProblem, state: dict[str, Any], chunk: int | None = None) -> tuple[Tensor, dict[str, Any]]:
+def run_fla(pb: MemoryProblem, state: MemoryState, chunk: int | None = None) -> tuple[Tensor, MemoryState]:
     """Executor entry, same contract as ``run_delta`` for problems ``supports`` accepts (on
     CUDA, with ``available``). ``chunk`` is an execution detail (the math is exact): fla's
     kernels take 16, 32 or 64; anything else runs at 64."""

@@ -8,7 +8,8 @@ state) and each group's outputs -- and the backward re-runs one group's inner lo
 
 Not for the ``vmap(grad)`` executor (rules without a closed form): torch.func does not support
 the saved-tensor hooks checkpointing uses, so those levels run without recomputation (one
-warning; ``graph.py`` refuses ``remat`` where the spec's rule is known to take that path).
+warning; the spec checks refuse ``remat`` where the spec's rule is known to take that path:
+``executors.remat_available``).
 
 Exact by construction: every executor is exact when a sequence is fed in pieces with its
 carried state (``tests/test_executors.py`` and friends), and recomputation replays the same
@@ -20,17 +21,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from nestlearn.loops.common import MemoryProblem, hp_at
+from nestlearn.loops.common import MemoryProblem, MemoryState
 from nestlearn.loops.delta import DEFAULT_CHUNK
 
-Executor = Callable[[MemoryProblem, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
+RunFn = Callable[[MemoryProblem, MemoryState], tuple[Tensor, MemoryState]]
+
 
 def group_tokens(pb: MemoryProblem) -> int:
     """Tokens per recomputed group: ``remat`` chunks of the level's period (or compute chunk)."""
@@ -60,19 +60,18 @@ def warn_unsupported(pb: MemoryProblem) -> None:
 _warned: set[tuple[str, str]] = set()
 
 
-def run_grouped(pb: MemoryProblem, state: dict[str, Any], execute: Executor) -> tuple[Tensor, dict[str, Any]]:
+def run_grouped(pb: MemoryProblem, state: MemoryState, execute: RunFn) -> tuple[Tensor, MemoryState]:
     """``execute`` over consecutive groups of ``group_tokens(pb)`` tokens, each checkpointed.
 
     A sequence starting mid-chunk (a carried ``offset``) gets a first group that is longer by the
     rest of that chunk, so later groups start on chunk boundaries (the executors are exact
     either way; this only keeps every group's chunks whole)."""
     n, t = group_tokens(pb), pb.q.shape[2]
-    first = n + (-int(state.get("offset", 0))) % pb.period
+    first = n + (-state["offset"]) % pb.period
     cuts = [0, *range(first, t, n), t] if first < t else [0, t]
     ys = []
     for t0, t1 in zip(cuts[:-1], cuts[1:]):
-        sl = slice(t0, t1)
-        part = replace(pb, q=pb.q[:, :, sl], k=pb.k[:, :, sl], v=pb.v[:, :, sl], hp=hp_at(pb.hp, sl))
+        part = pb.slice(t0, t1)
         # inner loops draw no random numbers: no RNG state to save (saving it would sync the
         # host with the GPU, which also breaks CUDA-graph capture)
         y, state = checkpoint(execute, part, state, use_reentrant=False, preserve_rng_state=False)

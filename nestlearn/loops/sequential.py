@@ -8,13 +8,23 @@ the chunked executors are tested against.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from nestlearn.loops.common import MemoryProblem, Params, clip_grads, detach_tree, hp_at, leaf_grads_ready
-from nestlearn.loops.dual import keep_saved
+from nestlearn.loops.chunks import keep_saved, run_segments
+from nestlearn.loops.common import (
+    GradMode,
+    MemoryProblem,
+    MemoryState,
+    Params,
+    clip_grads,
+    detach_tree,
+    hp_at,
+    leaf_grads_ready,
+)
 from nestlearn.memories.base import plain_lin
 
 
@@ -40,33 +50,24 @@ def token_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tupl
     return clip_grads(grads, pb.clip), inputs
 
 
-def run_sequential(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+def run_sequential(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
     if pb.grad.kind == "stop":
-        return _run_stopped(pb, state)
-    params, opt, anchor = state["params"], state["opt"], state["anchor"]
-    offset, chunks = state["offset"], state["chunks"]
-    ys = []
-    for t in range(pb.q.shape[2]):
-        if offset == 0:
-            if pb.grad.kind == "truncate" and chunks > 0 and chunks % pb.grad.n == 0:
-                params, opt = detach_tree(params), detach_tree(opt)
-            anchor = params
-            chunks += 1
-        sl = slice(t, t + 1)
-        grads, inputs = token_grads(pb, anchor, pb.k[:, :, sl], pb.v[:, :, sl])
-        params, opt = pb.rule.step(params, opt, grads, hp_at(pb.hp, t), inputs)
-        ys.append(pb.arch.apply(anchor if pb.read_start else params, pb.q[:, :, sl]))
-        offset = (offset + 1) % pb.period
-    new_state = {"params": params, "opt": opt, "anchor": anchor, "offset": offset, "chunks": chunks}
-    return torch.cat(ys, dim=2), new_state
+        return run_stopped(pb, state)
+
+    def step(params: Params, opt: dict[str, Any], anchor: Params, t0: int, t1: int) -> tuple[Tensor, Params, dict[str, Any]]:
+        ys = []
+        for t in range(t0, t1):  # every token's gradient at the chunk-start state, then its step
+            sl = slice(t, t + 1)
+            grads, inputs = token_grads(pb, anchor, pb.k[:, :, sl], pb.v[:, :, sl])
+            params, opt = pb.rule.step(params, opt, grads, hp_at(pb.hp, t), inputs)
+            ys.append(pb.arch.apply(anchor if pb.read_start else params, pb.q[:, :, sl]))
+        return torch.cat(ys, dim=2), params, opt
+
+    return run_segments(pb, state, step)
 
 
-def _run_stopped(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+def run_stopped(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
     """``stop``: the state evolves without a graph; reads differentiate through q only."""
-    from dataclasses import replace
-
-    from nestlearn.loops.common import GradMode
-
     inner = replace(
         pb, q=pb.q.detach(), k=pb.k.detach(), v=pb.v.detach(), grad=GradMode("first_order"),
         hp={n: (h.detach() if isinstance(h, Tensor) else h) for n, h in pb.hp.items()},
@@ -75,9 +76,7 @@ def _run_stopped(pb: MemoryProblem, state: dict[str, Any]) -> tuple[Tensor, dict
         ys_states = []
         st = detach_tree(state)
         for t in range(pb.q.shape[2]):
-            one = replace(inner, q=inner.q[:, :, t : t + 1], k=inner.k[:, :, t : t + 1],
-                          v=inner.v[:, :, t : t + 1], hp=hp_at(inner.hp, slice(t, t + 1)))
-            _, st = run_sequential(one, st)
+            _, st = run_sequential(inner.slice(t, t + 1), st)
             ys_states.append(st["anchor"] if pb.read_start else st["params"])
     ys = [pb.arch.apply(p, pb.q[:, :, t : t + 1]) for t, p in enumerate(ys_states)]
     return torch.cat(ys, dim=2), st

@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from nestlearn.loops.common import MemoryProblem
+    from nestlearn.loops.common import MemoryProblem, MemoryState
 
 _ACTIVE: ContextVar[dict[str, dict[str, list[Tensor]]] | None] = ContextVar("nestlearn_stats", default=None)
 
@@ -37,7 +37,7 @@ def active() -> bool:
     return _ACTIVE.get() is not None
 
 
-def record(pb: MemoryProblem, before: dict[str, Any], after: dict[str, Any]) -> None:
+def record(pb: MemoryProblem, before: MemoryState, after: MemoryState) -> None:
     """Record one memory's inner loss at ``before`` and the size of the step to ``after``."""
     store = _ACTIVE.get()
     if store is None or not pb.level:

@@ -72,6 +72,3 @@ class MemoryArch:
         composes with checkpointing and compilers); ``None`` where a memory has none, and the
         executors differentiate ``apply`` instead."""
         return None
-
-    def state_numel(self) -> int:
-        return sum(p.numel() for p in self.init_params().values())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nestlearn.rules.adam import Adam, adam, adamw
@@ -12,40 +14,52 @@ from nestlearn.rules.m3 import M3, m3
 from nestlearn.rules.momentum import Momentum, momentum, sgd
 from nestlearn.rules.muon import Muon, muon
 from nestlearn.rules.torchopt_rule import TorchoptRule, from_torchopt
-from nestlearn.spec import schema
 
 __all__ = [
-    "Rule", "Momentum", "Adam", "DGD", "DMGD", "Muon", "M3", "TorchoptRule",
+    "Rule", "Momentum", "Adam", "DGD", "DMGD", "Muon", "M3", "TorchoptRule", "RULES", "RuleEntry",
     "sgd", "momentum", "adam", "adamw", "dgd", "dmgd", "muon", "m3", "from_torchopt", "from_spec", "coerce",
 ]
 
 
+@dataclass(frozen=True)
+class RuleEntry:
+    """One rule of the spec: its class (whose class attributes are the rule's facts:
+    ``linear``, ``needs_inputs``, ``sums_gradients``, ``usable_as_outer``) and how a validated
+    rule spec (``spec/schema.py``, the class whose ``name`` is this entry's key) builds it."""
+
+    cls: type[Rule]
+    build: Callable[[Any], Rule]
+
+
+def _torchopt(spec: Any) -> Rule:
+    import torchopt
+
+    return from_torchopt(getattr(torchopt, spec.fn)(**spec.args), label=f"torchopt.{spec.fn}")
+
+
+RULES: dict[str, RuleEntry] = {
+    "sgd": RuleEntry(Momentum, lambda s: sgd(s.lr, s.decay)),
+    "momentum": RuleEntry(Momentum, lambda s: momentum(s.lr, s.beta, s.decay)),
+    "adam": RuleEntry(Adam, lambda s: adam(s.lr, s.b1, s.b2, s.eps, s.weight_decay, s.eps_root)),
+    "adamw": RuleEntry(Adam, lambda s: adamw(s.lr, s.b1, s.b2, s.eps, s.weight_decay, s.eps_root)),
+    "dgd": RuleEntry(DGD, lambda s: dgd(s.lr, s.decay, s.beta)),
+    "dmgd": RuleEntry(DMGD, lambda s: dmgd(s.lr, s.beta, s.decay, momentum=s.momentum,
+                                           momentum_objective=s.momentum_objective, expand=s.expand,
+                                           act=s.act, init_std=s.init_std, seed=s.seed)),
+    "muon": RuleEntry(Muon, lambda s: muon(s.lr, s.beta, s.ns_steps)),
+    "m3": RuleEntry(M3, lambda s: m3(s.lr, s.beta, s.alpha, s.every, slow_beta=s.slow_beta, b1=s.b1, b3=s.b3,
+                                     b2=s.b2, eps=s.eps, ns_steps=s.ns_steps)),
+    "torchopt": RuleEntry(TorchoptRule, _torchopt),
+}
+"""Every rule a spec can name (the keys are the schema's rule names; ``tests/test_tables.py``)."""
+
+
 def from_spec(spec: Any) -> Rule:
     """Build a rule from a validated ``RuleSpec``."""
-    if isinstance(spec, schema.SgdRule):
-        return sgd(spec.lr, spec.decay)
-    if isinstance(spec, schema.MomentumRule):
-        return momentum(spec.lr, spec.beta, spec.decay)
-    if isinstance(spec, schema.AdamRule):
-        return adam(spec.lr, spec.b1, spec.b2, spec.eps, spec.weight_decay, spec.eps_root)
-    if isinstance(spec, schema.AdamWRule):
-        return adamw(spec.lr, spec.b1, spec.b2, spec.eps, spec.weight_decay, spec.eps_root)
-    if isinstance(spec, schema.DgdRule):
-        return dgd(spec.lr, spec.decay, spec.beta)
-    if isinstance(spec, schema.DmgdRule):
-        return dmgd(spec.lr, spec.beta, spec.decay, momentum=spec.momentum,
-                    momentum_objective=spec.momentum_objective, expand=spec.expand, act=spec.act,
-                    init_std=spec.init_std, seed=spec.seed)
-    if isinstance(spec, schema.MuonRule):
-        return muon(spec.lr, spec.beta, spec.ns_steps)
-    if isinstance(spec, schema.M3Rule):
-        return m3(spec.lr, spec.beta, spec.alpha, spec.every, slow_beta=spec.slow_beta, b1=spec.b1,
-                  b3=spec.b3, b2=spec.b2, eps=spec.eps, ns_steps=spec.ns_steps)
-    if isinstance(spec, schema.TorchoptRule):
-        import torchopt
-
-        return from_torchopt(getattr(torchopt, spec.fn)(**spec.args), label=f"torchopt.{spec.fn}")
-    raise TypeError(f"no rule for {type(spec).__name__}")
+    entry = RULES.get(getattr(spec, "name", None))  # type: ignore[arg-type]
+    if entry is None:
+        raise TypeError(f"no rule for {type(spec).__name__}")
+    return entry.build(spec)
 
 
 def coerce(rule: Any) -> Rule:

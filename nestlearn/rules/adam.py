@@ -29,6 +29,7 @@ class Adam(Rule):
     eps_root: float = 0.0
 
     name = "adam"
+    usable_as_outer = True
 
     def init(self, params: Params) -> State:
         like = next(iter(params.values()))

@@ -43,6 +43,8 @@ class Rule:
     #: True when a chunk's step is ``lr`` times a (momentum-weighted) sum of its gradients, so the
     #: chunk-step stability bound applies (``nestlearn/stability.py``): sgd, momentum, dgd.
     sums_gradients = False
+    #: True when the outer level (trained by torch.optim) may use this rule: sgd, momentum, adam, adamw.
+    usable_as_outer = False
 
     def init(self, params: Params) -> State:
         return {}

@@ -23,6 +23,7 @@ class Momentum(Rule):
     name = "momentum"
     linear = True
     sums_gradients = True
+    usable_as_outer = True
 
     @property
     def has_momentum(self) -> bool:

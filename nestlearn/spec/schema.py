@@ -9,11 +9,9 @@ silently ignored value.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-FORMAT_VERSION = 1
 
 IDENT = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 
@@ -221,14 +219,12 @@ class TorchoptRule(Strict):
         return {}
 
 
-RuleSpec = Annotated[
+RuleSpec = Annotated[  # the spec's rules: a new rule is a class here, a row in rules.RULES and its tests
     Union[
         SgdRule, MomentumRule, AdamRule, AdamWRule, DgdRule, DmgdRule, MuonRule, M3Rule, TorchoptRule
     ],
     Field(discriminator="name"),
 ]
-
-RULE_NAMES = ["sgd", "momentum", "adam", "adamw", "dgd", "dmgd", "muon", "m3", "torchopt"]
 
 # ----------------------------------------------------------------------------- levels
 
@@ -272,10 +268,6 @@ class LevelSpec(Strict):
             + _suggest(v, ["l2", "dot"])
         )
 
-    @model_validator(mode="after")
-    def _outer_rule(self) -> LevelSpec:
-        return self
-
 
 # ----------------------------------------------------------------------------- model
 
@@ -303,8 +295,21 @@ Inputs = Union[str, list[str]]
 
 
 class _Node(Strict):
+    """A block node. Its class attributes are the op's facts, which the level graph reads
+    (``nestlearn/graph``): no list of op names anywhere else."""
+
     id: Annotated[str, Field(pattern=IDENT)]
     inputs: Inputs = Field(alias="in")
+
+    variadic: ClassVar[bool] = False
+    """Takes 2 or more inputs of one width (else exactly 1)."""
+    out_width: ClassVar[Literal["same", "dim", "model"]] = "same"
+    """Output width: its input's (``same``), its ``dim`` field's (``dim``, default: the input's),
+    or ``model.dim``, which its inputs must have too (``model``)."""
+    owner: ClassVar[Literal["outer", "level", "none"]] = "outer"
+    """Whose parameters it has: the outer level's, the level its ``level`` field names, or none."""
+    nests: ClassVar[bool] = False
+    """Its ``init`` may name a slower in-context level (a nested CMS level, ``compile.NestedInit``)."""
 
     def input_ids(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
@@ -316,10 +321,12 @@ class NormNode(_Node):
 
 class L2NormNode(_Node):
     op: Literal["l2norm"]
+    owner: ClassVar[Literal["outer", "level", "none"]] = "none"
 
 
 class LinearNode(_Node):
     op: Literal["linear"]
+    out_width: ClassVar[Literal["same", "dim", "model"]] = "dim"
     dim: Annotated[int, Field(gt=0)] | None = None
     bias: bool = False
 
@@ -333,14 +340,19 @@ class ConvNode(_Node):
 
 class AddNode(_Node):
     op: Literal["add"]
+    variadic: ClassVar[bool] = True
+    owner: ClassVar[Literal["outer", "level", "none"]] = "none"
 
 
 class MulNode(_Node):
     op: Literal["mul"]
+    variadic: ClassVar[bool] = True
+    owner: ClassVar[Literal["outer", "level", "none"]] = "none"
 
 
 class ActNode(_Node):
     op: Literal["act"]
+    owner: ClassVar[Literal["outer", "level", "none"]] = "none"
     fn: Literal["silu", "gelu", "relu", "sigmoid", "tanh", "identity"] = "silu"
 
 
@@ -376,6 +388,9 @@ class MemoryNode(_Node):
     """
 
     op: Literal["memory"]
+    out_width: ClassVar[Literal["same", "dim", "model"]] = "model"
+    owner: ClassVar[Literal["outer", "level", "none"]] = "level"
+    nests: ClassVar[bool] = True
     level: str
     memory: MemorySpec = Field(default_factory=MemorySpec)
     heads: Annotated[int, Field(gt=0)] | None = None
@@ -393,6 +408,9 @@ class MLPNode(_Node):
     level it is a Continuum Memory System level (its weights learn in context every period)."""
 
     op: Literal["mlp"]
+    out_width: ClassVar[Literal["same", "dim", "model"]] = "model"
+    owner: ClassVar[Literal["outer", "level", "none"]] = "level"
+    nests: ClassVar[bool] = True
     expand: Annotated[float, Field(gt=0)] = 4.0
     act: Literal["silu", "gelu", "relu", "tanh"] = "gelu"
     level: str = "outer"
@@ -403,6 +421,7 @@ class AttentionNode(_Node):
     """Softmax attention: the non-parametric memory (no fast state; reads its context)."""
 
     op: Literal["attention"]
+    out_width: ClassVar[Literal["same", "dim", "model"]] = "model"
     heads: Annotated[int, Field(gt=0)] | None = None
     window: Annotated[int, Field(gt=0)] | None = None
     persistent: Annotated[int, Field(ge=0)] = 0
@@ -414,6 +433,8 @@ class SelfModNode(_Node):
     context from values they generate themselves; q is a fixed projection."""
 
     op: Literal["selfmod"]
+    out_width: ClassVar[Literal["same", "dim", "model"]] = "model"
+    owner: ClassVar[Literal["outer", "level", "none"]] = "level"
     level: str
     memory: MemorySpec = Field(default_factory=lambda: MemorySpec(type="linear"))
     heads: Annotated[int, Field(gt=0)] | None = None
@@ -436,6 +457,8 @@ class MACNode(_Node):
     """
 
     op: Literal["mac"]
+    out_width: ClassVar[Literal["same", "dim", "model"]] = "model"
+    owner: ClassVar[Literal["outer", "level", "none"]] = "level"
     level: str
     memory: MemorySpec = Field(default_factory=lambda: MemorySpec(type="mlp"))
     heads: Annotated[int, Field(gt=0)] | None = None
@@ -446,17 +469,12 @@ class MACNode(_Node):
     init: str = "outer"
 
 
-NodeSpec = Annotated[
+NodeSpec = Annotated[  # the block's ops: a new op is a class here, a builder in compile.OPS and its tests
     Union[
         NormNode, L2NormNode, LinearNode, ConvNode, AddNode, MulNode, ActNode,
         MemoryNode, MLPNode, AttentionNode, SelfModNode, MACNode,
     ],
     Field(discriminator="op"),
-]
-
-OP_NAMES = [
-    "rmsnorm", "layernorm", "l2norm", "linear", "conv", "add", "mul", "act",
-    "memory", "mlp", "attention", "selfmod", "mac",
 ]
 
 # ----------------------------------------------------------------------------- the spec

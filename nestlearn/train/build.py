@@ -1,5 +1,5 @@
 """The pieces a training run is built from: the device and precision, the task, the model,
-the outer optimizer (``OUTER_RULES``) and its learning-rate schedule. Each failure a user can
+the outer optimizer (the rules marked ``usable_as_outer``) and its learning-rate schedule. Each failure a user can
 cause is a ``TrainError`` (or the spec's ``SpecError``) with one clear message."""
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from nestlearn.spec.errors import SpecError
 from nestlearn.tasks import Task, get_task
 from nestlearn.train.config import TrainConfig
 from nestlearn.train.errors import TrainError
-
-OUTER_RULES = ("sgd", "momentum", "adam", "adamw")
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "cpu":
@@ -74,10 +71,13 @@ def _hyper(value: Any, what: str) -> float:
 
 def build_optimizer(model: nn.Module, rule: Any, lr: float | None) -> torch.optim.Optimizer:
     """torch.optim for the spec's outer rule; weight decay only on matrices (not norms/biases)."""
+    from nestlearn.rules import RULES
+
     name = rule.name
-    if name not in OUTER_RULES:
+    outer_rules = [n for n, entry in RULES.items() if entry.cls.usable_as_outer]
+    if name not in outer_rules:
         raise TrainError(f"levels.<outer>.rule.name: '{name}' cannot train the outer level; "
-                         f"use one of {', '.join(OUTER_RULES)}")
+                         f"use one of {', '.join(outer_rules)}")
     base_lr = lr if lr is not None else _hyper(rule.lr, "lr")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

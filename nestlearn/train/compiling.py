@@ -15,7 +15,7 @@ What torch.compile (dynamo + inductor) can and cannot do with a compiled spec:
   with ``torch.compiler.disable``: those run eagerly (and still record ``loops.stats``), the
   embedding, norms, attention, projections and residual adds between them are compiled.
 - Inside those ops, the closed-form chunk step of linear rules (``loops/dual.py``) and of DGD
-  (``loops/dgd_dual.py``) is compiled on its own (``dual.compile_chunk_steps``): for MLP /
+  (``loops/dgd_dual.py``) is compiled on its own (``CompiledModel.compile_chunk_steps``): for MLP /
   linear memories and built-in objectives it computes its error signals by an explicit
   backward, so it has no ``autograd.grad`` to trace (CPU fwd+bwd: Titans memory 1.5-1.7x,
   HOPE at dim 128 1.25x faster than eager, after a 16-24 s compile).
@@ -137,10 +137,11 @@ def compile_model(model: nn.Module, wrapped: nn.Module | None = None, outer: boo
         restore += [_run_eagerly(op) for _, op, _ in ops]
         fwd = torch.compile(wrapped)  # type: ignore[assignment]
     if levels:
-        from nestlearn.loops import dual
+        from nestlearn.compile import CompiledModel
 
-        dual.compile_chunk_steps(True)
-        restore.append(lambda: dual.compile_chunk_steps(False))
+        assert isinstance(model, CompiledModel)  # in-context levels: the module of a spec
+        model.compile_chunk_steps(True)  # travels with the model's problems (MemoryProblem.compiled)
+        restore.append(lambda: model.compile_chunk_steps(False))
         names = ", ".join(f"'{n}'" for n in levels)
         note = (f"--compile: the inner loops of level{'s' if len(levels) > 1 else ''} {names} run their chunk "
                 "loop eagerly with the closed-form chunk step (sgd / momentum / decay / dgd rules) compiled; "
