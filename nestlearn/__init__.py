@@ -44,10 +44,8 @@ def compile(spec: Spec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     if not isinstance(spec, Spec):
         spec = load_spec(spec, overrides)
     from nestlearn.compile import compile_spec
-    from nestlearn.graph import build_graph
 
-    build_graph(spec)  # every structural check before any tensor is allocated
-    return compile_spec(spec, **kw)
+    return compile_spec(spec, **kw)  # the level graph's checks run before any tensor is allocated
 
 
 def __getattr__(name: str) -> Any:

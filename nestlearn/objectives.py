@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where a gradient is taken: checking a spec's names needs none
+    from torch import Tensor
 
-Objective = Callable[[Tensor, Tensor], Tensor]
+Objective = Callable[["Tensor", "Tensor"], "Tensor"]
 
 
 def l2(pred: Tensor, target: Tensor) -> Tensor:
@@ -71,6 +72,8 @@ def error_signal(objective: Objective, pred: Tensor, target: Tensor, create_grap
         return 2.0 * (pred - target)
     if objective is dot:
         return -target
+    import torch
+
     with torch.enable_grad():
         p = pred if pred.requires_grad else pred.detach().requires_grad_()
         (g,) = torch.autograd.grad(objective(p, target).sum(), p, create_graph=create_graph)

@@ -121,6 +121,6 @@ def warnings_for(spec: Any) -> list[tuple[tuple[str, ...], str]]:
 
 def spec_warnings(spec: Any) -> list[Any]:
     """``warnings_for`` as positioned ``SpecIssue`` s (``file:line:col: path: message``)."""
-    from nestlearn.spec.loader import issue_at
+    from nestlearn.spec.positions import issue_at
 
     return [issue_at(spec, loc, msg) for loc, msg in warnings_for(spec)]

@@ -189,7 +189,8 @@ def _with_rule(spec: Spec, level: str, raw: Any) -> Spec:
     document (schema, then the level graph); a ``SpecError`` says what is wrong, at
     ``levels.LEVEL.rule...`` as in a file."""
     from nestlearn.graph import build_graph
-    from nestlearn.spec.loader import SourceMap, validate_document
+    from nestlearn.spec.messages import validate_document
+    from nestlearn.spec.positions import SourceMap
 
     doc = spec.model_dump(mode="python", exclude_unset=True)
     doc["levels"][level]["rule"] = raw

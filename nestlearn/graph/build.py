@@ -25,7 +25,8 @@ from nestlearn.graph.checks import (
     width,
 )
 from nestlearn.graph.types import INPUT, SOURCE_ROLES, LevelGraph
-from nestlearn.spec.schema import Spec, _suggest
+from nestlearn.spec.errors import suggest
+from nestlearn.spec.schema import Spec
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _check_nodes(b: _Build) -> None:
         for k, src in enumerate(inputs):
             loc = (*in_loc, k) if listed else in_loc
             if src not in sources:
-                issues.add(loc, f"unknown input {src!r}{_suggest(src, source_choices)}")
+                issues.add(loc, f"unknown input {src!r}{suggest(src, source_choices)}")
             elif primary:
                 b.data.add_edge(src, node.id, role="in")
 
@@ -126,7 +127,7 @@ def _check_nodes(b: _Build) -> None:
             if src in ("proj", "input"):
                 continue
             if src not in sources:
-                hint = _suggest(src, ["proj", "input", *source_choices])
+                hint = suggest(src, ["proj", "input", *source_choices])
                 issues.add(("block", j, role), f"unknown {role} source {src!r}: use 'proj', 'input' or a "
                            f"node id{hint}")
             elif primary:
@@ -138,7 +139,7 @@ def _check_nodes(b: _Build) -> None:
         if node.owner == "level":
             lvl = node.level
             if lvl not in spec.levels:
-                issues.add(("block", j, "level"), f"unknown level {lvl!r}{_suggest(lvl, level_names)}")
+                issues.add(("block", j, "level"), f"unknown level {lvl!r}{suggest(lvl, level_names)}")
                 lvl, b.bad_levels = None, True
             else:
                 b.used_levels.add(lvl)
@@ -179,7 +180,7 @@ def _check_output(b: _Build) -> None:
     if spec.output is None:
         b.out_loc = ("block", len(spec.block) - 1)
     if spec.output is not None and spec.output not in b.first:
-        b.issues.add(("output",), f"unknown node {spec.output!r}{_suggest(spec.output, sorted(b.first))}")
+        b.issues.add(("output",), f"unknown node {spec.output!r}{suggest(spec.output, sorted(b.first))}")
 
 
 def _check_cycles(b: _Build) -> None:

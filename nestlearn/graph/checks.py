@@ -10,9 +10,9 @@ from typing import Any
 import networkx as nx
 
 from nestlearn.graph.types import INPUT, SOURCE_ROLES
-from nestlearn.spec.errors import SpecError, SpecIssue
-from nestlearn.spec.loader import issue_at
-from nestlearn.spec.schema import Spec, _suggest
+from nestlearn.spec.errors import SpecError, SpecIssue, suggest
+from nestlearn.spec.positions import issue_at
+from nestlearn.spec.schema import Spec
 
 
 class Issues:
@@ -47,7 +47,7 @@ def check_init(
         return
     loc = ("block", j, "init")
     if init not in spec.levels:
-        issues.add(loc, f"unknown level {init!r}{_suggest(init, [*spec.levels, 'zeros'])} (init names the "
+        issues.add(loc, f"unknown level {init!r}{suggest(init, [*spec.levels, 'zeros'])} (init names the "
                    "slower level whose parameter is the initial state, or 'zeros')")
         return
     if lvl is None:
@@ -109,7 +109,7 @@ def check_objective(issues: Issues, level: str, objective: str) -> None:
     fn = getattr(mod, attr, None)
     if fn is None:
         names = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n, None))]
-        issues.add(loc, f"module {module!r} has no attribute {attr!r}{_suggest(attr, names)}")
+        issues.add(loc, f"module {module!r} has no attribute {attr!r}{suggest(attr, names)}")
     elif not callable(fn):
         issues.add(loc, f"{objective!r} is not callable")
 
@@ -146,7 +146,7 @@ def check_rule(issues: Issues, level: str, rule: Any) -> None:
              and callable(getattr(torchopt, n, None))]
     fn = getattr(torchopt, rule.fn, None) if not rule.fn.startswith("_") else None
     if fn is None or not callable(fn):
-        hint = _suggest(rule.fn, names) or " (e.g. sgd, adam, adamw, rmsprop)"
+        hint = suggest(rule.fn, names) or " (e.g. sgd, adam, adamw, rmsprop)"
         issues.add(loc, f"torchopt has no transformation {rule.fn!r}{hint}")
         return
     try:

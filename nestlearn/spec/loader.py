@@ -28,13 +28,9 @@ from nestlearn.spec.overrides import (
     profile_issues,
     unknown_profile,
 )
-from nestlearn.spec.positions import SourceMap, issue_at
 from nestlearn.spec.schema import Spec
 
 __all__ = ["load_spec", "parse_spec", "profile_names", "spec_json_schema"]
-
-# graph.py, stability.py and compile/levels.py import these from here
-__all__ += ["SourceMap", "issue_at", "validate_document"]
 
 
 def parse_spec(

@@ -13,6 +13,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from nestlearn.spec.errors import suggest
+
 IDENT = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 
 
@@ -265,7 +267,7 @@ class LevelSpec(Strict):
             return v
         raise ValueError(
             f"unknown objective {v!r}: use 'l2', 'dot' or a callable as 'package.module:function'"
-            + _suggest(v, ["l2", "dot"])
+            + suggest(v, ["l2", "dot"])
         )
 
 
@@ -508,10 +510,3 @@ class Spec(Strict):
                 f"exactly one level must have 'period: outer' (found {len(outer)}: {outer})"
             )
         return self
-
-
-def _suggest(word: str, choices: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -17,6 +17,7 @@ from nestlearn.tasks import Task, get_task
 from nestlearn.train.config import TrainConfig
 from nestlearn.train.errors import TrainError
 
+
 def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
@@ -112,9 +113,9 @@ def build_model(spec: Any) -> nn.Module:
     from nestlearn.compile import compile_spec
     from nestlearn.graph import build_graph
 
-    build_graph(spec)
+    graph = build_graph(spec)  # its SpecError passes through as it is
     try:
-        return compile_spec(spec)
+        return compile_spec(graph)
     except (SpecError, TrainError):
         raise
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
