@@ -17,7 +17,7 @@ from nestlearn.cli.common import Fail, errors, plain_message, warn_spec, write_t
 from nestlearn.graph import LevelGraph, build_graph
 from nestlearn.spec import load_spec, spec_json_schema
 from nestlearn.spec.errors import SpecError
-from nestlearn.spec.schema import Gate, Learned, Spec
+from nestlearn.spec.schema import Spec, hyper_text
 
 __all__ = ["register", "compile_cmd", "validate_cmd", "schema_cmd"]
 
@@ -104,23 +104,13 @@ def _compile_model(spec: LevelGraph) -> tuple[Any, str | None]:
         raise Fail(f"the compiler failed on this spec: {type(exc).__name__}: {plain_message(str(exc))}") from None
 
 
-def _hyper(value: Any) -> str:
-    if isinstance(value, Learned):
-        return f"learned({value.learned:g})"
-    if isinstance(value, Gate):
-        return f"gate({value.gate}, max {value.max:g})"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 def _rule_text(rule: Any) -> str:
     if rule.name == "torchopt":
         args = ", ".join(f"{k}={v}" for k, v in rule.args.items())
         return f"torchopt.{rule.fn}({args})"
     # the hyper-parameters the spec sets (the defaults are in the docs and the JSON schema)
     given = [k for k in type(rule).model_fields if k != "name" and k in rule.model_fields_set]
-    inner = ", ".join(f"{k}={_hyper(getattr(rule, k))}" for k in given)
+    inner = ", ".join(f"{k}={hyper_text(getattr(rule, k))}" for k in given)
     return f"{rule.name}({inner})"
 
 
@@ -129,7 +119,7 @@ def _node_details(node: Any) -> str:
     for key in ("dim", "window", "heads", "width", "fn", "expand", "persistent", "conv"):
         v = getattr(node, key, None)
         if v not in (None, 0, False) and key in type(node).model_fields:
-            parts.append(f"{key}={_hyper(v)}")
+            parts.append(f"{key}={hyper_text(v)}")
     mem = getattr(node, "memory", None)
     if mem is not None and node.op in ("memory", "selfmod", "mac"):
         parts.append(f"memory={mem.type}" + (f"×{mem.expand:g}" if mem.type == "mlp" else ""))

@@ -14,7 +14,7 @@ from typing import Any, Union
 
 from torch import Tensor
 
-from nestlearn.spec.schema import Gate, Learned
+from nestlearn.spec.schema import Gate, Learned, hyper_text
 
 Params = dict[str, Tensor]
 State = dict[str, Any]
@@ -60,12 +60,4 @@ class Rule:
         raise NotImplementedError
 
     def describe(self) -> str:
-        parts = []
-        for k, v in self.hypers.items():
-            if isinstance(v, Gate):
-                parts.append(f"{k}=gate/{v.gate}(max {v.max:g})")
-            elif isinstance(v, Learned):
-                parts.append(f"{k}=learned({v.learned:g})")
-            else:
-                parts.append(f"{k}={v:g}")
-        return f"{self.name}(" + ", ".join(parts) + ")"
+        return f"{self.name}(" + ", ".join(f"{k}={hyper_text(v)}" for k, v in self.hypers.items()) + ")"

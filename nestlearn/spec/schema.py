@@ -83,6 +83,18 @@ class Gate(Strict):
 Hyper = Union[float, Learned, Gate]
 
 
+def hyper_text(value: Any) -> str:
+    """How a hyper-parameter reads in messages and listings: ``0.1``, ``learned(0.01)``,
+    ``gate(token, max 0.002)``."""
+    if isinstance(value, Learned):
+        return f"learned({value.learned:g})"
+    if isinstance(value, Gate):
+        return f"gate({value.gate}, max {value.max:g})"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 class _RuleBase(Strict):
     def hypers(self) -> dict[str, Hyper]:
         return {k: v for k, v in self.__dict__.items() if k != "name"}

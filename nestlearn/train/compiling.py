@@ -17,16 +17,14 @@ What torch.compile (dynamo + inductor) can and cannot do with a compiled spec:
 - Inside those ops, the closed-form chunk step of linear rules (``loops/dual.py``) and of DGD
   (``loops/dgd_dual.py``) is compiled on its own (``CompiledModel.compile_chunk_steps``): for MLP /
   linear memories and built-in objectives it computes its error signals by an explicit
-  backward, so it has no ``autograd.grad`` to trace (CPU fwd+bwd: Titans memory 1.5-1.7x,
-  HOPE at dim 128 1.25x faster than eager, after a 16-24 s compile).
-  The compiled step equals the eager one to float rounding.
+  backward, so it has no ``autograd.grad`` to trace. The compiled step equals the eager one to
+  float rounding; what it gains is in docs/benchmarks.md.
 - torch 2.13's AOTAutograd cache replays some cached graphs with corrupt output-alias shapes
   (a ``shape '[9385..., ...]' is invalid`` error on the second process that compiles the same
   graph), so that cache is turned off while nestlearn compiles.
 - With ``--cuda-graph`` only those chunk steps are compiled (``compile_model(outer=False)``):
   the graph already removes the launch overhead of the eager ops around them, and what the
-  compiled chunk steps add on top is their fusion (H200, forward + backward from a CUDA graph:
-  HOPE 3.7K -> 6.4K tokens/s, the Titans memory 369K -> 576K; docs/benchmarks.md, run 8).
+  compiled chunk steps add on top is their fusion (fewer, larger kernels per chunk step).
 - If the compiler still fails on the first compiled step (another torch version, an op it does
   not support), the run says so once and continues eagerly: ``Compiled.fall_back``.
 """

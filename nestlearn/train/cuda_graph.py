@@ -2,9 +2,8 @@
 
 Specs with in-context levels launch thousands of small kernels per step (every chunk of every
 memory is its own handful of matmuls), so on a GPU a step is bound by kernel launches, not by
-arithmetic: HOPE's forward + backward ran at 223 tokens/s eagerly and 2.58K tokens/s replayed
-from a CUDA graph on an H200 (``bench/run.py::graphed``). ``GraphedStep`` does the same for the
-trainer:
+arithmetic; replaying the step from a CUDA graph removes the launches (``bench/run.py::graphed``
+measures it; docs/benchmarks.md). ``GraphedStep`` does the same for the trainer:
 
 - Static device buffers hold the micro-batch (inputs, targets, mask) and two scalars (the loss
   factor ``world / tokens`` and, under fp16, the GradScaler's scale); each step copies into them

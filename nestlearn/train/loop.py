@@ -133,8 +133,8 @@ class Trainer(Steps):
         if cfg.cuda_graph:  # captured at the first step that uses it
             self.graphed = GraphedStep(self.model, self.amp_dtype, scaled=self.scaler is not None)
         self._graph_said: set[str] = set()
-        # last in setup: it switches process-wide state (the compiled chunk steps) that only
-        # fit's ``finally`` releases, so nothing after it may fail
+        # last in setup: it switches this model's chunk steps to compiled ones, which only fit's
+        # ``finally`` switches back, so nothing after it may fail
         self.compiled: Compiled | None = None
         if cfg.compile:
             # under --cuda-graph only the chunk steps: the graph captures the rest as it runs
@@ -287,8 +287,8 @@ class Trainer(Steps):
         elif self._launch_bound_hint():
             self.reporter.message(
                 "hint: on a GPU, a spec with in-context levels is bound by kernel launches (every chunk of every "
-                "memory is its own small kernels); --cuda-graph replays the step from a CUDA graph (HOPE trained "
-                "10x faster with it on an H200) and --compile --cuda-graph also fuses the chunk steps")
+                "memory is its own small kernels); --cuda-graph replays the step from a CUDA graph (docs/benchmarks.md "
+                "has the gain) and --compile --cuda-graph also fuses the chunk steps")
         if start >= self.total:
             self.reporter.message(f"the run is already complete at step {start} of {self.total}; "
                                   "nothing to do (raise --steps to train longer)")
