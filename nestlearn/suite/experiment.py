@@ -164,7 +164,7 @@ class Experiment:
         return next(s for s in self.specs if s.label == label)
 
 
-def _loc_of(err: dict[str, Any]) -> tuple[str | int, ...]:
+def _loc_of(err: Any) -> tuple[str | int, ...]:
     # pydantic puts the tag of a BeforeValidator'd / union member in the loc; keep real keys only
     return tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
 
@@ -194,14 +194,6 @@ def _find_spec(path: str, exp_file: Path) -> Path | None:
 
 def _safe_label(text: str) -> bool:
     return bool(text) and all(c.isalnum() or c in "-_.+" for c in text) and text not in (".", "..")
-
-
-def task_kind(name: str) -> str:
-    from nestlearn.tasks import get_task
-
-    if name == "continual":
-        return "continual"
-    return str(get_task(name).kind) if name != "lm" else "lm"
 
 
 def default_metric(kind: str, name: str) -> str:

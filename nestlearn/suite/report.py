@@ -86,7 +86,8 @@ def tables(exp: Experiment, agg: list[dict[str, Any]]) -> list[Table]:
     tol = f"±{exp.params.tolerance:.0%} of the {'first spec' if exp.params.reference == 'first' else 'median'}"
     for t, task in zip(agg, exp.tasks, strict=True):
         tokens = (t["steps"] or 0) * t["batch"] * t["seq_len"]
-        notes = [f"mean ± sample std over {len(exp.seeds)} seeds; {tokens:,} training tokens per run "
+        seeds = f"{len(exp.seeds)} seed{'s' if len(exp.seeds) != 1 else ''}"
+        notes = [f"mean ± sample std over {seeds}; {tokens:,} training tokens per run "
                  f"({t['steps']} steps x {t['batch']} x {t['seq_len']}); flagged: params outside {tol}."]
         if t["kind"] == "continual":
             cols, rows = _continual_table(t)
@@ -98,7 +99,8 @@ def tables(exp: Experiment, agg: list[dict[str, Any]]) -> list[Table]:
                 notes.append(f"{SHORT.get(t['metric'], t['metric'])}@fL: the final model on rows f x "
                              f"{t['seq_len']} long (formal languages: unseen string lengths).")
         arrow = "lower is better" if t["lower_is_better"] else "higher is better"
-        out.append(Table(f"{t['task']} ({t['metric']}, {arrow})", cols, rows, notes=notes))
+        align = ["l"] + ["r"] * (len(cols) - 2) + ["l"]
+        out.append(Table(f"{t['task']} ({t['metric']}, {arrow})", cols, rows, align, notes))
     return out
 
 

@@ -52,7 +52,7 @@ def _plain_block(cols: list[int], t: Table, widths: list[int], label_w: int) -> 
 
     def line(cells: list[str]) -> str:
         parts = []
-        for k, i in enumerate(cols):
+        for i in cols:
             w = label_w if i == 0 else widths[i]
             c = _cut(cells[i], w)
             parts.append(c.ljust(w) if aligns[i] == "l" else c.rjust(w))
