@@ -36,9 +36,11 @@ def run_suite(experiment: str, *, out: str | None = None, data: str | None = Non
         print(f"{exp.name}: {len(exp.specs)} specs x {len(exp.tasks)} tasks x {len(exp.seeds)} seeds = "
               f"{len(grid)} runs -> {exp.out}", file=err)
     if check:
-        rows = [[rs.row.label, fmt_count(rs.params), str(rs.params), " ".join(rs.overrides) or "-"]
-                for rs in runner.specs.values()]
-        render([Table(f"{exp.name}: specs", ["spec", "params", "exact", "overrides"], rows)], fmt, file=stdout)
+        rows = [[rs.row.label, fmt_count(rs.params), str(rs.params), str(rs.spec.model.dim), str(rs.spec.model.depth),
+                 rs.row.path.name] for rs in runner.specs.values()]
+        cols = ["spec", "params", "exact", "dim", "depth", "file"]
+        notes = [f"{len(grid)} runs; overrides of every spec are recorded in results.json"]
+        render([Table(f"{exp.name}: specs", cols, rows, notes=notes)], fmt, file=stdout)
         return 0
     status = 0
     if not report_only:

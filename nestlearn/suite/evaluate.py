@@ -39,13 +39,15 @@ def task_at_length(row: TaskRow, factor: int) -> tuple[Task, int]:
 
 
 def length_metrics(trainer: Trainer, row: TaskRow) -> dict[str, dict[str, float]]:
-    """``{"2": metrics, ...}``: the final model at every ``eval_lengths`` factor."""
+    """``{"2": metrics, ...}``: the final model at every ``eval_lengths`` factor, on as many
+    batches as its validation, each ``f`` times shorter (at least one row): the same tokens per
+    batch, so a long evaluation fits wherever training fit (attention's memory still grows)."""
     cfg = trainer.config
     out: dict[str, dict[str, float]] = {}
     trainer.model.eval()
     for f in row.eval_lengths:
         task, seq_len = task_at_length(row, f)
-        batches = task.eval_batches(cfg.batch, seq_len, cfg.eval_batches, cfg.seed)
+        batches = task.eval_batches(max(1, cfg.batch // f), seq_len, cfg.eval_batches, cfg.seed)
         out[str(f)] = task.evaluate(trainer.model_fn(), batches, trainer.device)
     trainer.model.train()
     return out

@@ -65,13 +65,20 @@ def _plain_block(cols: list[int], t: Table, widths: list[int], label_w: int) -> 
 
 def render_plain(tables: Sequence[Table], width: int = 80) -> str:
     """Fixed-width text no wider than ``width``: the first column is shortened first (down to
-    ``MIN_LABEL``), then the other columns are split over several blocks, each repeating it."""
+    ``MIN_LABEL``); if the rest still does not fit, the other columns are split over several
+    blocks, each repeating the first (a column wider than a whole line is cut)."""
     out = []
     for t in tables:
         n = len(t.columns)
         widths = [max([len(t.columns[i])] + [len(r[i]) for r in t.rows]) for i in range(n)]
         rest = sum(widths[1:]) + 2 * (n - 1)
-        label_w = max(min(widths[0], width - rest), min(widths[0], MIN_LABEL))
+        if widths[0] + rest <= width:
+            label_w = widths[0]
+        elif MIN_LABEL + rest <= width:
+            label_w = width - rest
+        else:
+            label_w = min(widths[0], max(MIN_LABEL, width // 3))
+            widths = [widths[0]] + [min(w, width - label_w - 2) for w in widths[1:]]
         groups: list[list[int]] = []
         cur: list[int] = []
         used = label_w
