@@ -88,6 +88,13 @@ def test_run_writes_results_and_resumes(tmp_path: Path, monkeypatch: pytest.Monk
     assert code == 0 and log.count("kept (done") == 4 and "params, 3 steps" not in log
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
 
+    # a new evaluation length: evaluated from the kept checkpoints, nothing retrained
+    code, _, log = suite(write(tmp_path, TINY.replace("[1, 2]", "[1, 2, 4]")), out)
+    assert code == 0 and "resuming at step 3" in log, log
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps
+    data = json.loads((out / "results.json").read_text())["runs"]
+    assert all(set(r["lengths"]) == {"1", "2", "4"} for r in data.values())
+
 
 def test_interrupted_grid_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)

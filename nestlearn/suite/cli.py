@@ -32,7 +32,7 @@ def run_suite(experiment: str, *, out: str | None = None, data: str | None = Non
                          isolate=isolate, redo=redo, child_args=child, err=err)
     counts = runner.resolve()
     grid = exp.grid()
-    if not quiet:
+    if not quiet and only is None:
         print(f"{exp.name}: {len(exp.specs)} specs x {len(exp.tasks)} tasks x {len(exp.seeds)} seeds = "
               f"{len(grid)} runs -> {exp.out}", file=err)
     if check:

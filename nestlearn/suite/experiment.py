@@ -308,10 +308,11 @@ def _task_row(t: TaskEntry, i: int, budget: Budget, data: str | None, doc: Posit
 
 
 def fingerprint(run: Run, exp: Experiment, spec_hash: str) -> str:
-    """What makes a run's result: a changed experiment file must not reuse an old result."""
+    """What makes a run's training: a changed experiment file must not reuse an old result.
+    (Not the evaluation lengths: new ones are evaluated from the kept checkpoint.)"""
     b = exp.budget.model_dump()
     payload = {"spec": spec_hash, "overrides": list(run.spec.overrides), "profile": run.spec.profile,
                "task": run.task.name, "options": run.task.options, "seq_len": run.task.seq_len,
-               "steps": run.task.steps, "seed": run.seed, "eval_lengths": list(run.task.eval_lengths),
+               "steps": run.task.steps, "seed": run.seed,
                "budget": {k: v for k, v in b.items() if k not in ("device", "threads", "cuda_graph", "compile")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

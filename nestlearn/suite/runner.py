@@ -166,7 +166,9 @@ class SuiteRunner:
         if rec is None or rec.get("status") not in ("done", "diverged"):
             return False
         if rec.get("fingerprint") == self.fingerprint(run):
-            return True
+            # lengths added to the file since: evaluated from the checkpoint (train() resumes a
+            # complete run without a step)
+            return rec["status"] != "done" or all(str(f) in rec.get("lengths", {}) for f in run.task.eval_lengths)
         if not self.redo:
             raise SuiteError(f"{self.results.path}: the result of {run.key} was made with other settings (the "
                              "experiment file or a spec changed since); add --redo to retrain such runs, or "
