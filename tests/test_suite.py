@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,30 @@ def test_interrupted_grid_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert len(runs) == 4 and all(r["status"] == "done" for r in runs.values())
     summary = json.loads((runner.run_dir(run) / "summary.json").read_text())
     assert summary["step"] == 3 and summary["steps_this_session"] == 1
+
+
+def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path: Path) -> None:
+    """Ctrl-C mid-run: the step finishes, a checkpoint is saved, exit 130; rerun resumes there."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    path = write(tmp_path, TINY.replace("steps: 3", "steps: 2000").replace("seeds: 2", "seeds: 1"))
+    cmd = [sys.executable, "-m", "nestlearn.suite", str(path), "--out", str(tmp_path / "out"), "--format", "md"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stderr is not None
+    for line in p.stderr:  # progress lines come every 200 steps
+        if "step 200/2000" in line:
+            p.send_signal(signal.SIGINT)
+            break
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted at step" in err and "run the same command again" in err
+    run_dir = tmp_path / "out" / "parity" / "gpt" / "seed0"
+    assert (run_dir / "checkpoints" / "last.safetensors").exists()
+    results = tmp_path / "out" / "results.json"
+    assert not results.exists() or not json.loads(results.read_text())["runs"]  # nothing finished
+    done = subprocess.run([*cmd, "--max-runs", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--max-runs" in done.stderr  # nothing trained, report written
+    step = json.loads((run_dir / "summary.json").read_text())["step"]
+    assert 200 <= step < 2000
 
 
 def test_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

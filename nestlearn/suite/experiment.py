@@ -178,6 +178,12 @@ def _pydantic_messages(exc: ValidationError, doc: PositionedYaml) -> list[str]:
             msg = "unknown field"
         elif err["type"] == "missing":
             msg = "this field is required"
+        elif err["type"] == "too_short":
+            msg = "needs at least one entry"
+        elif err["type"] == "model_type" and loc[:1] == ("specs",) and len(loc) == 2:
+            msg = "expected a spec file path, or a mapping with path (and label, overrides, profile)"
+        elif err["type"] == "model_type" and loc[:1] == ("tasks",) and len(loc) == 2:
+            msg = "expected a task name, or a mapping with name (and label, options, seq_len, eval_lengths, ...)"
         out.append(doc.message(loc, msg))
     return list(dict.fromkeys(out))
 
