@@ -21,7 +21,7 @@ from nestlearn.suite.evaluate import task_at_length
 from nestlearn.suite.params import resolve_specs
 from nestlearn.suite.runner import SuiteRunner
 from nestlearn.suite.stats import forgetting_percent, mean_std
-from nestlearn.suite.table import Table, render, render_plain
+from nestlearn.suite.table import Table, render, render_plain, render_rich
 from nestlearn.tasks import LANGUAGES
 from nestlearn.train import Trainer
 
@@ -267,12 +267,16 @@ def test_param_matching_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_table_fits_80_columns() -> None:
     cols = ["spec", "params", "acc", "acc@2L", "acc@4L", "acc@8L", "flag"]
-    rows = [["hope-no-selfmod", "207.3K", *["0.987±0.012"] * 4, "+14% params, 1 diverged"],
+    rows = [["hope-no-selfmod", "207.3K", *["0.987±0.012"] * 4, "+14% params, 1 diverged@3"],
             ["transformer", "212.8K", *["0.500±0.001"] * 4, ""]]
     t = Table("parity (accuracy, higher is better)", cols, rows, notes=["mean ± sample std " * 8])
     text = render_plain([t], 80)
     assert all(len(line) <= 80 for line in text.splitlines())
     assert "hope-no-selfmod" in text and "+14% params" in text
+    buf = io.StringIO()
+    render_rich([t], buf, width=80)  # what a terminal shows
+    assert all(len(line) <= 80 for line in buf.getvalue().splitlines()) and "0.987±0.012" in buf.getvalue()
+    assert "hope-no-selfmod" in buf.getvalue()
     buf = io.StringIO()
     render([t], "md", file=buf)
     assert buf.getvalue().startswith("### parity") and "| hope-no-selfmod | 207.3K |" in buf.getvalue()

@@ -56,8 +56,8 @@ def _flags(row: dict[str, Any], params_flag: str | None) -> list[str]:
     if params_flag:
         f.append(params_flag)
     if row["diverged"]:
-        steps = ", ".join(str(s) for s in row["diverged_at"])
-        f.append(f"{row['diverged']} diverged (step {steps})")
+        steps = ",".join(str(s) for s in row["diverged_at"])
+        f.append(f"{row['diverged']} diverged@{steps}")
     missing = row["seeds"] - row["done"] - row["diverged"]
     if missing:
         f.append(f"{row['seeds'] - missing}/{row['seeds']} seeds")

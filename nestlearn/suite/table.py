@@ -100,15 +100,19 @@ def render_plain(tables: Sequence[Table], width: int = 80) -> str:
 
 
 def render_rich(tables: Sequence[Table], file: TextIO | None = None, width: int | None = None) -> None:
-    from rich import box
     from rich.console import Console
     from rich.table import Table as RichTable
 
     console = Console(file=file, width=width)
     for t in tables:
-        rt = RichTable(title=t.title, box=box.SIMPLE_HEAD, title_justify="left")
-        for name, a in zip(t.columns, t.aligns(), strict=True):
-            rt.add_column(name, justify="left" if a == "l" else "right", overflow="fold")
+        # no box: two spaces between columns, as in the plain text, so the numbers fit 80 columns
+        rt = RichTable(title=t.title, box=None, title_justify="left", header_style="bold underline",
+                       pad_edge=False, padding=(0, 1))
+        last = len(t.columns) - 1
+        for i, (name, a) in enumerate(zip(t.columns, t.aligns(), strict=True)):
+            # numbers never wrap; the last column (flags, notes) takes what room is left
+            rt.add_column(name, justify="left" if a == "l" else "right", no_wrap=i < last,
+                          overflow="ellipsis" if i < last else "fold")
         for r in t.rows:
             rt.add_row(*r)
         console.print(rt)
