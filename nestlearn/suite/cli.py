@@ -78,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redo", action="store_true", help="retrain runs made with other settings")
     p.add_argument("--isolate", action="store_true", help="train each run in its own process")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--record-command", help=argparse.SUPPRESS)  # --isolate's children record the user's command
     return p
 
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from nestlearn.train import TrainError
 
     argv = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "-m", "nestlearn.suite", *argv])
+    command = args.record_command or shlex.join(["python", "-m", "nestlearn.suite", *argv])
     try:
         return run_suite(args.experiment, out=args.out, data=args.data, fmt=args.fmt, device=args.device,
                          max_runs=args.max_runs, only=args.only, report_only=args.report, check=args.check,

@@ -44,6 +44,9 @@ def aggregate(exp: Experiment, records: dict[str, dict[str, Any]], counts: dict[
                 row["lengths"] = {str(f): _ms([r["lengths"][str(f)][t.metric] for r in done
                                                if str(f) in r.get("lengths", {})]) for f in t.eval_lengths}
             row["flags"] = _flags(row, flags.get(s.label))
+            expected = (t.steps or 0) * exp.budget.batch * t.seq_len
+            if any(r.get("tokens") != expected for r in done):  # equal tokens per row is the contract
+                row["flags"].append("unequal tokens")
             rows.append(row)
         out.append({"task": t.label, "name": t.name, "metric": t.metric, "kind": t.kind,
                     "lower_is_better": t.metric in LOWER_IS_BETTER, "eval_lengths": list(t.eval_lengths),

@@ -241,7 +241,7 @@ class SuiteRunner:
 
     def _train_isolated(self, run: Run) -> int:
         cmd = [sys.executable, "-m", "nestlearn.suite", str(self.exp.file), "--only", run.key,
-               "--out", str(self.exp.out), *self.child_args]
+               "--out", str(self.exp.out), "--record-command", self.command, *self.child_args]
         proc = subprocess.Popen(cmd)
         while True:
             try:
