@@ -210,9 +210,11 @@ def default_metric(kind: str, name: str) -> str:
     return "sequence_accuracy" if name == "niah" else "accuracy"
 
 
-def load_experiment(path: str | Path, data: str | None = None, out: str | Path | None = None) -> Experiment:
+def load_experiment(path: str | Path, data: str | None = None, out: str | Path | None = None,
+                    steps: int | None = None, seeds: int | None = None) -> Experiment:
     """Read, validate and resolve an experiment file; ``SuiteError`` with every problem found.
-    ``data``: a corpus for every ``lm`` task (``--data``); ``out``: the output folder."""
+    ``data``: a corpus for every ``lm`` task (``--data``); ``out``: the output folder; ``steps``
+    / ``seeds``: override every task's steps and the seeds (0..seeds-1), e.g. for a smoke test."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -235,9 +237,11 @@ def load_experiment(path: str | Path, data: str | None = None, out: str | Path |
         raise SuiteError("\n".join(_pydantic_messages(e, doc))) from None
 
     problems: list[str] = []
-    seeds = list(range(raw.seeds)) if isinstance(raw.seeds, int) else list(raw.seeds)
-    if len(set(seeds)) != len(seeds):
-        problems.append(doc.message(("seeds",), f"seeds repeat: {seeds}"))
+    if seeds is not None:
+        raw.seeds = seeds
+    seed_list = list(range(raw.seeds)) if isinstance(raw.seeds, int) else list(raw.seeds)
+    if len(set(seed_list)) != len(seed_list):
+        problems.append(doc.message(("seeds",), f"seeds repeat: {seed_list}"))
     if not _safe_label(raw.name):
         problems.append(doc.message(("name",), f"'{raw.name}' must be letters, digits, '-', '_', '.' or '+' "
                                                "(it names the output folder)"))
@@ -261,7 +265,7 @@ def load_experiment(path: str | Path, data: str | None = None, out: str | Path |
 
     tasks: list[TaskRow] = []
     for i, t in enumerate(raw.tasks):
-        row = _task_row(t, i, raw.budget, data, doc, problems)
+        row = _task_row(t, i, raw.budget, data, doc, problems, steps)
         if row is None:
             continue
         if row.label in {r.label for r in tasks}:
@@ -273,7 +277,7 @@ def load_experiment(path: str | Path, data: str | None = None, out: str | Path |
     where = Path(out) if out is not None else Path(raw.out or f"runs/suite/{raw.name}")
     if out is None and data is not None:
         where = where.with_name(f"{where.name}-{Path(data).stem or 'data'}")
-    return Experiment(raw.name, file, raw.description, where, seeds, raw.budget, raw.params, specs, tasks, doc)
+    return Experiment(raw.name, file, raw.description, where, seed_list, raw.budget, raw.params, specs, tasks, doc)
 
 
 def _show(v: Any) -> str:
@@ -281,7 +285,7 @@ def _show(v: Any) -> str:
 
 
 def _task_row(t: TaskEntry, i: int, budget: Budget, data: str | None, doc: PositionedYaml,
-              problems: list[str]) -> TaskRow | None:
+              problems: list[str], steps_override: int | None) -> TaskRow | None:
     from nestlearn.tasks import TaskError, get_task
 
     options = dict(t.options)
@@ -308,7 +312,8 @@ def _task_row(t: TaskEntry, i: int, budget: Budget, data: str | None, doc: Posit
     if metric not in allowed:
         problems.append(doc.message(("tasks", i, "metric"), f"'{metric}' is not a metric of task '{t.name}'; "
                                     f"choose {' or '.join(allowed)}"))
-    steps = t.steps or (int(getattr(task, "total_steps", 0)) if kind == "continual" else None) or budget.steps
+    steps = (steps_override or t.steps or (int(getattr(task, "total_steps", 0)) if kind == "continual" else None)
+             or budget.steps)
     return TaskRow(label, t.name, options, t.seq_len or budget.seq_len, steps, metric,
                    tuple(sorted(set(t.eval_lengths))), kind, i)
 

@@ -8,6 +8,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 import nestlearn
 from nestlearn.suite.errors import SuiteError
 from nestlearn.suite.experiment import Experiment, ParamsPolicy, SpecRow
@@ -22,9 +24,13 @@ class ResolvedSpec:
 
 
 def build(row: SpecRow, extra: tuple[str, ...] = ()) -> tuple[Any, int]:
-    """The spec with its overrides and the trainable parameter count of its compiled model."""
+    """The spec with its overrides and the trainable parameter count of its compiled model, after
+    one tiny forward pass: some sizes compile but fail when run (rotary embeddings need an even
+    head dimension), and that must show here, not an hour into the grid."""
     spec = nestlearn.load_spec(row.path, [*row.overrides, *extra], profile=row.profile)
     model = nestlearn.compile(spec)
+    with torch.no_grad():
+        model(torch.zeros(1, 8, dtype=torch.long))
     return spec, int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
@@ -56,9 +62,10 @@ def resolve_specs(exp: Experiment) -> dict[str, ResolvedSpec]:
 
 
 def match_dim(rs: ResolvedSpec, target: int) -> ResolvedSpec:
-    """The ``model.dim`` (a multiple of the spec's heads) whose count is closest to ``target``:
-    counts grow with the width, so bisect over the multiples, then take the nearer neighbour."""
-    heads = int(getattr(rs.spec.model, "heads", 1) or 1)
+    """The ``model.dim`` (a multiple of twice the spec's heads: even head dimensions) whose count
+    is closest to ``target``: counts grow with the width, so bisect over the multiples, then take
+    the nearer neighbour."""
+    heads = 2 * int(getattr(rs.spec.model, "heads", 1) or 1)
     cache: dict[int, tuple[Any, int] | None] = {}
 
     def at(k: int) -> tuple[Any, int] | None:

@@ -34,6 +34,7 @@ from nestlearn.suite.plots import write_plots
 from nestlearn.suite.report import aggregate, fmt_count, results_md, tables
 from nestlearn.suite.table import render
 from nestlearn.train import DivergedError, TrainConfig, Trainer, TrainError, spec_hash
+from nestlearn.train.errors import plain_message
 
 INTERRUPTED = 130
 
@@ -221,6 +222,9 @@ class SuiteRunner:
             rec.update(status="diverged", diverged_step=e.step, diverged_level=e.level, error=str(e))
         except TrainError as e:
             rec.update(status="failed", error=str(e))
+            summary = {}
+        except Exception as e:  # noqa: BLE001 - one broken run must not stop the grid or print a traceback
+            rec.update(status="failed", error=f"{type(e).__name__}: {plain_message(str(e)).splitlines()[0][:300]}")
             summary = {}
         else:
             rec["status"] = "done" if summary.get("status") == "done" else summary.get("status", "failed")
