@@ -8,6 +8,7 @@ from nestlearn.suite.experiment import Experiment, TaskRow
 from nestlearn.suite.params import param_flags
 from nestlearn.suite.stats import mean_std
 from nestlearn.suite.table import Table, render_md
+from nestlearn.tasks import LANGUAGES
 
 SHORT = {"accuracy": "acc", "sequence_accuracy": "seq acc", "bits_per_byte": "bits/byte", "loss": "loss",
          "perplexity": "ppl"}
@@ -100,8 +101,10 @@ def tables(exp: Experiment, agg: list[dict[str, Any]]) -> list[Table]:
         else:
             cols, rows = _metric_table(t, task)
             if task.eval_lengths:
+                what = {"niah": " (the haystack grows)", "mqar": " (pairs as the task's options say)"}.get(
+                    task.name, " (unseen string lengths: f/2 L < n <= f L)" if task.name in LANGUAGES else "")
                 notes.append(f"{SHORT.get(t['metric'], t['metric'])}@fL: the final model on rows f x "
-                             f"{t['seq_len']} long (formal languages: unseen string lengths).")
+                             f"{t['seq_len']} bytes long{what}.")
         arrow = "lower is better" if t["lower_is_better"] else "higher is better"
         align = ["l"] + ["r"] * (len(cols) - 2) + ["l"]
         out.append(Table(f"{t['task']} ({t['metric']}, {arrow})", cols, rows, align, notes))
