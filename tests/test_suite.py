@@ -146,6 +146,31 @@ def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path: Path) -> None:
     assert 200 <= step < 2000
 
 
+def test_failed_length_evaluation_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nestlearn.suite.evaluate as ev
+
+    monkeypatch.chdir(ROOT)
+    text = TINY.replace("seeds: 2", "seeds: 1").replace("  - {path: specs/deltanet.yaml, label: delta}\n", "")
+    path, out = write(tmp_path, text), tmp_path / "out"
+    real = ev.task_at_length
+
+    def broken(row, factor):  # type: ignore[no-untyped-def]
+        if factor == 2:
+            raise RuntimeError("out of memory (pretend)")
+        return real(row, factor)
+
+    monkeypatch.setattr(ev, "task_at_length", broken)
+    code, _, log = suite(path, out)
+    rec = json.loads((out / "results.json").read_text())["runs"]["parity/gpt/seed0"]
+    assert code == 0 and set(rec["lengths"]) == {"1"} and "out of memory" in rec["length_errors"]["2"]
+    assert "evaluation at 2L failed" in log
+    monkeypatch.setattr(ev, "task_at_length", real)
+    code, _, log = suite(path, out)
+    rec = json.loads((out / "results.json").read_text())["runs"]["parity/gpt/seed0"]
+    assert code == 0 and set(rec["lengths"]) == {"1", "2"} and "length_errors" not in rec
+    assert "resuming at step 3" in log  # evaluated from the checkpoint, not retrained
+
+
 def test_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     text = TINY.replace("seeds: 2", "seeds: 1").replace("threads: 1}", "threads: 1, lr: 1.0e+30}")

@@ -38,17 +38,23 @@ def task_at_length(row: TaskRow, factor: int) -> tuple[Task, int]:
     return get_task(row.name, **options), seq_len
 
 
-def length_metrics(trainer: Trainer, row: TaskRow) -> dict[str, dict[str, float]]:
+def length_metrics(trainer: Trainer, row: TaskRow, errors: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
     """``{"2": metrics, ...}``: the final model at every ``eval_lengths`` factor, on as many
     batches as its validation, each ``f`` times shorter (at least one row): the same tokens per
-    batch, so a long evaluation fits wherever training fit (attention's memory still grows)."""
+    batch, so a long evaluation fits wherever training fit (attention's memory still grows).
+    A length that fails (out of memory, ...) is left out and its error put in ``errors``: the
+    next invocation evaluates it again from the checkpoint."""
     cfg = trainer.config
     out: dict[str, dict[str, float]] = {}
     trainer.model.eval()
     for f in row.eval_lengths:
-        task, seq_len = task_at_length(row, f)
-        batches = task.eval_batches(max(1, cfg.batch // f), seq_len, cfg.eval_batches, cfg.seed)
-        out[str(f)] = task.evaluate(trainer.model_fn(), batches, trainer.device)
+        try:
+            task, seq_len = task_at_length(row, f)
+            batches = task.eval_batches(max(1, cfg.batch // f), seq_len, cfg.eval_batches, cfg.seed)
+            out[str(f)] = task.evaluate(trainer.model_fn(), batches, trainer.device)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory at 8x: keep the others, retried next time
+            if errors is not None:
+                errors[str(f)] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     trainer.model.train()
     return out
 

@@ -43,7 +43,8 @@ def aggregate(exp: Experiment, records: dict[str, dict[str, Any]], counts: dict[
             else:
                 row["value"] = _ms([r["value"] for r in done if r.get("value") is not None])
                 row["lengths"] = {str(f): _ms([r["lengths"][str(f)][t.metric] for r in done
-                                               if str(f) in r.get("lengths", {})]) for f in t.eval_lengths}
+                                               if t.metric in r.get("lengths", {}).get(str(f), {})])
+                                  for f in t.eval_lengths}
             row["flags"] = _flags(row, flags.get(s.label))
             expected = (t.steps or 0) * exp.budget.batch * t.seq_len
             if any(r.get("tokens") != expected for r in done):  # equal tokens per row is the contract

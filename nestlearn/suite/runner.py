@@ -239,7 +239,10 @@ class SuiteRunner:
                 rec["value"] = None
             else:
                 rec["value"] = val.get(run.task.metric)
-                rec["lengths"] = length_metrics(trainer, run.task) if run.task.eval_lengths else {}
+                errors: dict[str, str] = {}
+                rec["lengths"] = length_metrics(trainer, run.task, errors) if run.task.eval_lengths else {}
+                if errors:
+                    rec["length_errors"] = errors
         rec["wall_s"] = time.perf_counter() - t0
         return rec
 
@@ -320,4 +323,6 @@ def _outcome(rec: dict[str, Any]) -> str:
     for f, m in rec.get("lengths", {}).items():
         if f != "1" and rec["metric"] in m:
             text += f", {f}L {m[rec['metric']]:.4f}"
+    for f, err in rec.get("length_errors", {}).items():
+        text += f"; the evaluation at {f}L failed ({err}), tried again next time"
     return text
