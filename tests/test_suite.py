@@ -210,6 +210,18 @@ def test_bad_experiment_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, t
     assert expect in str(err.value)
 
 
+def test_data_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    corpus = tmp_path / "my corpus.txt"
+    corpus.write_text("hello world, " * 400)
+    exp = load_experiment(ROOT / "experiments" / "lm.yaml", data=str(corpus))
+    assert exp.out.name == "lm-my-corpus" and exp.tasks[0].options["data"] == str(corpus)
+    with pytest.raises(SuiteError, match="--data: .*does not exist"):
+        load_experiment(ROOT / "experiments" / "lm.yaml", data=str(tmp_path / "nope"))
+    with pytest.raises(SuiteError, match="has no 'lm' task"):
+        load_experiment(ROOT / "experiments" / "formal.yaml", data=str(corpus))
+
+
 def test_bad_input_exits_cleanly(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     bad = write(tmp_path, "name: x\nspecs: [specs/transformer.yaml]\ntasks: [{name: parity, seq_len: -1}]\n")

@@ -275,8 +275,11 @@ def load_experiment(path: str | Path, data: str | None = None, out: str | Path |
     if problems:
         raise SuiteError("\n".join(problems))
     where = Path(out) if out is not None else Path(raw.out or f"runs/suite/{raw.name}")
-    if out is None and data is not None:
-        where = where.with_name(f"{where.name}-{Path(data).stem or 'data'}")
+    if data is not None and not any(t.name == "lm" for t in tasks):
+        raise SuiteError(f"--data: {file} has no 'lm' task to train on it")
+    if out is None and data is not None:  # results on another corpus never mix with the default's
+        stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(data.rstrip("/")).stem) or "data"
+        where = where.with_name(f"{where.name}-{stem}")
     return Experiment(raw.name, file, raw.description, where, seed_list, raw.budget, raw.params, specs, tasks, doc)
 
 
@@ -294,6 +297,9 @@ def _task_row(t: TaskEntry, i: int, budget: Budget, data: str | None, doc: Posit
     try:
         task = get_task(t.name, **options)
     except TaskError as e:
+        if data is not None and t.name == "lm":
+            problems.append(f"--data: {e}")  # the flag's fault, not the file's
+            return None
         loc: tuple[str | int, ...] = ("tasks", i, "options") if t.options else ("tasks", i, "name")
         problems.append(doc.message(loc, str(e)))
         return None
