@@ -63,6 +63,9 @@ def _length_plot(plt: Any, t: dict[str, Any], rows: list[dict[str, Any]], folder
             xs, ms, ss = zip(*pts, strict=True)
             ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=r["spec"])
     ax.set_xscale("log", base=2)
+    ticks = [f * t["seq_len"] for f in factors]
+    ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.minorticks_off()
     ax.set_xlabel(f"evaluation length (trained at {t['seq_len']})")
     ax.set_ylabel(t["metric"])
     ax.set_title(f"{t['task']}: length generalisation")
