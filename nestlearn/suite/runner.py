@@ -296,7 +296,19 @@ class SuiteRunner:
             self.say(f"{prefix}: {_outcome(rec)} ({rec['wall_s']:.0f} s)")
             if rec["status"] == "failed":
                 status = 1
+        if only is None:
+            self.say(self.tally())
         return status
+
+    def tally(self) -> str:
+        """``12/60 runs finished (1 diverged), 1 failed, 47 to go`` for the experiment's grid."""
+        recs = [self.results.runs.get(r.key) or {} for r in self.exp.grid()]
+        count = {s: sum(1 for r in recs if r.get("status") == s) for s in ("done", "diverged", "failed")}
+        done = count["done"] + count["diverged"]
+        text = f"{done}/{len(recs)} runs finished"
+        text += f" ({count['diverged']} diverged)" if count["diverged"] else ""
+        text += f", {count['failed']} failed (see results.json; rerun to retry)" if count["failed"] else ""
+        return text + (f", {len(recs) - done - count['failed']} to go" if done + count["failed"] < len(recs) else "")
 
     # ------------------------------------------------------------ the report
     def report(self, counts: dict[str, int], fmt: str | None, out: TextIO | None = None,
