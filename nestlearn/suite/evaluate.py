@@ -54,7 +54,8 @@ def length_metrics(trainer: Trainer, row: TaskRow, errors: dict[str, str] | None
             out[str(f)] = task.evaluate(trainer.model_fn(), batches, trainer.device)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory at 8x: keep the others, retried next time
             if errors is not None:
-                errors[str(f)] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                lines = str(e).strip().splitlines()
+                errors[str(f)] = f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
     trainer.model.train()
     return out
 

@@ -34,7 +34,6 @@ from nestlearn.suite.plots import write_plots
 from nestlearn.suite.report import aggregate, fmt_count, results_md, tables
 from nestlearn.suite.table import render
 from nestlearn.train import DivergedError, TrainConfig, Trainer, TrainError, spec_hash
-from nestlearn.train.errors import plain_message
 
 INTERRUPTED = 130
 
@@ -76,6 +75,12 @@ class Results:
     def save(self) -> None:
         payload = {"experiment": self.experiment, "updated": _now(), "runs": self.runs}
         _atomic_write(self.path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def first_line(e: BaseException) -> str:
+    """The one line of an error worth recording (torch appends C++ frames to some messages)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def _now() -> str:
@@ -224,7 +229,7 @@ class SuiteRunner:
             rec.update(status="failed", error=str(e))
             summary = {}
         except Exception as e:  # noqa: BLE001 - one broken run must not stop the grid or print a traceback
-            rec.update(status="failed", error=f"{type(e).__name__}: {plain_message(str(e)).splitlines()[0][:300]}")
+            rec.update(status="failed", error=f"{type(e).__name__}: {first_line(e)}")
             summary = {}
         else:
             rec["status"] = "done" if summary.get("status") == "done" else summary.get("status", "failed")
