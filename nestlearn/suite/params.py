@@ -55,9 +55,11 @@ def resolve_specs(exp: Experiment) -> dict[str, ResolvedSpec]:
     if problems:
         raise SuiteError("\n".join(problems))
     if exp.params.match == "dim":
-        target = exp.params.target or out[exp.specs[0].label].params
+        first = exp.specs[0].label
+        target = exp.params.target or out[first].params
         for label, rs in list(out.items()):
-            out[label] = match_dim(rs, target)
+            if exp.params.target or label != first:  # the spec that sets the target keeps its width
+                out[label] = match_dim(rs, target)
     return out
 
 
