@@ -44,7 +44,7 @@ def run_suite(experiment: str, *, out: str | None = None, data: str | None = Non
                  rs.row.path.name, flags.get(rs.row.label, "")] for rs in runner.specs.values()]
         cols = ["spec", "params", "exact", "dim", "depth", "file", "flag"]
         notes = [f"{len(grid)} runs; overrides of every spec are recorded in results.json"]
-        render([Table(f"{exp.name}: specs", cols, rows, notes=notes)], fmt, file=stdout)
+        render([Table(f"{exp.name}: specs", cols, rows, list("lrrrrll"), notes)], fmt, file=stdout)
         return 0
     status = 0
     if not report_only:
