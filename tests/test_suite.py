@@ -195,7 +195,7 @@ BAD = [
      "tasks.0.metric: 'accuracy' is not a metric of task 'lm'"),
     ("name: x\nspecs: [{path: specs/transformer.yaml, overrides: [model.dimm=3]}]\ntasks: [parity]\n",
      "spec 'transformer' does not build"),
-    ("name: x\nspecs: [specs/transformer.yaml\n", "exp.yaml:3:1: not valid YAML"),
+    ("name: x\nspecs: [specs/transformer.yaml\n", "exp.yaml:3:1: invalid YAML"),
     ("- a list\n", "an experiment file is a mapping"),
     ("specs: [specs/transformer.yaml]\ntasks: [parity]\n", "name: this field is required"),
 ]

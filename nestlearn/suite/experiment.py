@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from nestlearn.suite.errors import SuiteError
-from nestlearn.suite.yamlpos import PositionedYaml, PositionError
+from nestlearn.suite.yamlpos import PositionedYaml, PositionError, read_positioned
 
 
 class _Strict(BaseModel):
@@ -184,7 +184,7 @@ def _pydantic_messages(exc: ValidationError, doc: PositionedYaml) -> list[str]:
             msg = "expected a spec file path, or a mapping with path (and label, overrides, profile)"
         elif err["type"] == "model_type" and loc[:1] == ("tasks",) and len(loc) == 2:
             msg = "expected a task name, or a mapping with name (and label, options, seq_len, eval_lengths, ...)"
-        out.append(doc.message(loc, msg))
+        out.append(doc.message(loc, msg, key=err["type"] == "extra_forbidden"))
     return list(dict.fromkeys(out))
 
 
@@ -225,7 +225,7 @@ def load_experiment(path: str | Path, data: str | None = None, out: str | Path |
     except (OSError, UnicodeDecodeError) as e:
         raise SuiteError(f"{file}: cannot read the experiment file ({e})") from None
     try:
-        doc = PositionedYaml(text, str(file))
+        doc = read_positioned(text, str(file))
     except PositionError as e:
         raise SuiteError(str(e)) from None
     if not isinstance(doc.data, dict):

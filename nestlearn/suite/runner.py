@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
+from nestlearn.files import atomic_write
 from nestlearn.suite.errors import SuiteError
 from nestlearn.suite.evaluate import continual_metrics, length_metrics
 from nestlearn.suite.experiment import Experiment, Run, fingerprint
@@ -40,14 +39,7 @@ INTERRUPTED = 130
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode("utf-8"))
 
 
 class Results:
@@ -159,11 +151,12 @@ class SuiteRunner:
 
     def config(self, run: Run) -> TrainConfig:
         b = self.exp.budget
-        return TrainConfig(task=run.task.name, task_options=dict(run.task.options), steps=run.task.steps,
-                           batch=b.batch, seq_len=run.task.seq_len, lr=b.lr, warmup=b.warmup,
-                           min_lr_ratio=b.min_lr_ratio, clip=b.clip, eval_batches=b.eval_batches,
-                           device=self.device, precision=b.precision, cuda_graph=b.cuda_graph,
-                           compile=b.compile, threads=b.threads, seed=run.seed)
+        fields: dict[str, Any] = dict(
+            task=run.task.name, task_options=dict(run.task.options), steps=run.task.steps, batch=b.batch,
+            seq_len=run.task.seq_len, lr=b.lr, warmup=b.warmup, min_lr_ratio=b.min_lr_ratio, clip=b.clip,
+            eval_batches=b.eval_batches, device=self.device, precision=b.precision, cuda_graph=b.cuda_graph,
+            compile=b.compile, threads=b.threads, seed=run.seed)
+        return TrainConfig(**fields)  # TrainConfig checks every value (the device's name included)
 
     # ------------------------------------------------------------ one run
     def finished(self, run: Run) -> bool:
