@@ -136,6 +136,26 @@ def test_compare_prints_one_table(tmp_path: Path) -> None:
     assert [r["spec"] for r in rows] == ["tiny-run", "tiny-sgd"]
 
 
+def test_compare_formats_for_pipes(tmp_path: Path) -> None:
+    """Not on a terminal: markdown by default, lines within 80 columns with --format table, and
+    --format json prints the runs' summaries alone on stdout."""
+    args = ["--steps", "1", "--batch", "2", "--seq-len", "16", "-q"]
+    code, out = nl("compare", TINY, *args, "--out", tmp_path / "md")
+    assert code == 0 and "| spec |" in out and "tiny-run" in out, out
+    code, out = nl("compare", TINY, *args, "--format", "table", "--out", tmp_path / "plain")
+    table = out[out.index("comparison"):out.index("runs in")]
+    assert code == 0 and "tiny-run" in table and max(len(line) for line in table.splitlines()) <= 80, out
+    code, out = nl("compare", TINY, *args, "--format", "json", "--out", tmp_path / "json")
+    assert code == 0
+    from nestlearn.cli import app
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["compare", TINY, *args, "--format", "json", "--out", str(tmp_path / "json2")])
+    assert res.exit_code == 0 and [r["spec"] for r in json.loads(res.stdout)] == ["tiny-run"]
+    code, out = nl("compare", TINY, *args, "--format", "xml", "--out", tmp_path / "bad")
+    assert code == 1 and "--format: expected one of md, json, table" in out
+
+
 def test_resume_through_the_cli_equals_one_run(tmp_path: Path) -> None:
     args = ["--steps", "8", *FAST, "--ckpt-every", "3"]
     assert nl("run", TINY, *args, "--out", tmp_path / "full")[0] == 0

@@ -59,11 +59,13 @@ def errors() -> Iterator[None]:
 
 
 def _is_training_error(err: Exception) -> bool:
-    """A ``TrainError`` or ``TaskError``: a user's error (bad data, run directory, checkpoint)."""
+    """A ``TrainError``, ``TaskError`` or ``SuiteError``: a user's error (bad data, run directory,
+    checkpoint, experiment file)."""
+    from nestlearn.suite.errors import SuiteError
     from nestlearn.tasks import TaskError
     from nestlearn.train.errors import TrainError
 
-    return isinstance(err, (TrainError, TaskError))
+    return isinstance(err, (TrainError, TaskError, SuiteError))
 
 
 def plain_message(text: str) -> str:

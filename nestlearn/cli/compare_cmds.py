@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from nestlearn.cli.common import Fail, errors, parse_float, parse_int, parse_kv, parse_task
 from nestlearn.cli.progress import RichReporter, fmt_rate, fmt_time
@@ -152,10 +151,16 @@ def compare_cmd(
     profile: Optional[str] = typer.Option(None, "--profile", metavar="NAME|none",
                                           help="Each spec's profile NAME (as for run; default: cpu on a CPU)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    fmt: Optional[str] = typer.Option(None, "--format", metavar="md|json|table",
+                                      help="How to print the table (default: a table on a terminal, markdown otherwise)."),
 ) -> None:
     """Train several specs on the same task with the same settings; print one table."""
-    console = Console()
+    from nestlearn.suite.table import FORMATS
+
+    console = Console(stderr=fmt == "json")  # with --format json, stdout holds the JSON alone
     with errors():
+        if fmt is not None and fmt not in FORMATS:
+            raise Fail(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
         from nestlearn import load_spec
         from nestlearn.train import TrainConfig, Trainer, default_run_dir
 
@@ -198,23 +203,25 @@ def compare_cmd(
             rows.append((specs[i], summary))
             if summary["status"] == "interrupted":
                 break
-        table = Table(title="comparison", title_justify="left")
-        for col in ("spec", "params", "train loss", "val loss", "bits/byte | acc", "tokens/s", "time", "status"):
-            table.add_column(col, justify="left" if col in ("spec", "status") else "right")
+        from nestlearn.suite.table import Table, render
+
+        table_rows = []
         for path, s in rows:
             val = s.get("val", {})
             main = (f"{val['bits_per_byte']:.4f}" if "bits_per_byte" in val
                     else f"{val['accuracy']:.4f}" if "accuracy" in val else "-")
-            table.add_row(
+            table_rows.append([
                 f"{s['spec']} ({path})", f"{s['params']:,}",
                 f"{s['first_loss']:.3f} -> {s['train'].get('loss', float('nan')):.3f}" if s.get("first_loss") else "-",
                 f"{val['loss']:.4f}" if val else "-", main, fmt_rate(s.get("tokens_per_s")),
                 fmt_time(s.get("time_s") or 0), s["status"],
-            )
-        console.print(table)
+            ])
+        columns = ["spec", "params", "train loss", "val loss", "bits/byte | acc", "tokens/s", "time", "status"]
+        render([Table("comparison", columns, table_rows, list("lrrrrrrl"))], fmt,
+               data=[s for _, s in rows] if fmt == "json" else None)
         from nestlearn.files import atomic_write
 
         atomic_write(root / "compare.json", (json.dumps([s for _, s in rows], indent=2, default=str) + "\n").encode())
-        typer.echo(f"runs in {root}")
+        typer.echo(f"runs in {root}", err=fmt == "json")
         if rows and rows[-1][1]["status"] == "interrupted":
             raise typer.Exit(130)

@@ -1,6 +1,6 @@
 """The suite runner: one command per results table (issue 13).
 
-    python -m nestlearn.suite experiments/formal.yaml      # trains the grid, resumable
+    nestlearn suite experiments/formal.yaml      # trains the grid, resumable (or python -m nestlearn.suite)
     from nestlearn.suite import run_suite, load_experiment
 
 Modules, one job each: ``experiment`` (the file format and the grid), ``params`` (building every
@@ -9,8 +9,8 @@ spec, counting and matching parameters), ``runner`` (training and resuming throu
 ``report`` (rows, tables, results.md), ``table`` (md / json / rich / 80-column text), ``plots``.
 """
 
-from nestlearn.suite.cli import main, run_suite
+from nestlearn.suite.cli import run_suite
 from nestlearn.suite.errors import SuiteError
 from nestlearn.suite.experiment import Experiment, Run, load_experiment
 
-__all__ = ["main", "run_suite", "load_experiment", "Experiment", "Run", "SuiteError"]
+__all__ = ["run_suite", "load_experiment", "Experiment", "Run", "SuiteError"]

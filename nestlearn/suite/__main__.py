@@ -1,7 +1,5 @@
-"""``python -m nestlearn.suite experiments/formal.yaml``."""
+"""``python -m nestlearn.suite experiments/formal.yaml``: the same as ``nestlearn suite``."""
 
-import sys
+from nestlearn.cli.suite_cmds import main
 
-from nestlearn.suite.cli import main
-
-sys.exit(main())
+main()

@@ -1,21 +1,18 @@
-"""``python -m nestlearn.suite EXPERIMENT``: argument parsing and the one place errors become
-messages and exit codes (0 ok, 1 bad input or a failed run, 2 bad flags, 130 interrupted).
-
-``run_suite`` is what ``nestlearn suite`` calls (the CLI hook lands after the CLI restructure)."""
+"""``run_suite``: what ``nestlearn suite`` (``nestlearn/cli/suite_cmds.py``) calls. It returns the
+exit code (0 ok, 1 a failed run, 130 interrupted) and raises ``SuiteError`` / ``TrainError`` /
+``TaskError`` for bad input, which the CLI's one error handler turns into messages."""
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from typing import TextIO
 
-from nestlearn.suite.errors import SuiteError
 from nestlearn.suite.experiment import load_experiment
 from nestlearn.suite.params import param_flags
 from nestlearn.suite.report import fmt_count
 from nestlearn.suite.runner import INTERRUPTED, SuiteRunner
-from nestlearn.suite.table import FORMATS, Table, render
+from nestlearn.suite.table import Table, render
 
 
 def run_suite(experiment: str, *, out: str | None = None, data: str | None = None, fmt: str | None = None,
@@ -62,51 +59,3 @@ def _command(experiment: str, out: str | None, data: str | None) -> str:
     parts += ["--out", out] if out else []
     parts += ["--data", data] if data else []
     return shlex.join(parts)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m nestlearn.suite",
-        description="Train a grid of specs x tasks x seeds from an experiment file (experiments/*.yaml), "
-                    "resuming where it stopped, and write results.json, results.md and plots.")
-    p.add_argument("experiment", help="the experiment file, e.g. experiments/formal.yaml")
-    p.add_argument("--out", help="output folder (default: the file's 'out', else runs/suite/NAME)")
-    p.add_argument("--data", help="a text file or folder for every 'lm' task (default: the stdlib corpus)")
-    p.add_argument("--format", dest="fmt", choices=FORMATS,
-                   help="how to print the tables (default: a table on a terminal, markdown otherwise)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the budget's device")
-    p.add_argument("--steps", type=int, metavar="N", help="override every task's steps (e.g. a smoke test)")
-    p.add_argument("--seeds", type=int, metavar="N", help="override the seeds: 0 .. N-1")
-    p.add_argument("--max-runs", type=int, metavar="N", help="train at most N runs, then stop (resumable)")
-    p.add_argument("--only", metavar="TASK/SPEC/seedK", help="train just this run (no report)")
-    p.add_argument("--report", action="store_true", help="train nothing: print and write the report")
-    p.add_argument("--check", action="store_true", help="validate, build every spec, print parameter counts")
-    p.add_argument("--redo", action="store_true", help="retrain runs made with other settings")
-    p.add_argument("--isolate", action="store_true", help="train each run in its own process")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--record-command", help=argparse.SUPPRESS)  # --isolate's children record the user's command
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    for flag, value, low in (("--max-runs", args.max_runs, 0), ("--steps", args.steps, 1), ("--seeds", args.seeds, 1)):
-        if value is not None and value < low:
-            print(f"error: {flag}: must be {low} or more, got {value}", file=sys.stderr)
-            return 2
-    from nestlearn.tasks import TaskError
-    from nestlearn.train import TrainError
-
-    argv = sys.argv[1:] if argv is None else argv
-    command = args.record_command or shlex.join(["python", "-m", "nestlearn.suite", *argv])
-    try:
-        return run_suite(args.experiment, out=args.out, data=args.data, fmt=args.fmt, device=args.device,
-                         steps=args.steps, seeds=args.seeds,
-                         max_runs=args.max_runs, only=args.only, report_only=args.report, check=args.check,
-                         redo=args.redo, isolate=args.isolate, quiet=args.quiet, command=command)
-    except (SuiteError, TrainError, TaskError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return INTERRUPTED
