@@ -147,8 +147,9 @@ def test_compare_formats_for_pipes(tmp_path: Path) -> None:
     assert code == 0 and "tiny-run" in table and max(len(line) for line in table.splitlines()) <= 80, out
     code, out = nl("compare", TINY, *args, "--format", "json", "--out", tmp_path / "json")
     assert code == 0
-    from nestlearn.cli import app
     from typer.testing import CliRunner
+
+    from nestlearn.cli import app
 
     res = CliRunner().invoke(app, ["compare", TINY, *args, "--format", "json", "--out", str(tmp_path / "json2")])
     assert res.exit_code == 0 and [r["spec"] for r in json.loads(res.stdout)] == ["tiny-run"]
