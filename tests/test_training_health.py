@@ -153,16 +153,16 @@ def read_spreads(path: str, overrides: list[str]) -> torch.Tensor:
     return torch.cat(spreads)
 
 
-@pytest.mark.parametrize("path", ["specs/titans-lmm.yaml", "specs/titans-mal.yaml", "specs/titans-mag.yaml",
-                                  "specs/titans-mac.yaml"])
-def test_titans_memory_is_not_washed_out_by_its_decay_over_2048_tokens(path: str) -> None:
-    """Multiplicative decay ``M <- (1 - alpha) M`` at the old gate range (max 0.1, so 1.8e-3 a
-    token at init) shrinks the memory by e^-3.7 over 2,048 tokens; both layers of the MLP shrink,
-    so the inner gradients that would refill it shrink too. The reads' pre-norm spread fell to
-    ~1e-2 (1% of reads below 1e-3, where the layer norm's eps takes over and the read becomes
-    extremely sensitive to the decay gate: the outer-gradient spikes of the H100 runs). The
-    CPU profile's 128-byte sequences never show it."""
-    old = read_spreads(path, ["levels.memory.rule.decay.max=0.1"])
-    new = read_spreads(path, [])
-    assert float(old.median()) < 0.05, float(old.median())  # the mechanism
-    assert float(new.median()) > 0.2 and float(new.quantile(0.01)) > 0.05, (float(new.median()), float(new.quantile(0.01)))
+@pytest.mark.parametrize("path", ["specs/titans-lmm.yaml", "specs/titans-mal.yaml"])
+def test_titans_decay_washes_the_memory_out_over_2048_tokens(path: str) -> None:
+    """The mechanism behind the Titans specs' remaining outer-gradient spikes
+    (docs/training-health.md, "Open"): multiplicative decay ``M <- (1 - alpha) M`` at the shipped
+    gate range (max 0.1, so 1.8e-3 a token at init) shrinks the memory by e^-3.7 over 2,048
+    tokens. Both MLP layers shrink, so the inner gradients that would refill it shrink too, and
+    the reads' pre-norm spread falls to ~1e-2 at init, ~1e-11 on the H100 by the steps that spiked.
+    At a 10x smaller range it stays near the 128-byte profile's ~0.5. The CPU profile's 128-byte
+    sequences never show it."""
+    shipped = read_spreads(path, [])
+    smaller = read_spreads(path, ["levels.memory.rule.decay.max=0.01"])
+    assert float(shipped.median()) < 0.05, float(shipped.median())
+    assert float(smaller.median()) > 0.2 and float(smaller.quantile(0.01)) > 0.05, float(smaller.median())
