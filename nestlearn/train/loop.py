@@ -49,7 +49,7 @@ from nestlearn.train.errors import DivergedError, TrainError
 from nestlearn.train.metrics import TIMING_KEYS, MetricsLog
 from nestlearn.train.reporting import Reporter, SilentReporter
 from nestlearn.train.rundir import RunDir
-from nestlearn.train.step import Steps
+from nestlearn.train.step import Steps, phase
 
 _T = TypeVar("_T")
 
@@ -321,19 +321,22 @@ class Trainer(Steps):
                 tokens += per_step
                 if done == 1:
                     self.first_loss = rec["loss"]
-                self._timing(rec, tokens, t_start, sync=self.is_log_step(step))
-                if self.is_log_step(step):
-                    self.metrics.log(rec)
-                last_train = rec
-                self.reporter.step(rec)
+                with phase("record"):
+                    self._timing(rec, tokens, t_start, sync=self.is_log_step(step))
+                    if self.is_log_step(step):
+                        self.metrics.log(rec)
+                    last_train = rec
+                    self.reporter.step(rec)
                 self.step = done
                 if self.dist.is_main:
                     if done % self.eval_every == 0 or done == self.total:
-                        last_val = self.evaluate(done)
+                        with phase("evaluate"):
+                            last_val = self.evaluate(done)
                     self._phase_eval(done)
                     stopping = self._stop or done == cfg.stop_at
                     if done % self.ckpt_every == 0 or done == self.total or stopping:
-                        self.save(done, tokens)
+                        with phase("checkpoint"):
+                            self.save(done, tokens)
                 if done == cfg.stop_at:
                     status = "stopped"
                     break

@@ -33,6 +33,12 @@ def _detach(tree: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
+def phase(name: str) -> torch.profiler.record_function:
+    """A named range of the training step (``nestlearn.<name>``) in a torch.profiler trace:
+    ``python -m bench.trainer_profile`` sums them to show where a step's time goes."""
+    return torch.profiler.record_function(f"nestlearn.{name}")
+
+
 def _inner_detail(entry: dict[str, list[Tensor]] | None) -> str:
     """What ``loops.stats`` saw of a diverging level's first non-finite inner step, if anything."""
     if not entry:
@@ -186,9 +192,10 @@ class Steps:
         lr = self.lr(step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        batch = self.task.batch_at(step, cfg.batch, cfg.seq_len, cfg.seed)
-        n_tok = max(float(batch.mask.sum()), 1.0)
-        local = batch.shard(self.dist.rank, self.dist.world) if self.dist.enabled else batch
+        with phase("data"):
+            batch = self.task.batch_at(step, cfg.batch, cfg.seq_len, cfg.seed)
+            n_tok = max(float(batch.mask.sum()), 1.0)
+            local = batch.shard(self.dist.rank, self.dist.world) if self.dist.enabled else batch
         sums = torch.zeros(2, device=self.device)
         states = []
         log = self.is_log_step(step)
@@ -198,7 +205,7 @@ class Steps:
         # A replayed CUDA graph records nothing: such a step's stats come from _stats_forward.
         recording: AbstractContextManager[dict[str, dict[str, list[Tensor]]]] = (
             inner_stats.collect() if log and not graphed else nullcontext({}))
-        with recording as collected:
+        with recording as collected, phase("forward_backward"):
             for i, mb in enumerate(local.split(cfg.accum)):
                 mb = mb.to(self.device, non_blocking=True)
                 if graphed:
@@ -209,25 +216,28 @@ class Steps:
                 states.append(st)
         if log and graphed and self.records_stats(step):
             collected = self._stats_forward(local)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-        flags = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
-        stats = D.all_reduce_sum(torch.cat([sums, flags]), self.dist)
-        loss_sum, correct, stop = stats.tolist()  # the step's one host sync
-        gnorm = float(gn)
+        with phase("clip"):
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+        with phase("host_sync"):
+            flags = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
+            stats = D.all_reduce_sum(torch.cat([sums, flags]), self.dist)
+            loss_sum, correct, stop = stats.tolist()  # the step's one host sync
+            gnorm = float(gn)
         self._stop = self._stop or stop > 0
         loss = loss_sum / n_tok
         if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(gnorm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise self._diverged(step + 1, loss, gnorm, states, local)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("optimizer"):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         rec: dict[str, Any] = {"step": step + 1, "split": "train", "loss": loss}
         if self.task.kind == "lm":
             rec["bits_per_byte"] = loss / math.log(2)
