@@ -1,0 +1,262 @@
+"""The fused DGD kernel (``loops/triton/dgd_mlp.py``) against the closed form it replaces
+(``loops/dgd_dual.py``, itself checked against the token-by-token oracle in test_dgd_dual.py):
+outputs, chunk-end weights, momenta and the carried anchor, within fp32 rounding.
+
+Without CUDA the kernel runs on the CPU through Triton's interpreter. ``TRITON_INTERPRET=1`` must
+be set when triton itself is imported (its standard library -- ``tl.sum``, ... -- is decorated
+then, when the kernel module is, and at a kernel's first launch (triton imports more of itself
+then): this file sets it for those imports and for each test that launches, and restores the
+environment after, so the rest of the session is unaffected. Where something imported triton earlier
+in a CPU session the interpreter tests skip and say so (run this file on its own). With CUDA the
+same tests run the compiled kernel; the ``gpu`` tests add HOPE's full head size and the shipped
+model end to end."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from nestlearn import objectives, rules
+from nestlearn.loops import GradMode, MemoryProblem, MemoryState
+from nestlearn.loops import dgd_triton as glue
+from nestlearn.loops.dgd_dual import run_dgd_dual
+from nestlearn.memories import MLPMemory
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+TOL = 1e-4  # relative to the tensor's largest entry; fp32 rounding gives ~1e-6 here
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_kernel() -> tuple[ModuleType | None, str]:
+    """``(the kernel module, '')``, or ``(None, why not)``."""
+    if importlib.util.find_spec("triton") is None:
+        return None, "triton is not installed"
+    if CUDA:
+        return importlib.import_module("nestlearn.loops.triton.dgd_mlp"), ""
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        return None, "triton was imported before this file without TRITON_INTERPRET=1: run this file on its own"
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module("nestlearn.loops.triton.dgd_mlp"), ""
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_KERNEL, _WHY = _import_kernel()
+
+
+@pytest.fixture
+def dgd_mlp(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The kernel module; on the CPU with ``TRITON_INTERPRET=1`` set during the test (triton
+    imports parts of itself at the first launch, and they must be interpreted too)."""
+    if _KERNEL is None:
+        pytest.skip(_WHY)
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return _KERNEL
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def inputs(b: int, h: int, t: int, d: int, seed: int = 0, device: str = DEV) -> dict[str, Any]:
+    """HOPE-like inputs: unit q / k, per-token gates, a constant beta as a broadcast view, and an
+    initial state shared over the batch (a stride-0 view, as ``init_state`` makes it)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    q, k = (torch.nn.functional.normalize(rnd(b, h, t, d), dim=-1) for _ in range(2))
+    v = rnd(b, h, t, d)
+    lr = torch.rand(b, h, t, generator=g) * 0.2
+    decay = torch.rand(b, h, t, generator=g) * 0.2
+    beta = torch.full((1, 1, 1), 0.9).expand(b, h, t)
+    w = tuple((rnd(1, h, d, d) / d**0.5).expand(b, h, d, d) for _ in range(2))
+    m = tuple(rnd(b, h, d, d) * 0.05 for _ in range(2))
+    out = {"q": q, "k": k, "v": v, "lr": lr, "decay": decay, "beta": beta, "weights": w, "momenta": m}
+    return {n: (tuple(x.to(device) for x in t) if isinstance(t, tuple) else t.to(device)) for n, t in out.items()}
+
+
+def check(out: Any, ref: Any, tol: float = TOL) -> dict[str, float]:
+    errs = {"y": _rel(out.y, ref.y)}
+    for field in ("weights", "momenta", "anchor"):
+        for i, (a, b) in enumerate(zip(getattr(out, field), getattr(ref, field))):
+            errs[f"{field}{i}"] = _rel(a, b)
+    assert max(errs.values()) < tol, errs
+    return errs
+
+
+@pytest.mark.parametrize("chunk,d,chunks", [(16, 16, 3), (32, 16, 2), (16, 32, 2)])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_kernel_equals_closed_form(dgd_mlp: ModuleType, chunk: int, d: int, chunks: int, clip: float | None) -> None:
+    x = inputs(2, 2, chunk * chunks, d)
+    out = dgd_mlp.dgd_mlp_fwd(**x, chunk=chunk, clip=clip)
+    ref = dgd_mlp.dgd_mlp_fwd_reference(**x, chunk=chunk, clip=clip)
+    check(out, ref)
+    # the check has teeth: the in-chunk updates move the outputs far beyond the tolerance
+    still = dgd_mlp.dgd_mlp_fwd_reference(**{**x, "lr": x["lr"] * 0}, chunk=chunk, clip=clip)
+    assert _rel(still.y, ref.y) > 100 * TOL
+
+
+def test_strong_gates(dgd_mlp: ModuleType) -> None:
+    """Large steps and forgetting (lr up to 1, decay up to 0.9, beta per token): the solve's
+    ``L`` is far from small, and the kernel still agrees."""
+    x = inputs(1, 2, 48, 16, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x.update({n: (torch.rand(1, 2, 48, generator=g) * s).to(DEV) for n, s in (("lr", 1.0), ("decay", 0.9), ("beta", 1.0))})
+    check(dgd_mlp.dgd_mlp_fwd(**x, chunk=16, clip=1.0), dgd_mlp.dgd_mlp_fwd_reference(**x, chunk=16, clip=1.0))
+
+
+def test_refuses_what_it_does_not_compute(dgd_mlp: ModuleType) -> None:
+    x = inputs(1, 1, 24, 16)
+    with pytest.raises(ValueError, match="whole chunks"):
+        dgd_mlp.dgd_mlp_fwd(**x, chunk=16)
+    x = inputs(1, 1, 16, 16)
+    with pytest.raises(TypeError, match="fp32"):
+        dgd_mlp.dgd_mlp_fwd(**{**x, "q": x["q"].double()}, chunk=16)
+
+
+def problem(x: dict[str, Any], chunk: int, clip: float | None = 1.0, **arch_kw: Any) -> MemoryProblem:
+    d, h = x["q"].shape[-1], x["q"].shape[1]
+    kw = {"expand": 1, "depth": 2, "act": "gelu", "residual": True, "bias": False, **arch_kw}
+    arch = MLPMemory(d, d, h, **kw)
+    hp = {"lr": x["lr"], "decay": x["decay"], "beta": 0.9}
+    return MemoryProblem(arch, rules.dgd(0.0, 0.0, 0.0), objectives.l2, x["q"], x["k"], x["v"], hp, chunk,
+                         GradMode("unroll"), clip=clip)
+
+
+def state_of(x: dict[str, Any]) -> MemoryState:
+    p = {"W0": x["weights"][0], "W1": x["weights"][1]}
+    return MemoryState(params=p, opt={"m": {"W0": x["momenta"][0], "W1": x["momenta"][1]}}, anchor=p,
+                       offset=0, chunks=0)
+
+
+@pytest.mark.parametrize("first", [0, 11])
+def test_executor_row_equals_dgd_dual_from_any_offset(dgd_mlp: ModuleType, first: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run_dgd_triton`` from a state ``first`` tokens into a chunk, over the rest of that chunk,
+    two whole chunks and a partial one: the same outputs and carried state as ``run_dgd_dual``."""
+    x = inputs(2, 2, first + 5 + 32 + 7 if first else 32 + 7, 16, seed=1)
+    pb = problem(x, 16)
+    with torch.no_grad():
+        st0 = state_of(x)
+        if first:  # a state in the middle of a chunk (anchor != params, offset != 0)
+            _, st0 = run_dgd_dual(pb.slice(0, first), st0)
+            pb = pb.slice(first, pb.q.shape[2])
+        y_ref, st_ref = run_dgd_dual(pb, st0)
+        monkeypatch.setattr(glue, "_said", False)
+        with pytest.warns(UserWarning, match="NESTLEARN_TRITON=0"):  # said once
+            y, st = glue.run_dgd_triton(pb, st0)
+    assert _rel(y, y_ref) < TOL
+    assert (st["offset"], st["chunks"]) == (st_ref["offset"], st_ref["chunks"])
+    for part in ("params", "anchor"):
+        for n in st_ref[part]:
+            assert _rel(st[part][n], st_ref[part][n]) < TOL, (part, n)
+    for n in st_ref["opt"]["m"]:
+        assert _rel(st["opt"]["m"][n], st_ref["opt"]["m"][n]) < TOL
+
+
+def test_a_state_that_wants_gradients_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward only: with grad mode on and a state that requires grad, the closed form runs."""
+    x = inputs(1, 1, 32, 16, device="cpu")
+    x["weights"] = tuple(w.clone().requires_grad_() for w in x["weights"])
+    called = []
+    monkeypatch.setattr(glue, "_run_kernel", lambda *a: called.append(1))
+    glue.run_dgd_triton(problem(x, 16), state_of(x))
+    assert not called
+
+
+def test_hopes_shipped_memory_is_served_and_the_rest_refused() -> None:
+    import nestlearn
+    from nestlearn.compile.levels import Level
+    from nestlearn.memories import build_arch
+
+    spec = nestlearn.load_spec(ROOT / "models" / "hope.yaml")
+    node = next(n for n in spec.block if n.op == "selfmod")
+    dh = spec.model.dim // spec.model.heads
+    level = Level("selfmod", spec.levels["selfmod"])
+    arch = build_arch(node.memory, dh, dh, spec.model.heads, unit_keys=True)
+    x = inputs(1, spec.model.heads, 32, dh, device="cpu")
+    hope = level.problem(arch, x["q"], x["k"], x["v"], {"lr": x["lr"], "decay": x["decay"], "beta": 0.9},
+                         int(level.period))
+    assert glue._shape_ok(hope) and glue._tensors_ok(hope)
+    assert not glue.supports(hope)  # CPU tensors: the closed form (and never an import of triton)
+    small = inputs(1, 1, 32, 16, device="cpu")
+    refused = [
+        problem(small, 16, bias=True), problem(small, 16, act="silu"), problem(small, 16, expand=2),
+        problem(small, 16, depth=3), problem(small, 16, residual=False), problem(small, 8),
+    ]
+    from dataclasses import replace
+
+    refused += [replace(problem(small, 16), read_start=True), replace(problem(small, 16), objective=objectives.dot),
+                replace(problem(small, 16), rule=rules.momentum(0.1))]
+    assert not any(glue._shape_ok(pb) for pb in refused)
+    assert glue._shape_ok(problem(small, 16))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_switch_and_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = inputs(1, 2, 32, 64)
+    pb = problem(x, 16)
+    with torch.no_grad():
+        assert glue.supports(pb)
+        monkeypatch.setenv("NESTLEARN_TRITON", "0")
+        assert not glue.supports(pb)
+    monkeypatch.delenv("NESTLEARN_TRITON")
+    wants = problem({**x, "q": x["q"].clone().requires_grad_()}, 16)
+    assert not glue.supports(wants)
+    with torch.no_grad():
+        assert glue.supports(wants)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_gpu_full_head_size(dgd_mlp: ModuleType, clip: float | None) -> None:
+    """HOPE's head (64), chunk (16) and heads (8) over 2,048 tokens (128 chunks)."""
+    x = inputs(2, 8, 2048, 64, seed=5)
+    check(dgd_mlp.dgd_mlp_fwd(**x, chunk=16, clip=clip), dgd_mlp.dgd_mlp_fwd_reference(**x, chunk=16, clip=clip))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_shipped_hope_dispatches_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """models/hope.yaml (smaller width, HOPE's head size) under no_grad: the kernel serves its
+    self-modifying memory and the logits match the closed form's; with grad it does not run."""
+    import nestlearn
+
+    torch.manual_seed(0)
+    model = nestlearn.compile(ROOT / "models" / "hope.yaml", ["model.dim=128", "model.depth=2", "model.heads=2"]).to("cuda")
+    tokens = torch.randint(0, 256, (2, 300), device="cuda")
+    calls = []
+    real = glue._run_kernel
+
+    def counting(*a: Any) -> Any:
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(glue, "_run_kernel", counting)
+    with torch.no_grad():
+        monkeypatch.setenv("NESTLEARN_TRITON", "0")
+        ref, _ = model(tokens)
+        assert not calls
+        monkeypatch.setenv("NESTLEARN_TRITON", "1")
+        out, _ = model(tokens)
+    assert calls and _rel(out, ref) < 1e-3
+    calls.clear()
+    model(tokens)[0].sum().backward()
+    assert not calls
