@@ -128,7 +128,7 @@ def _dgd_mlp_fwd_kernel(
     H, n_chunks, clip,
     BT: tl.constexpr, LOG_BT: tl.constexpr, D: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*H*T*D passes 2^31 at long contexts
     b = pid // H
     h = pid % H
     rt = tl.arange(0, BT)
