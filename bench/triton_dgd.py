@@ -1,0 +1,144 @@
+"""``python -m bench.triton_dgd [--batch 8] [--seq 2048] [--heads 8] [--dim-head 64] [--chunk 16]
+[--reps 20] [--no-graph]``: the fused DGD kernel (``nestlearn/loops/triton/dgd_mlp.py``) against
+the closed form it replaces (``loops/dgd_dual.py``), forward only, at HOPE's self-modifying
+memory's size (8 heads of 64, chunk 16; ``models/hope.yaml``) on CUDA.
+
+Rows: the kernel in fp32 (``ieee``, what the executor runs) and in TF32 (for scale, not exact);
+``run_dgd_dual`` eagerly and with its chunk steps through ``torch.compile`` (``nestlearn run
+--compile``), each also replayed from a CUDA graph (``--cuda-graph``; ``--no-graph`` skips).
+Median of ``--reps`` CUDA-event timings after warm-up; tokens/s counts ``batch x seq``; the
+last column is the largest error against eager ``run_dgd_dual``, relative to the largest output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from nestlearn import objectives, rules
+from nestlearn.loops.common import GradMode, MemoryProblem, MemoryState
+from nestlearn.loops.dgd_dual import run_dgd_dual
+from nestlearn.memories import MLPMemory
+
+
+def hope_inputs(b: int, h: int, t: int, d: int, dev: str) -> dict[str, Any]:
+    """HOPE-like inputs: unit q / k, lr = 0.002 sigmoid(.), decay = 0.1 sigmoid(. - 6), beta 0.9."""
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=dev)
+
+    q, k = (torch.nn.functional.normalize(rnd(b, h, t, d), dim=-1) for _ in range(2))
+    return {
+        "q": q, "k": k, "v": rnd(b, h, t, d),
+        "lr": 0.002 * torch.sigmoid(rnd(b, h, t)), "decay": 0.1 * torch.sigmoid(rnd(b, h, t) - 6),
+        "beta": torch.full((1, 1, 1), 0.9, device=dev).expand(b, h, t),
+        "weights": tuple((rnd(1, h, d, d) / d**0.5).expand(b, h, d, d) for _ in range(2)),
+        "momenta": tuple(torch.zeros(b, h, d, d, device=dev) for _ in range(2)),
+    }
+
+
+def dual_fn(x: dict[str, Any], chunk: int, compiled: bool) -> Callable[[], torch.Tensor]:
+    h, d = x["q"].shape[1], x["q"].shape[3]
+    arch = MLPMemory(d, d, h, expand=1, depth=2, act="gelu", residual=True, bias=False)
+    pb = MemoryProblem(arch, rules.dgd(0.0, 0.0, 0.0), objectives.l2, x["q"], x["k"], x["v"],
+                       {"lr": x["lr"], "decay": x["decay"], "beta": 0.9}, chunk, GradMode("unroll"),
+                       clip=1.0, compiled=compiled)
+    p = {"W0": x["weights"][0], "W1": x["weights"][1]}
+    st = MemoryState(params=p, opt={"m": {"W0": x["momenta"][0], "W1": x["momenta"][1]}}, anchor=p,
+                     offset=0, chunks=0)
+    return lambda: run_dgd_dual(pb, st)[0]
+
+
+def kernel_fn(x: dict[str, Any], chunk: int, precision: str) -> Callable[[], torch.Tensor]:
+    from nestlearn.loops.triton.dgd_mlp import dgd_mlp_fwd
+
+    return lambda: dgd_mlp_fwd(**x, chunk=chunk, clip=1.0, precision=precision).y
+
+
+def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` captured in a CUDA graph (after warm-up on a side stream) and replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+
+    def replay() -> torch.Tensor:
+        g.replay()
+        return out
+
+    return replay
+
+
+def time_ms(fn: Callable[[], torch.Tensor], warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim-head", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.triton_dgd needs a CUDA device")
+    x = hope_inputs(a.batch, a.heads, a.seq, a.dim_head, "cuda")
+    rows: list[tuple[str, Callable[[], Callable[[], torch.Tensor]]]] = [
+        ("triton kernel (fp32 ieee)", lambda: kernel_fn(x, a.chunk, "ieee")),
+        ("triton kernel (tf32)", lambda: kernel_fn(x, a.chunk, "tf32")),
+        ("dgd_dual eager", lambda: dual_fn(x, a.chunk, False)),
+        ("dgd_dual compiled chunk steps", lambda: dual_fn(x, a.chunk, True)),
+    ]
+    if not a.no_graph:
+        rows += [("dgd_dual eager + CUDA graph", lambda: graphed(dual_fn(x, a.chunk, False))),
+                 ("dgd_dual compiled + CUDA graph", lambda: graphed(dual_fn(x, a.chunk, True)))]
+    tokens = a.batch * a.seq
+    chunks = a.seq // a.chunk
+    print(f"# DGD forward, HOPE's MLP memory: batch {a.batch} x {a.seq} tokens, {a.heads} heads of {a.dim_head}, "
+          f"chunk {a.chunk}; {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"{'path':<34} {'ms':>9} {'tokens/s':>12} {'us/chunk':>9} {'vs eager':>9} {'max rel err':>12}")
+    results: list[tuple[str, float, float] | tuple[str, str]] = []
+    with torch.no_grad():
+        ref = dual_fn(x, a.chunk, False)()
+        for name, build in rows:
+            try:
+                fn = build()
+                ms = time_ms(fn, a.warmup, a.reps)
+                results.append((name, ms, float((fn() - ref).abs().max() / ref.abs().max())))
+            except Exception as exc:  # a row that cannot run here (e.g. a graph capture) says why
+                results.append((name, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"))
+    base = next((r[1] for r in results if r[0] == "dgd_dual eager" and len(r) == 3), None)
+    for r in results:
+        if len(r) == 2:
+            print(f"{r[0]:<34} {r[1]}")
+            continue
+        name, ms, err = r
+        speed = f"{base / ms:>8.2f}x" if isinstance(base, float) else f"{'':>9}"
+        print(f"{name:<34} {ms:>9.3f} {tokens / ms * 1e3:>12,.0f} {ms * 1e3 / chunks:>9.1f} {speed} {err:>12.2e}")
+
+if __name__ == "__main__":
+    main()
