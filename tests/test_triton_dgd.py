@@ -69,6 +69,7 @@ def dgd_mlp(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
@@ -260,3 +261,49 @@ def test_gpu_shipped_hope_dispatches_to_the_kernel(monkeypatch: pytest.MonkeyPat
     calls.clear()
     model(tokens)[0].sum().backward()
     assert not calls
+
+
+def test_shipped_hope_through_the_kernel_on_cpu(dgd_mlp: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """models/hope.yaml end to end (a width whose heads are 16 wide) with the row's device check
+    lifted, so that the kernel (interpreted on the CPU) serves the self-modifying memory through
+    ``loops.run``: the same logits and carried state as the closed form, 75 tokens fed in two
+    calls (each ends mid-chunk; the second starts there)."""
+    import nestlearn
+
+    torch.manual_seed(0)
+    model = nestlearn.compile(ROOT / "models" / "hope.yaml", ["model.dim=32", "model.depth=1", "model.heads=2"]).to(DEV)
+    tokens = torch.randint(0, 256, (2, 75), device=DEV)
+    calls: list[int] = []
+    real = glue._run_kernel
+
+    def counting(*a: Any) -> Any:
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(glue, "_run_kernel", counting)
+    monkeypatch.setattr(glue, "supports", lambda pb: glue._shape_ok(pb) and glue._tensors_ok(pb)
+                        and not glue._grad_wanted(glue._tensors(pb)))
+
+    def feed() -> tuple[torch.Tensor, Any]:
+        outs, state = [], None
+        for part in tokens.split([37, 38], 1):
+            out, state = model(part, state)
+            outs.append(out)
+        return torch.cat(outs, 1), state
+
+    monkeypatch.setattr(glue, "_said", False)
+    with torch.no_grad(), pytest.warns(UserWarning, match="fused Triton kernel"):
+        out, state = feed()
+    assert len(calls) == 2  # the self-modifying memory of the one block, in each call
+    monkeypatch.setattr(glue, "supports", lambda pb: False)
+    with torch.no_grad():
+        ref, ref_state = feed()
+    assert _rel(out, ref) < TOL
+    flat = torch.utils._pytree.tree_leaves(state)
+    flat_ref = torch.utils._pytree.tree_leaves(ref_state)
+    assert len(flat) == len(flat_ref)
+    for a, b in zip(flat, flat_ref):
+        if isinstance(a, torch.Tensor):
+            assert _rel(a, b) < TOL
+        else:
+            assert a == b
