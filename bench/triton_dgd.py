@@ -3,11 +3,16 @@
 the closed form it replaces (``loops/dgd_dual.py``), forward only, at HOPE's self-modifying
 memory's size (8 heads of 64, chunk 16; ``models/hope.yaml``) on CUDA.
 
-Rows: the kernel in fp32 (``ieee``, what the executor runs) and in TF32 (for scale, not exact);
+Rows: the kernel in fp32 (``ieee``, what the executor runs), in 3xTF32 (tensor cores, near-fp32:
+a candidate default) and in TF32 (for scale, not exact);
 ``run_dgd_dual`` eagerly and with its chunk steps through ``torch.compile`` (``nestlearn run
 --compile``), each also replayed from a CUDA graph (``--cuda-graph``; ``--no-graph`` skips).
 Median of ``--reps`` CUDA-event timings after warm-up; tokens/s counts ``batch x seq``; the
 last column is the largest error against eager ``run_dgd_dual``, relative to the largest output.
+
+``--ptxas`` needs no GPU: it compiles the kernel for sm_90 and prints registers and spills per
+``num_warps`` and precision (ptxas reported spills at every setting for D = 64 on Triton 3.9:
+the four 64 x 64 fp32 state matrices plus the dot operands do not fit 255 registers).
 """
 
 from __future__ import annotations
@@ -54,10 +59,10 @@ def dual_fn(x: dict[str, Any], chunk: int, compiled: bool) -> Callable[[], torch
     return lambda: run_dgd_dual(pb, st)[0]
 
 
-def kernel_fn(x: dict[str, Any], chunk: int, precision: str) -> Callable[[], torch.Tensor]:
+def kernel_fn(x: dict[str, Any], chunk: int, precision: str, **launch: Any) -> Callable[[], torch.Tensor]:
     from nestlearn.loops.triton.dgd_mlp import dgd_mlp_fwd
 
-    return lambda: dgd_mlp_fwd(**x, chunk=chunk, clip=1.0, precision=precision).y
+    return lambda: dgd_mlp_fwd(**x, chunk=chunk, clip=1.0, precision=precision, **launch).y
 
 
 def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -93,6 +98,37 @@ def time_ms(fn: Callable[[], torch.Tensor], warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def ptxas_table(d: int, chunk: int, arch: int = 90) -> None:
+    """Compile the kernel for ``sm_<arch>`` without a GPU (triton ships ptxas) and print, per
+    ``num_warps`` and ``tl.dot`` precision, the registers and stack (spilled registers) per
+    thread that ptxas reports: where tuning starts before a GPU is at hand."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nestlearn.loops.triton.dgd_mlp import _dgd_mlp_fwd_kernel as fn
+
+    consts: dict[str, Any] = {"BT": chunk, "LOG_BT": chunk.bit_length() - 1, "D": d, "CLIP": True}
+    sig = {n: ("*fp32" if n.endswith(("_ptr", "_out")) else "constexpr" if n in (*consts, "PREC")
+               else "fp32" if n == "clip" else "i32") for n in fn.arg_names}
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    print(f"# ptxas, sm_{arch}: D {d}, chunk {chunk} (REG: registers per thread, STACK: bytes of spills per thread)")
+    for prec in ("ieee", "tf32x3", "tf32"):
+        for warps in (4, 8, 16):
+            k = triton.compile(ASTSource(fn, sig, {**consts, "PREC": prec}), target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": warps})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+            line = next((ln.strip() for ln in usage.splitlines() if "REG:" in ln), "?")
+            print(f"{prec:<7} num_warps {warps:>2}: {' '.join(line.split()[:2])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -103,13 +139,21 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
+    ap.add_argument("--num-warps", type=int, default=None, help="the kernel's launch option (default: 8 at D >= 64)")
+    ap.add_argument("--maxnreg", type=int, default=None, help="the kernel's register cap (e.g. 255 with 8 warps)")
+    ap.add_argument("--ptxas", action="store_true", help="no GPU needed: registers / spills per num_warps and precision")
     a = ap.parse_args()
+    if a.ptxas:
+        ptxas_table(a.dim_head, a.chunk)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench.triton_dgd needs a CUDA device")
     x = hope_inputs(a.batch, a.heads, a.seq, a.dim_head, "cuda")
+    launch = {"num_warps": a.num_warps, "maxnreg": a.maxnreg}
     rows: list[tuple[str, Callable[[], Callable[[], torch.Tensor]]]] = [
-        ("triton kernel (fp32 ieee)", lambda: kernel_fn(x, a.chunk, "ieee")),
-        ("triton kernel (tf32)", lambda: kernel_fn(x, a.chunk, "tf32")),
+        ("triton kernel (fp32 ieee)", lambda: kernel_fn(x, a.chunk, "ieee", **launch)),
+        ("triton kernel (3xtf32)", lambda: kernel_fn(x, a.chunk, "tf32x3", **launch)),
+        ("triton kernel (tf32)", lambda: kernel_fn(x, a.chunk, "tf32", **launch)),
         ("dgd_dual eager", lambda: dual_fn(x, a.chunk, False)),
         ("dgd_dual compiled chunk steps", lambda: dual_fn(x, a.chunk, True)),
     ]

@@ -307,3 +307,35 @@ def test_shipped_hope_through_the_kernel_on_cpu(dgd_mlp: ModuleType, monkeypatch
             assert _rel(a, b) < TOL
         else:
             assert a == b
+
+
+def test_precision_follows_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 means fp32 unless the user allowed TF32 (as torch's matmuls in the closed form)."""
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert glue.precision() == "ieee"
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert glue.precision() == "tf32"
+
+
+def test_out_of_resources_falls_back_and_refuses_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device without the shared memory a size needs: one warning, the closed form's result,
+    and that size is refused from then on."""
+    class OutOfResources(Exception):  # matched by name, as triton's (not imported on the CPU path)
+        pass
+
+    def boom(*a: Any) -> Any:
+        raise OutOfResources("shared memory")
+
+    monkeypatch.setattr(glue, "_run_kernel", boom)
+    monkeypatch.setattr(glue, "_too_big", set())
+    monkeypatch.setattr(glue, "_said", True)
+    x = inputs(1, 2, 16 + 32 + 3, 16, device="cpu")
+    pb = problem(x, 16)
+    with torch.no_grad():
+        _, st0 = run_dgd_dual(pb.slice(0, 16 + 5), state_of(x))  # offset 5: a head on the closed form first
+        rest = pb.slice(21, pb.q.shape[2])
+        y_ref, st_ref = run_dgd_dual(rest, st0)
+        with pytest.warns(UserWarning, match="does not fit this device"):
+            y, st = glue.run_dgd_triton(rest, st0)
+    assert torch.equal(y, y_ref) and torch.equal(st["params"]["W1"], st_ref["params"]["W1"])
+    assert glue._size(pb) in glue._too_big

@@ -18,7 +18,8 @@ It takes a problem when all of these hold (``supports``; anything else runs ``dg
 The kernel runs whole chunks from a chunk boundary; ``run_dgd_triton`` gives the rest of a
 chunk already begun (a carried ``offset``) and a trailing partial chunk to ``dgd_dual``, so any
 call is exact (token-by-token generation stays on the closed form; a whole prompt takes the
-kernel). The first use says so once (a warning naming the switch).
+kernel). The first use says so once (a warning naming the switch). Its products are fp32
+(``ieee``) unless the user allowed TF32 matmuls, as for the closed form (``precision``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def supports(pb: MemoryProblem) -> bool:
     a CPU problem never looks further than its device."""
     if not (pb.q.is_cuda and kernels.enabled() and kernels.importable()):
         return False
-    return _shape_ok(pb) and _tensors_ok(pb) and not _grad_wanted(_tensors(pb))
+    return (_shape_ok(pb) and _tensors_ok(pb) and not _grad_wanted(_tensors(pb))
+            and _size(pb) not in _too_big)
 
 
 def _shape_ok(pb: MemoryProblem) -> bool:
@@ -102,12 +104,34 @@ def run_dgd_triton(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, Memor
     if head:
         y, state = run_dgd_dual(pb.slice(0, head), state)
         ys.append(y)
-    y, state = _run_kernel(pb.slice(head, head + whole), state)
+    try:
+        y, state = _run_kernel(pb.slice(head, head + whole), state)
+    except Exception as exc:  # a device without the shared memory / registers this size needs
+        if type(exc).__name__ != "OutOfResources":
+            raise
+        _too_big.add(_size(pb))
+        warnings.warn(f"nestlearn: the fused DGD kernel does not fit this device at width {pb.arch.d_in}, "
+                      f"chunk {pb.period} ({exc}); the closed form runs instead", stacklevel=3)
+        return run_dgd_dual(pb, state) if not ys else _rest_on_dual(pb, state, ys, head)
     ys.append(y)
     if head + whole < t:
         y, state = run_dgd_dual(pb.slice(head + whole, t), state)
         ys.append(y)
     return (ys[0] if len(ys) == 1 else torch.cat(ys, 2)), state
+
+
+def _rest_on_dual(pb: MemoryProblem, state: MemoryState, ys: list[Tensor], head: int) -> tuple[Tensor, MemoryState]:
+    y, state = run_dgd_dual(pb.slice(head, pb.q.shape[2]), state)
+    return torch.cat([*ys, y], 2), state
+
+
+def _size(pb: MemoryProblem) -> tuple[int, int, torch.device]:
+    return pb.arch.d_in, pb.period, pb.q.device
+
+
+_too_big: set[tuple[int, int, torch.device]] = set()
+"""Sizes whose launch ran out of resources on a device (the shared memory grows with width and
+chunk: ~60 KB at 64 / 16, ~150 KB at 128 / 16, ~210 KB at 64 / 64 on sm_90): refused after."""
 
 
 def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
@@ -118,12 +142,18 @@ def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
     p, m = state["params"], state["opt"]["m"]
     lr, decay, beta = hp_tokens(pb, "lr"), hp_tokens(pb, "decay"), hp_tokens(pb, "beta")
     out = dgd_mlp_fwd(pb.q, pb.k, pb.v, lr, decay, beta, (p["W0"], p["W1"]), (m["W0"], m["W1"]),
-                      chunk=pb.period, clip=pb.clip)
+                      chunk=pb.period, clip=pb.clip, precision=precision())
     new = MemoryState(params={"W0": out.weights[0], "W1": out.weights[1]},
                       opt={"m": {"W0": out.momenta[0], "W1": out.momenta[1]}},
                       anchor={"W0": out.anchor[0], "W1": out.anchor[1]}, offset=0,
                       chunks=state["chunks"] + pb.q.shape[2] // pb.period)
     return out.y, new
+
+
+def precision() -> str:
+    """The kernel's ``tl.dot`` precision: fp32 (``ieee``) unless the user allowed TF32 matmuls
+    (``torch.set_float32_matmul_precision("high")`` or lower), as the closed form's matmuls would."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 _said = False

@@ -232,12 +232,15 @@ def dgd_mlp_fwd(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
     weights: tuple[Tensor, Tensor], momenta: tuple[Tensor, Tensor], *,
     chunk: int, clip: float | None = None, precision: str = "ieee", num_warps: int | None = None,
+    maxnreg: int | None = None,
 ) -> DGDMLPOut:
     """Run HOPE's MLP memory (``x + W1 gelu(W0 x)``, l2 objective, DGD) over ``T`` tokens from a
     state at a chunk boundary: ``q, k, v`` are ``[B, H, T, D]``, the gates ``[B, H, T]``
     (expanded views are fine), ``weights`` / ``momenta`` are ``(W0, W1)`` each ``[B, H, D, D]``
     laid out ``[out, in]``. fp32 throughout; ``T`` a multiple of ``chunk``; ``chunk`` and ``D``
-    powers of two >= 16 on a GPU (the interpreter takes any power of two)."""
+    powers of two >= 16 on a GPU (the interpreter takes any power of two). ``precision`` is
+    ``tl.dot``'s (``ieee``: fp32; ``tf32x3`` / ``tf32``: tensor cores); ``num_warps`` / ``maxnreg``
+    are launch options for tuning (``python -m bench.triton_dgd --ptxas`` shows their spills)."""
     bsz, heads, t, d = q.shape
     if t % chunk or chunk & (chunk - 1) or d & (d - 1):
         raise ValueError(f"dgd_mlp_fwd: T={t} must be whole chunks of {chunk}; chunk and D={d} powers of two")
@@ -265,7 +268,7 @@ def dgd_mlp_fwd(
         *outs,
         heads, t // chunk, float(clip or 0.0),
         BT=chunk, LOG_BT=chunk.bit_length() - 1, D=d, CLIP=clip is not None, PREC=precision,
-        num_warps=num_warps or (8 if d >= 64 else 4),
+        num_warps=num_warps or (8 if d >= 64 else 4), **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     w0n, w1n, m0n, m1n, a0, a1 = outs
     return DGDMLPOut(y, (w0n, w1n), (m0n, m1n), (a0, a1))
