@@ -209,6 +209,7 @@ def test_hopes_shipped_memory_is_served_and_the_rest_refused() -> None:
     assert glue._shape_ok(problem(small, 16))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_switch_and_grad(monkeypatch: pytest.MonkeyPatch) -> None:
     x = inputs(1, 2, 32, 64)
