@@ -11,8 +11,9 @@ Median of ``--reps`` CUDA-event timings after warm-up; tokens/s counts ``batch x
 last column is the largest error against eager ``run_dgd_dual``, relative to the largest output.
 
 ``--ptxas`` needs no GPU: it compiles the kernel for sm_90 and prints registers and spills per
-``num_warps`` and precision (ptxas reported spills at every setting for D = 64 on Triton 3.9:
-the four 64 x 64 fp32 state matrices plus the dot operands do not fit 255 registers).
+``num_warps`` (with ``dgd_mlp.launch_options``' register cap) and precision. ptxas reports
+spills at every setting for D = 64 on Triton 3.9: the four 64 x 64 fp32 state matrices plus the
+fp32 dots' operands do not fit the register file.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def ptxas_table(d: int, chunk: int, arch: int = 90) -> None:
     from triton.compiler import ASTSource
 
     from nestlearn.loops.triton.dgd_mlp import _dgd_mlp_fwd_kernel as fn
+    from nestlearn.loops.triton.dgd_mlp import launch_options
 
     consts: dict[str, Any] = {"BT": chunk, "LOG_BT": chunk.bit_length() - 1, "D": d, "CLIP": True}
     sig = {n: ("*fp32" if n.endswith(("_ptr", "_out")) else "constexpr" if n in (*consts, "PREC")
@@ -119,14 +121,15 @@ def ptxas_table(d: int, chunk: int, arch: int = 90) -> None:
     print(f"# ptxas, sm_{arch}: D {d}, chunk {chunk} (REG: registers per thread, STACK: bytes of spills per thread)")
     for prec in ("ieee", "tf32x3", "tf32"):
         for warps in (4, 8, 16):
+            opts = launch_options(d, warps)  # with its default register cap
             k = triton.compile(ASTSource(fn, sig, {**consts, "PREC": prec}), target=GPUTarget("cuda", arch, 32),
-                               options={"num_warps": warps})
+                               options=opts)
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(k.asm["cubin"])
                 f.flush()
                 usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
             line = next((ln.strip() for ln in usage.splitlines() if "REG:" in ln), "?")
-            print(f"{prec:<7} num_warps {warps:>2}: {' '.join(line.split()[:2])}")
+            print(f"{prec:<7} num_warps {warps:>2} maxnreg {opts.get('maxnreg', '-')}: {' '.join(line.split()[:2])}")
 
 
 def main() -> None:

@@ -3,9 +3,9 @@
 
 It takes a problem when all of these hold (``supports``; anything else runs ``dgd_dual``):
 
-- the tensors live on one CUDA device, in fp32 (or half precision under autocast: ``loops.run``
-  casts such problems to fp32 first), and
-  triton is installed and not switched off (``NESTLEARN_TRITON=0``);
+- the tensors live on one CUDA device (NVIDIA: the kernel is untried on ROCm), in fp32 (or half
+  precision under autocast: ``loops.run`` casts such problems to fp32 first), and triton is
+  installed and not switched off (``NESTLEARN_TRITON=0``);
 - no gradient will be asked for: grad mode off, or none of q / k / v / the gates requires one.
   The kernel has no backward yet, so training keeps the closed form; evaluation and generation
   (``torch.no_grad``) get the kernel. The carried state is checked in ``run_dgd_triton`` (the
@@ -47,7 +47,7 @@ HYPERS = {"lr", "decay", "beta"}
 def supports(pb: MemoryProblem) -> bool:
     """True where the kernel computes ``pb`` exactly (module docstring); cheap checks first, so
     a CPU problem never looks further than its device."""
-    if not (pb.q.is_cuda and kernels.enabled() and kernels.importable()):
+    if not (pb.q.is_cuda and torch.version.hip is None and kernels.enabled() and kernels.importable()):
         return False
     return (_shape_ok(pb) and _tensors_ok(pb) and not _grad_wanted(_tensors(pb))
             and _size(pb) not in _too_big)

@@ -228,6 +228,21 @@ def _square(x: Tensor, d: int) -> Tensor:
     return x if (x.stride(-1) == 1 and x.stride(-2) == d) else x.contiguous()
 
 
+def launch_options(d: int, num_warps: int | None = None, maxnreg: int | None = None) -> dict[str, int]:
+    """``num_warps`` and ptxas's register cap. The kernel is persistent (one program per SM at a
+    time), so the cap defaults to the whole register file of one program, ``65536 / threads``
+    (at most 255): left to itself ptxas chose as few as 32 registers at some sizes and spilled
+    the rest. 16 warps at D >= 64: on sm_90 (Triton 3.9, ptxas's own report, fp32 dots) that
+    halves each thread's products and spills least (D = 64: ~3.8 KB of spill stores per thread
+    against ~5.9 KB at 8 warps; D = 128: ~15 KB against ~76 KB). Untimed: tune on the GPU
+    (``python -m bench.triton_dgd --num-warps N --maxnreg R``)."""
+    warps = num_warps or (16 if d >= 64 else 4)
+    out = {"num_warps": warps}
+    if torch.version.hip is None:  # an NVIDIA option
+        out["maxnreg"] = maxnreg or min(255, 65536 // (32 * warps))
+    return out
+
+
 def dgd_mlp_fwd(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
     weights: tuple[Tensor, Tensor], momenta: tuple[Tensor, Tensor], *,
@@ -268,7 +283,7 @@ def dgd_mlp_fwd(
         *outs,
         heads, t // chunk, float(clip or 0.0),
         BT=chunk, LOG_BT=chunk.bit_length() - 1, D=d, CLIP=clip is not None, PREC=precision,
-        num_warps=num_warps or (8 if d >= 64 else 4), **({"maxnreg": maxnreg} if maxnreg else {}),
+        **launch_options(d, num_warps, maxnreg),
     )
     w0n, w1n, m0n, m1n, a0, a1 = outs
     return DGDMLPOut(y, (w0n, w1n), (m0n, m1n), (a0, a1))
