@@ -101,10 +101,13 @@ def check(out: Any, ref: Any, tol: float = TOL) -> dict[str, float]:
     return errs
 
 
-@pytest.mark.parametrize("chunk,d,chunks", [(16, 16, 3), (32, 16, 2), (16, 32, 2)])
+@pytest.mark.parametrize("chunk,d,chunks,bh", [(16, 16, 3, 2), (32, 16, 2, 2), (64, 16, 2, 1), (16, 32, 2, 2),
+                                              (16, 64, 2, 1)])
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_kernel_equals_closed_form(dgd_mlp: ModuleType, chunk: int, d: int, chunks: int, clip: float | None) -> None:
-    x = inputs(2, 2, chunk * chunks, d)
+def test_kernel_equals_closed_form(dgd_mlp: ModuleType, chunk: int, d: int, chunks: int, bh: int,
+                                   clip: float | None) -> None:
+    """Every chunk length the row takes (16 / 32 / 64) and widths up to HOPE's 64."""
+    x = inputs(bh, bh, chunk * chunks, d)
     out = dgd_mlp.dgd_mlp_fwd(**x, chunk=chunk, clip=clip)
     ref = dgd_mlp.dgd_mlp_fwd_reference(**x, chunk=chunk, clip=clip)
     check(out, ref)
