@@ -99,7 +99,6 @@ def run_dgd_triton(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, Memor
     whole = (t - head) // n * n
     if whole == 0:
         return run_dgd_dual(pb, state)
-    _say_once()
     ys = []
     if head:
         y, state = run_dgd_dual(pb.slice(0, head), state)
@@ -113,6 +112,7 @@ def run_dgd_triton(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, Memor
         warnings.warn(f"nestlearn: the fused DGD kernel does not fit this device at width {pb.arch.d_in}, "
                       f"chunk {pb.period} ({exc}); the closed form runs instead", stacklevel=3)
         return run_dgd_dual(pb, state) if not ys else _rest_on_dual(pb, state, ys, head)
+    _say_once()
     ys.append(y)
     if head + whole < t:
         y, state = run_dgd_dual(pb.slice(head + whole, t), state)
@@ -164,4 +164,4 @@ def _say_once() -> None:
     if not _said:
         _said = True
         warnings.warn("nestlearn: DGD on the MLP memory runs on the fused Triton kernel (forward only; "
-                      "NESTLEARN_TRITON=0 switches it off)", stacklevel=4)
+                      "NESTLEARN_TRITON=0 switches it off)", stacklevel=3)
