@@ -174,6 +174,21 @@ def test_executor_row_equals_dgd_dual_from_any_offset(dgd_mlp: ModuleType, first
         assert _rel(st["opt"]["m"][n], st_ref["opt"]["m"][n]) < TOL
 
 
+def test_kernel_equals_the_sequential_oracle(dgd_mlp: ModuleType) -> None:
+    """The kernel against the token-by-token oracle itself (``loops/sequential.py``: autograd
+    gradients at each chunk's start, then ``rules/dgd.py`` token by token) for HOPE's memory with
+    its clip: not only against the closed form it was written from."""
+    from nestlearn.loops import run
+
+    x = inputs(1, 2, 48, 16, seed=7)
+    with torch.no_grad():
+        y, st = run(problem(x, 16), state_of(x), "sequential")
+    out = dgd_mlp.dgd_mlp_fwd(**x, chunk=16, clip=1.0)
+    assert _rel(out.y, y) < TOL
+    for i, n in enumerate(("W0", "W1")):
+        assert _rel(out.weights[i], st["params"][n]) < TOL and _rel(out.momenta[i], st["opt"]["m"][n]) < TOL
+
+
 def test_a_state_that_wants_gradients_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """Forward only: with grad mode on and a state that requires grad, the closed form runs."""
     x = inputs(1, 1, 32, 16, device="cpu")
