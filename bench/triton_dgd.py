@@ -10,6 +10,7 @@ a candidate default) and in TF32 (for scale, not exact);
 Median of ``--reps`` CUDA-event timings after warm-up; tokens/s counts ``batch x seq``; the
 last column is the largest error against eager ``run_dgd_dual``, relative to the largest output.
 
+``--model`` adds ``models/hope.yaml``'s whole no-grad forward with and without the kernel.
 ``--ptxas`` needs no GPU: it compiles the kernel for sm_90 and prints registers and spills per
 ``num_warps`` (with ``dgd_mlp.launch_options``' register cap) and precision. ptxas reports
 spills at every setting for D = 64 on Triton 3.9: the four 64 x 64 fp32 state matrices plus the
@@ -132,6 +133,32 @@ def ptxas_table(d: int, chunk: int, arch: int = 90) -> None:
             print(f"{prec:<7} num_warps {warps:>2} maxnreg {opts.get('maxnreg', '-')}: {' '.join(line.split()[:2])}")
 
 
+def model_rows(batch: int, seq: int, warmup: int, reps: int) -> None:
+    """``models/hope.yaml``'s no-grad forward (evaluation) with the kernel and without it
+    (``NESTLEARN_TRITON=0``): what the row buys a whole model, CMS levels and all."""
+    import os
+    from pathlib import Path
+
+    import nestlearn
+
+    spec = Path(__file__).resolve().parent.parent / "models" / "hope.yaml"
+    model = nestlearn.compile(spec).to("cuda").eval()
+    tokens = torch.randint(0, 256, (batch, seq), device="cuda")
+    print(f"\n# models/hope.yaml forward under no_grad, {batch} x {seq} tokens")
+    old = os.environ.get("NESTLEARN_TRITON")
+    try:
+        with torch.no_grad():
+            for flag, name in (("0", "closed form (dgd_dual)"), ("1", "fused kernel (dgd_triton)")):
+                os.environ["NESTLEARN_TRITON"] = flag
+                ms = time_ms(lambda: model(tokens)[0], warmup, reps)
+                print(f"{name:<34} {ms:>9.3f} {batch * seq / ms * 1e3:>12,.0f} tokens/s")
+    finally:
+        if old is None:
+            os.environ.pop("NESTLEARN_TRITON", None)
+        else:
+            os.environ["NESTLEARN_TRITON"] = old
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -144,6 +171,7 @@ def main() -> None:
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
     ap.add_argument("--num-warps", type=int, default=None, help="the kernel's launch option (default: 8 at D >= 64)")
     ap.add_argument("--maxnreg", type=int, default=None, help="the kernel's register cap (e.g. 255 with 8 warps)")
+    ap.add_argument("--model", action="store_true", help="also time models/hope.yaml's no-grad forward with / without")
     ap.add_argument("--ptxas", action="store_true", help="no GPU needed: registers / spills per num_warps and precision")
     a = ap.parse_args()
     if a.ptxas:
@@ -186,6 +214,8 @@ def main() -> None:
         name, ms, err = r
         speed = f"{base / ms:>8.2f}x" if isinstance(base, float) else f"{'':>9}"
         print(f"{name:<34} {ms:>9.3f} {tokens / ms * 1e3:>12,.0f} {ms * 1e3 / chunks:>9.1f} {speed} {err:>12.2e}")
+    if a.model:
+        model_rows(a.batch, a.seq, a.warmup, max(3, a.reps // 4))
 
 if __name__ == "__main__":
     main()
