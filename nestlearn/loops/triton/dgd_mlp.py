@@ -21,8 +21,10 @@ tokens, at the chunk-start weights,
 Design (the why):
 
 - One program per (batch, head) loops over all chunks: the four ``D x D`` fp32 matrices (W0, W1
-  and their momenta; 64 KB at HOPE's D = 64) never leave the chip between chunks, and one
-  launch replaces the hundreds of small dependent kernels of the PyTorch chunk step.
+  and their momenta; 64 KB at HOPE's D = 64) are loop-carried values, read from and written
+  to memory once per call, and one launch replaces the hundreds of small dependent kernels of
+  the PyTorch chunk step. (With the dots' operands they exceed the register file: ptxas spills
+  a part to L1-cached local memory; ``launch_options`` and ``bench.triton_dgd --ptxas``.)
 - The gate coefficients (``segsum`` of log-gates: ``K``, ``B``, ``G = (K diag(eta)) B``, their
   row-shifted ``t - 1`` versions, the chunk-end rows) are computed in-kernel from the per-token
   gates: ``n x n`` work, no extra launches, no ``[chunks, n, n]`` tensors in memory. The
@@ -30,8 +32,9 @@ Design (the why):
 - The unit-lower-triangular solve uses ``(I + L)^-1 = (I - L)(I + L^2)(I + L^4)...`` (exact
   for a nilpotent ``L``: ``L^n = 0``), i.e. ``log2(n)`` squarings, all ``tl.dot``; then ``E`` is
   one more product. Forward substitution would be ``n`` dependent row steps.
-- Every product is ``tl.dot`` with ``input_precision="ieee"`` by default: fp32 means fp32
-  (TF32 rounds to ~1e-3; ``precision="tf32"`` is there for timing, not for exactness).
+- Every product is ``tl.dot`` with ``input_precision="ieee"`` by default: fp32 means fp32.
+  ``tf32`` (rounds to ~1e-3) runs where the user allowed TF32 matmuls (``dgd_triton.precision``);
+  ``tf32x3`` (tensor cores, near fp32) is a candidate default once timed and checked on a GPU.
 - ``n`` (the chunk) and ``D`` are powers of two and at least 16 (``tl.dot``'s minimum on a
   GPU); ``T`` is a whole number of chunks and the state starts at a chunk boundary (the
   executor glue runs any partial chunk on the PyTorch path).
