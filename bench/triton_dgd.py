@@ -100,10 +100,10 @@ def time_ms(fn: Callable[[], torch.Tensor], warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def ptxas_table(d: int, chunk: int, arch: int = 90) -> None:
-    """Compile the kernel for ``sm_<arch>`` without a GPU (triton ships ptxas) and print, per
-    ``num_warps`` and ``tl.dot`` precision, the registers and stack (spilled registers) per
-    thread that ptxas reports: where tuning starts before a GPU is at hand."""
+def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | None = None, arch: int = 90) -> str:
+    """Compile the kernel for ``sm_<arch>`` without a GPU (triton ships ptxas) with
+    ``dgd_mlp.launch_options`` and return ptxas's ``REG:<registers> STACK:<spilled bytes>`` per
+    thread. Needs the kernel module decorated without ``TRITON_INTERPRET``."""
     import os
     import subprocess
     import tempfile
@@ -115,22 +115,30 @@ def ptxas_table(d: int, chunk: int, arch: int = 90) -> None:
     from nestlearn.loops.triton.dgd_mlp import _dgd_mlp_fwd_kernel as fn
     from nestlearn.loops.triton.dgd_mlp import launch_options
 
-    consts: dict[str, Any] = {"BT": chunk, "LOG_BT": chunk.bit_length() - 1, "D": d, "CLIP": True}
-    sig = {n: ("*fp32" if n.endswith(("_ptr", "_out")) else "constexpr" if n in (*consts, "PREC")
+    consts: dict[str, Any] = {"BT": chunk, "LOG_BT": chunk.bit_length() - 1, "D": d, "CLIP": True, "PREC": precision}
+    sig = {n: ("*fp32" if n.endswith(("_ptr", "_out")) else "constexpr" if n in consts
                else "fp32" if n == "clip" else "i32") for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
+                       options=launch_options(d, num_warps))
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    line = next((ln for ln in usage.splitlines() if "REG:" in ln), "?")
+    return " ".join(line.split()[:2])
+
+
+def ptxas_table(d: int, chunk: int, arch: int = 90) -> None:
+    """Per ``num_warps`` and ``tl.dot`` precision, the registers and stack (spilled registers) per
+    thread that ptxas reports (``ptxas_usage``): where tuning starts before a GPU is at hand."""
+    from nestlearn.loops.triton.dgd_mlp import launch_options
+
     print(f"# ptxas, sm_{arch}: D {d}, chunk {chunk} (REG: registers per thread, STACK: bytes of spills per thread)")
     for prec in ("ieee", "tf32x3", "tf32"):
         for warps in (4, 8, 16):
-            opts = launch_options(d, warps)  # with its default register cap
-            k = triton.compile(ASTSource(fn, sig, {**consts, "PREC": prec}), target=GPUTarget("cuda", arch, 32),
-                               options=opts)
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-            line = next((ln.strip() for ln in usage.splitlines() if "REG:" in ln), "?")
-            print(f"{prec:<7} num_warps {warps:>2} maxnreg {opts.get('maxnreg', '-')}: {' '.join(line.split()[:2])}")
+            cap = launch_options(d, warps).get("maxnreg", "-")
+            print(f"{prec:<7} num_warps {warps:>2} maxnreg {cap}: {ptxas_usage(d, chunk, prec, warps, arch)}")
 
 
 def model_rows(batch: int, seq: int, warmup: int, reps: int) -> None:

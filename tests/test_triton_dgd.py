@@ -365,3 +365,25 @@ def test_out_of_resources_falls_back_and_refuses_after(monkeypatch: pytest.Monke
             y, st = glue.run_dgd_triton(rest, st0)
     assert torch.equal(y, y_ref) and torch.equal(st["params"]["W1"], st_ref["params"]["W1"])
     assert glue._size(pb) in glue._too_big
+
+
+def _ptxas() -> bool:
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return False
+    return (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
+
+
+@pytest.mark.skipif(not _ptxas(), reason="no NVIDIA backend (ptxas) in this triton")
+def test_compiles_for_hopper_without_a_gpu() -> None:
+    """The interpreter accepts what a GPU compile may refuse (``tl.dot`` shapes, layouts): compile
+    HOPE's size for sm_90 through triton's own ptxas, in a fresh process without
+    ``TRITON_INTERPRET`` (this one decorated the kernel for the interpreter)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    code = "from bench.triton_dgd import ptxas_usage; print(ptxas_usage(64, 16))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "REG:" in done.stdout, done.stdout
