@@ -16,7 +16,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from nestlearn.loops import dgd_dual, fla_backend
+from nestlearn.loops import dgd_dual, dgd_triton, fla_backend
 from nestlearn.loops.chunked import run_chunked
 from nestlearn.loops.common import MemoryProblem, MemoryState
 from nestlearn.loops.delta import run_delta
@@ -64,6 +64,10 @@ EXECUTORS: tuple[ExecutorRow, ...] = (
                 lambda pb, s: fla_backend.run_fla(pb, s, pb.chunk), remat_ok=True, compilable=False, takes=_delta_rule),
     ExecutorRow("delta", ("auto",), delta_supports, lambda pb, s: run_delta(pb, s, pb.chunk),
                 remat_ok=True, compilable=False, takes=_delta_rule),
+    # HOPE's self-modifying memory on the fused Triton kernel: CUDA, forward only (no backward yet)
+    ExecutorRow("dgd_triton", ("auto", "chunked"), lambda pb: dgd_triton.supports(pb),
+                lambda pb, s: dgd_triton.run_dgd_triton(pb, s),
+                remat_ok=True, compilable=False, takes=_dgd),
     ExecutorRow("dgd_dual", ("auto", "chunked"), dgd_dual.supports, run_dgd_dual,
                 remat_ok=True, compilable=True, takes=_dgd),
     ExecutorRow("dual", ("auto", "chunked"), lambda pb: pb.rule.linear, run_dual,

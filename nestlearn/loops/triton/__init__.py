@@ -1,0 +1,30 @@
+"""Fused Triton kernels for the closed-form chunk steps (issue 12), found at run time.
+
+The pure-PyTorch closed forms in ``loops/`` stay the reference and the CPU path; a kernel here
+computes exactly the same numbers (within fp32 rounding) with fewer launches. Each kernel module
+has its plain reference next to it and is imported only when a problem can run on it, so that
+importing ``nestlearn`` never imports triton (and tests can set ``TRITON_INTERPRET=1`` before
+the kernels are decorated).
+
+- ``dgd_mlp``: the forward of DGD's chunk recurrence on HOPE's 2-layer MLP memory, one
+  persistent program per (batch, head) over all chunks (``loops/dgd_triton.py`` wires it in).
+
+``NESTLEARN_TRITON=0`` (or ``false``/``off``/``no``) switches every kernel here off.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+
+def enabled() -> bool:
+    """The user's switch: ``NESTLEARN_TRITON`` unset or anything but 0/false/off/no."""
+    return os.environ.get("NESTLEARN_TRITON", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@functools.lru_cache(maxsize=1)
+def importable() -> bool:
+    """triton is installed (checked without importing it: that happens at the first launch)."""
+    return importlib.util.find_spec("triton") is not None

@@ -1,0 +1,315 @@
+"""DGD's chunk recurrence on HOPE's 2-layer MLP memory, forward, as one persistent Triton program
+per (batch, head).
+
+The memory is HOPE's self-modifying one (``models/hope.yaml``): ``M(x) = x + W1 gelu(W0 x)``
+with square ``D x D`` weights (``expand: 1``), no biases, the ``l2`` objective, an optional
+per-token gradient clip, and DGD with per-token ``lr`` / ``decay`` / ``beta``. The math is
+``loops/dgd_dual.py``'s (its module docstring), which is the reference: per chunk of ``n``
+tokens, at the chunk-start weights,
+
+1. error signals: ``z0 = W0 k``, ``h = gelu(z0)``, ``d1 = 2 (k + W1 h - v)``,
+   ``d0 = gelu'(z0) * W1^T d1`` (each token's pair scaled by the clip factor); the layer
+   inputs are ``x0 = k``, ``x1 = h`` and ``u = x / |x|``;
+2. per weight ``W`` (momentum ``M``): ``e_t = W_{t-1} u_t`` from ``(I + L) E = R`` with
+   ``L = Keta_p * (U U^T)`` (strictly lower), ``R = gam_p * (U W^T) + c_p * (U M^T) - (G_p * U X^T) D``;
+3. the dual read at every token ``t`` (after its update) of the read input ``A`` (``q`` for
+   ``W0``, ``gelu`` of that read for ``W1``): ``Z = gam * (A W^T) + c * (A M^T) - (Keta * A U^T) E - (G * A X^T) D``;
+   ``y = q + Z1``;
+4. the chunk-end state: ``W' = gam_e W + c_e M - E^T diag(keta_e) U - D^T diag(g_e) X``,
+   ``M' = b_e M + D^T diag(B_e) X``.
+
+Design (the why):
+
+- One program per (batch, head) loops over all chunks: the four ``D x D`` fp32 matrices (W0, W1
+  and their momenta; 64 KB at HOPE's D = 64) are loop-carried values, read from and written
+  to memory once per call, and one launch replaces the hundreds of small dependent kernels of
+  the PyTorch chunk step. (With the dots' operands they exceed the register file: ptxas spills
+  a part to L1-cached local memory; ``launch_options`` and ``bench.triton_dgd --ptxas``.)
+- The gate coefficients (``segsum`` of log-gates: ``K``, ``B``, ``G = (K diag(eta)) B``, their
+  row-shifted ``t - 1`` versions, the chunk-end rows) are computed in-kernel from the per-token
+  gates: ``n x n`` work, no extra launches, no ``[chunks, n, n]`` tensors in memory. The
+  shifted rows come from the exclusive cumulative sum, so nothing is shifted in registers.
+- The unit-lower-triangular solve uses ``(I + L)^-1 = (I - L)(I + L^2)(I + L^4)...`` (exact
+  for a nilpotent ``L``: ``L^n = 0``), i.e. ``log2(n)`` squarings, all ``tl.dot``; then ``E`` is
+  one more product. Forward substitution would be ``n`` dependent row steps.
+- Every product is ``tl.dot`` with ``input_precision="ieee"`` by default: fp32 means fp32.
+  ``tf32`` (rounds to ~1e-3) runs where the user allowed TF32 matmuls (``dgd_triton.precision``);
+  ``tf32x3`` (tensor cores, near fp32) is a candidate default once timed and checked on a GPU.
+- ``n`` (the chunk) and ``D`` are powers of two and at least 16 (``tl.dot``'s minimum on a
+  GPU); ``T`` is a whole number of chunks and the state starts at a chunk boundary (the
+  executor glue runs any partial chunk on the PyTorch path).
+
+``dgd_mlp_fwd`` launches the kernel; ``dgd_mlp_fwd_reference`` is the same contract computed
+by ``loops/dgd_dual.py`` (the tests compare the two).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+class DGDMLPOut(NamedTuple):
+    y: Tensor
+    """``[B, H, T, D]`` outputs."""
+    weights: tuple[Tensor, Tensor]
+    """``(W0, W1)`` after the last chunk, ``[B, H, D, D]``."""
+    momenta: tuple[Tensor, Tensor]
+    """DGD's momentum of each weight after the last chunk."""
+    anchor: tuple[Tensor, Tensor]
+    """``(W0, W1)`` at the last chunk's start (the carried ``anchor`` of ``MemoryState``)."""
+
+
+@triton.jit
+def _gelu(z):
+    # torch's default (erf) gelu
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(z):
+    # d gelu / dz = Phi(z) + z phi(z), as aten.gelu_backward
+    return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+
+
+@triton.jit
+def _tril_inverse(L, eye, LOG_BT: tl.constexpr, PREC: tl.constexpr):
+    """``(I + L)^-1`` for a strictly lower ``n x n`` ``L`` (``n = 2^LOG_BT``): the product
+    ``(I - L)(I + L^2)(I + L^4)...(I + L^(n/2))`` is the whole series ``sum_k (-L)^k``."""
+    P = eye - L
+    Lp = L
+    for _ in tl.static_range(LOG_BT - 1):
+        Lp = tl.dot(Lp, Lp, input_precision=PREC)
+        P = P + tl.dot(P, Lp, input_precision=PREC)
+    return P
+
+
+@triton.jit
+def _layer(W, M, x, u, d, a, gam, c, gam_p, c_p, Keta, Keta_p, G, G_p, eye,
+           LOG_BT: tl.constexpr, PREC: tl.constexpr):
+    """One weight's in-chunk solve and dual read (steps 2 and 3 of the module docstring):
+    ``(Z, E)`` with ``Z[t] = W_t a_t`` and ``E[t] = W_{t-1} u_t``."""
+    Wt = tl.trans(W)
+    Mt = tl.trans(M)
+    ut = tl.trans(u)
+    xt = tl.trans(x)
+    R = (gam_p[:, None] * tl.dot(u, Wt, input_precision=PREC)
+         + c_p[:, None] * tl.dot(u, Mt, input_precision=PREC)
+         - tl.dot(G_p * tl.dot(u, xt, input_precision=PREC), d, input_precision=PREC))
+    L = Keta_p * tl.dot(u, ut, input_precision=PREC)
+    E = tl.dot(_tril_inverse(L, eye, LOG_BT, PREC), R, input_precision=PREC)
+    Z = (gam[:, None] * tl.dot(a, Wt, input_precision=PREC)
+         + c[:, None] * tl.dot(a, Mt, input_precision=PREC)
+         - tl.dot(Keta * tl.dot(a, ut, input_precision=PREC), E, input_precision=PREC)
+         - tl.dot(G * tl.dot(a, xt, input_precision=PREC), d, input_precision=PREC))
+    return Z, E
+
+
+@triton.jit
+def _chunk_end(W, M, x, u, d, E, gam_e, c_e, b_e, keta_e, g_e, B_e, PREC: tl.constexpr):
+    """Step 4: one weight's and its momentum's state after the chunk."""
+    Wn = (gam_e * W + c_e * M
+          - tl.dot(tl.trans(E * keta_e[:, None]), u, input_precision=PREC)
+          - tl.dot(tl.trans(d * g_e[:, None]), x, input_precision=PREC))
+    Mn = b_e * M + tl.dot(tl.trans(d * B_e[:, None]), x, input_precision=PREC)
+    return Wn, Mn
+
+
+@triton.jit
+def _dgd_mlp_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, y_ptr,          # [B, H, T, D], last dim contiguous (y: contiguous)
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+    lr_ptr, decay_ptr, beta_ptr,         # [B, H, T], any strides (0 for broadcast gates)
+    slr_b, slr_h, slr_t, sdc_b, sdc_h, sdc_t, sbt_b, sbt_h, sbt_t,
+    w0_ptr, w1_ptr, m0_ptr, m1_ptr,      # [B, H, D, D], each D x D block row-major
+    sw0_b, sw0_h, sw1_b, sw1_h, sm0_b, sm0_h, sm1_b, sm1_h,
+    w0_out, w1_out, m0_out, m1_out, a0_out, a1_out,  # [B, H, D, D] contiguous
+    H, n_chunks, clip,
+    BT: tl.constexpr, LOG_BT: tl.constexpr, D: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*H*T*D passes 2^31 at long contexts
+    b = pid // H
+    h = pid % H
+    rt = tl.arange(0, BT)
+    rd = tl.arange(0, D)
+    w_off = rd[:, None] * D + rd[None, :]
+    out_off = pid * D * D + w_off
+
+    # the fast state, fp32, held on-chip for the whole sequence
+    W0 = tl.load(w0_ptr + b * sw0_b + h * sw0_h + w_off).to(tl.float32)
+    W1 = tl.load(w1_ptr + b * sw1_b + h * sw1_h + w_off).to(tl.float32)
+    M0 = tl.load(m0_ptr + b * sm0_b + h * sm0_h + w_off).to(tl.float32)
+    M1 = tl.load(m1_ptr + b * sm1_b + h * sm1_h + w_off).to(tl.float32)
+
+    le = rt[:, None] >= rt[None, :]  # [t, s]: s <= t
+    lt = rt[:, None] > rt[None, :]   # s < t
+    eye = tl.where(rt[:, None] == rt[None, :], 1.0, 0.0)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    y_base = y_ptr + pid * n_chunks * BT * D
+    lr_base = lr_ptr + b * slr_b + h * slr_h
+    dc_base = decay_ptr + b * sdc_b + h * sdc_h
+    bt_base = beta_ptr + b * sbt_b + h * sbt_h
+
+    for ci in range(n_chunks):
+        tok = ci * BT + rt
+        q = tl.load(q_base + tok[:, None] * sq_t + rd[None, :]).to(tl.float32)
+        k = tl.load(k_base + tok[:, None] * sk_t + rd[None, :]).to(tl.float32)
+        v = tl.load(v_base + tok[:, None] * sv_t + rd[None, :]).to(tl.float32)
+        eta = tl.load(lr_base + tok * slr_t).to(tl.float32)
+        log_lam = tl.log(tl.maximum(1.0 - tl.load(dc_base + tok * sdc_t).to(tl.float32), 1e-30))
+        log_beta = tl.log(tl.maximum(tl.load(bt_base + tok * sbt_t).to(tl.float32), 1e-30))
+
+        # gate coefficients (dgd_dual.dgd_coefficients): inclusive / exclusive log-cumsums by
+        # masked row sums, products by exp of differences, zero above the diagonal
+        LL = tl.sum(tl.where(le, log_lam[None, :], 0.0), 1)
+        LLx = tl.sum(tl.where(lt, log_lam[None, :], 0.0), 1)
+        LB = tl.sum(tl.where(le, log_beta[None, :], 0.0), 1)
+        LL_e = tl.sum(log_lam, 0)
+        LB_e = tl.sum(log_beta, 0)
+        Keta = tl.exp(tl.where(le, LL[:, None] - LL[None, :], float("-inf"))) * eta[None, :]
+        Keta_p = tl.exp(tl.where(lt, LLx[:, None] - LL[None, :], float("-inf"))) * eta[None, :]
+        Bm = tl.exp(tl.where(le, LB[:, None] - LB[None, :], float("-inf")))
+        bvec = tl.exp(LB)
+        gam = tl.exp(LL)
+        gam_p = tl.exp(LLx)
+        G = tl.dot(Keta, Bm, input_precision=PREC)
+        G_p = tl.dot(Keta_p, Bm, input_precision=PREC)
+        c = -tl.sum(Keta * bvec[None, :], 1)
+        c_p = -tl.sum(Keta_p * bvec[None, :], 1)
+        keta_e = tl.exp(LL_e - LL) * eta          # Keta's last row
+        g_e = tl.sum(keta_e[:, None] * Bm, 0)     # G's last row
+        B_e = tl.exp(LB_e - LB)                   # B's last row
+        gam_e = tl.exp(LL_e)
+        b_e = tl.exp(LB_e)
+        c_e = -tl.sum(keta_e * bvec, 0)
+
+        # 1. error signals and layer inputs at the chunk-start weights (MLPMemory.error_signals)
+        z0 = tl.dot(k, tl.trans(W0), input_precision=PREC)
+        x1 = _gelu(z0)
+        d1 = 2.0 * (k + tl.dot(x1, tl.trans(W1), input_precision=PREC) - v)
+        d0 = tl.dot(d1, W1, input_precision=PREC) * _gelu_grad(z0)
+        if CLIP:  # chunks.chunk_signals: each token's whole gradient to norm <= clip
+            sq = tl.sum(d1 * d1, 1) * tl.sum(x1 * x1, 1) + tl.sum(d0 * d0, 1) * tl.sum(k * k, 1)
+            f = clip / tl.sqrt(tl.maximum(sq, clip * clip))
+            d1 = d1 * f[:, None]
+            d0 = d0 * f[:, None]
+        u0 = k / tl.maximum(tl.sqrt(tl.sum(k * k, 1)), 1e-12)[:, None]
+        u1 = x1 / tl.maximum(tl.sqrt(tl.sum(x1 * x1, 1)), 1e-12)[:, None]
+
+        # 2-3. solves and dual reads, layer by layer (W1 reads gelu of W0's read)
+        Z0, E0 = _layer(W0, M0, k, u0, d0, q, gam, c, gam_p, c_p, Keta, Keta_p, G, G_p, eye, LOG_BT, PREC)
+        Z1, E1 = _layer(W1, M1, x1, u1, d1, _gelu(Z0), gam, c, gam_p, c_p, Keta, Keta_p, G, G_p, eye,
+                        LOG_BT, PREC)
+        tl.store(y_base + tok[:, None] * D + rd[None, :], q + Z1)
+
+        if ci == n_chunks - 1:  # the carried anchor: the last chunk's start state
+            tl.store(a0_out + out_off, W0)
+            tl.store(a1_out + out_off, W1)
+        # 4. chunk-end state
+        W0, M0 = _chunk_end(W0, M0, k, u0, d0, E0, gam_e, c_e, b_e, keta_e, g_e, B_e, PREC)
+        W1, M1 = _chunk_end(W1, M1, x1, u1, d1, E1, gam_e, c_e, b_e, keta_e, g_e, B_e, PREC)
+
+    tl.store(w0_out + out_off, W0)
+    tl.store(w1_out + out_off, W1)
+    tl.store(m0_out + out_off, M0)
+    tl.store(m1_out + out_off, M1)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x`` with a contiguous last dim (a copy only where it has none)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _square(x: Tensor, d: int) -> Tensor:
+    """A ``[B, H, D, D]`` tensor whose ``D x D`` blocks are row-major (broadcast over B is kept)."""
+    return x if (x.stride(-1) == 1 and x.stride(-2) == d) else x.contiguous()
+
+
+def launch_options(d: int, num_warps: int | None = None, maxnreg: int | None = None) -> dict[str, int]:
+    """``num_warps`` and ptxas's register cap. The kernel is persistent (one program per SM at a
+    time), so the cap defaults to the whole register file of one program, ``65536 / threads``
+    (at most 255): left to itself ptxas chose as few as 32 registers at some sizes and spilled
+    the rest. 16 warps at D >= 64: on sm_90 (Triton 3.9, ptxas's own report, fp32 dots) that
+    halves each thread's products and spills least (D = 64: ~3.8 KB of spill stores per thread
+    against ~5.9 KB at 8 warps; D = 128: ~15 KB against ~76 KB). Untimed: tune on the GPU
+    (``python -m bench.triton_dgd --num-warps N --maxnreg R``)."""
+    warps = num_warps or (16 if d >= 64 else 4)
+    out = {"num_warps": warps}
+    if torch.version.hip is None:  # an NVIDIA option
+        out["maxnreg"] = maxnreg or min(255, 65536 // (32 * warps))
+    return out
+
+
+def dgd_mlp_fwd(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
+    weights: tuple[Tensor, Tensor], momenta: tuple[Tensor, Tensor], *,
+    chunk: int, clip: float | None = None, precision: str = "ieee", num_warps: int | None = None,
+    maxnreg: int | None = None,
+) -> DGDMLPOut:
+    """Run HOPE's MLP memory (``x + W1 gelu(W0 x)``, l2 objective, DGD) over ``T`` tokens from a
+    state at a chunk boundary: ``q, k, v`` are ``[B, H, T, D]``, the gates ``[B, H, T]``
+    (expanded views are fine), ``weights`` / ``momenta`` are ``(W0, W1)`` each ``[B, H, D, D]``
+    laid out ``[out, in]``. fp32 throughout; ``T`` a multiple of ``chunk``; ``chunk`` and ``D``
+    powers of two >= 16 on a GPU (the interpreter takes any power of two). ``precision`` is
+    ``tl.dot``'s (``ieee``: fp32; ``tf32x3`` / ``tf32``: tensor cores); ``num_warps`` / ``maxnreg``
+    are launch options for tuning (``python -m bench.triton_dgd --ptxas`` shows their spills)."""
+    bsz, heads, t, d = q.shape
+    if t % chunk or chunk & (chunk - 1) or d & (d - 1):
+        raise ValueError(f"dgd_mlp_fwd: T={t} must be whole chunks of {chunk}; chunk and D={d} powers of two")
+    tensors = (q, k, v, lr, decay, beta, *weights, *momenta)
+    if any(x.dtype != torch.float32 for x in tensors):
+        raise TypeError("dgd_mlp_fwd: fp32 tensors only (the inner loop runs in fp32)")
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    w0, w1 = (_square(w, d) for w in weights)
+    m0, m1 = (_square(m, d) for m in momenta)
+    y = torch.empty(bsz, heads, t, d, device=q.device, dtype=torch.float32)
+    outs = [torch.empty(bsz, heads, d, d, device=q.device, dtype=torch.float32) for _ in range(6)]
+    if t == 0:
+        return DGDMLPOut(y, (w0.clone(), w1.clone()), (m0.clone(), m1.clone()), (w0.clone(), w1.clone()))
+    grid = (bsz * heads,)
+    _dgd_mlp_fwd_kernel[grid](
+        q, k, v, y,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        lr, decay, beta,
+        lr.stride(0), lr.stride(1), lr.stride(2), decay.stride(0), decay.stride(1), decay.stride(2),
+        beta.stride(0), beta.stride(1), beta.stride(2),
+        w0, w1, m0, m1,
+        w0.stride(0), w0.stride(1), w1.stride(0), w1.stride(1), m0.stride(0), m0.stride(1),
+        m1.stride(0), m1.stride(1),
+        *outs,
+        heads, t // chunk, float(clip or 0.0),
+        BT=chunk, LOG_BT=chunk.bit_length() - 1, D=d, CLIP=clip is not None, PREC=precision,
+        **launch_options(d, num_warps, maxnreg),
+    )
+    w0n, w1n, m0n, m1n, a0, a1 = outs
+    return DGDMLPOut(y, (w0n, w1n), (m0n, m1n), (a0, a1))
+
+
+def dgd_mlp_fwd_reference(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
+    weights: tuple[Tensor, Tensor], momenta: tuple[Tensor, Tensor], *,
+    chunk: int, clip: float | None = None,
+) -> DGDMLPOut:
+    """``dgd_mlp_fwd``'s contract computed by the PyTorch closed form (``loops/dgd_dual.py``)."""
+    from nestlearn import objectives, rules
+    from nestlearn.loops.common import GradMode, MemoryProblem, MemoryState
+    from nestlearn.loops.dgd_dual import run_dgd_dual
+    from nestlearn.memories import MLPMemory
+
+    heads, d = q.shape[1], q.shape[3]
+    arch = MLPMemory(d, d, heads, expand=1, depth=2, act="gelu", residual=True, bias=False)
+    pb = MemoryProblem(arch, rules.dgd(0.0, 0.0, 0.0), objectives.l2, q, k, v,
+                       {"lr": lr, "decay": decay, "beta": beta}, chunk, GradMode("stop"), clip=clip)
+    params = {"W0": weights[0], "W1": weights[1]}
+    state = MemoryState(params=params, opt={"m": {"W0": momenta[0], "W1": momenta[1]}}, anchor=params,
+                        offset=0, chunks=0)
+    y, st = run_dgd_dual(pb, state)
+    p, m, a = st["params"], st["opt"]["m"], st["anchor"]
+    return DGDMLPOut(y, (p["W0"], p["W1"]), (m["W0"], m["W1"]), (a["W0"], a["W1"]))
