@@ -7,7 +7,9 @@ largest outer gradient norm (before clipping), end-to-end tokens/s and peak GPU 
 
 Every run is an ordinary ``nestlearn run`` (``Trainer``) into ``--out/<spec>``, one process per
 spec (so one spec's CUDA-graph pools and peak memory never reach the next one's row);
-``--resume`` skips the specs whose row is already in ``--out/health.json``.
+``--resume`` skips the specs whose row is already in ``--out/health.json``. ``--jobs N`` trains up
+to N specs at once (to fit more runs into a device lease): bits/byte and gradient norms are
+unaffected, but the rows' tokens/s are then shared-device figures, and the table says so.
 A diverged run gets its row with the step it stopped at. The table goes to stdout last (markdown).
 """
 
@@ -46,6 +48,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-batches", type=positive_int, default=8)
+    p.add_argument("--eval-every", type=positive_int, default=None,
+                   help="also evaluate every N steps (default: at the end only); a run cut short keeps them")
+    p.add_argument("--jobs", type=positive_int, default=1, help="train up to N specs at once (shared device)")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every spec")
     p.add_argument("--out", default="runs/health", help="run directories and health.json go here")
@@ -102,7 +107,7 @@ def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     params = sum(p.numel() for p in nestlearn.compile(spec).parameters())
     cfg = TrainConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, device=args.device,
                       precision=args.precision, cuda_graph=args.cuda_graph, compile=args.compile, seed=args.seed,
-                      eval_every=args.steps, eval_batches=args.eval_batches, log_every=1, threads=args.threads,
+                      eval_every=args.eval_every or args.steps, eval_batches=args.eval_batches, log_every=1, threads=args.threads,
                       ckpt_every=args.steps)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if cuda:
@@ -125,6 +130,7 @@ def child_argv(path: str, args: argparse.Namespace, row: Path) -> list[str]:
             "--steps", str(args.steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
             "--device", args.device, "--precision", args.precision, "--seed", str(args.seed),
             "--eval-batches", str(args.eval_batches)]
+    argv += ["--eval-every", str(args.eval_every)] if args.eval_every else []
     argv += ["--cuda-graph"] * args.cuda_graph + ["--compile"] * args.compile
     argv += ["--threads", str(args.threads)] if args.threads else []
     for kv in args.set:
@@ -132,10 +138,14 @@ def child_argv(path: str, args: argparse.Namespace, row: Path) -> list[str]:
     return argv
 
 
-def run_isolated(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def start_isolated(path: str, args: argparse.Namespace, out: Path) -> subprocess.Popen[bytes]:
     row = out / f".{Path(path).stem}.row.json"
     row.unlink(missing_ok=True)
-    proc = subprocess.run(child_argv(path, args, row), check=False)
+    return subprocess.Popen(child_argv(path, args, row))
+
+
+def collect(path: str, proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
+    row = out / f".{Path(path).stem}.row.json"
     if row.exists():
         return json.loads(row.read_text())  # type: ignore[no-any-return]
     run_dir = out / Path(path).stem  # the process died (a crash, the OOM killer): the row from its metrics
@@ -154,6 +164,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratio = r["median_grad_norm"] / ref_g if ref_g and r["median_grad_norm"] else None
         note = r["error"] or (f"{r['nonfinite_grad_steps']} non-finite steps" if r["nonfinite_grad_steps"] else "")
+        if r.get("shared_device"):
+            note = "; ".join(x for x in (note, f"tokens/s with {r['shared_device']} runs sharing the device") if x)
         lines.append(f"| {r['spec']} | {_fmt(r['params'], ',')} | {r['steps']} | {_fmt(r['bits_per_byte'], '.3f')} | "
                      f"{_fmt(r['max_grad_norm'], '.3g')} | {_fmt(ratio, '.2f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
                      f"{_fmt(r['peak_gb'], '.1f')} | {note} |")
@@ -173,19 +185,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and store.exists():
         done = {r["spec"]: r for r in json.loads(store.read_text())["rows"]}
     specs = args.specs or list(SPECS)
-    for i, path in enumerate(specs, 1):
-        if not Path(path).exists():
-            print(f"error: no spec file {path}", file=sys.stderr)
-            return 2
-        name = Path(path).stem
-        if name in done:
+    missing = [p for p in specs if not Path(p).exists()]
+    if missing:
+        print(f"error: no spec file {missing[0]}", file=sys.stderr)
+        return 2
+    todo = [(i, p) for i, p in enumerate(specs, 1) if Path(p).stem not in done]
+    running: list[tuple[int, str, subprocess.Popen[bytes]]] = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            i, path = todo.pop(0)
+            print(f"[{i}/{len(specs)}] {Path(path).stem} ...", file=sys.stderr, flush=True)
+            running.append((i, path, start_isolated(path, args, out)))
+        finished = [r for r in running if r[2].poll() is not None]
+        if not finished:
+            time.sleep(0.5)
             continue
-        print(f"[{i}/{len(specs)}] {name} ...", file=sys.stderr, flush=True)
-        done[name] = run_isolated(path, args, out)
-        print(f"[{i}/{len(specs)}] {name}: {json.dumps(done[name])}", file=sys.stderr, flush=True)
-        tmp = store.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"args": vars(args), "rows": list(done.values())}, indent=1))
-        os.replace(tmp, store)
+        for i, path, proc in finished:
+            running.remove((i, path, proc))
+            name = Path(path).stem
+            done[name] = collect(path, proc, out)
+            if args.jobs > 1:
+                done[name]["shared_device"] = args.jobs
+            print(f"[{i}/{len(specs)}] {name}: {json.dumps(done[name])}", file=sys.stderr, flush=True)
+            tmp = store.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"args": vars(args), "rows": list(done.values())}, indent=1))
+            os.replace(tmp, store)
     rows = [done[Path(p).stem] for p in specs if Path(p).stem in done]
     print(table(rows))
     return 0

@@ -169,6 +169,9 @@ def _check_levels(b: _Build) -> None:
             check_remat(b.issues, name, lv)
         check_objective(b.issues, name, lv.objective)
         check_rule(b.issues, name, lv.rule)
+        if lv.is_outer and getattr(lv.rule, "decay_to", "zero") != "zero":
+            b.issues.add(("levels", name, "rule", "decay_to"), "decay_to applies to in-context levels only "
+                         "(the outer level's weight decay is torch.optim's, toward zero); remove it")
         if lv.is_outer and getattr(lv.rule, "eps_root", None):
             b.issues.add(("levels", name, "rule", "eps_root"), "eps_root applies to in-context levels only "
                          "(the outer level trains with torch.optim, which has none); remove it")

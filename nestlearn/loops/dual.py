@@ -15,7 +15,9 @@ input ``x'_t`` is therefore (the dual form, an attention-like masked matmul)
 
     W_t x'_t = a_t W x'_t + s_t S x'_t + sum_s c_{ts} (x_s . x'_t) delta_s
 
-and the chunk-end weights need one matmul per layer: no weight copy per token is ever
+With ``decay_to: init`` the same holds for ``W - home`` (the rule state's initial weights):
+``W_t = home + a_t (W - home) + s_t S + sum c_{ts} g_s``. The chunk-end weights need one
+matmul per layer: no weight copy per token is ever
 materialised. The coefficients of every chunk of a call are computed at once (they depend
 on the gates only), so each chunk dispatches just its matmuls and their element-wise glue.
 The sequential reference is ``rules/momentum.py`` stepped by ``loops/sequential.py``.
@@ -118,18 +120,26 @@ def _segment(
     # 1. error signals and layer inputs at the chunk-start state, one batched pass
     deltas, inputs = chunk_signals(pb, anchor, k, v)
     S = opt.get("S", {})
+    home: Params | None = opt.get("home")  # decay_to: init forgets toward it (W - home decays)
     bias_of = {layer.weight: layer.bias for layer in pb.arch.layers}
+
 
     # 2. the dual read: every token with its own in-chunk weights, via masked matmuls
     def read(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
         x, d = inputs[name], deltas[name]
         scores = (a @ x.transpose(-1, -2)) * co["c"]  # [B,H,n,n]
-        z = co["a"] * (a @ w.transpose(-1, -2)) + scores @ d
+        if home is None:
+            z = co["a"] * (a @ w.transpose(-1, -2)) + scores @ d
+        else:  # W_t = home + a_t (W - home) + ...
+            z = a @ home[name].transpose(-1, -2) + co["a"] * (a @ (w - home[name]).transpose(-1, -2)) + scores @ d
         if has_m:
             z = z + co["s"] * (a @ S[name].transpose(-1, -2))
         bn = bias_of[name]
         if b is not None and bn is not None:
-            z = z + co["a"] * b.unsqueeze(-2) + co["c"] @ d
+            if home is None:
+                z = z + co["a"] * b.unsqueeze(-2) + co["c"] @ d
+            else:
+                z = z + home[bn].unsqueeze(-2) + co["a"] * (b - home[bn]).unsqueeze(-2) + co["c"] @ d
             if has_m:
                 z = z + co["s"] * S[bn].unsqueeze(-2)
         return z
@@ -145,17 +155,23 @@ def _segment(
     new_S: Params = {}
     for layer in pb.arch.layers:
         n, x, d = layer.weight, inputs[layer.weight], deltas[layer.weight]
-        new_p[n] = co["a_end"] * cur[n] + (d * co["c_end"]).transpose(-1, -2) @ x
+        kept = co["a_end"] * cur[n] if home is None else home[n] + co["a_end"] * (cur[n] - home[n])
+        new_p[n] = kept + (d * co["c_end"]).transpose(-1, -2) @ x
         if has_m:
             new_p[n] = new_p[n] + co["s_end"] * S[n]
             new_S[n] = co["mb"] * S[n] + (d * co["mc"]).transpose(-1, -2) @ x
         if layer.bias is not None:  # the same over [B,H,o]
             bn = layer.bias
-            new_p[bn] = co["a_end"][..., 0] * cur[bn] + weighted_sum(co["c_end"][..., 0], d)
+            a_end = co["a_end"][..., 0]
+            kept = a_end * cur[bn] if home is None else home[bn] + a_end * (cur[bn] - home[bn])
+            new_p[bn] = kept + weighted_sum(co["c_end"][..., 0], d)
             if has_m:
                 new_p[bn] = new_p[bn] + co["s_end"][..., 0] * S[bn]
                 new_S[bn] = co["mb"][..., 0] * S[bn] + weighted_sum(co["mc"][..., 0], d)
-    return y, new_p, ({"S": new_S} if has_m else {})
+    new_opt: dict[str, Any] = {"S": new_S} if has_m else {}
+    if home is not None:
+        new_opt["home"] = home
+    return y, new_p, new_opt
 
 
 def weighted_sum(c: Tensor, d: Tensor) -> Tensor:

@@ -50,7 +50,7 @@ class ExecutorRow:
 def _delta_rule(rule: Rule) -> bool:
     from nestlearn.rules.momentum import Momentum
 
-    return type(rule) is Momentum and "beta" not in rule.hypers
+    return type(rule) is Momentum and "beta" not in rule.hypers and rule.decay_to == "zero"
 
 
 def _dgd(rule: Rule) -> bool:

@@ -38,8 +38,8 @@ def _torchopt(spec: Any) -> Rule:
 
 
 RULES: dict[str, RuleEntry] = {
-    "sgd": RuleEntry(Momentum, lambda s: sgd(s.lr, s.decay)),
-    "momentum": RuleEntry(Momentum, lambda s: momentum(s.lr, s.beta, s.decay)),
+    "sgd": RuleEntry(Momentum, lambda s: sgd(s.lr, s.decay, decay_to=s.decay_to)),
+    "momentum": RuleEntry(Momentum, lambda s: momentum(s.lr, s.beta, s.decay, decay_to=s.decay_to)),
     "adam": RuleEntry(Adam, lambda s: adam(s.lr, s.b1, s.b2, s.eps, s.weight_decay, s.eps_root)),
     "adamw": RuleEntry(Adam, lambda s: adamw(s.lr, s.b1, s.b2, s.eps, s.weight_decay, s.eps_root)),
     "dgd": RuleEntry(DGD, lambda s: dgd(s.lr, s.decay, s.beta)),

@@ -100,21 +100,35 @@ class _RuleBase(Strict):
         return {k: v for k, v in self.__dict__.items() if k != "name"}
 
 
-class SgdRule(_RuleBase):
+DecayTo = Literal["zero", "init"]
+DECAY_TO_HELP = (
+    "where forgetting pulls the fast weights: 'zero' (W <- (1 - decay) W, the papers' form) or "
+    "'init' (W <- W_0 + (1 - decay)(W - W_0), toward the level's initial, meta-learned state: a deep "
+    "memory then cannot be washed out to the vanishing-gradient point W = 0; docs/training-health.md)")
+
+
+class _ForgettingRule(_RuleBase):
+    def hypers(self) -> dict[str, Hyper]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("name", "decay_to")}
+
+
+class SgdRule(_ForgettingRule):
     """``W <- (1 - decay) W - lr * g``."""
 
     name: Literal["sgd"]
     lr: Hyper = 0.1
     decay: Hyper = 0.0
+    decay_to: DecayTo = Field("zero", description=DECAY_TO_HELP)
 
 
-class MomentumRule(_RuleBase):
+class MomentumRule(_ForgettingRule):
     """Titans' surprise: ``S <- beta S - lr g``; ``W <- (1 - decay) W + S``."""
 
     name: Literal["momentum"]
     lr: Hyper = 0.1
     beta: Hyper = 0.9
     decay: Hyper = 0.0
+    decay_to: DecayTo = Field("zero", description=DECAY_TO_HELP)
 
 
 class AdamRule(_RuleBase):

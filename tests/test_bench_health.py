@@ -1,0 +1,29 @@
+"""``python -m bench.health``: one row per spec, also with several runs at once (``--jobs``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_two_specs_at_once_give_both_rows(tmp_path: Path) -> None:
+    out = tmp_path / "health"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.health", "specs/transformer.yaml", "specs/deltanet.yaml", "--device", "cpu",
+         "--threads", "1", "--steps", "3", "--batch", "2", "--seq-len", "32", "--set", "model.dim=16",
+         "--set", "model.depth=1", "--set", "model.heads=2", "--eval-batches", "1", "--eval-every", "2",
+         "--jobs", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["spec"]: r for r in json.loads((out / "health.json").read_text())["rows"]}
+    assert set(rows) == {"transformer", "deltanet"}
+    for r in rows.values():
+        assert r["steps"] == 3 and r["error"] is None and r["bits_per_byte"] is not None
+        assert r["shared_device"] == 2
+    evals = [json.loads(x) for x in (out / "transformer" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r.get("split") == "val"] == [2, 3]  # --eval-every 2, and the end
+    table = proc.stdout.strip().splitlines()
+    assert table[0].startswith("| spec |") and len(table) == 4
+    assert "2 runs sharing the device" in table[2]
