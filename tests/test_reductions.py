@@ -182,7 +182,7 @@ def layer_norm(r: Tensor, gamma: Tensor, shift: Tensor, eps: float = 1e-6) -> Te
 
 def titans_memory_reference(
     init: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor,
-    alpha: Tensor, period: int, ln: tuple[Tensor, Tensor],
+    alpha: Tensor, period: int, ln: tuple[Tensor, Tensor], decay_to: str = "zero",
 ) -> Tensor:
     """The Titans memory (arXiv:2501.00663, Eq. 12-15), token by token:
 
@@ -193,7 +193,8 @@ def titans_memory_reference(
     with ``t'`` the start of t's chunk: ``t' = t - 1`` for period 1 (the online recurrence),
     the chunk-start state for period C (the mini-batch recurrence of Sec. 3.2). The deep memory
     of the shipped Titans specs is the two-layer MLP in layer-norm residual form,
-    ``M(x) = x + LN(W1 gelu(W0 x))`` (LN scale and shift per head, outer parameters)."""
+    ``M(x) = x + LN(W1 gelu(W0 x))`` (LN scale and shift per head, outer parameters).
+    ``decay_to="init"`` (what the specs ship): ``M_t = M_0 + (1 - alpha_t)(M_{t-1} - M_0) + S_t``."""
 
     def titans_mlp(p: dict[str, Tensor], x: Tensor) -> Tensor:
         return x + layer_norm(mv(p["W1"], F.gelu(mv(p["W0"], x))), *ln)
@@ -201,6 +202,7 @@ def titans_memory_reference(
     b, _, t_len, _ = q.shape
     M = expand_init(init, b)
     S = {n: torch.zeros_like(p) for n, p in M.items()}
+    home = dict(M) if decay_to == "init" else {n: torch.zeros_like(p) for n, p in M.items()}
     ys = []
     for t in range(t_len):
         if t % period == 0:
@@ -208,7 +210,7 @@ def titans_memory_reference(
         g = inner_grad(titans_mlp, anchor, k[:, :, t], v[:, :, t])
         for n in M:
             S[n] = bc(eta, t) * S[n] - bc(theta, t) * g[n]
-            M[n] = (1 - bc(alpha, t)) * M[n] + S[n]
+            M[n] = home[n] + (1 - bc(alpha, t)) * (M[n] - home[n]) + S[n]
         ys.append(titans_mlp(M, q[:, :, t]))
     return torch.stack(ys, dim=2)
 
@@ -225,10 +227,12 @@ def titans_hypers(op, x: Tensor, period: int) -> tuple[Tensor, Tensor, Tensor]: 
 
 @pytest.mark.parametrize("period,gates", [(1, "token"), (4, "token"), (64, "token"), (4, "chunk")])
 @pytest.mark.parametrize("executor", ["auto", "sequential"])
-def test_titans_memory_equals_the_papers_recurrence(period: int, gates: str, executor: str) -> None:
+@pytest.mark.parametrize("decay_to", ["zero", "init"])
+def test_titans_memory_equals_the_papers_recurrence(period: int, gates: str, executor: str, decay_to: str) -> None:
     """The memory node of titans-lmm.yaml (period 64 as shipped; 1 = online; 4 = several chunks;
-    ``chunk``: eta and alpha constant within a chunk, the per-chunk variant of Sec. 3.2)."""
-    ov = [f"levels.memory.period={period}"]
+    ``chunk``: eta and alpha constant within a chunk, the per-chunk variant of Sec. 3.2); forgetting
+    toward zero (the paper's Eq. 13) and toward the initial state (as shipped)."""
+    ov = [f"levels.memory.period={period}", f"levels.memory.rule.decay_to={decay_to}"]
     if gates == "chunk":
         ov += ["levels.memory.rule.beta.gate=chunk", "levels.memory.rule.decay.gate=chunk"]
     model = build("specs/titans-lmm.yaml", "model.dim=8", "model.heads=2", "model.depth=1", *NO_CLIP, *ov)
@@ -241,7 +245,7 @@ def test_titans_memory_equals_the_papers_recurrence(period: int, gates: str, exe
     theta, eta, alpha = titans_hypers(op, x, period)
     ln = (op.arch.ln_weight.detach(), op.arch.ln_bias.detach())
     ref = titans_memory_reference(init, unit(split_heads(q, h)), unit(split_heads(k, h)), split_heads(v, h),
-                                  theta, eta, alpha, period, ln)
+                                  theta, eta, alpha, period, ln, decay_to)
     torch.testing.assert_close(y, merge_heads(ref), **TOL)
 
 
@@ -265,7 +269,8 @@ def test_titans_lmm_whole_model_equals_plain_titans() -> None:
     init = {n[len("mem.init."):]: p for n, p in P.items() if n.startswith("mem.init.")}
     ln = (P["mem.arch.ln_weight"], P["mem.arch.ln_bias"])
     mem = merge_heads(titans_memory_reference(init, unit(split_heads(qkv["q"], h)), unit(split_heads(qkv["k"], h)),
-                                              split_heads(qkv["v"], h), theta, eta, alpha, period, ln))
+                                              split_heads(qkv["v"], h), theta, eta, alpha, period, ln,
+                                              op.level.rule.decay_to))
     o = (rms(mem, P["mn.weight"]) * torch.sigmoid(n1 @ P["gp.proj.weight"].T)) @ P["o.proj.weight"].T
     r1 = x + o
     r2 = r1 + F.gelu(rms(r1, P["n2.weight"]) @ P["ffn.up.weight"].T) @ P["ffn.down.weight"].T

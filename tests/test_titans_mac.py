@@ -49,6 +49,7 @@ CONFIGS = {
                                "sequential"),
     "no-rope-no-conv-no-qknorm": (["block.mac.rope=false", "block.mac.conv=0", "block.mac.qk_norm=false"], "auto"),
     "period-1-no-persistent": (["levels.memory.period=1", "block.mac.persistent=0"], "auto"),
+    "papers-forgetting-toward-zero": (["levels.memory.rule.decay_to=zero"], "auto"),
 }
 
 
@@ -120,7 +121,7 @@ def memory_fn(ln_w: Tensor, ln_b: Tensor) -> Any:  # noqa: ANN401
 
 
 def mac_reference(x: Tensor, W: Params, *, heads: int, period: int, rope: bool, conv: bool, qk_norm: bool,
-                  gates: dict[str, tuple[float, str]]) -> Tensor:
+                  gates: dict[str, tuple[float, str]], decay_to: str = "zero") -> Tensor:
     """One MAC node on its input ``x [B, T, D]`` from a fresh state. ``W``: the node's parameters
     by name (``memory.proj.q.weight``, ``qkv.weight``, ``persistent``, ...)."""
     b, t_len, d = x.shape
@@ -146,6 +147,7 @@ def mac_reference(x: Tensor, W: Params, *, heads: int, period: int, rope: bool, 
 
     M = {n: W[f"memory.init.{n}"].unsqueeze(0).expand(b, *W[f"memory.init.{n}"].shape) for n in ("W0", "W1")}
     S = {n: torch.zeros_like(p) for n, p in M.items()}
+    home = dict(M) if decay_to == "init" else {n: torch.zeros_like(p) for n, p in M.items()}  # where forgetting pulls
     q_all = feats("q", x)
     ys: list[Tensor] = []
     outs = []
@@ -180,7 +182,7 @@ def mac_reference(x: Tensor, W: Params, *, heads: int, period: int, rope: bool, 
             th, et, al = (g[:, :, a, None, None] for g in (theta, eta, alpha))  # [B, H, 1, 1]
             for nm in M:
                 S[nm] = et * S[nm] - th * grads[nm]                  # Eq. 14 (surprise with momentum)
-                M[nm] = (1 - al) * M[nm] + S[nm]                     # Eq. 13 (forgetting)
+                M[nm] = home[nm] + (1 - al) * (M[nm] - home[nm]) + S[nm]  # Eq. 13 (forgetting; toward M_0 with decay_to: init)
             reads.append(f(M, qy[:, :, a : a + 1]))                  # M*_t(y_t), after token a's update
         m = merge(torch.cat(reads, dim=2))
         outs.append(rms(y, W["norm_y.weight"]) * torch.sigmoid(rms(m, W["norm_m.weight"])))  # Eq. 25
@@ -203,7 +205,8 @@ def cfg_of(model: CompiledModel) -> dict[str, Any]:
     rule = model.spec.levels["memory"].rule
     gates = {n: (getattr(rule, n).max, getattr(rule, n).gate) for n in ("lr", "beta", "decay")}
     return {"heads": model.spec.model.heads, "period": int(model.spec.levels["memory"].period),
-            "rope": node.rope, "conv": node.conv > 0, "qk_norm": node.qk_norm, "gates": gates}
+            "rope": node.rope, "conv": node.conv > 0, "qk_norm": node.qk_norm, "gates": gates,
+            "decay_to": rule.decay_to}
 
 
 def tokens_of(t: int, seed: int = 0) -> Tensor:
