@@ -98,7 +98,8 @@ def build_optimizer(model: nn.Module, rule: Any, lr: float | None, fused: bool =
 
 def _fused_or_default(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], fused: bool,
                       **kw: Any) -> torch.optim.Optimizer:
-    if fused:
+    # torch checks a fused optimizer's parameters only at its first step: check them here
+    if fused and all(p.is_floating_point() and not p.is_sparse for g in groups for p in g["params"]):
         try:
             return cls(groups, fused=True, **kw)  # type: ignore[call-arg]
         except (RuntimeError, ValueError):  # a parameter fused kernels do not take (dtype, device)
