@@ -11,9 +11,10 @@ and as forward + backward + clipping + optimizer step; then the ordinary ``Train
 ``--skip + --steps`` steps (``--cuda-graph``, ``--compile`` for specs with in-context levels,
 ``--log-every 1`` as the CLI's default, one evaluation and one checkpoint at the end, or
 ``--ckpt-every`` N within the run) and its steady tokens/s from its own metrics.jsonl: the
-``time`` of step ``skip + steps`` minus that of step ``skip`` (compilation and graph capture are
-before the window; the last step's evaluation and checkpoint after it). The table printed last
-has the ratio trainer / bench (fwd+bwd+opt); the target is 80%.
+``time`` of step ``skip + steps - 2`` minus that of step ``skip`` (compilation and graph capture
+are before the window; the last step's extra stats forward, evaluation and checkpoint after it:
+a step's time is read once the next step is queued). The table printed last has the ratio
+trainer / bench (fwd+bwd+opt); the target is 80%.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--seq-len", type=positive_int, default=2048)
-    p.add_argument("--steps", type=positive_int, default=40, help="trainer steps timed (after --skip)")
+    p.add_argument("--steps", type=positive_int, default=40, help="trainer steps after --skip (the window: all but the last 2)")
     p.add_argument("--skip", type=positive_int, default=5, help="trainer steps before the window (capture, compile)")
     p.add_argument("--reps", type=positive_int, default=20, help="bench steps timed")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
@@ -120,13 +121,13 @@ def bench_step(spec: Any, cfg: Any, device: torch.device, compile_steps: bool, r
 
 
 def trainer_rate(spec: Any, cfg: Any, skip: int, out: Path) -> dict[str, Any]:
-    """The ``Trainer``'s steady tokens/s over steps ``skip`` .. ``cfg.steps`` (its metrics.jsonl)."""
+    """The ``Trainer``'s steady tokens/s over steps ``skip`` .. ``cfg.steps - 2`` (its metrics.jsonl)."""
     from nestlearn.train import Trainer, read_metrics
 
     trainer = Trainer(spec, cfg, out)
     summary = trainer.fit()
     times = {r["step"]: r["time"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"}
-    last = cfg.steps
+    last = max(cfg.steps - 2, skip + 1)
     if skip not in times or last not in times:
         raise SystemExit(f"the trainer logged no record at step {skip} or {last}: use --log-every 1")
     steady = (last - skip) * cfg.batch * cfg.seq_len / (times[last] - times[skip])
