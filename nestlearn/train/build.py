@@ -70,8 +70,11 @@ def _hyper(value: Any, what: str) -> float:
                      f"hyper-parameters must be numbers (got {value!r})")
 
 
-def build_optimizer(model: nn.Module, rule: Any, lr: float | None) -> torch.optim.Optimizer:
-    """torch.optim for the spec's outer rule; weight decay only on matrices (not norms/biases)."""
+def build_optimizer(model: nn.Module, rule: Any, lr: float | None, fused: bool = False) -> torch.optim.Optimizer:
+    """torch.optim for the spec's outer rule; weight decay only on matrices (not norms/biases).
+    ``fused``: torch's fused kernels (one or two launches for every parameter, and an update that
+    a device-side ``found_inf`` flag can skip without a host sync; ``Steps`` relies on that);
+    where the parameters do not allow them, torch's default (``foreach`` on CUDA)."""
     from nestlearn.rules import RULES
 
     name = rule.name
@@ -87,10 +90,43 @@ def build_optimizer(model: nn.Module, rule: Any, lr: float | None) -> torch.opti
         decay = _hyper(getattr(rule, "decay", 0.0), "decay")
         groups = _groups(params, decay / base_lr if decay else 0.0)  # W <- (1 - decay) W at the base lr
         beta = _hyper(rule.beta, "beta") if name == "momentum" else 0.0
-        return torch.optim.SGD(groups, lr=base_lr, momentum=beta)
+        return _fused_or_default(torch.optim.SGD, groups, fused, lr=base_lr, momentum=beta)
     groups = _groups(params, float(rule.weight_decay))
     cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=base_lr, betas=(rule.b1, rule.b2), eps=rule.eps)
+    return _fused_or_default(cls, groups, fused, lr=base_lr, betas=(rule.b1, rule.b2), eps=rule.eps)
+
+
+def _fused_or_default(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], fused: bool,
+                      **kw: Any) -> torch.optim.Optimizer:
+    # torch checks a fused optimizer's parameters only at its first step: check them here
+    if fused and all(p.is_floating_point() and not p.is_sparse for g in groups for p in g["params"]):
+        try:
+            return cls(groups, fused=True, **kw)  # type: ignore[call-arg]
+        except (RuntimeError, ValueError):  # a parameter fused kernels do not take (dtype, device)
+            pass
+    return cls(groups, **kw)  # type: ignore[call-arg]
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return all(bool(g.get("fused")) for g in optimizer.param_groups)
+
+
+def keep_kernels(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """After ``load_state_dict`` (which takes the saved groups' ``fused`` / ``foreach``): this
+    run's kernel choice again, with each ``step`` counter where those kernels want it (on the
+    parameter's device for fused ones; on the CPU otherwise, as a fresh optimizer keeps it: a
+    counter on the GPU made the plain kernels read it back to the host at every step)."""
+    for group in optimizer.param_groups:
+        if "fused" in group:
+            group["fused"] = fused
+            if fused:
+                group["foreach"] = None
+        on_device = fused or bool(group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
 
 def _groups(params: list[nn.Parameter], decay: float) -> list[dict[str, Any]]:

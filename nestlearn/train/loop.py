@@ -31,13 +31,24 @@ from torch import Tensor, nn
 from nestlearn.tasks import TaskError
 from nestlearn.train import distributed as D
 from nestlearn.train import loggers
-from nestlearn.train.build import build_model, build_optimizer, build_task, resolve_device, resolve_precision, seed_everything
+from nestlearn.train.batches import Batches
+from nestlearn.train.build import (
+    build_model,
+    build_optimizer,
+    build_task,
+    is_fused,
+    keep_kernels,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from nestlearn.train.checkpoint import (
     CheckpointError,
+    CheckpointWriter,
     check_continues,
+    checkpoint_contents,
     load_checkpoint,
     restore_model,
-    save_checkpoint,
     set_rng_state,
     tree_to,
 )
@@ -49,7 +60,7 @@ from nestlearn.train.errors import DivergedError, TrainError
 from nestlearn.train.metrics import TIMING_KEYS, MetricsLog
 from nestlearn.train.reporting import Reporter, SilentReporter
 from nestlearn.train.rundir import RunDir
-from nestlearn.train.step import Steps, phase
+from nestlearn.train.step import Queued, Steps, phase
 
 _T = TypeVar("_T")
 
@@ -106,8 +117,14 @@ class Trainer(Steps):
 
         self.model = build_model(self.spec).to(device)
         outer = self.spec.outer_level
-        self.optimizer = build_optimizer(self.model, self.spec.levels[outer].rule, cfg.lr)
+        self.optimizer = build_optimizer(self.model, self.spec.levels[outer].rule, cfg.lr, fused=self._fuse())
         self.base_lr = self.optimizer.param_groups[0]["lr"]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.lag = self._lags()
+        self._bad = None
+        self.batches = Batches(lambda k: self.task.batch_at(k, cfg.batch, cfg.seq_len, cfg.seed), device,
+                               self.dist.rank, self.dist.world)
+        self.writer = CheckpointWriter()
         if self.dist.is_main:
             loggers.check_available(cfg.tensorboard, cfg.wandb)
         self.metrics = MetricsLog(self.run.metrics_path, enabled=self.dist.is_main)
@@ -141,6 +158,17 @@ class Trainer(Steps):
             self.compiled = compile_model(self.model, self.fwd, outer=not cfg.cuda_graph)
             self.fwd = self.compiled.fwd
 
+    def _fuse(self) -> bool:
+        """Fused optimizer kernels: on CUDA (on the CPU, torch's default kernels as before)."""
+        return self.device.type == "cuda"
+
+    def _lags(self) -> bool:
+        """Read each step's numbers a step late (``step.py``)? Where the host would otherwise
+        wait for the device at every step: one CUDA process, and a fused optimizer (it skips a
+        diverged step's update on the device) without a GradScaler (which reads the host)."""
+        return (self.device.type == "cuda" and not self.dist.enabled and self.scaler is None
+                and is_fused(self.optimizer))
+
     def _launch_bound_hint(self) -> bool:
         """Say once that --cuda-graph exists: a single CUDA process, no graph asked for, and a spec
         with in-context levels (its eager step is launch-bound)."""
@@ -163,11 +191,13 @@ class Trainer(Steps):
         ck = load_checkpoint(self.run.last_checkpoint, self.spec)
         restore_model(self.model, ck)
         if ck.optimizer is not None:
+            fused = is_fused(self.optimizer)
             try:
                 self.optimizer.load_state_dict(tree_to(ck.optimizer, self.device))
             except (ValueError, KeyError, RuntimeError) as e:
                 raise CheckpointError(f"checkpoint {ck.path}: its optimizer state does not fit this run's "
                                       f"optimizer ({e}); was the outer rule changed?") from None
+            keep_kernels(self.optimizer, fused)
         if self.scaler is not None and ck.scaler:
             self.scaler.load_state_dict(ck.scaler)
         cfg = self.config
@@ -245,12 +275,14 @@ class Trainer(Steps):
         cfg = self.config
         data = {"task": self.task.describe(), "seed": cfg.seed, "batch": cfg.batch, "seq_len": cfg.seq_len,
                 "step": step}
-        path = save_checkpoint(
-            self.run.last_checkpoint, model=self.model, spec=self.spec, step=step, optimizer=self.optimizer,
+        path = self.run.last_checkpoint
+        contents = checkpoint_contents(
+            model=self.model, spec=self.spec, step=step, optimizer=self.optimizer,
             carry=self.carry, data=data, scaler=self.scaler.state_dict() if self.scaler is not None else None,
             extra={"tokens": tokens, "phase_rows": self.phase_rows, "total_steps": self.total,
                    "first_loss": self.first_loss},
         )
+        self.writer.submit(path, *contents)  # written in the background; fit waits for it
         self.last_ckpt_step = step
         return path
 
@@ -264,11 +296,15 @@ class Trainer(Steps):
             clean = True
             return summary
         finally:
-            if self.compiled is not None:
-                self.compiled.release()
-            if hasattr(self, "metrics"):
-                self.metrics.close()
-            D.shutdown(clean)
+            try:
+                if hasattr(self, "writer"):
+                    self.writer.wait()  # no run ends before its last checkpoint is on disk
+            finally:
+                if self.compiled is not None:
+                    self.compiled.release()
+                if hasattr(self, "metrics"):
+                    self.metrics.close()
+                D.shutdown(clean)
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.config
@@ -296,19 +332,30 @@ class Trainer(Steps):
             self.reporter.end(done_summary)
             return done_summary
         status, error = "done", None
-        last_train: dict[str, Any] = {}
-        last_val: dict[str, Any] = {}
-        t_start = time.perf_counter()
-        tokens = self.tokens_before + 0
+        self._last_train: dict[str, Any] = {}
+        self._last_val: dict[str, Any] = {}
+        self._t_start = time.perf_counter()
+        self._tokens = self.tokens_before + 0
         restore = self._install_signals()
+        queued: Queued | None = None  # a step read a step late (``lag``)
         try:
             self.model.train()
             for step in range(start, self.total):
-                if self._stop:
-                    status = "interrupted"
-                    break
                 try:
-                    rec = self.train_step(step)
+                    if self._stop:
+                        if queued is not None:  # the last step queued: read it, save after it
+                            self._record(queued, latest=True)
+                        status = "interrupted"
+                        break
+                    q = self.train_step(step)
+                    if queued is not None:
+                        self._record(queued, latest=False)  # the device is busy with ``q`` meanwhile
+                    queued = None
+                    if self.lag and not self._settles(step):
+                        queued = q
+                    elif self._record(q, latest=True):
+                        status = "stopped"
+                        break
                 except DivergedError as e:
                     status, error = "diverged", e
                     break
@@ -317,41 +364,60 @@ class Trainer(Steps):
                         f"out of {self.device.type} memory at step {step + 1} (batch {cfg.batch} x {cfg.seq_len} "
                         f"bytes in {cfg.accum} micro-batch(es)); lower --batch or --seq-len, or raise --accum"
                     ) from None
-                done = step + 1
-                tokens += per_step
-                if done == 1:
-                    self.first_loss = rec["loss"]
-                with phase("record"):
-                    self._timing(rec, tokens, t_start, sync=self.is_log_step(step))
-                    if self.is_log_step(step):
-                        self.metrics.log(rec)
-                    last_train = rec
-                    self.reporter.step(rec)
-                self.step = done
-                if self.dist.is_main:
-                    if done % self.eval_every == 0 or done == self.total:
-                        with phase("evaluate"):
-                            last_val = self.evaluate(done)
-                    self._phase_eval(done)
-                    stopping = self._stop or done == cfg.stop_at
-                    if done % self.ckpt_every == 0 or done == self.total or stopping:
-                        with phase("checkpoint"):
-                            self.save(done, tokens)
-                if done == cfg.stop_at:
-                    status = "stopped"
-                    break
             if status == "interrupted" and self.last_ckpt_step != self.step and self.dist.is_main:
-                self.save(self.step, tokens)
+                self.save(self.step, self._tokens)
+            self.writer.wait()
         finally:
             restore()
-        elapsed = time.perf_counter() - t_start
-        summary = self._summary(status, start, tokens, elapsed, self.first_loss, last_train, last_val)
+        elapsed = time.perf_counter() - self._t_start
+        summary = self._summary(status, start, self._tokens, elapsed, self.first_loss, self._last_train,
+                                self._last_val)
         if self.dist.is_main:
             self.run.write_summary(summary)
         self.reporter.end(summary)
         if error is not None:
             raise error
         return summary
+
+    def _settles(self, step: int) -> bool:
+        """Must step ``step``'s numbers be read before the next step is queued? Where something
+        after it reads the weights or ends the run: an evaluation, a phase's end, a checkpoint,
+        ``--stop-at``, the last step, a stop asked for (these must see the step checked finite)."""
+        done = step + 1
+        ends = getattr(self.task, "phase_ends", None)
+        return (self._stop or done % self.eval_every == 0 or done % self.ckpt_every == 0 or done == self.total
+                or done == self.config.stop_at or (ends is not None and done in ends()))
+
+    def _record(self, q: Queued, latest: bool) -> bool:
+        """Read step ``q`` (``DivergedError`` if it diverged), log it and, where it is the
+        ``latest`` step queued (the weights are its result), evaluate and checkpoint after it.
+        True where the run stops here (``--stop-at``)."""
+        cfg = self.config
+        rec = self.finish(q)
+        done = q.step + 1
+        self._tokens += cfg.batch * cfg.seq_len
+        if done == 1:
+            self.first_loss = rec["loss"]
+        with phase("record"):
+            # lagged: ``finish`` waited for the step itself, so the clock needs no other sync
+            self._timing(rec, self._tokens, self._t_start, sync=self.is_log_step(q.step) and not self.lag)
+            if self.is_log_step(q.step):
+                self.metrics.log(rec)
+            self._last_train = rec
+            self.reporter.step(rec)
+        self.step = done
+        if not latest:
+            return False
+        if self.dist.is_main:
+            if done % self.eval_every == 0 or done == self.total:
+                with phase("evaluate"):
+                    self._last_val = self.evaluate(done)
+            self._phase_eval(done)
+            stopping = self._stop or done == cfg.stop_at
+            if done % self.ckpt_every == 0 or done == self.total or stopping:
+                with phase("checkpoint"):
+                    self.save(done, self._tokens)
+        return done == cfg.stop_at
 
     def _timing(self, rec: dict[str, Any], tokens: int, t_start: float, sync: bool) -> None:
         """The wall-clock fields of a step's record: ``tokens`` (trained in the whole run),

@@ -3,12 +3,23 @@ replayed from a CUDA graph), clipping, the optimizer, and the diagnosis of a div
 
 ``Steps`` is the part of :class:`nestlearn.train.loop.Trainer` that runs a step; the trainer
 sets up every attribute declared here (``Trainer.setup``).
+
+A step is queued (``train_step``) and then read (``finish``). With ``lag`` (one CUDA process,
+a fused optimizer, no GradScaler) the host reads a step's numbers (loss, accuracy, gradient
+norm) only after it has queued the next one, from a pinned copy, so it never waits for the
+device between steps. The divergence check then comes a step late, and the update it would
+have refused must not happen: every step's finiteness goes into a device flag (``_bad``,
+sticky) that the fused optimizer takes as ``found_inf`` and so skips its update, as a
+GradScaler's optimizer does. A diverged step therefore leaves the weights and the optimizer
+state as they were before it, as the synchronous check does, and ``_diverged`` diagnoses it on
+its own batch. Steps that evaluate, checkpoint or end the run are read at once (``Trainer``).
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +29,7 @@ from torch import Tensor, nn
 from nestlearn.loops import stats as inner_stats
 from nestlearn.tasks import Batch, Task, TaskError
 from nestlearn.train import distributed as D
+from nestlearn.train.batches import Batches
 from nestlearn.train.build import lr_at
 from nestlearn.train.checkpoint import rng_state, set_rng_state
 from nestlearn.train.compiling import Compiled
@@ -52,6 +64,23 @@ def _inner_detail(entry: dict[str, list[Tensor]] | None) -> str:
     return ""
 
 
+@dataclass
+class Queued:
+    """A step whose update is queued on the device; ``Steps.finish`` reads its numbers."""
+
+    step: int
+    lr: float
+    n_tok: float
+    log: bool
+    values: Tensor
+    """``[loss sum, correct, gradient norm]`` on the host once ``ready`` has fired."""
+    ready: torch.cuda.Event | None
+    local: Batch
+    """This process's rows of the batch (on the device), for the diagnosis of a divergence."""
+    states: list[Any] = field(default_factory=list)
+    collected: dict[str, dict[str, list[Tensor]]] = field(default_factory=dict)
+
+
 class Steps:
     """The step machinery of a ``Trainer`` (see :mod:`nestlearn.train.loop`)."""
 
@@ -75,6 +104,11 @@ class Steps:
     eval_every: int
     base_lr: float
     last_ckpt_step: int | None
+    batches: Batches
+    params: list[nn.Parameter]
+    lag: bool
+    """Read each step's numbers a step late (see the module's docstring)."""
+    _bad: Tensor | None
     _stop: bool
     _graph_said: set[str]
 
@@ -168,9 +202,10 @@ class Steps:
         """Is ``step`` (0-based) one whose record goes to metrics.jsonl?"""
         return (step + 1) % self.config.log_every == 0 or step + 1 == self.total
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        """One optimizer step. Under ``--compile``, a failure of the compiled forward or backward
-        switches the run to eager execution (said once) and redoes the step from the same state."""
+    def train_step(self, step: int) -> Queued:
+        """Queue one optimizer step (``finish`` reads it). Under ``--compile``, a failure of the
+        compiled forward or backward switches the run to eager execution (said once) and redoes
+        the step from the same state."""
         if self.compiled is None or not self.compiled.active:
             return self._train_step(step)
         carry = list(self.carry) if self.carry is not None else None
@@ -187,16 +222,14 @@ class Steps:
             set_rng_state(*rng)
             return self._train_step(step)
 
-    def _train_step(self, step: int) -> dict[str, Any]:
+    def _train_step(self, step: int) -> Queued:
         cfg = self.config
         lr = self.lr(step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         with phase("data"):
-            batch = self.task.batch_at(step, cfg.batch, cfg.seq_len, cfg.seed)
-            n_tok = max(float(batch.mask.sum()), 1.0)
-            local = batch.shard(self.dist.rank, self.dist.world) if self.dist.enabled else batch
-        sums = torch.zeros(2, device=self.device)
+            local, n_tok = self.batches.get(step)
+        sums: Tensor | None = None
         states = []
         log = self.is_log_step(step)
         graphed = self._graph_this_step(step, log, local, n_tok)
@@ -207,30 +240,41 @@ class Steps:
             inner_stats.collect() if log and not graphed else nullcontext({}))
         with recording as collected, phase("forward_backward"):
             for i, mb in enumerate(local.split(cfg.accum)):
-                mb = mb.to(self.device, non_blocking=True)
                 if graphed:
                     s, st = self._graphed_micro(mb, n_tok, i)
                 else:
                     s, st = self._micro(mb, n_tok, i, sync=i == cfg.accum - 1)
-                sums += s
+                sums = s.clone() if sums is None else sums + s  # clone: a replay's output is overwritten
                 states.append(st)
+        assert sums is not None
         if log and graphed and self.records_stats(step):
             collected = self._stats_forward(local)
         with phase("clip"):
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
+        q = Queued(step, lr, n_tok, log, sums, None, local, states, collected)
+        if self.lag:
+            self._lagged_update(q, gn)
+        else:
+            self._synced_update(q, gn)
+        if step + 1 < self.total:
+            self.batches.prefetch(step + 1)
+        return q
+
+    def _synced_update(self, q: Queued, gn: Tensor) -> None:
+        """Read the step's numbers now (one host sync) and update only if they are finite."""
         with phase("host_sync"):
-            flags = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
-            stats = D.all_reduce_sum(torch.cat([sums, flags]), self.dist)
-            loss_sum, correct, stop = stats.tolist()  # the step's one host sync
-            gnorm = float(gn)
-        self._stop = self._stop or stop > 0
-        loss = loss_sum / n_tok
-        if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(gnorm)):
+            flags = torch.tensor([1.0 if self._stop else 0.0], device=self.device) if self.dist.enabled else None
+            stats = D.all_reduce_sum(torch.cat([q.values, flags]), self.dist) if flags is not None else q.values
+            vals = stats.tolist()  # the step's one host sync
+            loss_sum, correct, gnorm = vals[0], vals[1], float(gn)
+        if len(vals) > 2:
+            self._stop = self._stop or vals[2] > 0
+        q.values = torch.tensor([loss_sum, correct, gnorm], dtype=torch.float64)
+        if not math.isfinite(loss_sum) or (self.scaler is None and not math.isfinite(gnorm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise self._diverged(step + 1, loss, gnorm, states, local)
+            raise self._diverged(q.step + 1, loss_sum / q.n_tok, gnorm, q.states, q.local)
         with phase("optimizer"):
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -238,15 +282,48 @@ class Steps:
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        rec: dict[str, Any] = {"step": step + 1, "split": "train", "loss": loss}
+
+    def _lagged_update(self, q: Queued, gn: Tensor) -> None:
+        """Update with no host sync: a non-finite loss or gradient norm, of this step or of any
+        earlier one, sets ``_bad``, and the fused optimizer then skips its update (``found_inf``);
+        the step's numbers go to pinned host memory, read by ``finish`` a step later."""
+        vals = torch.cat([q.values.float(), gn.detach().float().reshape(1)])
+        bad = torch.isfinite(vals).all().logical_not().float()  # the count ``correct`` is always finite
+        self._bad = bad if self._bad is None else torch.maximum(self._bad, bad)
+        with phase("optimizer"):
+            self.optimizer.found_inf = self._bad  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
+            self.optimizer.zero_grad(set_to_none=True)
+        if vals.is_cuda:
+            q.values = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
+            q.values.copy_(vals, non_blocking=True)
+            q.ready = torch.cuda.Event()
+            q.ready.record()
+        else:
+            q.values = vals
+
+    def finish(self, q: Queued) -> dict[str, Any]:
+        """The record of a queued step (waiting for the device only as far as that step); raises
+        ``DivergedError`` if its loss or gradient norm is not finite."""
+        with phase("host_sync"):
+            if q.ready is not None:
+                q.ready.synchronize()
+            loss_sum, correct, gnorm = q.values.tolist()
+        loss = loss_sum / q.n_tok
+        if not math.isfinite(loss) or (self.scaler is None and not math.isfinite(gnorm)):
+            raise self._diverged(q.step + 1, loss, gnorm, q.states, q.local)
+        rec: dict[str, Any] = {"step": q.step + 1, "split": "train", "loss": loss}
         if self.task.kind == "lm":
             rec["bits_per_byte"] = loss / math.log(2)
         else:
-            rec["accuracy"] = correct / n_tok
-        rec["lr"] = lr
+            rec["accuracy"] = correct / q.n_tok
+        rec["lr"] = q.lr
         rec["grad_norm"] = gnorm
-        if log:
-            levels = inner_stats.summarize(collected)
+        if q.log:
+            levels = inner_stats.summarize(q.collected)
             if levels:
                 rec["levels"] = levels
         return rec
