@@ -100,10 +100,12 @@ def time_ms(fn: Callable[[], torch.Tensor], warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | None = None, arch: int = 90) -> str:
+def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | None = None, arch: int = 90,
+                save: bool = True) -> str:
     """Compile the kernel for ``sm_<arch>`` without a GPU (triton ships ptxas) with
     ``dgd_mlp.launch_options`` and return ptxas's ``REG:<registers> STACK:<spilled bytes>`` per
-    thread. Needs the kernel module decorated without ``TRITON_INTERPRET``."""
+    thread; ``save``: the training variant (it also writes the backward's checkpoints). Needs
+    the kernel module decorated without ``TRITON_INTERPRET``."""
     import os
     import subprocess
     import tempfile
@@ -115,7 +117,8 @@ def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | No
     from nestlearn.loops.triton.dgd_mlp import _dgd_mlp_fwd_kernel as fn
     from nestlearn.loops.triton.dgd_mlp import launch_options
 
-    consts: dict[str, Any] = {"BT": chunk, "LOG_BT": chunk.bit_length() - 1, "D": d, "CLIP": True, "PREC": precision}
+    consts: dict[str, Any] = {"BT": chunk, "LOG_BT": chunk.bit_length() - 1, "D": d, "CLIP": True, "PREC": precision,
+                              "SAVE": save}
     sig = {n: ("*fp32" if n.endswith(("_ptr", "_out")) else "constexpr" if n in consts
                else "fp32" if n == "clip" else "i32") for n in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
