@@ -14,7 +14,8 @@ last column is the largest error against eager ``run_dgd_dual``, relative to the
 ``--train`` adds (printed last) forward + backward -- a loss on the outputs and the carried
 weights, ``autograd.grad`` to q, k, v, lr, decay and the initial weights -- of the kernel's
 ``DGDMLPFunction`` (backward recomputed through ``dgd_dual`` from checkpoints every
-``--save-every`` chunks; 1 and the default as rows) against ``run_dgd_dual`` eager and compiled
+``--save-every`` chunks; 1 and the default as rows, and the default with the recompute's chunk
+steps through torch.compile) against ``run_dgd_dual`` eager and compiled
 (``grad: unroll``), with each row's peak memory and largest gradient error against eager.
 ``--ptxas`` needs no GPU: it compiles the kernel for sm_90 and prints registers and spills per
 ``num_warps`` (with ``dgd_mlp.launch_options``' register cap) and precision. ptxas reports
@@ -90,7 +91,8 @@ def train_loss(y: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> torch.Ten
 GradFn = Callable[[], tuple[torch.Tensor, ...]]
 
 
-def kernel_train_fn(x: dict[str, Any], leaves: dict[str, torch.Tensor], chunk: int, save_every: int) -> GradFn:
+def kernel_train_fn(x: dict[str, Any], leaves: dict[str, torch.Tensor], chunk: int, save_every: int,
+                    compiled: bool = False) -> GradFn:
     from nestlearn.loops.triton.dgd_mlp import dgd_mlp
 
     b = x["q"].shape[0]
@@ -99,7 +101,7 @@ def kernel_train_fn(x: dict[str, Any], leaves: dict[str, torch.Tensor], chunk: i
         lv = leaves
         w = (lv["w0"].expand(b, -1, -1, -1), lv["w1"].expand(b, -1, -1, -1))
         out = dgd_mlp(lv["q"], lv["k"], lv["v"], lv["lr"], lv["decay"], x["beta"], w, x["momenta"], chunk=chunk,
-                      clip=1.0, save_every=save_every)
+                      clip=1.0, save_every=save_every, compiled=compiled)
         return torch.autograd.grad(train_loss(out.y, *out.weights), list(leaves.values()))
 
     return run
@@ -132,6 +134,8 @@ def train_rows(x: dict[str, Any], chunk: int, warmup: int, reps: int, save_every
         ("dgd_dual compiled chunk steps", lambda: dual_train_fn(x, leaves, chunk, True)),
         *((f"triton fwd + recompute bwd, save {e}", lambda e=e: kernel_train_fn(x, leaves, chunk, e))
           for e in sorted({1, save_every})),
+        (f"triton fwd + compiled recompute, save {save_every}",
+         lambda: kernel_train_fn(x, leaves, chunk, save_every, compiled=True)),
     ]
     ref = dual_train_fn(x, leaves, chunk, False)()
     results: list[str] = []

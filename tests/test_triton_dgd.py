@@ -234,10 +234,10 @@ def call(fn: Any, ts: list[torch.Tensor], **kw: Any) -> list[torch.Tensor]:
 
 
 def check_grads(dgd_mlp: ModuleType, ts: list[torch.Tensor], chunk: int, clip: float | None, save_every: int,
-                tol: float = TOL, seed: int = 0) -> dict[str, float]:
+                tol: float = TOL, seed: int = 0, compiled: bool = False) -> dict[str, float]:
     """Outputs and ``autograd.grad`` of every output (random cotangents) to every input: the kernel's
     ``DGDMLPFunction`` against autograd through ``dgd_dual`` (``grad: unroll``)."""
-    out = call(dgd_mlp.dgd_mlp, ts, chunk=chunk, clip=clip, save_every=save_every)
+    out = call(dgd_mlp.dgd_mlp, ts, chunk=chunk, clip=clip, save_every=save_every, compiled=compiled)
     ref = call(dgd_mlp.dgd_mlp_fwd_reference, ts, chunk=chunk, clip=clip, grad="unroll")
     g = torch.Generator().manual_seed(seed)
     cots = [torch.randn(r.shape, generator=g).to(r.device) for r in ref]
@@ -261,6 +261,13 @@ def test_backward_equals_dgd_dual(dgd_mlp: ModuleType, save_every: int, clip: fl
 def test_backward_strong_gates_and_chunk_32(dgd_mlp: ModuleType) -> None:
     """lr up to 1, decay up to 0.9, chunk 32 over a batch of 2: still the closed form's gradients."""
     check_grads(dgd_mlp, leaves(2, 1, 64, 16, seed=3, strong=True), 32, 1.0, 1, seed=1)
+
+
+@pytest.mark.slow  # inductor's first compile on the CPU: over a minute
+def test_backward_with_the_compiled_recompute(dgd_mlp: ModuleType) -> None:
+    """The recompute's chunk steps through torch.compile (``MemoryProblem.compiled``, which the
+    row passes on): the same gradients."""
+    check_grads(dgd_mlp, leaves(1, 2, 48, 16, seed=6), 16, 1.0, 2, compiled=True)
 
 
 def test_backward_only_some_outputs_and_inputs(dgd_mlp: ModuleType) -> None:

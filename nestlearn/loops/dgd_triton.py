@@ -151,7 +151,7 @@ def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
     p, m = state["params"], state["opt"]["m"]
     lr, decay, beta = hp_tokens(pb, "lr"), hp_tokens(pb, "decay"), hp_tokens(pb, "beta")
     out = dgd_mlp(pb.q, pb.k, pb.v, lr, decay, beta, (p["W0"], p["W1"]), (m["W0"], m["W1"]),
-                  chunk=pb.period, clip=pb.clip, precision=precision())
+                  chunk=pb.period, clip=pb.clip, precision=precision(), compiled=pb.compiled)
     new = MemoryState(params={"W0": out.weights[0], "W1": out.weights[1]},
                       opt={"m": {"W0": out.momenta[0], "W1": out.momenta[1]}},
                       anchor={"W0": out.anchor[0], "W1": out.anchor[1]}, offset=0,

@@ -322,18 +322,19 @@ def dgd_mlp(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
     weights: tuple[Tensor, Tensor], momenta: tuple[Tensor, Tensor], *,
     chunk: int, clip: float | None = None, precision: str = "ieee", save_every: int = SAVE_EVERY,
-    num_warps: int | None = None, maxnreg: int | None = None,
+    compiled: bool = False, num_warps: int | None = None, maxnreg: int | None = None,
 ) -> DGDMLPOut:
     """``dgd_mlp_fwd``, differentiable: where grad mode is on and an input requires grad it runs
     as ``DGDMLPFunction`` (every output, the anchor included, differentiates to q / k / v, the
     gates and the initial weights and momenta, as ``dgd_dual`` with ``grad: unroll`` would);
-    elsewhere it is ``dgd_mlp_fwd`` itself."""
+    elsewhere it is ``dgd_mlp_fwd`` itself. ``compiled``: the backward's recompute runs
+    ``dgd_dual``'s chunk step through torch.compile (``MemoryProblem.compiled``)."""
     ins = (q, k, v, lr, decay, beta, *weights, *momenta)
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in ins)):
         return dgd_mlp_fwd(q, k, v, lr, decay, beta, weights, momenta, chunk=chunk, clip=clip, precision=precision,
                            num_warps=num_warps, maxnreg=maxnreg)
     launch = {"num_warps": num_warps, "maxnreg": maxnreg}
-    y, w0, w1, m0, m1, a0, a1 = DGDMLPFunction.apply(*ins, chunk, clip, precision, save_every, launch)
+    y, w0, w1, m0, m1, a0, a1 = DGDMLPFunction.apply(*ins, chunk, clip, precision, save_every, compiled, launch)
     return DGDMLPOut(y, (w0, w1), (m0, m1), (a0, a1))
 
 
@@ -350,12 +351,12 @@ class DGDMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
                 w0: Tensor, w1: Tensor, m0: Tensor, m1: Tensor, chunk: int, clip: float | None,
-                precision: str, save_every: int, launch: dict[str, Any]) -> tuple[Tensor, ...]:
+                precision: str, save_every: int, compiled: bool, launch: dict[str, Any]) -> tuple[Tensor, ...]:
         out = dgd_mlp_fwd(q, k, v, lr, decay, beta, (w0, w1), (m0, m1), chunk=chunk, clip=clip,
                           precision=precision, save_every=save_every, **launch)
         assert out.saved is not None
         ctx.save_for_backward(q, k, v, lr, decay, beta, *out.saved)
-        ctx.cfg = (chunk, clip, save_every)
+        ctx.cfg = (chunk, clip, save_every, compiled)
         ctx.set_materialize_grads(False)  # None for outputs the loss does not use: less work
         return (out.y, *out.weights, *out.momenta, *out.anchor)
 
@@ -363,15 +364,15 @@ class DGDMLPFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *cots: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, lr, decay, beta, *saved = ctx.saved_tensors
-        chunk, clip, every = ctx.cfg
+        chunk, clip, every, compiled = ctx.cfg
         grads = dgd_mlp_bwd((q, k, v, lr, decay, beta), saved, cots, chunk=chunk, clip=clip, save_every=every,
-                            needs=ctx.needs_input_grad[:10])
-        return (*grads, None, None, None, None, None)
+                            needs=ctx.needs_input_grad[:10], compiled=compiled)
+        return (*grads, None, None, None, None, None, None)
 
 
 def dgd_mlp_bwd(
     inputs: tuple[Tensor, ...], saved: list[Tensor], cots: tuple[Tensor | None, ...], *,
-    chunk: int, clip: float | None, save_every: int, needs: tuple[bool, ...],
+    chunk: int, clip: float | None, save_every: int, needs: tuple[bool, ...], compiled: bool = False,
 ) -> list[Tensor | None]:
     """The adjoints of ``(q, k, v, lr, decay, beta, W0, W1, M0, M1)`` from those of
     ``(y, W0', W1', M0', M1', anchor0, anchor1)`` (``None``: unused): one ``autograd.grad`` per
@@ -395,7 +396,7 @@ def dgd_mlp_bwd(
             xs = [x[:, :, t0:t1].detach().requires_grad_(need) for x, need in zip(inputs, needs[:6])]
             xq, xk, xv, xlr, xdc, xbt = xs
             ref = dgd_mlp_fwd_reference(xq, xk, xv, xlr, xdc, xbt, (start[0], start[1]), (start[2], start[3]),
-                                        chunk=chunk, clip=clip, grad="unroll")
+                                        chunk=chunk, clip=clip, grad="unroll", compiled=compiled)
             pairs = [(ref.y, None if gy is None else gy[:, :, t0:t1]),
                      *zip((*ref.weights, *ref.momenta), g_state)]
             if g == n_groups - 1:  # the anchor is the last chunk's start, inside the last group
@@ -422,7 +423,7 @@ def dgd_mlp_bwd(
 def dgd_mlp_fwd_reference(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
     weights: tuple[Tensor, Tensor], momenta: tuple[Tensor, Tensor], *,
-    chunk: int, clip: float | None = None, grad: str = "stop",
+    chunk: int, clip: float | None = None, grad: str = "stop", compiled: bool = False,
 ) -> DGDMLPOut:
     """``dgd_mlp_fwd``'s contract computed by the PyTorch closed form (``loops/dgd_dual.py``);
     with ``grad="unroll"`` it is differentiable (the backward's recompute, the tests' reference)."""
@@ -434,7 +435,7 @@ def dgd_mlp_fwd_reference(
     heads, d = q.shape[1], q.shape[3]
     arch = MLPMemory(d, d, heads, expand=1, depth=2, act="gelu", residual=True, bias=False)
     pb = MemoryProblem(arch, rules.dgd(0.0, 0.0, 0.0), objectives.l2, q, k, v,
-                       {"lr": lr, "decay": decay, "beta": beta}, chunk, GradMode(grad), clip=clip)
+                       {"lr": lr, "decay": decay, "beta": beta}, chunk, GradMode(grad), clip=clip, compiled=compiled)
     params = {"W0": weights[0], "W1": weights[1]}
     state = MemoryState(params=params, opt={"m": {"W0": momenta[0], "W1": momenta[1]}}, anchor=params,
                         offset=0, chunks=0)
