@@ -1,6 +1,6 @@
 """``python -m bench.triton_dgd [--batch 8] [--seq 2048] [--heads 8] [--dim-head 64] [--chunk 16]
 [--reps 20] [--no-graph] [--train]``: the fused DGD kernel (``nestlearn/loops/triton/dgd_mlp.py``) against
-the closed form it replaces (``loops/dgd_dual.py``), forward only, at HOPE's self-modifying
+the closed form it replaces (``loops/dgd_dual.py``), forward (and with ``--train`` forward + backward), at HOPE's self-modifying
 memory's size (8 heads of 64, chunk 16; ``models/hope.yaml``) on CUDA.
 
 Rows: the kernel in fp32 (``ieee``, what the executor runs), in 3xTF32 (tensor cores, near-fp32:

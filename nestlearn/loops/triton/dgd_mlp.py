@@ -1,5 +1,5 @@
 """DGD's chunk recurrence on HOPE's 2-layer MLP memory, forward, as one persistent Triton program
-per (batch, head).
+per (batch, head); its backward (``DGDMLPFunction``) recomputes groups of chunks in PyTorch.
 
 The memory is HOPE's self-modifying one (``models/hope.yaml``): ``M(x) = x + W1 gelu(W0 x)``
 with square ``D x D`` weights (``expand: 1``), no biases, the ``l2`` objective, an optional
@@ -40,7 +40,11 @@ Design (the why):
   executor glue runs any partial chunk on the PyTorch path).
 
 ``dgd_mlp_fwd`` launches the kernel; ``dgd_mlp_fwd_reference`` is the same contract computed
-by ``loops/dgd_dual.py`` (the tests compare the two).
+by ``loops/dgd_dual.py`` (the tests compare the two). ``dgd_mlp`` is the differentiable entry:
+under grad it runs ``DGDMLPFunction``, whose forward kernel also saves the state at every
+``save_every``-th chunk start (``SAVE``) and whose backward re-runs each group of chunks from
+its checkpoint through ``dgd_dual`` and ``torch.autograd.grad``, last group first (no Triton
+backward kernel yet: that class docstring).
 """
 
 from __future__ import annotations
