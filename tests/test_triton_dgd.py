@@ -477,6 +477,35 @@ def test_shipped_hope_through_the_kernel_on_cpu(dgd_mlp: ModuleType, monkeypatch
             assert a == b
 
 
+def test_backward_under_remat(dgd_mlp: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row is ``remat_ok``: under a level's ``remat`` (groups of 2 chunks checkpointed with
+    ``torch.utils.checkpoint``) the kernel's Function is re-run in the backward and the gradients
+    still equal the closed form's."""
+    from dataclasses import replace
+
+    from nestlearn.loops import run
+
+    x = inputs(1, 2, 64, 16, seed=8)
+    ts = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v", "lr")}
+    monkeypatch.setattr(glue, "supports", lambda pb: glue._shape_ok(pb) and glue._tensors_ok(pb)
+                        and glue._grad_ok(pb, glue._tensors(pb)))
+    monkeypatch.setattr(glue, "_said", True)
+    calls: list[int] = []
+    real = glue._run_kernel
+    monkeypatch.setattr(glue, "_run_kernel", lambda *a: calls.append(1) or real(*a))
+
+    def grads(executor: str) -> tuple[torch.Tensor, ...]:
+        pb = replace(problem({**x, **ts}, 16), remat=2)
+        y, _ = run(pb, state_of(x), executor)  # type: ignore[arg-type]
+        return torch.autograd.grad((y * y.detach()).sum(), list(ts.values()))
+
+    got = grads("auto")
+    assert len(calls) >= 2  # the groups' forwards (and their recompute in the backward)
+    monkeypatch.setattr(glue, "supports", lambda pb: False)
+    want = grads("auto")
+    assert max(_rel(a, b) for a, b in zip(got, want)) < TOL
+
+
 def test_shipped_hope_trains_through_the_kernel_on_cpu(dgd_mlp: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """models/hope.yaml (heads 16 wide) with the row's device check lifted: a training step's
     loss and every parameter gradient with the kernel (interpreted) serving the self-modifying
