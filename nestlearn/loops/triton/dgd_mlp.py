@@ -405,7 +405,8 @@ def dgd_mlp_bwd(
                      *zip((*ref.weights, *ref.momenta), g_state)]
             if g == n_groups - 1:  # the anchor is the last chunk's start, inside the last group
                 pairs += list(zip(ref.anchor, g_anchor))
-            pairs = [(o, c) for o, c in pairs if c is not None]
+            # an output can be constant in this group (e.g. W' in the first one when only q wants a gradient)
+            pairs = [(o, c) for o, c in pairs if c is not None and o.requires_grad]
             wrt = [x for x in (*xs, *start) if x.requires_grad]
             if not pairs or not wrt:  # nothing reaches this group's inputs or start
                 g_state = [None] * 4
