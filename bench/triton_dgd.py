@@ -1,6 +1,6 @@
 """``python -m bench.triton_dgd [--batch 8] [--seq 2048] [--heads 8] [--dim-head 64] [--chunk 16]
-[--reps 20] [--no-graph]``: the fused DGD kernel (``nestlearn/loops/triton/dgd_mlp.py``) against
-the closed form it replaces (``loops/dgd_dual.py``), forward only, at HOPE's self-modifying
+[--reps 20] [--no-graph] [--train]``: the fused DGD kernel (``nestlearn/loops/triton/dgd_mlp.py``) against
+the closed form it replaces (``loops/dgd_dual.py``), forward (and with ``--train`` forward + backward), at HOPE's self-modifying
 memory's size (8 heads of 64, chunk 16; ``models/hope.yaml``) on CUDA.
 
 Rows: the kernel in fp32 (``ieee``, what the executor runs), in 3xTF32 (tensor cores, near-fp32:
@@ -11,6 +11,12 @@ Median of ``--reps`` CUDA-event timings after warm-up; tokens/s counts ``batch x
 last column is the largest error against eager ``run_dgd_dual``, relative to the largest output.
 
 ``--model`` adds ``models/hope.yaml``'s whole no-grad forward with and without the kernel.
+``--train`` adds (printed last) forward + backward -- a loss on the outputs and the carried
+weights, ``autograd.grad`` to q, k, v, lr, decay and the initial weights -- of the kernel's
+``DGDMLPFunction`` (backward recomputed through ``dgd_dual`` from checkpoints every
+``--save-every`` chunks; 1 and the default as rows, and the default with the recompute's chunk
+steps through torch.compile) against ``run_dgd_dual`` eager and compiled
+(``grad: unroll``), with each row's peak memory and largest gradient error against eager.
 ``--ptxas`` needs no GPU: it compiles the kernel for sm_90 and prints registers and spills per
 ``num_warps`` (with ``dgd_mlp.launch_options``' register cap) and precision. ptxas reports
 spills at every setting for D = 64 on Triton 3.9: the four 64 x 64 fp32 state matrices plus the
@@ -67,6 +73,94 @@ def kernel_fn(x: dict[str, Any], chunk: int, precision: str, **launch: Any) -> C
     return lambda: dgd_mlp_fwd(**x, chunk=chunk, clip=1.0, precision=precision, **launch).y
 
 
+def grad_leaves(x: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``hope_inputs``' q, k, v, lr, decay and initial weights (one ``[1, H, D, D]`` leaf each,
+    expanded over the batch as ``init_state`` shares it) as leaves that require grad."""
+    ts = {n: x[n] for n in ("q", "k", "v", "lr", "decay")}
+    ts.update(w0=x["weights"][0][:1], w1=x["weights"][1][:1])
+    return {n: t.detach().clone().requires_grad_() for n, t in ts.items()}
+
+
+def train_loss(y: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """A loss on the outputs and the carried weights (so both adjoints reach the backward)."""
+    g = torch.Generator(device=y.device).manual_seed(1)
+    cy = torch.randn(y.shape, generator=g, device=y.device)
+    return (y * cy).sum() + (w0 * w0).sum() + w1.sum()
+
+
+GradFn = Callable[[], tuple[torch.Tensor, ...]]
+
+
+def kernel_train_fn(x: dict[str, Any], leaves: dict[str, torch.Tensor], chunk: int, save_every: int,
+                    compiled: bool = False) -> GradFn:
+    from nestlearn.loops.triton.dgd_mlp import dgd_mlp
+
+    b = x["q"].shape[0]
+
+    def run() -> tuple[torch.Tensor, ...]:
+        lv = leaves
+        w = (lv["w0"].expand(b, -1, -1, -1), lv["w1"].expand(b, -1, -1, -1))
+        out = dgd_mlp(lv["q"], lv["k"], lv["v"], lv["lr"], lv["decay"], x["beta"], w, x["momenta"], chunk=chunk,
+                      clip=1.0, save_every=save_every, compiled=compiled)
+        return torch.autograd.grad(train_loss(out.y, *out.weights), list(leaves.values()))
+
+    return run
+
+
+def dual_train_fn(x: dict[str, Any], leaves: dict[str, torch.Tensor], chunk: int, compiled: bool) -> GradFn:
+    b, h, _, d = x["q"].shape
+    arch = MLPMemory(d, d, h, expand=1, depth=2, act="gelu", residual=True, bias=False)
+    lv = leaves
+
+    def run() -> tuple[torch.Tensor, ...]:
+        pb = MemoryProblem(arch, rules.dgd(0.0, 0.0, 0.0), objectives.l2, lv["q"], lv["k"], lv["v"],
+                           {"lr": lv["lr"], "decay": lv["decay"], "beta": 0.9}, chunk, GradMode("unroll"),
+                           clip=1.0, compiled=compiled)
+        p = {"W0": lv["w0"].expand(b, -1, -1, -1), "W1": lv["w1"].expand(b, -1, -1, -1)}
+        st = MemoryState(params=p, opt={"m": {"W0": x["momenta"][0], "W1": x["momenta"][1]}}, anchor=p,
+                         offset=0, chunks=0)
+        y, new = run_dgd_dual(pb, st)
+        return torch.autograd.grad(train_loss(y, new["params"]["W0"], new["params"]["W1"]), list(leaves.values()))
+
+    return run
+
+
+def train_rows(x: dict[str, Any], chunk: int, warmup: int, reps: int, save_every: int) -> None:
+    """Forward + backward (``--train``): the kernel against ``dgd_dual``, printed as one table."""
+    leaves = grad_leaves(x)
+    b, _, t, _ = x["q"].shape
+    rows: list[tuple[str, Callable[[], GradFn]]] = [
+        ("dgd_dual eager", lambda: dual_train_fn(x, leaves, chunk, False)),
+        ("dgd_dual compiled chunk steps", lambda: dual_train_fn(x, leaves, chunk, True)),
+        *((f"triton fwd + recompute bwd, save {e}", lambda e=e: kernel_train_fn(x, leaves, chunk, e))
+          for e in sorted({1, save_every})),
+        (f"triton fwd + compiled recompute, save {save_every}",
+         lambda: kernel_train_fn(x, leaves, chunk, save_every, compiled=True)),
+    ]
+    ref = dual_train_fn(x, leaves, chunk, False)()
+    results: list[str] = []
+    base: float | None = None
+    for name, build in rows:
+        try:
+            fn = build()
+            ms = time_ms(fn, warmup, reps)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            grads = fn()
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+            err = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(grads, ref))
+            base = ms if name == "dgd_dual eager" else base
+            speed = f"{base / ms:>8.2f}x" if base else f"{'':>9}"
+            results.append(f"{name:<38} {ms:>9.2f} {b * t / ms * 1e3:>12,.0f} {speed} {peak:>9.0f} {err:>12.2e}")
+        except Exception as exc:  # a row that cannot run here says why
+            results.append(f"{name:<38} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+    print(f"\n# DGD forward + backward (grad: unroll; dq, dk, dv, dlr, ddecay, dW0, dW1), batch {b} x {t} tokens, "
+          f"chunk {chunk}; {torch.cuda.get_device_name()}")
+    print(f"{'path':<38} {'ms':>9} {'tokens/s':>12} {'vs eager':>9} {'peak MiB':>9} {'max rel err':>12}")
+    print("\n".join(results))
+
+
 def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """``fn`` captured in a CUDA graph (after warm-up on a side stream) and replayed."""
     s = torch.cuda.Stream()
@@ -86,7 +180,7 @@ def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     return replay
 
 
-def time_ms(fn: Callable[[], torch.Tensor], warmup: int, reps: int) -> float:
+def time_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -100,10 +194,12 @@ def time_ms(fn: Callable[[], torch.Tensor], warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | None = None, arch: int = 90) -> str:
+def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | None = None, arch: int = 90,
+                save: bool = True) -> str:
     """Compile the kernel for ``sm_<arch>`` without a GPU (triton ships ptxas) with
     ``dgd_mlp.launch_options`` and return ptxas's ``REG:<registers> STACK:<spilled bytes>`` per
-    thread. Needs the kernel module decorated without ``TRITON_INTERPRET``."""
+    thread; ``save``: the training variant (it also writes the backward's checkpoints). Needs
+    the kernel module decorated without ``TRITON_INTERPRET``."""
     import os
     import subprocess
     import tempfile
@@ -115,7 +211,8 @@ def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | No
     from nestlearn.loops.triton.dgd_mlp import _dgd_mlp_fwd_kernel as fn
     from nestlearn.loops.triton.dgd_mlp import launch_options
 
-    consts: dict[str, Any] = {"BT": chunk, "LOG_BT": chunk.bit_length() - 1, "D": d, "CLIP": True, "PREC": precision}
+    consts: dict[str, Any] = {"BT": chunk, "LOG_BT": chunk.bit_length() - 1, "D": d, "CLIP": True, "PREC": precision,
+                              "SAVE": save}
     sig = {n: ("*fp32" if n.endswith(("_ptr", "_out")) else "constexpr" if n in consts
                else "fp32" if n == "clip" else "i32") for n in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
@@ -181,6 +278,8 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, default=None, help="the kernel's register cap (e.g. 255 with 8 warps)")
     ap.add_argument("--model", action="store_true", help="also time models/hope.yaml's no-grad forward with / without")
     ap.add_argument("--ptxas", action="store_true", help="no GPU needed: registers / spills per num_warps and precision")
+    ap.add_argument("--train", action="store_true", help="also time forward + backward (printed last)")
+    ap.add_argument("--save-every", type=int, default=None, help="--train: the kernel's checkpoint spacing (chunks)")
     a = ap.parse_args()
     if a.ptxas:
         ptxas_table(a.dim_head, a.chunk)
@@ -224,6 +323,10 @@ def main() -> None:
         print(f"{name:<34} {ms:>9.3f} {tokens / ms * 1e3:>12,.0f} {ms * 1e3 / chunks:>9.1f} {speed} {err:>12.2e}")
     if a.model:
         model_rows(a.batch, a.seq, a.warmup, max(3, a.reps // 4))
+    if a.train:
+        from nestlearn.loops.triton.dgd_mlp import SAVE_EVERY
+
+        train_rows(x, a.chunk, a.warmup, max(3, a.reps // 4), a.save_every or SAVE_EVERY)
 
 if __name__ == "__main__":
     main()

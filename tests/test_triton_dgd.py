@@ -189,14 +189,140 @@ def test_kernel_equals_the_sequential_oracle(dgd_mlp: ModuleType) -> None:
         assert _rel(out.weights[i], st["params"][n]) < TOL and _rel(out.momenta[i], st["opt"]["m"][n]) < TOL
 
 
-def test_a_state_that_wants_gradients_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forward only: with grad mode on and a state that requires grad, the closed form runs."""
+@pytest.mark.parametrize("mode", ["unroll", "first_order", "stop", "truncate:2"])
+def test_only_unroll_gradients_take_the_kernel(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With grad mode on and a state that requires grad, ``unroll`` (what the backward computes)
+    takes the kernel and the other gradient modes the closed form; without gradients every mode
+    takes the kernel (the forward values are the same)."""
+    from dataclasses import replace
+
     x = inputs(1, 1, 32, 16, device="cpu")
     x["weights"] = tuple(w.clone().requires_grad_() for w in x["weights"])
-    called = []
-    monkeypatch.setattr(glue, "_run_kernel", lambda *a: called.append(1))
-    glue.run_dgd_triton(problem(x, 16), state_of(x))
-    assert not called
+    pb = replace(problem(x, 16), grad=GradMode.parse(mode))
+    called: list[int] = []
+    monkeypatch.setattr(glue, "_run_kernel", lambda *a: called.append(1) or run_dgd_dual(*a))
+    monkeypatch.setattr(glue, "_said", True)
+    glue.run_dgd_triton(pb, state_of(x))
+    assert called == ([1] if mode == "unroll" else [])
+    assert glue._grad_ok(pb, glue._tensors(pb) + glue._state_tensors(state_of(x))) == (mode == "unroll")
+    with torch.no_grad():
+        glue.run_dgd_triton(pb, state_of(x))
+    assert called[-1:] == [1]
+
+
+NAMES = ("q", "k", "v", "lr", "decay", "beta", "W0", "W1", "M0", "M1")
+OUTS = ("y", "W0'", "W1'", "M0'", "M1'", "anchor0", "anchor1")
+
+
+def leaves(b: int, h: int, t: int, d: int, seed: int = 0, strong: bool = False) -> list[torch.Tensor]:
+    """``inputs``' tensors as leaves that require grad (per-token beta; the initial weights a
+    ``[1, H, D, D]`` leaf that ``call`` expands over the batch, as ``init_state`` shares it)."""
+    x = inputs(b, h, t, d, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    scale = (1.0, 0.9, 1.0) if strong else (0.2, 0.2, 1.0)
+    gates = [torch.rand(b, h, t, generator=g) * s for s in scale]
+    ts = [x["q"], x["k"], x["v"], *(t.to(DEV) for t in gates), x["weights"][0][:1], x["weights"][1][:1],
+          *x["momenta"]]
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def call(fn: Any, ts: list[torch.Tensor], **kw: Any) -> list[torch.Tensor]:
+    q, k, v, lr, decay, beta, w0, w1, m0, m1 = ts
+    b = q.shape[0]
+    out = fn(q, k, v, lr, decay, beta, (w0.expand(b, -1, -1, -1), w1.expand(b, -1, -1, -1)), (m0, m1), **kw)
+    return [out.y, *out.weights, *out.momenta, *out.anchor]
+
+
+def check_grads(dgd_mlp: ModuleType, ts: list[torch.Tensor], chunk: int, clip: float | None, save_every: int,
+                tol: float = TOL, seed: int = 0, compiled: bool = False) -> dict[str, float]:
+    """Outputs and ``autograd.grad`` of every output (random cotangents) to every input: the kernel's
+    ``DGDMLPFunction`` against autograd through ``dgd_dual`` (``grad: unroll``)."""
+    out = call(dgd_mlp.dgd_mlp, ts, chunk=chunk, clip=clip, save_every=save_every, compiled=compiled)
+    ref = call(dgd_mlp.dgd_mlp_fwd_reference, ts, chunk=chunk, clip=clip, grad="unroll")
+    g = torch.Generator().manual_seed(seed)
+    cots = [torch.randn(r.shape, generator=g).to(r.device) for r in ref]
+    got = torch.autograd.grad(out, ts, cots)
+    want = torch.autograd.grad(ref, ts, cots)
+    errs = {n: _rel(a, b) for n, a, b in zip(OUTS, out, ref)}
+    errs.update({f"d{n}": _rel(a, b) for n, a, b in zip(NAMES, got, want)})
+    assert max(errs.values()) < tol, errs
+    return errs
+
+
+@pytest.mark.parametrize("save_every", [1, 2, 4])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_backward_equals_dgd_dual(dgd_mlp: ModuleType, save_every: int, clip: float | None) -> None:
+    """B=1, H=2, D=16, chunk 16, 3 chunks: outputs, carried state and the gradients of all of them
+    to q, k, v, lr, decay, beta and the initial weights and momenta. Checkpoints every 1, 2 (a
+    last group of one chunk) and 4 chunks (one group: the whole call recomputed)."""
+    check_grads(dgd_mlp, leaves(1, 2, 48, 16), 16, clip, save_every)
+
+
+def test_backward_strong_gates_and_chunk_32(dgd_mlp: ModuleType) -> None:
+    """lr up to 1, decay up to 0.9, chunk 32 over a batch of 2: still the closed form's gradients."""
+    check_grads(dgd_mlp, leaves(2, 1, 64, 16, seed=3, strong=True), 32, 1.0, 1, seed=1)
+
+
+@pytest.mark.slow  # inductor's first compile on the CPU: over a minute
+def test_backward_with_the_compiled_recompute(dgd_mlp: ModuleType) -> None:
+    """The recompute's chunk steps through torch.compile (``MemoryProblem.compiled``, which the
+    row passes on): the same gradients."""
+    check_grads(dgd_mlp, leaves(1, 2, 48, 16, seed=6), 16, 1.0, 2, compiled=True)
+
+
+def test_backward_only_some_outputs_and_inputs(dgd_mlp: ModuleType) -> None:
+    """A loss on the outputs of the last two chunks alone (the carried state unused: its adjoints
+    come as None) and gradients to q and the gates only (the rest constants): the same as the
+    closed form's, including the first chunk's gates, which reach the loss only through the
+    state carried between chunks."""
+    ts = leaves(1, 2, 48, 16, seed=5)
+    consts = [t.detach() for t in ts]
+    mixed = [ts[0], consts[1], consts[2], ts[3], ts[4], ts[5], *consts[6:]]
+    y = call(dgd_mlp.dgd_mlp, mixed, chunk=16, clip=1.0)[0]
+    y_ref = call(dgd_mlp.dgd_mlp_fwd_reference, mixed, chunk=16, clip=1.0, grad="unroll")[0]
+    wrt = [ts[0], ts[3], ts[4], ts[5]]
+    w = y_ref.detach()[:, :, 16:]
+    got = torch.autograd.grad((y[:, :, 16:] * w).sum(), wrt)
+    want = torch.autograd.grad((y_ref[:, :, 16:] * w).sum(), wrt)
+    assert max(_rel(a, b) for a, b in zip(got, want)) < TOL
+    assert got[0][:, :, :16].abs().max() == 0 and got[1][..., :16].abs().max() > 1e-3 * got[1].abs().max()
+    # q alone wants a gradient, and the loss also reads the carried state (which q never reaches)
+    outs = call(dgd_mlp.dgd_mlp, [ts[0], *consts[1:]], chunk=16, clip=1.0)
+    outs_ref = call(dgd_mlp.dgd_mlp_fwd_reference, [ts[0], *consts[1:]], chunk=16, clip=1.0, grad="unroll")
+    (gq,) = torch.autograd.grad(outs[0].sum() + outs[1].sum(), [ts[0]])
+    (gq_ref,) = torch.autograd.grad(outs_ref[0].sum() + outs_ref[1].sum(), [ts[0]])
+    assert _rel(gq, gq_ref) < TOL
+
+
+def test_executor_row_gradients_equal_dgd_dual(dgd_mlp: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run_dgd_triton`` in training (``grad: unroll``) from 11 tokens into a chunk: the head and
+    the tail on the closed form, two whole chunks on the kernel; the loss on the outputs and the
+    carried state differentiates to q, k, v, the lr / decay gates and the initial state as
+    ``run_dgd_dual``'s."""
+    x = inputs(1, 2, 11 + 5 + 32 + 7, 16, seed=2)
+    base = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v", "lr", "decay")}
+    w = [t[:1].clone().requires_grad_() for t in x["weights"]]
+    m = [t.clone().requires_grad_() for t in x["momenta"]]
+
+    def loss(run: Any) -> tuple[torch.Tensor, ...]:
+        xx = {**x, **base, "weights": tuple(t.expand(1, -1, -1, -1) for t in w), "momenta": tuple(m)}
+        pb = problem(xx, 16)
+        _, st0 = run_dgd_dual(pb.slice(0, 11), state_of(xx))
+        y, st = run(pb.slice(11, pb.q.shape[2]), st0)
+        total = (y * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum()
+        for n in ("W0", "W1"):
+            total = total + (st["params"][n] ** 2).sum() + st["opt"]["m"][n].sum()
+        return torch.autograd.grad(total, [*base.values(), *w, *m])
+
+    calls: list[int] = []
+    real = glue._run_kernel
+    monkeypatch.setattr(glue, "_run_kernel", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(glue, "_said", True)
+    got = loss(glue.run_dgd_triton)
+    assert calls == [1]
+    want = loss(run_dgd_dual)
+    errs = [_rel(a, b) for a, b in zip(got, want)]
+    assert max(errs) < TOL, errs
 
 
 def test_hopes_shipped_memory_is_served_and_the_rest_refused() -> None:
@@ -238,9 +364,23 @@ def test_gpu_switch_and_grad(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not glue.supports(pb)
     monkeypatch.delenv("NESTLEARN_TRITON")
     wants = problem({**x, "q": x["q"].clone().requires_grad_()}, 16)
-    assert not glue.supports(wants)
+    assert glue.supports(wants)  # training (grad: unroll) takes the kernel
+    from dataclasses import replace
+
+    assert not glue.supports(replace(wants, grad=GradMode("first_order")))
     with torch.no_grad():
-        assert glue.supports(wants)
+        assert glue.supports(replace(wants, grad=GradMode("first_order")))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_gpu_backward_full_head_size(dgd_mlp: ModuleType, clip: float | None,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOPE's head (64), chunk (16), 8 heads over 2,048 tokens, batch 2: outputs, carried state
+    and every gradient against autograd through the closed form, in fp32."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    print(clip, check_grads(dgd_mlp, leaves(2, 8, 2048, 64, seed=5), 16, clip, dgd_mlp.SAVE_EVERY))
 
 
 @pytest.mark.gpu
@@ -284,9 +424,17 @@ def test_gpu_shipped_hope_dispatches_to_the_kernel(monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("NESTLEARN_TRITON", "1")
         out, _ = model(tokens)
     assert calls and _rel(out, ref) < 1e-3
+    # training: the kernel serves it too, with the closed form's parameter gradients
     calls.clear()
-    model(tokens)[0].sum().backward()
-    assert not calls
+    grads = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("NESTLEARN_TRITON", flag)
+        model.zero_grad()
+        (model(tokens)[0].float() ** 2).mean().backward()
+        grads[flag] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert calls and grads["0"].keys() == grads["1"].keys()
+    errs = {n: _rel(grads["1"][n], g) for n, g in grads["0"].items() if g.abs().max() > 0}
+    assert max(errs.values()) < 1e-3, sorted(errs.items(), key=lambda e: -e[1])[:5]
 
 
 def test_shipped_hope_through_the_kernel_on_cpu(dgd_mlp: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -333,6 +481,68 @@ def test_shipped_hope_through_the_kernel_on_cpu(dgd_mlp: ModuleType, monkeypatch
             assert _rel(a, b) < TOL
         else:
             assert a == b
+
+
+def test_backward_under_remat(dgd_mlp: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row is ``remat_ok``: under a level's ``remat`` (groups of 2 chunks checkpointed with
+    ``torch.utils.checkpoint``) the kernel's Function is re-run in the backward and the gradients
+    still equal the closed form's."""
+    from dataclasses import replace
+
+    from nestlearn.loops import run
+
+    x = inputs(1, 2, 64, 16, seed=8)
+    ts = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v", "lr")}
+    monkeypatch.setattr(glue, "supports", lambda pb: glue._shape_ok(pb) and glue._tensors_ok(pb)
+                        and glue._grad_ok(pb, glue._tensors(pb)))
+    monkeypatch.setattr(glue, "_said", True)
+    calls: list[int] = []
+    real = glue._run_kernel
+    monkeypatch.setattr(glue, "_run_kernel", lambda *a: calls.append(1) or real(*a))
+
+    def grads(executor: str) -> tuple[torch.Tensor, ...]:
+        pb = replace(problem({**x, **ts}, 16), remat=2)
+        y, _ = run(pb, state_of(x), executor)  # type: ignore[arg-type]
+        return torch.autograd.grad((y * y.detach()).sum(), list(ts.values()))
+
+    got = grads("auto")
+    assert len(calls) >= 2  # the groups' forwards (and their recompute in the backward)
+    monkeypatch.setattr(glue, "supports", lambda pb: False)
+    want = grads("auto")
+    assert max(_rel(a, b) for a, b in zip(got, want)) < TOL
+
+
+def test_shipped_hope_trains_through_the_kernel_on_cpu(dgd_mlp: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """models/hope.yaml (heads 16 wide) with the row's device check lifted: a training step's
+    loss and every parameter gradient with the kernel (interpreted) serving the self-modifying
+    memory equal those with the closed form."""
+    import nestlearn
+
+    torch.manual_seed(0)
+    model = nestlearn.compile(ROOT / "models" / "hope.yaml", ["model.dim=32", "model.depth=1", "model.heads=2"]).to(DEV)
+    tokens = torch.randint(0, 256, (1, 40), device=DEV)
+    calls: list[int] = []
+    real = glue._run_kernel
+    monkeypatch.setattr(glue, "_run_kernel", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(glue, "_said", True)
+
+    def step(kernel: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        monkeypatch.setattr(glue, "supports", lambda pb: kernel and glue._shape_ok(pb) and glue._tensors_ok(pb)
+                            and glue._grad_ok(pb, glue._tensors(pb)))
+        model.zero_grad()
+        out, _ = model(tokens)
+        loss = torch.nn.functional.cross_entropy(out[0, :-1], tokens[0, 1:])
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step(True)
+    assert calls  # the kernel ran in training
+    n_calls = len(calls)
+    loss_ref, grads_ref = step(False)
+    assert len(calls) == n_calls
+    assert _rel(loss, loss_ref) < TOL and grads.keys() == grads_ref.keys()
+    errs = {n: _rel(grads[n], g) for n, g in grads_ref.items() if g.abs().max() > 0}
+    assert max(errs.values()) < TOL, sorted(errs.items(), key=lambda e: -e[1])[:5]
 
 
 def test_precision_follows_torch(monkeypatch: pytest.MonkeyPatch) -> None:

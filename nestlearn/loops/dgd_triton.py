@@ -1,15 +1,18 @@
 """The executor row ``dgd_triton``: HOPE's self-modifying memory on the fused Triton kernel
-(``loops/triton/dgd_mlp.py``) where it computes exactly what ``dgd_dual`` does, forward only.
+(``loops/triton/dgd_mlp.py``) where it computes exactly what ``dgd_dual`` does, outputs, carried
+state and (training) every outer gradient.
 
 It takes a problem when all of these hold (``supports``; anything else runs ``dgd_dual``):
 
 - the tensors live on one CUDA device (NVIDIA: the kernel is untried on ROCm), in fp32 (or half
   precision under autocast: ``loops.run`` casts such problems to fp32 first), and triton is
   installed and not switched off (``NESTLEARN_TRITON=0``);
-- no gradient will be asked for: grad mode off, or none of q / k / v / the gates requires one.
-  The kernel has no backward yet, so training keeps the closed form; evaluation and generation
-  (``torch.no_grad``) get the kernel. The carried state is checked in ``run_dgd_triton`` (the
-  table's ``supports`` sees no state): a state that requires grad also falls back;
+- no gradient will be asked for (grad mode off, or none of q / k / v / the gates requires one:
+  evaluation, generation), or the level's gradient mode is ``unroll`` (training): the kernel then
+  runs as ``dgd_mlp.DGDMLPFunction``, whose backward recomputes groups of chunks from
+  checkpoints the kernel saved, through ``dgd_dual`` in PyTorch (its docstring). ``first_order``,
+  ``stop`` and ``truncate:N`` with gradients stay on ``dgd_dual``; the carried state is checked
+  in ``run_dgd_triton`` (the table's ``supports`` sees no state) by the same rule;
 - the memory is exactly HOPE's: ``MLPMemory`` of depth 2, ``expand: 1`` (hidden = width),
   ``gelu``, residual, no bias, width a power of two in 16..128; the rule DGD with ``lr`` /
   ``decay`` / ``beta`` hyper-parameters only; the ``l2`` objective; an in-chunk read (not
@@ -49,7 +52,7 @@ def supports(pb: MemoryProblem) -> bool:
     a CPU problem never looks further than its device."""
     if not (pb.q.is_cuda and torch.version.hip is None and kernels.enabled() and kernels.importable()):
         return False
-    return (_shape_ok(pb) and _tensors_ok(pb) and not _grad_wanted(_tensors(pb))
+    return (_shape_ok(pb) and _tensors_ok(pb) and _grad_ok(pb, _tensors(pb))
             and _size(pb) not in _too_big)
 
 
@@ -82,6 +85,11 @@ def _grad_wanted(ts: list[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
+def _grad_ok(pb: MemoryProblem, ts: list[Tensor]) -> bool:
+    """No gradient wanted, or the one the kernel's backward computes (``unroll``)."""
+    return pb.grad.kind == "unroll" or not _grad_wanted(ts)
+
+
 def _state_tensors(state: MemoryState) -> list[Tensor]:
     return [*state["params"].values(), *state["opt"]["m"].values()]
 
@@ -90,7 +98,7 @@ def run_dgd_triton(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, Memor
     """``run_dgd_dual``'s result, with the whole chunks on the kernel: the rest of a begun chunk
     first and a trailing partial chunk last go to ``run_dgd_dual`` (module docstring)."""
     ts = _tensors(pb) + _state_tensors(state)
-    if _grad_wanted(ts) or any(t.dtype != torch.float32 or t.device != pb.q.device for t in ts):
+    if not _grad_ok(pb, ts) or any(t.dtype != torch.float32 or t.device != pb.q.device for t in ts):
         return run_dgd_dual(pb, state)
     # every gate as [B, H, T] (expanded views, no copies) so that slices cut tokens
     pb = replace(pb, hp={n: hp_tokens(pb, n) for n in pb.hp})
@@ -135,14 +143,15 @@ chunk: ~60 KB at 64 / 16, ~150 KB at 128 / 16, ~210 KB at 64 / 64 on sm_90): ref
 
 
 def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
-    """Whole chunks from a chunk boundary on ``dgd_mlp_fwd`` (imported here: importing the
-    kernel module decorates it, which must follow any ``TRITON_INTERPRET`` setting)."""
-    from nestlearn.loops.triton.dgd_mlp import dgd_mlp_fwd
+    """Whole chunks from a chunk boundary on ``dgd_mlp`` (the kernel, differentiable where a
+    gradient is wanted; imported here: importing the kernel module decorates it, which must
+    follow any ``TRITON_INTERPRET`` setting)."""
+    from nestlearn.loops.triton.dgd_mlp import dgd_mlp
 
     p, m = state["params"], state["opt"]["m"]
     lr, decay, beta = hp_tokens(pb, "lr"), hp_tokens(pb, "decay"), hp_tokens(pb, "beta")
-    out = dgd_mlp_fwd(pb.q, pb.k, pb.v, lr, decay, beta, (p["W0"], p["W1"]), (m["W0"], m["W1"]),
-                      chunk=pb.period, clip=pb.clip, precision=precision())
+    out = dgd_mlp(pb.q, pb.k, pb.v, lr, decay, beta, (p["W0"], p["W1"]), (m["W0"], m["W1"]),
+                  chunk=pb.period, clip=pb.clip, precision=precision(), compiled=pb.compiled)
     new = MemoryState(params={"W0": out.weights[0], "W1": out.weights[1]},
                       opt={"m": {"W0": out.momenta[0], "W1": out.momenta[1]}},
                       anchor={"W0": out.anchor[0], "W1": out.anchor[1]}, offset=0,
@@ -163,5 +172,5 @@ def _say_once() -> None:
     global _said
     if not _said:
         _said = True
-        warnings.warn("nestlearn: DGD on the MLP memory runs on the fused Triton kernel (forward only; "
-                      "NESTLEARN_TRITON=0 switches it off)", stacklevel=3)
+        warnings.warn("nestlearn: DGD on the MLP memory runs on the fused Triton kernel (backward: recomputed "
+                      "through the closed form; NESTLEARN_TRITON=0 switches it off)", stacklevel=3)

@@ -64,7 +64,7 @@ EXECUTORS: tuple[ExecutorRow, ...] = (
                 lambda pb, s: fla_backend.run_fla(pb, s, pb.chunk), remat_ok=True, compilable=False, takes=_delta_rule),
     ExecutorRow("delta", ("auto",), delta_supports, lambda pb, s: run_delta(pb, s, pb.chunk),
                 remat_ok=True, compilable=False, takes=_delta_rule),
-    # HOPE's self-modifying memory on the fused Triton kernel: CUDA, forward only (no backward yet)
+    # HOPE's self-modifying memory on the fused Triton kernel: CUDA; training with grad: unroll
     ExecutorRow("dgd_triton", ("auto", "chunked"), lambda pb: dgd_triton.supports(pb),
                 lambda pb, s: dgd_triton.run_dgd_triton(pb, s),
                 remat_ok=True, compilable=False, takes=_dgd),

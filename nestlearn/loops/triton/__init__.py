@@ -7,7 +7,9 @@ importing ``nestlearn`` never imports triton (and tests can set ``TRITON_INTERPR
 the kernels are decorated).
 
 - ``dgd_mlp``: the forward of DGD's chunk recurrence on HOPE's 2-layer MLP memory, one
-  persistent program per (batch, head) over all chunks (``loops/dgd_triton.py`` wires it in).
+  persistent program per (batch, head) over all chunks, and ``DGDMLPFunction``, its
+  ``autograd.Function`` whose backward recomputes groups of chunks through ``dgd_dual`` from
+  checkpoints the kernel saves (``loops/dgd_triton.py`` wires both in).
 
 ``NESTLEARN_TRITON=0`` (or ``false``/``off``/``no``) switches every kernel here off.
 """

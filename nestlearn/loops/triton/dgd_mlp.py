@@ -1,5 +1,5 @@
 """DGD's chunk recurrence on HOPE's 2-layer MLP memory, forward, as one persistent Triton program
-per (batch, head).
+per (batch, head); its backward (``DGDMLPFunction``) recomputes groups of chunks in PyTorch.
 
 The memory is HOPE's self-modifying one (``models/hope.yaml``): ``M(x) = x + W1 gelu(W0 x)``
 with square ``D x D`` weights (``expand: 1``), no biases, the ``l2`` objective, an optional
@@ -40,17 +40,22 @@ Design (the why):
   executor glue runs any partial chunk on the PyTorch path).
 
 ``dgd_mlp_fwd`` launches the kernel; ``dgd_mlp_fwd_reference`` is the same contract computed
-by ``loops/dgd_dual.py`` (the tests compare the two).
+by ``loops/dgd_dual.py`` (the tests compare the two). ``dgd_mlp`` is the differentiable entry:
+under grad it runs ``DGDMLPFunction``, whose forward kernel also saves the state at every
+``save_every``-th chunk start (``SAVE``) and whose backward re-runs each group of chunks from
+its checkpoint through ``dgd_dual`` and ``torch.autograd.grad``, last group first (no Triton
+backward kernel yet: that class docstring).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 class DGDMLPOut(NamedTuple):
@@ -62,6 +67,9 @@ class DGDMLPOut(NamedTuple):
     """DGD's momentum of each weight after the last chunk."""
     anchor: tuple[Tensor, Tensor]
     """``(W0, W1)`` at the last chunk's start (the carried ``anchor`` of ``MemoryState``)."""
+    saved: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    """With ``save_every``: ``(W0, W1, M0, M1)`` at the start of chunks ``0, e, 2e, ...``, each
+    ``[B, H, S, D, D]`` (the backward's checkpoints)."""
 
 
 @triton.jit
@@ -128,8 +136,10 @@ def _dgd_mlp_fwd_kernel(
     w0_ptr, w1_ptr, m0_ptr, m1_ptr,      # [B, H, D, D], each D x D block row-major
     sw0_b, sw0_h, sw1_b, sw1_h, sm0_b, sm0_h, sm1_b, sm1_h,
     w0_out, w1_out, m0_out, m1_out, a0_out, a1_out,  # [B, H, D, D] contiguous
-    H, n_chunks, clip,
+    s0_out, s1_out, sm0_out, sm1_out,    # [B, H, S, D, D] contiguous: the saved chunk-start states
+    H, n_chunks, clip, save_every, n_saved,
     BT: tl.constexpr, LOG_BT: tl.constexpr, D: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+    SAVE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B*H*T*D passes 2^31 at long contexts
     b = pid // H
@@ -157,6 +167,13 @@ def _dgd_mlp_fwd_kernel(
     bt_base = beta_ptr + b * sbt_b + h * sbt_h
 
     for ci in range(n_chunks):
+        if SAVE:  # the backward's checkpoints: the state at the start of every save_every-th chunk
+            if ci % save_every == 0:
+                s_off = (pid * n_saved + ci // save_every) * D * D + w_off
+                tl.store(s0_out + s_off, W0)
+                tl.store(s1_out + s_off, W1)
+                tl.store(sm0_out + s_off, M0)
+                tl.store(sm1_out + s_off, M1)
         tok = ci * BT + rt
         q = tl.load(q_base + tok[:, None] * sq_t + rd[None, :]).to(tl.float32)
         k = tl.load(k_base + tok[:, None] * sk_t + rd[None, :]).to(tl.float32)
@@ -250,7 +267,7 @@ def dgd_mlp_fwd(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
     weights: tuple[Tensor, Tensor], momenta: tuple[Tensor, Tensor], *,
     chunk: int, clip: float | None = None, precision: str = "ieee", num_warps: int | None = None,
-    maxnreg: int | None = None,
+    maxnreg: int | None = None, save_every: int = 0,
 ) -> DGDMLPOut:
     """Run HOPE's MLP memory (``x + W1 gelu(W0 x)``, l2 objective, DGD) over ``T`` tokens from a
     state at a chunk boundary: ``q, k, v`` are ``[B, H, T, D]``, the gates ``[B, H, T]``
@@ -258,7 +275,8 @@ def dgd_mlp_fwd(
     laid out ``[out, in]``. fp32 throughout; ``T`` a multiple of ``chunk``; ``chunk`` and ``D``
     powers of two >= 16 on a GPU (the interpreter takes any power of two). ``precision`` is
     ``tl.dot``'s (``ieee``: fp32; ``tf32x3`` / ``tf32``: tensor cores); ``num_warps`` / ``maxnreg``
-    are launch options for tuning (``python -m bench.triton_dgd --ptxas`` shows their spills)."""
+    are launch options for tuning (``python -m bench.triton_dgd --ptxas`` shows their spills).
+    ``save_every = e > 0`` also returns the state at the start of every ``e``-th chunk (``saved``)."""
     bsz, heads, t, d = q.shape
     if t % chunk or chunk & (chunk - 1) or d & (d - 1):
         raise ValueError(f"dgd_mlp_fwd: T={t} must be whole chunks of {chunk}; chunk and D={d} powers of two")
@@ -270,8 +288,11 @@ def dgd_mlp_fwd(
     m0, m1 = (_square(m, d) for m in momenta)
     y = torch.empty(bsz, heads, t, d, device=q.device, dtype=torch.float32)
     outs = [torch.empty(bsz, heads, d, d, device=q.device, dtype=torch.float32) for _ in range(6)]
+    n_saved = -(-(t // chunk) // save_every) if save_every > 0 else 0
+    saved = [torch.empty(bsz, heads, n_saved, d, d, device=q.device, dtype=torch.float32) for _ in range(4)]
     if t == 0:
-        return DGDMLPOut(y, (w0.clone(), w1.clone()), (m0.clone(), m1.clone()), (w0.clone(), w1.clone()))
+        return DGDMLPOut(y, (w0.clone(), w1.clone()), (m0.clone(), m1.clone()), (w0.clone(), w1.clone()),
+                         (saved[0], saved[1], saved[2], saved[3]) if save_every > 0 else None)
     grid = (bsz * heads,)
     _dgd_mlp_fwd_kernel[grid](
         q, k, v, y,
@@ -284,20 +305,133 @@ def dgd_mlp_fwd(
         w0.stride(0), w0.stride(1), w1.stride(0), w1.stride(1), m0.stride(0), m0.stride(1),
         m1.stride(0), m1.stride(1),
         *outs,
-        heads, t // chunk, float(clip or 0.0),
+        *(saved if save_every > 0 else outs[:4]),  # unused pointers without SAVE
+        heads, t // chunk, float(clip or 0.0), max(save_every, 1), n_saved,
         BT=chunk, LOG_BT=chunk.bit_length() - 1, D=d, CLIP=clip is not None, PREC=precision,
-        **launch_options(d, num_warps, maxnreg),
+        SAVE=save_every > 0, **launch_options(d, num_warps, maxnreg),
     )
     w0n, w1n, m0n, m1n, a0, a1 = outs
-    return DGDMLPOut(y, (w0n, w1n), (m0n, m1n), (a0, a1))
+    return DGDMLPOut(y, (w0n, w1n), (m0n, m1n), (a0, a1),
+                     (saved[0], saved[1], saved[2], saved[3]) if save_every > 0 else None)
+
+
+SAVE_EVERY = 4
+"""Default checkpoint spacing (chunks) of the differentiable entry ``dgd_mlp``: the forward keeps
+``4 D x D`` fp32 per (batch, head) per checkpoint (HOPE's size: 134 MB per call at 4, 537 MB
+at 1); the backward recomputes ``SAVE_EVERY`` chunks per step, so a larger spacing also means
+fewer, larger recompute steps (fewer launches and Python round trips)."""
+
+
+def dgd_mlp(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
+    weights: tuple[Tensor, Tensor], momenta: tuple[Tensor, Tensor], *,
+    chunk: int, clip: float | None = None, precision: str = "ieee", save_every: int = SAVE_EVERY,
+    compiled: bool = False, num_warps: int | None = None, maxnreg: int | None = None,
+) -> DGDMLPOut:
+    """``dgd_mlp_fwd``, differentiable: where grad mode is on and an input requires grad it runs
+    as ``DGDMLPFunction`` (every output, the anchor included, differentiates to q / k / v, the
+    gates and the initial weights and momenta, as ``dgd_dual`` with ``grad: unroll`` would);
+    elsewhere it is ``dgd_mlp_fwd`` itself. ``compiled``: the backward's recompute runs
+    ``dgd_dual``'s chunk step through torch.compile (``MemoryProblem.compiled``)."""
+    ins = (q, k, v, lr, decay, beta, *weights, *momenta)
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in ins)):
+        return dgd_mlp_fwd(q, k, v, lr, decay, beta, weights, momenta, chunk=chunk, clip=clip, precision=precision,
+                           num_warps=num_warps, maxnreg=maxnreg)
+    launch = {"num_warps": num_warps, "maxnreg": maxnreg}
+    y, w0, w1, m0, m1, a0, a1 = DGDMLPFunction.apply(*ins, chunk, clip, precision, save_every, compiled, launch)
+    return DGDMLPOut(y, (w0, w1), (m0, m1), (a0, a1))
+
+
+class DGDMLPFunction(torch.autograd.Function):
+    """The kernel's forward with a backward by recomputation: the forward kernel also writes the
+    state at every ``save_every``-th chunk start; the backward walks those groups of chunks in
+    reverse, re-running each group from its saved state through ``dgd_dual``'s closed form
+    (PyTorch, ``grad: unroll``) and back-propagating the output and carried-state adjoints
+    through it with ``torch.autograd.grad``. So the backward is exactly ``dgd_dual``'s (same ops,
+    recomputed), the forward is the kernel's, and what stays alive between the two is the
+    inputs and the checkpoints, not every chunk's intermediates. (A fused Triton backward --
+    the same reverse walk in one persistent program -- is the next step; this is its oracle.)"""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
+                w0: Tensor, w1: Tensor, m0: Tensor, m1: Tensor, chunk: int, clip: float | None,
+                precision: str, save_every: int, compiled: bool, launch: dict[str, Any]) -> tuple[Tensor, ...]:
+        out = dgd_mlp_fwd(q, k, v, lr, decay, beta, (w0, w1), (m0, m1), chunk=chunk, clip=clip,
+                          precision=precision, save_every=save_every, **launch)
+        assert out.saved is not None
+        ctx.save_for_backward(q, k, v, lr, decay, beta, *out.saved)
+        ctx.cfg = (chunk, clip, save_every, compiled)
+        ctx.set_materialize_grads(False)  # None for outputs the loss does not use: less work
+        return (out.y, *out.weights, *out.momenta, *out.anchor)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *cots: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, lr, decay, beta, *saved = ctx.saved_tensors
+        chunk, clip, every, compiled = ctx.cfg
+        grads = dgd_mlp_bwd((q, k, v, lr, decay, beta), saved, cots, chunk=chunk, clip=clip, save_every=every,
+                            needs=ctx.needs_input_grad[:10], compiled=compiled)
+        return (*grads, None, None, None, None, None, None)
+
+
+def dgd_mlp_bwd(
+    inputs: tuple[Tensor, ...], saved: list[Tensor], cots: tuple[Tensor | None, ...], *,
+    chunk: int, clip: float | None, save_every: int, needs: tuple[bool, ...], compiled: bool = False,
+) -> list[Tensor | None]:
+    """The adjoints of ``(q, k, v, lr, decay, beta, W0, W1, M0, M1)`` from those of
+    ``(y, W0', W1', M0', M1', anchor0, anchor1)`` (``None``: unused): one ``autograd.grad`` per
+    group of ``save_every`` chunks, last group first, each through ``dgd_dual`` recomputed from
+    the group's saved start state; the state adjoint carries from group to group."""
+    t = inputs[0].shape[2]
+    span = save_every * chunk
+    n_groups = saved[0].shape[2]
+    gy = cots[0]
+    g_state: list[Tensor | None] = list(cots[1:5])  # adjoint of the state at the current group's end
+    g_anchor = cots[5:7]
+    out: list[Tensor | None] = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need else None
+                                for x, need in zip(inputs, needs[:6])]
+    state_needed = any(needs[6:])
+    for g in range(n_groups - 1, -1, -1):
+        t0, t1 = g * span, min(t, (g + 1) * span)
+        with torch.enable_grad():
+            # the start state always differentiates but in the first group (there only if the
+            # initial state wants it); the inputs where the caller asked
+            start = [s[:, :, g].detach().requires_grad_(g > 0 or state_needed) for s in saved]
+            xs = [x[:, :, t0:t1].detach().requires_grad_(need) for x, need in zip(inputs, needs[:6])]
+            xq, xk, xv, xlr, xdc, xbt = xs
+            ref = dgd_mlp_fwd_reference(xq, xk, xv, xlr, xdc, xbt, (start[0], start[1]), (start[2], start[3]),
+                                        chunk=chunk, clip=clip, grad="unroll", compiled=compiled)
+            pairs = [(ref.y, None if gy is None else gy[:, :, t0:t1]),
+                     *zip((*ref.weights, *ref.momenta), g_state)]
+            if g == n_groups - 1:  # the anchor is the last chunk's start, inside the last group
+                pairs += list(zip(ref.anchor, g_anchor))
+            # an output can be constant in this group (e.g. W' in the first one when only q wants a gradient)
+            pairs = [(o, c) for o, c in pairs if c is not None and o.requires_grad]
+            wrt = [x for x in (*xs, *start) if x.requires_grad]
+            if not pairs or not wrt:  # nothing reaches this group's inputs or start
+                g_state = [None] * 4
+                continue
+            res = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [c for _, c in pairs], allow_unused=True))
+        for i, x in enumerate(xs):
+            if x.requires_grad:
+                gi = next(res)
+                acc = out[i]
+                if gi is not None and acc is not None:
+                    acc[:, :, t0:t1] = gi
+        g_state = [next(res) if s.requires_grad else None for s in start]
+    # the initial state's adjoints; expanded inputs (e.g. weights shared over the batch) take
+    # the full-shape gradient, autograd sums it back through the expand
+    init = [None if not need or gs is None else gs for gs, need in zip(g_state, needs[6:])]
+    return [*out, *init]
 
 
 def dgd_mlp_fwd_reference(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
     weights: tuple[Tensor, Tensor], momenta: tuple[Tensor, Tensor], *,
-    chunk: int, clip: float | None = None,
+    chunk: int, clip: float | None = None, grad: str = "stop", compiled: bool = False,
 ) -> DGDMLPOut:
-    """``dgd_mlp_fwd``'s contract computed by the PyTorch closed form (``loops/dgd_dual.py``)."""
+    """``dgd_mlp_fwd``'s contract computed by the PyTorch closed form (``loops/dgd_dual.py``);
+    with ``grad="unroll"`` it is differentiable (the backward's recompute, the tests' reference)."""
     from nestlearn import objectives, rules
     from nestlearn.loops.common import GradMode, MemoryProblem, MemoryState
     from nestlearn.loops.dgd_dual import run_dgd_dual
@@ -306,7 +440,7 @@ def dgd_mlp_fwd_reference(
     heads, d = q.shape[1], q.shape[3]
     arch = MLPMemory(d, d, heads, expand=1, depth=2, act="gelu", residual=True, bias=False)
     pb = MemoryProblem(arch, rules.dgd(0.0, 0.0, 0.0), objectives.l2, q, k, v,
-                       {"lr": lr, "decay": decay, "beta": beta}, chunk, GradMode("stop"), clip=clip)
+                       {"lr": lr, "decay": decay, "beta": beta}, chunk, GradMode(grad), clip=clip, compiled=compiled)
     params = {"W0": weights[0], "W1": weights[1]}
     state = MemoryState(params=params, opt={"m": {"W0": momenta[0], "W1": momenta[1]}}, anchor=params,
                         offset=0, chunks=0)
