@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -55,6 +56,18 @@ def _import_kernel() -> tuple[ModuleType | None, str]:
 
 
 _KERNEL, _WHY = _import_kernel()
+
+
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """fp32 matmuls without TF32 for the closed form, restored after (``cuda.matmul.allow_tf32`` is
+    a property of torch's cuBLAS module: ``monkeypatch`` cannot undo it)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.fixture
@@ -192,9 +205,12 @@ def test_kernel_equals_the_sequential_oracle(dgd_mlp: ModuleType) -> None:
 @pytest.mark.parametrize("mode", ["unroll", "first_order", "stop", "truncate:2"])
 def test_only_unroll_gradients_take_the_kernel(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With grad mode on and a state that requires grad, ``unroll`` (what the backward computes)
-    takes the kernel and the other gradient modes the closed form; without gradients every mode
-    takes the kernel (the forward values are the same)."""
+    takes the kernel where training through it is asked for (``NESTLEARN_TRITON=train``) and the
+    other gradient modes the closed form; without gradients every mode takes the kernel (the
+    forward values are the same). By default training keeps the closed form."""
     from dataclasses import replace
+
+    monkeypatch.setenv("NESTLEARN_TRITON", "train")
 
     x = inputs(1, 1, 32, 16, device="cpu")
     x["weights"] = tuple(w.clone().requires_grad_() for w in x["weights"])
@@ -208,6 +224,8 @@ def test_only_unroll_gradients_take_the_kernel(mode: str, monkeypatch: pytest.Mo
     with torch.no_grad():
         glue.run_dgd_triton(pb, state_of(x))
     assert called[-1:] == [1]
+    monkeypatch.delenv("NESTLEARN_TRITON")
+    assert not glue._grad_ok(pb, glue._tensors(pb) + glue._state_tensors(state_of(x)))
 
 
 NAMES = ("q", "k", "v", "lr", "decay", "beta", "W0", "W1", "M0", "M1")
@@ -299,6 +317,7 @@ def test_executor_row_gradients_equal_dgd_dual(dgd_mlp: ModuleType, monkeypatch:
     the tail on the closed form, two whole chunks on the kernel; the loss on the outputs and the
     carried state differentiates to q, k, v, the lr / decay gates and the initial state as
     ``run_dgd_dual``'s."""
+    monkeypatch.setenv("NESTLEARN_TRITON", "train")
     x = inputs(1, 2, 11 + 5 + 32 + 7, 16, seed=2)
     base = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v", "lr", "decay")}
     w = [t[:1].clone().requires_grad_() for t in x["weights"]]
@@ -364,6 +383,8 @@ def test_gpu_switch_and_grad(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not glue.supports(pb)
     monkeypatch.delenv("NESTLEARN_TRITON")
     wants = problem({**x, "q": x["q"].clone().requires_grad_()}, 16)
+    assert not glue.supports(wants)  # training keeps the closed form unless asked
+    monkeypatch.setenv("NESTLEARN_TRITON", "train")
     assert glue.supports(wants)  # training (grad: unroll) takes the kernel
     from dataclasses import replace
 
@@ -375,11 +396,9 @@ def test_gpu_switch_and_grad(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_gpu_backward_full_head_size(dgd_mlp: ModuleType, clip: float | None,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_backward_full_head_size(dgd_mlp: ModuleType, clip: float | None, no_tf32: None) -> None:
     """HOPE's head (64), chunk (16), 8 heads over 2,048 tokens, batch 2: outputs, carried state
     and every gradient against autograd through the closed form, in fp32."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     print(clip, check_grads(dgd_mlp, leaves(2, 8, 2048, 64, seed=5), 16, clip, dgd_mlp.SAVE_EVERY))
 
 
@@ -388,11 +407,10 @@ def test_gpu_backward_full_head_size(dgd_mlp: ModuleType, clip: float | None,
 @pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("precision,tol", [("ieee", TOL), ("tf32x3", 1e-3)])
 def test_gpu_full_head_size(dgd_mlp: ModuleType, clip: float | None, precision: str, tol: float,
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+                            no_tf32: None) -> None:
     """HOPE's head (64), chunk (16) and heads (8) over 2,048 tokens (128 chunks), against the
     closed form in fp32 (no TF32 in its matmuls). 3xTF32 (tensor cores) is held to 1e-3: where
     it stays near the ieee figures it can become the default (``dgd_triton.precision``)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     x = inputs(2, 8, 2048, 64, seed=5)
     ref = dgd_mlp.dgd_mlp_fwd_reference(**x, chunk=16, clip=clip)
     errs = check(dgd_mlp.dgd_mlp_fwd(**x, chunk=16, clip=clip, precision=precision), ref, tol)
@@ -424,16 +442,21 @@ def test_gpu_shipped_hope_dispatches_to_the_kernel(monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("NESTLEARN_TRITON", "1")
         out, _ = model(tokens)
     assert calls and _rel(out, ref) < 1e-3
-    # training: the kernel serves it too, with the closed form's parameter gradients
+    # training: the kernel serves it only where asked (NESTLEARN_TRITON=train), with the closed
+    # form's parameter gradients
     calls.clear()
+    monkeypatch.setenv("NESTLEARN_TRITON", "1")
+    model.zero_grad()
+    (model(tokens)[0].float() ** 2).mean().backward()
+    assert not calls
     grads = {}
-    for flag in ("0", "1"):
+    for flag in ("0", "train"):
         monkeypatch.setenv("NESTLEARN_TRITON", flag)
         model.zero_grad()
         (model(tokens)[0].float() ** 2).mean().backward()
         grads[flag] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert calls and grads["0"].keys() == grads["1"].keys()
-    errs = {n: _rel(grads["1"][n], g) for n, g in grads["0"].items() if g.abs().max() > 0}
+    assert calls and grads["0"].keys() == grads["train"].keys()
+    errs = {n: _rel(grads["train"][n], g) for n, g in grads["0"].items() if g.abs().max() > 0}
     assert max(errs.values()) < 1e-3, sorted(errs.items(), key=lambda e: -e[1])[:5]
 
 
@@ -491,6 +514,7 @@ def test_backward_under_remat(dgd_mlp: ModuleType, monkeypatch: pytest.MonkeyPat
 
     from nestlearn.loops import run
 
+    monkeypatch.setenv("NESTLEARN_TRITON", "train")
     x = inputs(1, 2, 64, 16, seed=8)
     ts = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v", "lr")}
     monkeypatch.setattr(glue, "supports", lambda pb: glue._shape_ok(pb) and glue._tensors_ok(pb)
@@ -519,6 +543,7 @@ def test_shipped_hope_trains_through_the_kernel_on_cpu(dgd_mlp: ModuleType, monk
     import nestlearn
 
     torch.manual_seed(0)
+    monkeypatch.setenv("NESTLEARN_TRITON", "train")
     model = nestlearn.compile(ROOT / "models" / "hope.yaml", ["model.dim=32", "model.depth=1", "model.heads=2"]).to(DEV)
     tokens = torch.randint(0, 256, (1, 40), device=DEV)
     calls: list[int] = []

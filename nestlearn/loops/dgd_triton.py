@@ -86,8 +86,9 @@ def _grad_wanted(ts: list[Tensor]) -> bool:
 
 
 def _grad_ok(pb: MemoryProblem, ts: list[Tensor]) -> bool:
-    """No gradient wanted, or the one the kernel's backward computes (``unroll``)."""
-    return pb.grad.kind == "unroll" or not _grad_wanted(ts)
+    """No gradient wanted, or the one the kernel's backward computes (``unroll``) where the user
+    asked for it (``NESTLEARN_TRITON=train``: slower than the compiled closed form, less memory)."""
+    return (pb.grad.kind == "unroll" and kernels.training_enabled()) or not _grad_wanted(ts)
 
 
 def _state_tensors(state: MemoryState) -> list[Tensor]:
