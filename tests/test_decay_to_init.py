@@ -143,3 +143,15 @@ def test_spec_option() -> None:
     with pytest.raises(SpecError, match="decay_to applies to in-context levels only"):
         nestlearn.compile(nestlearn.load_spec("specs/titans-lmm.yaml", overrides=[
             "levels.outer.rule={name: sgd, lr: 0.1, decay_to: init}"]))
+
+
+def test_spec_identity_unchanged_for_specs_that_do_not_use_it() -> None:
+    """Runs, checkpoints and suite results made before the option existed still match their specs:
+    ``decay_to: zero`` (the earlier behaviour) is left out of the spec's identity, ``init`` is not."""
+    from nestlearn.train.checkpoint import spec_data, spec_hash
+
+    zero = nestlearn.load_spec("specs/titans-lmm.yaml", overrides=["levels.memory.rule.decay_to=zero"])
+    init = nestlearn.load_spec("specs/titans-lmm.yaml")
+    assert "decay_to" not in spec_data(zero)["levels"]["memory"]["rule"]
+    assert spec_data(init)["levels"]["memory"]["rule"]["decay_to"] == "init"
+    assert spec_hash(zero) != spec_hash(init)

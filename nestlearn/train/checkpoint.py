@@ -96,12 +96,24 @@ def tree_to(tree: Any, device: torch.device | str) -> Any:
 # ----------------------------------------------------------------------------- spec identity
 
 
+RULE_OPTIONS_ADDED: dict[str, Any] = {"decay_to": "zero"}
+"""Rule options added after specs were first hashed, with the default that reproduces what such
+a spec did before: left out of the identity at that default, so earlier runs, checkpoints and
+suite results still match their specs."""
+
+
 def spec_data(spec: Any) -> dict[str, Any]:
     """The spec as plain data; an empty ``profiles`` is left out (resolved specs have none, and
-    specs written before profiles existed keep their hash)."""
+    specs written before profiles existed keep their hash), and so are ``RULE_OPTIONS_ADDED`` at
+    their old behaviour."""
     data: dict[str, Any] = spec.model_dump(mode="json", by_alias=True)
     if not data.get("profiles"):
         data.pop("profiles", None)
+    for level in (data.get("levels") or {}).values():
+        rule = level.get("rule") if isinstance(level, dict) else None
+        for key, old in RULE_OPTIONS_ADDED.items():
+            if isinstance(rule, dict) and rule.get(key) == old:
+                rule.pop(key)
     return data
 
 
