@@ -7,7 +7,9 @@ largest outer gradient norm (before clipping), end-to-end tokens/s and peak GPU 
 
 Every run is an ordinary ``nestlearn run`` (``Trainer``) into ``--out/<spec>``, one process per
 spec (so one spec's CUDA-graph pools and peak memory never reach the next one's row);
-``--resume`` skips the specs whose row is already in ``--out/health.json``. ``--jobs N`` trains up
+``--resume`` skips the specs whose row is already in ``--out/health.json``. ``--seconds S`` stops each
+run at S seconds of training with an evaluation, so a device lease still gives every row its
+bits/byte (at the step it reached; the learning-rate schedule stays that of ``--steps``). ``--jobs N`` trains up
 to N specs at once (to fit more runs into a device lease): bits/byte and gradient norms are
 unaffected, but the rows' tokens/s are then shared-device figures, and the table says so.
 A diverged run gets its row with the step it stopped at. The table goes to stdout last (markdown).
@@ -51,6 +53,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=positive_int, default=None,
                    help="also evaluate every N steps (default: at the end only); a run cut short keeps them")
     p.add_argument("--jobs", type=positive_int, default=1, help="train up to N specs at once (shared device)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="stop each run at this much training time with an evaluation (the schedule stays --steps')")
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every spec")
     p.add_argument("--out", default="runs/health", help="run directories and health.json go here")
@@ -108,7 +112,7 @@ def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     cfg = TrainConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, device=args.device,
                       precision=args.precision, cuda_graph=args.cuda_graph, compile=args.compile, seed=args.seed,
                       eval_every=args.eval_every or args.steps, eval_batches=args.eval_batches, log_every=1, threads=args.threads,
-                      ckpt_every=args.steps)
+                      ckpt_every=args.steps, time_limit=args.seconds)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if cuda:
         torch.cuda.empty_cache()
@@ -131,6 +135,7 @@ def child_argv(path: str, args: argparse.Namespace, row: Path) -> list[str]:
             "--device", args.device, "--precision", args.precision, "--seed", str(args.seed),
             "--eval-batches", str(args.eval_batches)]
     argv += ["--eval-every", str(args.eval_every)] if args.eval_every else []
+    argv += ["--seconds", str(args.seconds)] if args.seconds else []
     argv += ["--cuda-graph"] * args.cuda_graph + ["--compile"] * args.compile
     argv += ["--threads", str(args.threads)] if args.threads else []
     for kv in args.set:

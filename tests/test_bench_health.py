@@ -27,3 +27,13 @@ def test_two_specs_at_once_give_both_rows(tmp_path: Path) -> None:
     table = proc.stdout.strip().splitlines()
     assert table[0].startswith("| spec |") and len(table) == 4
     assert "2 runs sharing the device" in table[2]
+
+
+def test_seconds_stops_a_run_with_its_evaluation(tmp_path: Path) -> None:
+    from bench import health
+
+    args = health.parse(["specs/transformer.yaml", "--device", "cpu", "--threads", "1", "--steps", "5", "--batch", "2",
+                         "--seq-len", "32", "--set", "model.dim=16", "--set", "model.depth=1", "--set", "model.heads=2",
+                         "--eval-batches", "1", "--seconds", "1e-9", "--out", str(tmp_path)])
+    row = health.run_one("specs/transformer.yaml", args, tmp_path)
+    assert row["steps"] == 1 and row["bits_per_byte"] is not None and row["error"] is None

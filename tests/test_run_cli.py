@@ -192,6 +192,8 @@ BAD_RUNS = {
     "zero batch": (["--batch", "0"], "--batch: must be at least 1"),
     "negative lr": (["--lr", "-1"], "--lr: must be a finite number > 0"),
     "nan lr": (["--lr", "nan"], "--lr: must be a finite number"),
+    "zero time limit": (["--time-limit", "0"], "--time-limit: must be a finite number > 0"),
+    "time limit not a number": (["--time-limit", "soon"], "--time-limit: expected a number"),
     "bad device": (["--device", "tpu"], "--device: expected one of auto, cpu, cuda"),
     "bad precision": (["--precision", "fp8"], "--precision: expected one of"),
     "accum not dividing": (["--accum", "3"], "cannot be split into 3"),

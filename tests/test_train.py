@@ -217,6 +217,21 @@ def test_resume_gives_exactly_the_uninterrupted_run(spec: Any, tmp_path: Path) -
         _strip(read_metrics(tmp_path / "split" / "metrics.jsonl"))
 
 
+def test_time_limit_stops_with_an_evaluation_and_a_checkpoint_then_resumes(spec: Any, tmp_path: Path) -> None:
+    """``time_limit``: the first step that ends past it is evaluated and saved (status stopped, the
+    schedule of ``steps`` kept), and ``resume`` finishes the very run an uninterrupted one gives."""
+    cfg = dict(steps=6, eval_every=6, **SMALL)
+    first = train(spec, TrainConfig(**cfg, time_limit=1e-9), tmp_path / "split")
+    assert first["status"] == "stopped" and first["checkpoint_step"] == 1
+    vals = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if r.get("split") == "val"]
+    assert vals == [1]
+    second = train(spec, TrainConfig(**cfg), tmp_path / "split", resume=True)
+    assert second["status"] == "done" and second["step"] == 6
+    train(spec, TrainConfig(**cfg), tmp_path / "full")
+    a, b = _model_tensors(tmp_path / "full"), _model_tensors(tmp_path / "split")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 class _StopAt:
     """A reporter that asks the trainer to stop (as Ctrl-C does) once ``step`` is reached."""
 

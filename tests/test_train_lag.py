@@ -117,6 +117,16 @@ def test_lagged_stop_and_resume_give_the_uninterrupted_run(spec: Any, tmp_path: 
     assert _records(tmp_path / "split") == _records(tmp_path / "full")
 
 
+def test_lagged_time_limit_stops_at_the_step_it_is_read(spec: Any, tmp_path: Path) -> None:
+    """Out of time, the step just queued is read at once (not a step late), evaluated and saved."""
+    t = _fit(Lagged, spec, tmp_path / "t", steps=6, eval_every=6, time_limit=1e-9)
+    assert t.step == 1
+    ck = load_checkpoint(tmp_path / "t" / "checkpoints" / "last.safetensors", spec)
+    assert ck.step == 1
+    resumed = _fit(Lagged, spec, tmp_path / "t", resume=True, steps=6, eval_every=6)
+    assert resumed.step == 6
+
+
 # ----------------------------------------------------------------------------- the pieces
 
 

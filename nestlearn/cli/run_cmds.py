@@ -89,6 +89,7 @@ def _resolve_config(
         if run.config_path.exists():
             base = run.config()
             base.stop_at = None
+            base.time_limit = None  # a limit is the invocation's, not the run's
     if not src.is_dir():
         recorded = (base.profile or NO_PROFILE) if resume and RunDir(run_path or src).config_path.exists() else None
         chosen, why = choose_profile(src, profile, flags.get("device") or base.device, recorded)
@@ -163,6 +164,10 @@ def run_cmd(
              "as written. Default: `cpu` when training on a CPU and the spec defines it."),
     stop_at: Optional[str] = typer.Option(None, "--stop-at", metavar="N", hidden=True,
                                           help="Stop (with a checkpoint) after N steps of the schedule."),
+    time_limit: Optional[str] = typer.Option(
+        None, "--time-limit", metavar="SECONDS",
+        help="Stop at the first step that ends after SECONDS of training, with an evaluation and a checkpoint; "
+             "the schedule stays that of --steps, and --resume continues it (for device leases and job limits)."),
     tensorboard: Optional[str] = typer.Option(
         None, "--tensorboard", metavar="DIR",
         help="Also log the metrics to TensorBoard in DIR (per-level inner losses and update norms as their own "
@@ -195,6 +200,7 @@ def run_cmd(
             "carry_state": carry_state, "eval_every": parse_int("--eval-every", eval_every),
             "eval_batches": parse_int("--eval-batches", eval_batches), "ckpt_every": parse_int("--ckpt-every", ckpt_every),
             "log_every": parse_int("--log-every", log_every), "stop_at": parse_int("--stop-at", stop_at),
+            "time_limit": parse_float("--time-limit", time_limit),
             "tensorboard": tensorboard, "wandb": wandb,
         }
         if profile is not None and not profile.strip():

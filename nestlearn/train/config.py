@@ -87,6 +87,9 @@ class TrainConfig(BaseModel):
     log_every: Count = 1
     stop_at: Count | None = None
     """Stop (with a checkpoint) after this many steps of a ``steps``-long schedule; resume later."""
+    time_limit: float | None = Field(default=None, gt=0)
+    """Stop (with an evaluation and a checkpoint) at the first step that ends after this many seconds of
+    training, keeping the schedule of ``steps``; resume later. For leases and job limits."""
     profile: str | None = None
     """The spec profile the run's spec was resolved with (a record; the spec already has it)."""
     tensorboard: Text | None = None

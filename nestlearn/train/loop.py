@@ -386,7 +386,18 @@ class Trainer(Steps):
         done = step + 1
         ends = getattr(self.task, "phase_ends", None)
         return (self._stop or done % self.eval_every == 0 or done % self.ckpt_every == 0 or done == self.total
-                or done == self.config.stop_at or (ends is not None and done in ends()))
+                or done == self.config.stop_at or self._out_of_time() or (ends is not None and done in ends()))
+
+    def _out_of_time(self) -> bool:
+        """``time_limit`` seconds of training have passed (checked once a step has been queued).
+        Across processes the main one decides, through the stop flag every step already shares
+        (so all ranks stop at the same step, as after Ctrl-C)."""
+        limit = self.config.time_limit
+        over = limit is not None and time.perf_counter() - self._t_start >= limit
+        if over and self.dist.enabled:
+            self._stop = self._stop or self.dist.is_main
+            return False
+        return over
 
     def _record(self, q: Queued, latest: bool) -> bool:
         """Read step ``q`` (``DivergedError`` if it diverged), log it and, where it is the
@@ -408,16 +419,20 @@ class Trainer(Steps):
         self.step = done
         if not latest:
             return False
+        timed_out = self._out_of_time() and done < self.total
+        if timed_out:
+            self.reporter.message(f"time limit ({cfg.time_limit:g} s) reached at step {done} of {self.total}: "
+                                  "evaluating and saving; --resume continues the run")
         if self.dist.is_main:
-            if done % self.eval_every == 0 or done == self.total:
+            if done % self.eval_every == 0 or done == self.total or timed_out:
                 with phase("evaluate"):
                     self._last_val = self.evaluate(done)
             self._phase_eval(done)
-            stopping = self._stop or done == cfg.stop_at
+            stopping = self._stop or done == cfg.stop_at or timed_out
             if done % self.ckpt_every == 0 or done == self.total or stopping:
                 with phase("checkpoint"):
                     self.save(done, self._tokens)
-        return done == cfg.stop_at
+        return done == cfg.stop_at or timed_out
 
     def _timing(self, rec: dict[str, Any], tokens: int, t_start: float, sync: bool) -> None:
         """The wall-clock fields of a step's record: ``tokens`` (trained in the whole run),
