@@ -473,10 +473,13 @@ def test_gpu_switch_and_grad(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_gpu_backward_full_head_size(dgd_mlp: ModuleType, clip: float | None, no_tf32: None) -> None:
+@pytest.mark.parametrize("backward", ["recompute", "fused"])
+def test_gpu_backward_full_head_size(dgd_mlp: ModuleType, clip: float | None, backward: str, no_tf32: None) -> None:
     """HOPE's head (64), chunk (16), 8 heads over 2,048 tokens, batch 2: outputs, carried state
-    and every gradient against autograd through the closed form, in fp32."""
-    print(clip, check_grads(dgd_mlp, leaves(2, 8, 2048, 64, seed=5), 16, clip, dgd_mlp.SAVE_EVERY))
+    and every gradient against autograd through the closed form, in fp32, with each backward
+    (the fused Triton kernel and the recompute through ``dgd_dual``)."""
+    print(backward, clip, check_grads(dgd_mlp, leaves(2, 8, 2048, 64, seed=5), 16, clip, dgd_mlp.SAVE_EVERY,
+                                      backward=backward))
 
 
 @pytest.mark.gpu
@@ -695,7 +698,7 @@ def test_compiles_for_hopper_without_a_gpu() -> None:
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    code = "from bench.triton_dgd import ptxas_usage; print(ptxas_usage(64, 16))"
+    code = "from bench.triton_dgd import ptxas_usage; print(ptxas_usage(64, 16), ptxas_usage(64, 16, backward=True))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "REG:" in done.stdout, done.stdout
+    assert done.stdout.count("REG:") == 2, done.stdout  # the forward and the fused backward
