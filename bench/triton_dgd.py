@@ -200,7 +200,7 @@ def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | No
                 save: bool = True, backward: bool = False) -> str:
     """Compile the kernel for ``sm_<arch>`` without a GPU (triton ships ptxas) with
     ``dgd_mlp.launch_options`` and return ptxas's ``REG:<registers> STACK:<spilled bytes>`` per
-    thread; ``save``: the training variant (it also writes the backward's checkpoints);
+    thread and the program's ``SHARED:<bytes>``; ``save``: the training variant (it also writes the backward's checkpoints);
     ``backward``: the fused backward kernel (``dgd_mlp_bwd.py``) instead. Needs the kernel
     modules decorated without ``TRITON_INTERPRET``."""
     import os
@@ -228,7 +228,8 @@ def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | No
         f.flush()
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     line = next((ln for ln in usage.splitlines() if "REG:" in ln), "?")
-    return " ".join(line.split()[:2])
+    # shared memory per program: a launch needing more than the device has raises OutOfResources
+    return " ".join(line.split()[:2]) + f" SHARED:{k.metadata.shared}"
 
 
 def ptxas_table(d: int, chunk: int, arch: int = 90) -> None:

@@ -1,5 +1,6 @@
 """DGD's chunk recurrence on HOPE's 2-layer MLP memory, forward, as one persistent Triton program
-per (batch, head); its backward (``DGDMLPFunction``) recomputes groups of chunks in PyTorch.
+per (batch, head); its backward (``DGDMLPFunction``) is a second such program walking the chunks
+in reverse (``dgd_mlp_bwd.py``), or recomputes groups of chunks in PyTorch.
 
 The memory is HOPE's self-modifying one (``models/hope.yaml``): ``M(x) = x + W1 gelu(W0 x)``
 with square ``D x D`` weights (``expand: 1``), no biases, the ``l2`` objective, an optional
@@ -42,9 +43,11 @@ Design (the why):
 ``dgd_mlp_fwd`` launches the kernel; ``dgd_mlp_fwd_reference`` is the same contract computed
 by ``loops/dgd_dual.py`` (the tests compare the two). ``dgd_mlp`` is the differentiable entry:
 under grad it runs ``DGDMLPFunction``, whose forward kernel also saves the state at every
-``save_every``-th chunk start (``SAVE``) and whose backward re-runs each group of chunks from
-its checkpoint through ``dgd_dual`` and ``torch.autograd.grad``, last group first (no Triton
-backward kernel yet: that class docstring).
+``save_every``-th chunk start (``SAVE``) and whose backward is the fused Triton kernel
+(``dgd_mlp_bwd.py``, from a checkpoint at every chunk; its hand-derived math in plain PyTorch,
+``dgd_mlp_bwd_ref.py``, is the spec) or, with ``backward="recompute"`` or where the device lacks
+the resources, re-runs each group of chunks from its checkpoint through ``dgd_dual`` and
+``torch.autograd.grad``, last group first (that class docstring).
 """
 
 from __future__ import annotations
