@@ -328,6 +328,12 @@ def test_fused_backward_falls_back_where_it_does_not_fit(dgd_mlp: ModuleType, mo
     with pytest.warns(UserWarning, match="fused DGD backward does not fit"):
         check_grads(dgd_mlp, leaves(1, 2, 32, 16, seed=4), 16, 1.0, 1, backward="fused")
     assert len(dgd_mlp._bwd_too_big) == 1
+    # known not to fit: the recompute is chosen at the forward (checkpoints every SAVE_EVERY chunks)
+    seen: list[int] = []
+    real = dgd_mlp.dgd_mlp_fwd
+    monkeypatch.setattr(dgd_mlp, "dgd_mlp_fwd", lambda *a, **kw: seen.append(kw["save_every"]) or real(*a, **kw))
+    check_grads(dgd_mlp, leaves(1, 2, 32, 16, seed=4), 16, 1.0, dgd_mlp.SAVE_EVERY, backward="fused")
+    assert seen == [dgd_mlp.SAVE_EVERY]
 
 
 @pytest.mark.slow  # inductor's first compile on the CPU: over a minute

@@ -351,7 +351,8 @@ def dgd_mlp(
         return dgd_mlp_fwd(q, k, v, lr, decay, beta, weights, momenta, chunk=chunk, clip=clip, precision=precision,
                            num_warps=num_warps, maxnreg=maxnreg)
     launch = {"num_warps": num_warps, "maxnreg": maxnreg}
-    fused = backward == "fused"
+    # a size whose backward kernel did not fit this device: the recompute, with its sparser checkpoints
+    fused = backward == "fused" and (q.shape[-1], chunk, q.device) not in _bwd_too_big
     y, w0, w1, m0, m1, a0, a1 = DGDMLPFunction.apply(*ins, chunk, clip, precision, 1 if fused else save_every,
                                                      compiled, launch, fused)
     return DGDMLPOut(y, (w0, w1), (m0, m1), (a0, a1))
