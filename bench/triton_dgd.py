@@ -15,7 +15,8 @@ last column is the largest error against eager ``run_dgd_dual``, relative to the
 weights, ``autograd.grad`` to q, k, v, lr, decay and the initial weights -- of the kernel's
 ``DGDMLPFunction`` (backward recomputed through ``dgd_dual`` from checkpoints every
 ``--save-every`` chunks; 1 and the default as rows, and the default with the recompute's chunk
-steps through torch.compile) against ``run_dgd_dual`` eager and compiled
+steps through torch.compile; and the fused Triton backward, ``dgd_mlp_bwd.py``, checkpoints
+every chunk) against ``run_dgd_dual`` eager and compiled
 (``grad: unroll``), with each row's peak memory and largest gradient error against eager.
 ``--ptxas`` needs no GPU: it compiles the kernel for sm_90 and prints registers and spills per
 ``num_warps`` (with ``dgd_mlp.launch_options``' register cap) and precision. ptxas reports
@@ -92,7 +93,7 @@ GradFn = Callable[[], tuple[torch.Tensor, ...]]
 
 
 def kernel_train_fn(x: dict[str, Any], leaves: dict[str, torch.Tensor], chunk: int, save_every: int,
-                    compiled: bool = False) -> GradFn:
+                    compiled: bool = False, backward: str = "recompute") -> GradFn:
     from nestlearn.loops.triton.dgd_mlp import dgd_mlp
 
     b = x["q"].shape[0]
@@ -101,7 +102,7 @@ def kernel_train_fn(x: dict[str, Any], leaves: dict[str, torch.Tensor], chunk: i
         lv = leaves
         w = (lv["w0"].expand(b, -1, -1, -1), lv["w1"].expand(b, -1, -1, -1))
         out = dgd_mlp(lv["q"], lv["k"], lv["v"], lv["lr"], lv["decay"], x["beta"], w, x["momenta"], chunk=chunk,
-                      clip=1.0, save_every=save_every, compiled=compiled)
+                      clip=1.0, save_every=save_every, compiled=compiled, backward=backward)
         return torch.autograd.grad(train_loss(out.y, *out.weights), list(leaves.values()))
 
     return run
@@ -136,6 +137,7 @@ def train_rows(x: dict[str, Any], chunk: int, warmup: int, reps: int, save_every
           for e in sorted({1, save_every})),
         (f"triton fwd + compiled recompute, save {save_every}",
          lambda: kernel_train_fn(x, leaves, chunk, save_every, compiled=True)),
+        ("triton fwd + fused triton bwd", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused")),
     ]
     ref = dual_train_fn(x, leaves, chunk, False)()
     results: list[str] = []
@@ -195,11 +197,12 @@ def time_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
 
 
 def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | None = None, arch: int = 90,
-                save: bool = True) -> str:
+                save: bool = True, backward: bool = False) -> str:
     """Compile the kernel for ``sm_<arch>`` without a GPU (triton ships ptxas) with
     ``dgd_mlp.launch_options`` and return ptxas's ``REG:<registers> STACK:<spilled bytes>`` per
-    thread; ``save``: the training variant (it also writes the backward's checkpoints). Needs
-    the kernel module decorated without ``TRITON_INTERPRET``."""
+    thread and the program's ``SHARED:<bytes>``; ``save``: the training variant (it also writes the backward's checkpoints);
+    ``backward``: the fused backward kernel (``dgd_mlp_bwd.py``) instead. Needs the kernel
+    modules decorated without ``TRITON_INTERPRET``."""
     import os
     import subprocess
     import tempfile
@@ -208,11 +211,13 @@ def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | No
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from nestlearn.loops.triton.dgd_mlp import _dgd_mlp_fwd_kernel as fn
-    from nestlearn.loops.triton.dgd_mlp import launch_options
+    from nestlearn.loops.triton.dgd_mlp import _dgd_mlp_fwd_kernel, launch_options
+    from nestlearn.loops.triton.dgd_mlp_bwd import _dgd_mlp_bwd_kernel
 
-    consts: dict[str, Any] = {"BT": chunk, "LOG_BT": chunk.bit_length() - 1, "D": d, "CLIP": True, "PREC": precision,
-                              "SAVE": save}
+    fn = _dgd_mlp_bwd_kernel if backward else _dgd_mlp_fwd_kernel
+    consts: dict[str, Any] = {"BT": chunk, "LOG_BT": chunk.bit_length() - 1, "D": d, "CLIP": True, "PREC": precision}
+    if not backward:
+        consts["SAVE"] = save
     sig = {n: ("*fp32" if n.endswith(("_ptr", "_out")) else "constexpr" if n in consts
                else "fp32" if n == "clip" else "i32") for n in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
@@ -223,7 +228,8 @@ def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | No
         f.flush()
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     line = next((ln for ln in usage.splitlines() if "REG:" in ln), "?")
-    return " ".join(line.split()[:2])
+    # shared memory per program: a launch needing more than the device has raises OutOfResources
+    return " ".join(line.split()[:2]) + f" SHARED:{k.metadata.shared}"
 
 
 def ptxas_table(d: int, chunk: int, arch: int = 90) -> None:
@@ -232,10 +238,12 @@ def ptxas_table(d: int, chunk: int, arch: int = 90) -> None:
     from nestlearn.loops.triton.dgd_mlp import launch_options
 
     print(f"# ptxas, sm_{arch}: D {d}, chunk {chunk} (REG: registers per thread, STACK: bytes of spills per thread)")
-    for prec in ("ieee", "tf32x3", "tf32"):
-        for warps in (4, 8, 16):
-            cap = launch_options(d, warps).get("maxnreg", "-")
-            print(f"{prec:<7} num_warps {warps:>2} maxnreg {cap}: {ptxas_usage(d, chunk, prec, warps, arch)}")
+    for backward in (False, True):
+        for prec in ("ieee", "tf32x3", "tf32"):
+            for warps in (4, 8, 16):
+                cap = launch_options(d, warps).get("maxnreg", "-")
+                usage = ptxas_usage(d, chunk, prec, warps, arch, backward=backward)
+                print(f"{'bwd' if backward else 'fwd'} {prec:<7} num_warps {warps:>2} maxnreg {cap}: {usage}")
 
 
 def model_rows(batch: int, seq: int, warmup: int, reps: int) -> None:

@@ -41,12 +41,14 @@ def _import_kernel() -> tuple[ModuleType | None, str]:
     if importlib.util.find_spec("triton") is None:
         return None, "triton is not installed"
     if CUDA:
+        importlib.import_module("nestlearn.loops.triton.dgd_mlp_bwd")
         return importlib.import_module("nestlearn.loops.triton.dgd_mlp"), ""
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         return None, "triton was imported before this file without TRITON_INTERPRET=1: run this file on its own"
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
+        importlib.import_module("nestlearn.loops.triton.dgd_mlp_bwd")  # the backward kernel's module too
         return importlib.import_module("nestlearn.loops.triton.dgd_mlp"), ""
     finally:
         if old is None:
@@ -252,10 +254,11 @@ def call(fn: Any, ts: list[torch.Tensor], **kw: Any) -> list[torch.Tensor]:
 
 
 def check_grads(dgd_mlp: ModuleType, ts: list[torch.Tensor], chunk: int, clip: float | None, save_every: int,
-                tol: float = TOL, seed: int = 0, compiled: bool = False) -> dict[str, float]:
+                tol: float = TOL, seed: int = 0, compiled: bool = False, backward: str = "recompute") -> dict[str, float]:
     """Outputs and ``autograd.grad`` of every output (random cotangents) to every input: the kernel's
-    ``DGDMLPFunction`` against autograd through ``dgd_dual`` (``grad: unroll``)."""
-    out = call(dgd_mlp.dgd_mlp, ts, chunk=chunk, clip=clip, save_every=save_every, compiled=compiled)
+    ``DGDMLPFunction`` (with the ``backward`` named) against autograd through ``dgd_dual`` (``grad: unroll``)."""
+    out = call(dgd_mlp.dgd_mlp, ts, chunk=chunk, clip=clip, save_every=save_every, compiled=compiled,
+               backward=backward)
     ref = call(dgd_mlp.dgd_mlp_fwd_reference, ts, chunk=chunk, clip=clip, grad="unroll")
     g = torch.Generator().manual_seed(seed)
     cots = [torch.randn(r.shape, generator=g).to(r.device) for r in ref]
@@ -276,9 +279,61 @@ def test_backward_equals_dgd_dual(dgd_mlp: ModuleType, save_every: int, clip: fl
     check_grads(dgd_mlp, leaves(1, 2, 48, 16), 16, clip, save_every)
 
 
-def test_backward_strong_gates_and_chunk_32(dgd_mlp: ModuleType) -> None:
+@pytest.mark.parametrize("backward", ["recompute", "fused"])
+def test_backward_strong_gates_and_chunk_32(dgd_mlp: ModuleType, backward: str) -> None:
     """lr up to 1, decay up to 0.9, chunk 32 over a batch of 2: still the closed form's gradients."""
-    check_grads(dgd_mlp, leaves(2, 1, 64, 16, seed=3, strong=True), 32, 1.0, 1, seed=1)
+    check_grads(dgd_mlp, leaves(2, 1, 64, 16, seed=3, strong=True), 32, 1.0, 1, seed=1, backward=backward)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0, 5.0])  # 1.0 clips every token here, 5.0 about half
+def test_fused_backward_equals_dgd_dual(dgd_mlp: ModuleType, clip: float | None) -> None:
+    """The fused Triton backward (``dgd_mlp_bwd.py``, interpreted on the CPU) against autograd
+    through ``dgd_dual``: B=1, H=2, D=16, chunk 16, 3 chunks, every output's random cotangent to
+    every input, fp32 (~1e-6)."""
+    print(check_grads(dgd_mlp, leaves(1, 2, 48, 16, seed=11), 16, clip, 1, backward="fused"))
+
+
+@pytest.mark.parametrize("chunk,d,chunks", [(16, 16, 3), (32, 16, 2), (16, 32, 2)])
+def test_fused_backward_equals_its_reference(dgd_mlp: ModuleType, chunk: int, d: int, chunks: int) -> None:
+    """The kernel against its spec (``dgd_mlp_bwd_ref``, same fp32 checkpoints from the forward
+    kernel), per gradient, with the anchor's and the end state's cotangents, at every chunk
+    length / a wider head the forward tests use."""
+    from nestlearn.loops.triton import dgd_mlp_bwd_ref as spec
+    from nestlearn.loops.triton.dgd_mlp_bwd import dgd_mlp_bwd_fused
+
+    x = [t.detach() for t in leaves(1, 2, chunk * chunks, d, seed=13, strong=True)]
+    q, k, v, lr, decay, beta, w0, w1, m0, m1 = x
+    out = dgd_mlp.dgd_mlp_fwd(q, k, v, lr, decay, beta, (w0, w1), (m0, m1), chunk=chunk, clip=1.0, save_every=1)
+    g = torch.Generator().manual_seed(14)
+    cots = tuple(torch.randn(o.shape, generator=g).to(DEV) for o in (out.y, *out.weights, *out.momenta, *out.anchor))
+    got = dgd_mlp_bwd_fused((q, k, v, lr, decay, beta), list(out.saved), cots, chunk=chunk, clip=1.0)
+    want = spec.dgd_mlp_bwd_reference((q, k, v, lr, decay, beta), list(out.saved), cots, chunk=chunk, clip=1.0)
+    errs = {n: _rel(a, b) for n, a, b in zip(NAMES, got, want)}
+    assert max(errs.values()) < TOL, errs
+
+
+def test_fused_backward_falls_back_where_it_does_not_fit(dgd_mlp: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device without the resources for the backward kernel: one warning, the recompute's
+    gradients (from the same every-chunk checkpoints), and that size refused from then on."""
+    from nestlearn.loops.triton import dgd_mlp_bwd
+
+    class OutOfResources(Exception):  # matched by name, as triton's
+        pass
+
+    def boom(*a: Any, **kw: Any) -> Any:
+        raise OutOfResources("shared memory")
+
+    monkeypatch.setattr(dgd_mlp_bwd, "dgd_mlp_bwd_fused", boom)
+    monkeypatch.setattr(dgd_mlp, "_bwd_too_big", set())
+    with pytest.warns(UserWarning, match="fused DGD backward does not fit"):
+        check_grads(dgd_mlp, leaves(1, 2, 32, 16, seed=4), 16, 1.0, 1, backward="fused")
+    assert len(dgd_mlp._bwd_too_big) == 1
+    # known not to fit: the recompute is chosen at the forward (checkpoints every SAVE_EVERY chunks)
+    seen: list[int] = []
+    real = dgd_mlp.dgd_mlp_fwd
+    monkeypatch.setattr(dgd_mlp, "dgd_mlp_fwd", lambda *a, **kw: seen.append(kw["save_every"]) or real(*a, **kw))
+    check_grads(dgd_mlp, leaves(1, 2, 32, 16, seed=4), 16, 1.0, dgd_mlp.SAVE_EVERY, backward="fused")
+    assert seen == [dgd_mlp.SAVE_EVERY]
 
 
 @pytest.mark.slow  # inductor's first compile on the CPU: over a minute
@@ -288,7 +343,8 @@ def test_backward_with_the_compiled_recompute(dgd_mlp: ModuleType) -> None:
     check_grads(dgd_mlp, leaves(1, 2, 48, 16, seed=6), 16, 1.0, 2, compiled=True)
 
 
-def test_backward_only_some_outputs_and_inputs(dgd_mlp: ModuleType) -> None:
+@pytest.mark.parametrize("backward", ["recompute", "fused"])
+def test_backward_only_some_outputs_and_inputs(dgd_mlp: ModuleType, backward: str) -> None:
     """A loss on the outputs of the last two chunks alone (the carried state unused: its adjoints
     come as None) and gradients to q and the gates only (the rest constants): the same as the
     closed form's, including the first chunk's gates, which reach the loss only through the
@@ -296,7 +352,7 @@ def test_backward_only_some_outputs_and_inputs(dgd_mlp: ModuleType) -> None:
     ts = leaves(1, 2, 48, 16, seed=5)
     consts = [t.detach() for t in ts]
     mixed = [ts[0], consts[1], consts[2], ts[3], ts[4], ts[5], *consts[6:]]
-    y = call(dgd_mlp.dgd_mlp, mixed, chunk=16, clip=1.0)[0]
+    y = call(dgd_mlp.dgd_mlp, mixed, chunk=16, clip=1.0, backward=backward)[0]
     y_ref = call(dgd_mlp.dgd_mlp_fwd_reference, mixed, chunk=16, clip=1.0, grad="unroll")[0]
     wrt = [ts[0], ts[3], ts[4], ts[5]]
     w = y_ref.detach()[:, :, 16:]
@@ -305,11 +361,38 @@ def test_backward_only_some_outputs_and_inputs(dgd_mlp: ModuleType) -> None:
     assert max(_rel(a, b) for a, b in zip(got, want)) < TOL
     assert got[0][:, :, :16].abs().max() == 0 and got[1][..., :16].abs().max() > 1e-3 * got[1].abs().max()
     # q alone wants a gradient, and the loss also reads the carried state (which q never reaches)
-    outs = call(dgd_mlp.dgd_mlp, [ts[0], *consts[1:]], chunk=16, clip=1.0)
+    outs = call(dgd_mlp.dgd_mlp, [ts[0], *consts[1:]], chunk=16, clip=1.0, backward=backward)
     outs_ref = call(dgd_mlp.dgd_mlp_fwd_reference, [ts[0], *consts[1:]], chunk=16, clip=1.0, grad="unroll")
     (gq,) = torch.autograd.grad(outs[0].sum() + outs[1].sum(), [ts[0]])
     (gq_ref,) = torch.autograd.grad(outs_ref[0].sum() + outs_ref[1].sum(), [ts[0]])
     assert _rel(gq, gq_ref) < TOL
+
+
+def ref_grads(ts: list[torch.Tensor], chunk: int, clip: float | None, cots: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``dgd_mlp_bwd_ref.dgd_mlp_bwd_reference`` (the hand-written backward, the fused kernel's
+    spec) for ``leaves``' tensors at batch 1, from checkpoints at every chunk start."""
+    from nestlearn.loops.triton import dgd_mlp_bwd_ref as spec
+
+    with torch.no_grad():
+        q, k, v, lr, decay, beta, w0, w1, m0, m1 = ts
+        _, saved = spec.dgd_mlp_states_reference(q, k, v, lr, decay, beta, (w0, w1), (m0, m1), chunk=chunk, clip=clip)
+        return spec.dgd_mlp_bwd_reference((q, k, v, lr, decay, beta), saved, tuple(cots), chunk=chunk, clip=clip)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0, 5.0])  # 1.0 clips every token here, 5.0 about half
+@pytest.mark.parametrize("strong", [False, True])
+def test_bwd_reference_equals_autograd_float64(dgd_mlp: ModuleType, clip: float | None, strong: bool) -> None:
+    """The hand-derived chunk backward (plain PyTorch) against autograd through ``dgd_dual`` in
+    float64: every input's gradient from random cotangents on every output (the anchor included),
+    B=1, H=2, D=16, chunk 16, 3 chunks, to ~1e-14 (held to 1e-10)."""
+    ts = [t.detach().double().requires_grad_() for t in leaves(1, 2, 48, 16, seed=11, strong=strong)]
+    ref = call(dgd_mlp.dgd_mlp_fwd_reference, ts, chunk=16, clip=clip, grad="unroll")
+    g = torch.Generator().manual_seed(12)
+    cots = [torch.randn(r.shape, generator=g, dtype=r.dtype) for r in ref]
+    want = torch.autograd.grad(ref, ts, cots)
+    got = ref_grads(ts, 16, clip, cots)
+    errs = {n: _rel(a, b) for n, a, b in zip(NAMES, got, want)}
+    assert max(errs.values()) < 1e-10, errs
 
 
 def test_executor_row_gradients_equal_dgd_dual(dgd_mlp: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -396,10 +479,13 @@ def test_gpu_switch_and_grad(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_gpu_backward_full_head_size(dgd_mlp: ModuleType, clip: float | None, no_tf32: None) -> None:
+@pytest.mark.parametrize("backward", ["recompute", "fused"])
+def test_gpu_backward_full_head_size(dgd_mlp: ModuleType, clip: float | None, backward: str, no_tf32: None) -> None:
     """HOPE's head (64), chunk (16), 8 heads over 2,048 tokens, batch 2: outputs, carried state
-    and every gradient against autograd through the closed form, in fp32."""
-    print(clip, check_grads(dgd_mlp, leaves(2, 8, 2048, 64, seed=5), 16, clip, dgd_mlp.SAVE_EVERY))
+    and every gradient against autograd through the closed form, in fp32, with each backward
+    (the fused Triton kernel and the recompute through ``dgd_dual``)."""
+    print(backward, clip, check_grads(dgd_mlp, leaves(2, 8, 2048, 64, seed=5), 16, clip, dgd_mlp.SAVE_EVERY,
+                                      backward=backward))
 
 
 @pytest.mark.gpu
@@ -618,7 +704,7 @@ def test_compiles_for_hopper_without_a_gpu() -> None:
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    code = "from bench.triton_dgd import ptxas_usage; print(ptxas_usage(64, 16))"
+    code = "from bench.triton_dgd import ptxas_usage; print(ptxas_usage(64, 16), ptxas_usage(64, 16, backward=True))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "REG:" in done.stdout, done.stdout
+    assert done.stdout.count("REG:") == 2, done.stdout  # the forward and the fused backward

@@ -9,8 +9,9 @@ It takes a problem when all of these hold (``supports``; anything else runs ``dg
   installed and not switched off (``NESTLEARN_TRITON=0``);
 - no gradient will be asked for (grad mode off, or none of q / k / v / the gates requires one:
   evaluation, generation), or the level's gradient mode is ``unroll`` (training): the kernel then
-  runs as ``dgd_mlp.DGDMLPFunction``, whose backward recomputes groups of chunks from
-  checkpoints the kernel saved, through ``dgd_dual`` in PyTorch (its docstring). ``first_order``,
+  runs as ``dgd_mlp.DGDMLPFunction``, whose backward is the fused Triton backward kernel
+  (``dgd_mlp_bwd.py``, from the state the forward saved at every chunk), with the recompute of
+  groups of chunks through ``dgd_dual`` as its fallback (its docstring). ``first_order``,
   ``stop`` and ``truncate:N`` with gradients stay on ``dgd_dual``; the carried state is checked
   in ``run_dgd_triton`` (the table's ``supports`` sees no state) by the same rule;
 - the memory is exactly HOPE's: ``MLPMemory`` of depth 2, ``expand: 1`` (hidden = width),
@@ -173,5 +174,6 @@ def _say_once() -> None:
     global _said
     if not _said:
         _said = True
-        warnings.warn("nestlearn: DGD on the MLP memory runs on the fused Triton kernel (backward: recomputed "
-                      "through the closed form; NESTLEARN_TRITON=0 switches it off)", stacklevel=3)
+        warnings.warn("nestlearn: DGD on the MLP memory runs on the fused Triton kernel (backward, where "
+                      "NESTLEARN_TRITON=train: the fused Triton backward; NESTLEARN_TRITON=0 switches it off)",
+                      stacklevel=3)

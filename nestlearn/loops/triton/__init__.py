@@ -8,15 +8,20 @@ the kernels are decorated).
 
 - ``dgd_mlp``: the forward of DGD's chunk recurrence on HOPE's 2-layer MLP memory, one
   persistent program per (batch, head) over all chunks, and ``DGDMLPFunction``, its
-  ``autograd.Function`` whose backward recomputes groups of chunks through ``dgd_dual`` from
-  checkpoints the kernel saves (``loops/dgd_triton.py`` wires both in).
+  ``autograd.Function`` (``loops/dgd_triton.py`` wires both in), whose backward is
+  ``dgd_mlp_bwd``'s fused kernel (the same persistent walk, chunks in reverse, from a checkpoint
+  per chunk; ``dgd_mlp_bwd_ref`` is its plain-PyTorch spec), or recomputes groups of chunks
+  through ``dgd_dual`` from checkpoints the kernel saves (``backward="recompute"``, and the
+  fallback where the backward kernel does not fit the device).
 
 ``NESTLEARN_TRITON=0`` (or ``false``/``off``/``no``) switches every kernel here off.
-``NESTLEARN_TRITON=train`` also trains through them (the recomputing backward). It is opt-in because
-on an H100 (2026-12-06, ``python -m bench.triton_dgd --train``, HOPE's 8 x 2,048, 8 heads of 64)
-the kernel's forward plus the recomputed backward ran at 43.5K tokens/s against 55.1K for the
+``NESTLEARN_TRITON=train`` also trains through them. It is opt-in because on an H100
+(2026-12-06, ``python -m bench.triton_dgd --train``, HOPE's 8 x 2,048, 8 heads of 64) the
+kernel's forward plus the recomputed backward ran at 43.5K tokens/s against 55.1K for the
 compiled closed form's forward and backward, but with 371 MiB instead of 1,724 MiB at its peak.
-Use it where memory binds (long contexts).
+The fused backward kernel (now the default backward) is verified on the CPU through the
+interpreter and compiles for sm_90, but is untimed: the switch stays opt-in until
+``bench.triton_dgd --train`` has measured it on a GPU.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """DGD's chunk recurrence on HOPE's 2-layer MLP memory, forward, as one persistent Triton program
-per (batch, head); its backward (``DGDMLPFunction``) recomputes groups of chunks in PyTorch.
+per (batch, head); its backward (``DGDMLPFunction``) is a second such program walking the chunks
+in reverse (``dgd_mlp_bwd.py``), or recomputes groups of chunks in PyTorch.
 
 The memory is HOPE's self-modifying one (``models/hope.yaml``): ``M(x) = x + W1 gelu(W0 x)``
 with square ``D x D`` weights (``expand: 1``), no biases, the ``l2`` objective, an optional
@@ -42,9 +43,11 @@ Design (the why):
 ``dgd_mlp_fwd`` launches the kernel; ``dgd_mlp_fwd_reference`` is the same contract computed
 by ``loops/dgd_dual.py`` (the tests compare the two). ``dgd_mlp`` is the differentiable entry:
 under grad it runs ``DGDMLPFunction``, whose forward kernel also saves the state at every
-``save_every``-th chunk start (``SAVE``) and whose backward re-runs each group of chunks from
-its checkpoint through ``dgd_dual`` and ``torch.autograd.grad``, last group first (no Triton
-backward kernel yet: that class docstring).
+``save_every``-th chunk start (``SAVE``) and whose backward is the fused Triton kernel
+(``dgd_mlp_bwd.py``, from a checkpoint at every chunk; its hand-derived math in plain PyTorch,
+``dgd_mlp_bwd_ref.py``, is the spec) or, with ``backward="recompute"`` or where the device lacks
+the resources, re-runs each group of chunks from its checkpoint through ``dgd_dual`` and
+``torch.autograd.grad``, last group first (that class docstring).
 """
 
 from __future__ import annotations
@@ -319,7 +322,12 @@ SAVE_EVERY = 4
 """Default checkpoint spacing (chunks) of the differentiable entry ``dgd_mlp``: the forward keeps
 ``4 D x D`` fp32 per (batch, head) per checkpoint (HOPE's size: 134 MB per call at 4, 537 MB
 at 1); the backward recomputes ``SAVE_EVERY`` chunks per step, so a larger spacing also means
-fewer, larger recompute steps (fewer launches and Python round trips)."""
+fewer, larger recompute steps (fewer launches and Python round trips). The fused backward
+saves every chunk."""
+
+BACKWARD = "fused"
+"""``dgd_mlp``'s default backward: the fused Triton kernel (``dgd_mlp_bwd.py``); ``"recompute"``
+is the PyTorch one (``dgd_mlp_bwd``), also what a device without the resources falls back to."""
 
 
 def dgd_mlp(
@@ -327,40 +335,54 @@ def dgd_mlp(
     weights: tuple[Tensor, Tensor], momenta: tuple[Tensor, Tensor], *,
     chunk: int, clip: float | None = None, precision: str = "ieee", save_every: int = SAVE_EVERY,
     compiled: bool = False, num_warps: int | None = None, maxnreg: int | None = None,
+    backward: str = BACKWARD,
 ) -> DGDMLPOut:
     """``dgd_mlp_fwd``, differentiable: where grad mode is on and an input requires grad it runs
     as ``DGDMLPFunction`` (every output, the anchor included, differentiates to q / k / v, the
     gates and the initial weights and momenta, as ``dgd_dual`` with ``grad: unroll`` would);
-    elsewhere it is ``dgd_mlp_fwd`` itself. ``compiled``: the backward's recompute runs
+    elsewhere it is ``dgd_mlp_fwd`` itself. ``backward``: ``"fused"`` (the Triton backward kernel,
+    ``dgd_mlp_bwd.py``; checkpoints at every chunk, ``save_every`` ignored) or ``"recompute"``
+    (groups of ``save_every`` chunks through ``dgd_dual``). ``compiled``: the recompute runs
     ``dgd_dual``'s chunk step through torch.compile (``MemoryProblem.compiled``)."""
+    if backward not in ("fused", "recompute"):
+        raise ValueError(f"dgd_mlp: backward={backward!r}, not 'fused' or 'recompute'")
     ins = (q, k, v, lr, decay, beta, *weights, *momenta)
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in ins)):
         return dgd_mlp_fwd(q, k, v, lr, decay, beta, weights, momenta, chunk=chunk, clip=clip, precision=precision,
                            num_warps=num_warps, maxnreg=maxnreg)
     launch = {"num_warps": num_warps, "maxnreg": maxnreg}
-    y, w0, w1, m0, m1, a0, a1 = DGDMLPFunction.apply(*ins, chunk, clip, precision, save_every, compiled, launch)
+    # a size whose backward kernel did not fit this device: the recompute, with its sparser checkpoints
+    fused = backward == "fused" and (q.shape[-1], chunk, q.device) not in _bwd_too_big
+    y, w0, w1, m0, m1, a0, a1 = DGDMLPFunction.apply(*ins, chunk, clip, precision, 1 if fused else save_every,
+                                                     compiled, launch, fused)
     return DGDMLPOut(y, (w0, w1), (m0, m1), (a0, a1))
 
 
 class DGDMLPFunction(torch.autograd.Function):
-    """The kernel's forward with a backward by recomputation: the forward kernel also writes the
-    state at every ``save_every``-th chunk start; the backward walks those groups of chunks in
-    reverse, re-running each group from its saved state through ``dgd_dual``'s closed form
-    (PyTorch, ``grad: unroll``) and back-propagating the output and carried-state adjoints
-    through it with ``torch.autograd.grad``. So the backward is exactly ``dgd_dual``'s (same ops,
-    recomputed), the forward is the kernel's, and what stays alive between the two is the
-    inputs and the checkpoints, not every chunk's intermediates. (A fused Triton backward --
-    the same reverse walk in one persistent program -- is the next step; this is its oracle.)"""
+    """The kernel's forward, which also writes the state at every ``save_every``-th chunk start,
+    with one of two backwards that walk the chunks in reverse from those checkpoints:
+
+    - ``fused`` (``save_every = 1``): the Triton backward kernel (``dgd_mlp_bwd.py``), one
+      persistent program per (batch, head) that recomputes each chunk's forward quantities from
+      its checkpoint and applies the hand-derived adjoints (``dgd_mlp_bwd_ref.py``, its spec).
+      Where the device lacks the resources it warns once and falls back to the recompute.
+    - ``recompute``: each group of chunks re-run from its saved state through ``dgd_dual``'s
+      closed form (PyTorch, ``grad: unroll``) and back-propagated with ``torch.autograd.grad``:
+      exactly ``dgd_dual``'s ops, the fused backward's oracle.
+
+    Either way what stays alive between forward and backward is the inputs and the checkpoints,
+    not every chunk's intermediates."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, decay: Tensor, beta: Tensor,
                 w0: Tensor, w1: Tensor, m0: Tensor, m1: Tensor, chunk: int, clip: float | None,
-                precision: str, save_every: int, compiled: bool, launch: dict[str, Any]) -> tuple[Tensor, ...]:
+                precision: str, save_every: int, compiled: bool, launch: dict[str, Any],
+                fused: bool = False) -> tuple[Tensor, ...]:
         out = dgd_mlp_fwd(q, k, v, lr, decay, beta, (w0, w1), (m0, m1), chunk=chunk, clip=clip,
                           precision=precision, save_every=save_every, **launch)
         assert out.saved is not None
         ctx.save_for_backward(q, k, v, lr, decay, beta, *out.saved)
-        ctx.cfg = (chunk, clip, save_every, compiled)
+        ctx.cfg = (chunk, clip, save_every, compiled, precision, launch, fused and save_every == 1)
         ctx.set_materialize_grads(False)  # None for outputs the loss does not use: less work
         return (out.y, *out.weights, *out.momenta, *out.anchor)
 
@@ -368,10 +390,45 @@ class DGDMLPFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *cots: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, lr, decay, beta, *saved = ctx.saved_tensors
-        chunk, clip, every, compiled = ctx.cfg
-        grads = dgd_mlp_bwd((q, k, v, lr, decay, beta), saved, cots, chunk=chunk, clip=clip, save_every=every,
-                            needs=ctx.needs_input_grad[:10], compiled=compiled)
-        return (*grads, None, None, None, None, None, None)
+        chunk, clip, every, compiled, precision, launch, fused = ctx.cfg
+        needs = ctx.needs_input_grad[:10]
+        inputs = (q, k, v, lr, decay, beta)
+        grads: list[Tensor | None] | None = None
+        if fused:
+            grads = _fused_bwd(inputs, saved, cots, chunk=chunk, clip=clip, precision=precision, launch=launch)
+        if grads is not None:
+            grads = [g if need else None for g, need in zip(grads, needs)]
+        else:
+            grads = dgd_mlp_bwd(inputs, saved, cots, chunk=chunk, clip=clip, save_every=every, needs=needs,
+                                compiled=compiled)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+_bwd_too_big: set[tuple[int, int, torch.device]] = set()
+"""(width, chunk, device) where the fused backward ran out of resources: the recompute after."""
+
+
+def _fused_bwd(inputs: tuple[Tensor, ...], saved: list[Tensor], cots: tuple[Tensor | None, ...], *, chunk: int,
+               clip: float | None, precision: str, launch: dict[str, Any]) -> list[Tensor | None] | None:
+    """The fused kernel's gradients, or None where this device cannot run it at this size
+    (imported here: importing the module decorates the kernel, which must follow any
+    ``TRITON_INTERPRET`` setting, as for the forward)."""
+    from nestlearn.loops.triton.dgd_mlp_bwd import dgd_mlp_bwd_fused
+
+    size = (inputs[0].shape[-1], chunk, inputs[0].device)
+    if size in _bwd_too_big:
+        return None
+    try:
+        return list(dgd_mlp_bwd_fused(inputs, saved, cots, chunk=chunk, clip=clip, precision=precision, **launch))
+    except Exception as exc:  # a device without the shared memory / registers this size needs
+        if type(exc).__name__ != "OutOfResources":
+            raise
+        _bwd_too_big.add(size)
+        import warnings
+
+        warnings.warn(f"nestlearn: the fused DGD backward does not fit this device at width {size[0]}, chunk "
+                      f"{chunk} ({exc}); the recompute backward runs instead", stacklevel=2)
+        return None
 
 
 def dgd_mlp_bwd(
