@@ -131,6 +131,30 @@ def _chunk_end(W, M, x, u, d, E, gam_e, c_e, b_e, keta_e, g_e, B_e, PREC: tl.con
 
 
 @triton.jit
+def _coefficients(log_lam, log_beta, eta, le, lt, PREC: tl.constexpr):
+    """A chunk's gate coefficients (``dgd_dual.dgd_coefficients``), shared by the forward and the
+    backward kernels: inclusive / exclusive log-cumsums by masked row sums, the decay products
+    ``K`` (``Kp``: exclusive), ``Keta = K diag(lr)``, the momentum products ``Bm``, ``G = Keta Bm``
+    and the read coefficients ``gam`` / ``c`` (``_p``: of the token's own pre-update state)."""
+    LL = tl.sum(tl.where(le, log_lam[None, :], 0.0), 1)
+    LLx = tl.sum(tl.where(lt, log_lam[None, :], 0.0), 1)
+    LB = tl.sum(tl.where(le, log_beta[None, :], 0.0), 1)
+    K = tl.exp(tl.where(le, LL[:, None] - LL[None, :], float("-inf")))
+    Kp = tl.exp(tl.where(lt, LLx[:, None] - LL[None, :], float("-inf")))
+    Keta = K * eta[None, :]
+    Keta_p = Kp * eta[None, :]
+    Bm = tl.exp(tl.where(le, LB[:, None] - LB[None, :], float("-inf")))
+    bvec = tl.exp(LB)
+    gam = tl.exp(LL)
+    gam_p = tl.exp(LLx)
+    G = tl.dot(Keta, Bm, input_precision=PREC)
+    G_p = tl.dot(Keta_p, Bm, input_precision=PREC)
+    c = -tl.sum(Keta * bvec[None, :], 1)
+    c_p = -tl.sum(Keta_p * bvec[None, :], 1)
+    return LL, LB, K, Kp, Keta, Keta_p, Bm, bvec, gam, gam_p, G, G_p, c, c_p
+
+
+@triton.jit
 def _dgd_mlp_fwd_kernel(
     q_ptr, k_ptr, v_ptr, y_ptr,          # [B, H, T, D], last dim contiguous (y: contiguous)
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
@@ -187,21 +211,10 @@ def _dgd_mlp_fwd_kernel(
 
         # gate coefficients (dgd_dual.dgd_coefficients): inclusive / exclusive log-cumsums by
         # masked row sums, products by exp of differences, zero above the diagonal
-        LL = tl.sum(tl.where(le, log_lam[None, :], 0.0), 1)
-        LLx = tl.sum(tl.where(lt, log_lam[None, :], 0.0), 1)
-        LB = tl.sum(tl.where(le, log_beta[None, :], 0.0), 1)
+        LL, LB, _K, _Kp, Keta, Keta_p, Bm, bvec, gam, gam_p, G, G_p, c, c_p = _coefficients(
+            log_lam, log_beta, eta, le, lt, PREC)
         LL_e = tl.sum(log_lam, 0)
         LB_e = tl.sum(log_beta, 0)
-        Keta = tl.exp(tl.where(le, LL[:, None] - LL[None, :], float("-inf"))) * eta[None, :]
-        Keta_p = tl.exp(tl.where(lt, LLx[:, None] - LL[None, :], float("-inf"))) * eta[None, :]
-        Bm = tl.exp(tl.where(le, LB[:, None] - LB[None, :], float("-inf")))
-        bvec = tl.exp(LB)
-        gam = tl.exp(LL)
-        gam_p = tl.exp(LLx)
-        G = tl.dot(Keta, Bm, input_precision=PREC)
-        G_p = tl.dot(Keta_p, Bm, input_precision=PREC)
-        c = -tl.sum(Keta * bvec[None, :], 1)
-        c_p = -tl.sum(Keta_p * bvec[None, :], 1)
         keta_e = tl.exp(LL_e - LL) * eta          # Keta's last row
         g_e = tl.sum(keta_e[:, None] * Bm, 0)     # G's last row
         B_e = tl.exp(LB_e - LB)                   # B's last row

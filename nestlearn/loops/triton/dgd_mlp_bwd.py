@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nestlearn.loops.triton.dgd_mlp import _gelu, _gelu_grad, _tril_inverse, launch_options
+from nestlearn.loops.triton.dgd_mlp import _coefficients, _gelu, _gelu_grad, _tril_inverse, launch_options
 
 
 @triton.jit
@@ -191,21 +191,8 @@ def _dgd_mlp_bwd_kernel(
         log_beta = tl.log(tl.maximum(bet, 1e-30))
 
         # ---- recompute the chunk's forward (as _dgd_mlp_fwd_kernel) ----
-        LL = tl.sum(tl.where(le, log_lam[None, :], 0.0), 1)
-        LLx = tl.sum(tl.where(lt, log_lam[None, :], 0.0), 1)
-        LB = tl.sum(tl.where(le, log_beta[None, :], 0.0), 1)
-        K = tl.exp(tl.where(le, LL[:, None] - LL[None, :], float("-inf")))
-        Kp = tl.exp(tl.where(lt, LLx[:, None] - LL[None, :], float("-inf")))
-        Keta = K * eta[None, :]
-        Keta_p = Kp * eta[None, :]
-        Bm = tl.exp(tl.where(le, LB[:, None] - LB[None, :], float("-inf")))
-        bvec = tl.exp(LB)
-        gam = tl.exp(LL)
-        gam_p = tl.exp(LLx)
-        G = tl.dot(Keta, Bm, input_precision=PREC)
-        G_p = tl.dot(Keta_p, Bm, input_precision=PREC)
-        c = -tl.sum(Keta * bvec[None, :], 1)
-        c_p = -tl.sum(Keta_p * bvec[None, :], 1)
+        LL, LB, K, Kp, Keta, Keta_p, Bm, bvec, gam, gam_p, G, G_p, c, c_p = _coefficients(
+            log_lam, log_beta, eta, le, lt, PREC)
         keta_e = tl.sum(tl.where(last_row, Keta, 0.0), 0)
         g_e = tl.sum(tl.where(last_row, G, 0.0), 0)
         B_e = tl.sum(tl.where(last_row, Bm, 0.0), 0)
