@@ -351,3 +351,27 @@ def test_ablation_specs_train_every_parameter(monkeypatch: pytest.MonkeyPatch) -
         logits.float().square().mean().backward()
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert logits.shape == (2, 40, 256) and not missing, (name, missing)
+
+
+def test_carry_state_reaches_the_trainer_and_leaves_old_fingerprints_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``budget.carry_state`` is passed to every run's TrainConfig; off (the default), a run's
+    fingerprint is what it was before the option existed, on it differs."""
+    from nestlearn.suite.experiment import fingerprint
+
+    monkeypatch.chdir(ROOT)
+    off = load_experiment(write(tmp_path, TINY), out=tmp_path / "o")
+    on = load_experiment(write(tmp_path, TINY.replace("threads: 1}", "threads: 1, carry_state: true}"), "on.yaml"),
+                         out=tmp_path / "o")
+    runner = SuiteRunner(on, command="test", quiet=True)
+    runner.resolve()
+    run_on, run_off = on.grid()[0], off.grid()[0]
+    assert runner.config(run_on).carry_state
+    assert fingerprint(run_off, off, "h") != fingerprint(run_on, on, "h")
+    # the formal grid's results, recorded before the option existed, still match their runs
+    stored = json.loads((ROOT / "bench/results/cpu_2026-12-06_suite/formal_results.json").read_text())["runs"]
+    formal = load_experiment(ROOT / "experiments/formal.yaml", out=tmp_path / "f")
+    fr = SuiteRunner(formal, command="test", quiet=True)
+    fr.resolve()
+    run = next(r for r in formal.grid() if r.key == "parity/transformer/seed0")
+    assert fr.fingerprint(run) == stored["parity/transformer/seed0"]["fingerprint"]

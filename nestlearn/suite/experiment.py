@@ -82,6 +82,9 @@ class Budget(_Strict):
     cuda_graph: bool = False
     compile: bool = False
     threads: Positive | None = None
+    carry_state: bool = False
+    """Carry every in-context level's state from one batch to the next (``nestlearn run
+    --carry-state``): levels then remember across the stream, not only within a sequence."""
 
 
 class ParamsPolicy(_Strict):
@@ -328,6 +331,8 @@ def fingerprint(run: Run, exp: Experiment, spec_hash: str) -> str:
     """What makes a run's training: a changed experiment file must not reuse an old result.
     (Not the evaluation lengths: new ones are evaluated from the kept checkpoint.)"""
     b = exp.budget.model_dump()
+    if not b.get("carry_state"):  # added later: off, the runs made before it keep their fingerprint
+        b.pop("carry_state", None)
     payload = {"spec": spec_hash, "overrides": list(run.spec.overrides), "profile": run.spec.profile,
                "task": run.task.name, "options": run.task.options, "seq_len": run.task.seq_len,
                "steps": run.task.steps, "seed": run.seed,
