@@ -118,14 +118,18 @@ def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     error = None
+    status = None
     t0 = time.perf_counter()
     try:
-        Trainer(spec, cfg, run_dir).fit()
+        status = Trainer(spec, cfg, run_dir).fit().get("status")
     except (TrainError, SpecError, RuntimeError) as exc:  # a diverged or failed run still gets its row
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
-    return summarise(name, run_dir, wall, peak, error, params)
+    row = summarise(name, run_dir, wall, peak, error, params)
+    if status == "stopped":  # --seconds: evaluated where it stopped, short of --steps
+        row["stopped_early"] = True
+    return row
 
 
 def child_argv(path: str, args: argparse.Namespace, row: Path) -> list[str]:
@@ -169,6 +173,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratio = r["median_grad_norm"] / ref_g if ref_g and r["median_grad_norm"] else None
         note = r["error"] or (f"{r['nonfinite_grad_steps']} non-finite steps" if r["nonfinite_grad_steps"] else "")
+        if r.get("stopped_early"):
+            note = "; ".join(x for x in (note, f"stopped by --seconds at step {r['steps']}") if x)
         if r.get("shared_device"):
             note = "; ".join(x for x in (note, f"tokens/s with {r['shared_device']} runs sharing the device") if x)
         lines.append(f"| {r['spec']} | {_fmt(r['params'], ',')} | {r['steps']} | {_fmt(r['bits_per_byte'], '.3f')} | "

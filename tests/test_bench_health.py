@@ -37,3 +37,4 @@ def test_seconds_stops_a_run_with_its_evaluation(tmp_path: Path) -> None:
                          "--eval-batches", "1", "--seconds", "1e-9", "--out", str(tmp_path)])
     row = health.run_one("specs/transformer.yaml", args, tmp_path)
     assert row["steps"] == 1 and row["bits_per_byte"] is not None and row["error"] is None
+    assert row["stopped_early"] and "stopped by --seconds at step 1" in health.table([row])
