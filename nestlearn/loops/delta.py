@@ -65,7 +65,7 @@ def supports(pb: MemoryProblem) -> bool:
         and pb.clip is None
         and type(pb.rule) is Momentum
         and "beta" not in pb.rule.hypers
-        and pb.rule.decay_to == "zero"  # type: ignore[attr-defined]
+        and pb.rule.decay_to == "zero"
         and isinstance(pb.arch, LinearMemory)
         and not pb.arch.bias
         and pb.objective is l2

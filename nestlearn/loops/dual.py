@@ -123,23 +123,22 @@ def _segment(
     home: Params | None = opt.get("home")  # decay_to: init forgets toward it (W - home decays)
     bias_of = {layer.weight: layer.bias for layer in pb.arch.layers}
 
+    def kept(c: Tensor, w: Tensor, h: Tensor | None) -> Tensor:
+        """What forgetting leaves of ``w`` (or of a product linear in it, ``h`` the same product
+        of home): ``c w``, or ``h + c (w - h)`` with ``decay_to: init``."""
+        return c * w if h is None else h + c * (w - h)
 
     # 2. the dual read: every token with its own in-chunk weights, via masked matmuls
     def read(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
         x, d = inputs[name], deltas[name]
         scores = (a @ x.transpose(-1, -2)) * co["c"]  # [B,H,n,n]
-        if home is None:
-            z = co["a"] * (a @ w.transpose(-1, -2)) + scores @ d
-        else:  # W_t = home + a_t (W - home) + ...
-            z = a @ home[name].transpose(-1, -2) + co["a"] * (a @ (w - home[name]).transpose(-1, -2)) + scores @ d
+        at_home = None if home is None else a @ home[name].transpose(-1, -2)
+        z = kept(co["a"], a @ w.transpose(-1, -2), at_home) + scores @ d
         if has_m:
             z = z + co["s"] * (a @ S[name].transpose(-1, -2))
         bn = bias_of[name]
         if b is not None and bn is not None:
-            if home is None:
-                z = z + co["a"] * b.unsqueeze(-2) + co["c"] @ d
-            else:
-                z = z + home[bn].unsqueeze(-2) + co["a"] * (b - home[bn]).unsqueeze(-2) + co["c"] @ d
+            z = z + kept(co["a"], b.unsqueeze(-2), None if home is None else home[bn].unsqueeze(-2)) + co["c"] @ d
             if has_m:
                 z = z + co["s"] * S[bn].unsqueeze(-2)
         return z
@@ -155,16 +154,14 @@ def _segment(
     new_S: Params = {}
     for layer in pb.arch.layers:
         n, x, d = layer.weight, inputs[layer.weight], deltas[layer.weight]
-        kept = co["a_end"] * cur[n] if home is None else home[n] + co["a_end"] * (cur[n] - home[n])
-        new_p[n] = kept + (d * co["c_end"]).transpose(-1, -2) @ x
+        new_p[n] = kept(co["a_end"], cur[n], None if home is None else home[n]) + (d * co["c_end"]).transpose(-1, -2) @ x
         if has_m:
             new_p[n] = new_p[n] + co["s_end"] * S[n]
             new_S[n] = co["mb"] * S[n] + (d * co["mc"]).transpose(-1, -2) @ x
         if layer.bias is not None:  # the same over [B,H,o]
             bn = layer.bias
-            a_end = co["a_end"][..., 0]
-            kept = a_end * cur[bn] if home is None else home[bn] + a_end * (cur[bn] - home[bn])
-            new_p[bn] = kept + weighted_sum(co["c_end"][..., 0], d)
+            new_p[bn] = (kept(co["a_end"][..., 0], cur[bn], None if home is None else home[bn])
+                         + weighted_sum(co["c_end"][..., 0], d))
             if has_m:
                 new_p[bn] = new_p[bn] + co["s_end"][..., 0] * S[bn]
                 new_S[bn] = co["mb"][..., 0] * S[bn] + weighted_sum(co["mc"][..., 0], d)
