@@ -517,12 +517,16 @@ def test_muon_level_is_momentum_with_newton_schulz_output(period: int) -> None:
 # ----------------------------------------------------------------------------- HOPE's CMS levels
 
 
-def cms_reference(op, x: Tensor, period: int) -> Tensor:  # noqa: ANN001
+def cms_reference(op, x: Tensor, period: int, kv_norm: bool = False) -> Tensor:  # noqa: ANN001
     """One CMS level of models/hope.yaml (Eq. 70-71): an MLP ``W1 gelu(W0 x)`` whose weights learn
     in context by SGD on ``||MLP(W_k x_t) - W_v x_t||^2`` (nestlearn's CMS error signal) with
     lr_t = max sigmoid(w . x_t + b), mini-batch semantics: every gradient of a chunk at the
-    chunk-start weights, token t read with the weights after its own update."""
+    chunk-start weights, token t read with the weights after its own update. ``kv_norm``: keys
+    and values divided by their RMS (``sqrt(mean(z^2) + eps)``) first."""
     k, v = x @ op.proj["k"].weight.T, x @ op.proj["v"].weight.T
+    if kv_norm:
+        eps = torch.finfo(x.dtype).eps
+        k, v = (z / torch.sqrt((z * z).mean(-1, keepdim=True) + eps) for z in (k, v))
     lr = gate(x, op.hypers.gates["lr"], op.level.rule.hypers["lr"].max)[:, 0]  # one head
 
     def mlp(p: dict[str, Tensor], z: Tensor) -> Tensor:
@@ -541,9 +545,11 @@ def cms_reference(op, x: Tensor, period: int) -> Tensor:  # noqa: ANN001
 
 @pytest.mark.parametrize("node,period", [("c1", None), ("c2", None), ("c1", 4), ("c3", 8)])
 @pytest.mark.parametrize("executor", ["auto", "sequential"])
-def test_hope_cms_levels_equal_the_mini_batch_recurrence(node: str, period: int | None, executor: str) -> None:
+@pytest.mark.parametrize("kv_norm", [False, True])
+def test_hope_cms_levels_equal_the_mini_batch_recurrence(node: str, period: int | None, executor: str,
+                                                         kv_norm: bool) -> None:
     level = {"c1": "cms_fast", "c2": "cms_mid", "c3": "cms_slow"}[node]
-    ov = ["model.dim=8", "model.depth=1", "block.sm.heads=2", "model.heads=2"]
+    ov = ["model.dim=8", "model.depth=1", "block.sm.heads=2", "model.heads=2", f"block.{node}.kv_norm={kv_norm}"]
     if period is not None:
         ov.append(f"levels.{level}.period={period}")
     model = build("models/hope.yaml", *ov)
@@ -553,4 +559,4 @@ def test_hope_cms_levels_equal_the_mini_batch_recurrence(node: str, period: int 
         op.level.rule.hypers["lr"].max = 0.05
     x = rand(2, 20, 8, seed=15)
     y, _ = op([x], {}, None)
-    torch.testing.assert_close(y, cms_reference(op, x, int(op.level.period)), **TOL)
+    torch.testing.assert_close(y, cms_reference(op, x, int(op.level.period), kv_norm), **TOL)

@@ -28,12 +28,15 @@ class MemoryOp(Op):
     def __init__(
         self, dim: int, heads: int, level: Level, mem: MemorySpec, *, query: str = "proj",
         key: str = "proj", value: str = "proj", qk_norm: bool = True, conv: int = 0,
-        learned_init: bool = True, out_proj: bool = True, nest: Level | None = None,
+        learned_init: bool = True, out_proj: bool = True, nest: Level | None = None, kv_norm: bool = False,
     ):
         super().__init__()
         self.dim, self.heads, self.dh = dim, heads, dim // heads
         self.level = level
         self.qk_norm = qk_norm
+        self.kv_norm = kv_norm
+        """RMS-normalise k and v per head (no gain): the inner objective's scale is fixed, so the
+        outer level cannot grow the level's effective rate through its projections (a CMS level)."""
         self.roles = {"q": query, "k": key, "v": value}
         self.sources = tuple(s for s in self.roles.values() if s not in ("proj", "input"))
         self.proj = nn.ModuleDict({r: nn.Linear(dim, dim, bias=False) for r, s in self.roles.items() if s == "proj"})
@@ -76,6 +79,8 @@ class MemoryOp(Op):
         q, k, v = qkv["q"], qkv["k"], qkv["v"]
         if self.qk_norm:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.kv_norm:
+            k, v = F.rms_norm(k, (self.dh,)), F.rms_norm(v, (self.dh,))
         rule = self.level.rule
         mem_state = state.get("mem")
         if mem_state is None and self.nest is None:

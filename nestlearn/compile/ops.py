@@ -47,7 +47,7 @@ def _mlp(node: Any, c: OpContext) -> basic.Op:
         return basic.FeedForward(m.dim, node.expand, node.act)
     # a Continuum Memory System level: the FFN's weights learn in context every period
     mem = S.MemorySpec(type="mlp", expand=node.expand, act=node.act, residual=False)
-    return MemoryOp(m.dim, 1, c.levels[node.level], mem, query="input", qk_norm=False,
+    return MemoryOp(m.dim, 1, c.levels[node.level], mem, query="input", qk_norm=False, kv_norm=node.kv_norm,
                     learned_init=node.init != "zeros", out_proj=False, nest=c.nest)
 
 

@@ -147,6 +147,11 @@ def _check_nodes(b: _Build) -> None:
                     issues.add(("block", j, "level"), f"a {node.op} node learns in context: its level must "
                                f"have a period, but {lvl!r} is the outer level")
                     lvl, b.bad_levels = None, True
+            if node.op == "mlp" and getattr(node, "kv_norm", False) and lvl is not None \
+                    and spec.levels[lvl].is_outer:
+                issues.add(("block", j, "kv_norm"), "kv_norm applies to an mlp node of an in-context level "
+                           "(a CMS level: it normalises that level's keys and values); an outer-level mlp "
+                           "is a plain feed-forward with no keys or values; remove it")
             check_init(spec, issues, j, node, lvl, b.periods, b.init_edges)
             if node.init in spec.levels:
                 b.used_levels.add(node.init)

@@ -443,6 +443,10 @@ class MLPNode(_Node):
     act: Literal["silu", "gelu", "relu", "tanh"] = "gelu"
     level: str = "outer"
     init: str = "outer"
+    kv_norm: bool = Field(False, description=(
+        "in-context levels only: RMS-normalise the level's keys W_k x and values W_v x (no gain), so "
+        "their scale is fixed at RMS 1 and the outer level cannot raise the level's effective inner "
+        "rate by growing W_k, W_v (docs/training-health.md)"))
 
 
 class AttentionNode(_Node):

@@ -102,10 +102,14 @@ a spec did before: left out of the identity at that default, so earlier runs, ch
 suite results still match their specs."""
 
 
+NODE_OPTIONS_ADDED: dict[str, Any] = {"kv_norm": False}
+"""Block-node options added after specs were first hashed (as ``RULE_OPTIONS_ADDED``)."""
+
+
 def spec_data(spec: Any) -> dict[str, Any]:
     """The spec as plain data; an empty ``profiles`` is left out (resolved specs have none, and
     specs written before profiles existed keep their hash), and so are ``RULE_OPTIONS_ADDED`` at
-    their old behaviour."""
+    their old behaviour (and ``NODE_OPTIONS_ADDED`` likewise)."""
     data: dict[str, Any] = spec.model_dump(mode="json", by_alias=True)
     if not data.get("profiles"):
         data.pop("profiles", None)
@@ -114,6 +118,10 @@ def spec_data(spec: Any) -> dict[str, Any]:
         for key, old in RULE_OPTIONS_ADDED.items():
             if isinstance(rule, dict) and rule.get(key) == old:
                 rule.pop(key)
+    for node in data.get("block") or []:
+        for key, old in NODE_OPTIONS_ADDED.items():
+            if isinstance(node, dict) and node.get(key, object()) == old:
+                node.pop(key)
     return data
 
 
