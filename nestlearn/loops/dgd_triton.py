@@ -87,8 +87,8 @@ def _grad_wanted(ts: list[Tensor]) -> bool:
 
 
 def _grad_ok(pb: MemoryProblem, ts: list[Tensor]) -> bool:
-    """No gradient wanted, or the one the kernel's backward computes (``unroll``) where the user
-    asked for it (``NESTLEARN_TRITON=train``: slower than the compiled closed form, less memory)."""
+    """No gradient wanted, or the one the kernel's backward computes (``unroll``) unless the user
+    kept training on the closed form (``NESTLEARN_TRITON=infer``)."""
     return (pb.grad.kind == "unroll" and kernels.training_enabled()) or not _grad_wanted(ts)
 
 
@@ -174,6 +174,6 @@ def _say_once() -> None:
     global _said
     if not _said:
         _said = True
-        warnings.warn("nestlearn: DGD on the MLP memory runs on the fused Triton kernel (backward, where "
-                      "NESTLEARN_TRITON=train: the fused Triton backward; NESTLEARN_TRITON=0 switches it off)",
-                      stacklevel=3)
+        warnings.warn("nestlearn: DGD on the MLP memory runs on the fused Triton kernels, forward and backward "
+                      "(NESTLEARN_TRITON=infer trains through the closed form instead; NESTLEARN_TRITON=0 "
+                      "switches the kernels off)", stacklevel=3)

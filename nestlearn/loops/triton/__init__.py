@@ -14,14 +14,14 @@ the kernels are decorated).
   through ``dgd_dual`` from checkpoints the kernel saves (``backward="recompute"``, and the
   fallback where the backward kernel does not fit the device).
 
-``NESTLEARN_TRITON=0`` (or ``false``/``off``/``no``) switches every kernel here off.
-``NESTLEARN_TRITON=train`` also trains through them. It is opt-in because on an H100
-(2026-12-06, ``python -m bench.triton_dgd --train``, HOPE's 8 x 2,048, 8 heads of 64) the
-kernel's forward plus the recomputed backward ran at 43.5K tokens/s against 55.1K for the
-compiled closed form's forward and backward, but with 371 MiB instead of 1,724 MiB at its peak.
-The fused backward kernel (now the default backward) is verified on the CPU through the
-interpreter and compiles for sm_90, but is untimed: the switch stays opt-in until
-``bench.triton_dgd --train`` has measured it on a GPU.
+``NESTLEARN_TRITON=0`` (or ``false``/``off``/``no``) switches every kernel here off, and
+``NESTLEARN_TRITON=infer`` keeps them for evaluation and generation only (training then runs the
+compiled closed form: more memory, slower). By default training goes through them too, with the
+fused backward: on an H100 (2026-12-06, ``python -m bench.triton_dgd --train``, HOPE's memory at
+8 x 2,048, 8 heads of 64) forward + backward ran at 157.0K tokens/s against 31.6K for the closed
+form with compiled chunk steps (690 against 1,724 MiB at the peak), every gradient within 3e-6
+of eager autograd; the recompute backward ran at 36.7K. (``train``, the earlier opt-in, is still
+accepted and means the default.)
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def enabled() -> bool:
 
 
 def training_enabled() -> bool:
-    """``NESTLEARN_TRITON=train``: gradients too go through the kernels (see the module doc)."""
-    return os.environ.get("NESTLEARN_TRITON", "1").strip().lower() == "train"
+    """Gradients too go through the kernels: on unless ``NESTLEARN_TRITON`` is ``infer`` (or off)."""
+    return enabled() and os.environ.get("NESTLEARN_TRITON", "1").strip().lower() != "infer"
 
 
 @functools.lru_cache(maxsize=1)
