@@ -110,13 +110,33 @@ def chunk_steps(spec: Any) -> list[ChunkStep]:
     return out
 
 
-def warnings_for(spec: Any) -> list[tuple[tuple[str, ...], str]]:
-    """``(spec path, message)`` for every level whose chunk step exceeds the bound without a clip."""
-    found: list[tuple[tuple[str, ...], str]] = []
+UNNORMALISED_CMS = (
+    "this CMS level's keys W_k x and values W_v x are learned and not normalised: outer training can "
+    "grow them, and with them the level's effective inner rate, past the chunk-step bound (full-size "
+    "HOPE diverged at step 488 this way); set 'kv_norm: true' on the node or a 'clip' on level {level!r} "
+    "(docs/training-health.md section 5)"
+)
+
+
+def unnormalised_cms(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every ``mlp`` node of an in-context level whose keys and values are neither normalised
+    (``kv_norm``) nor bounded per token (the level's ``clip``): the runaway of training-health §5."""
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    for j, node in enumerate(spec.block):
+        lv = spec.levels.get(getattr(node, "level", None) or "")
+        if node.op == "mlp" and lv is not None and not lv.is_outer and not node.kv_norm and lv.clip is None:
+            found.append((("block", j, "level"), UNNORMALISED_CMS.format(level=node.level)))
+    return found
+
+
+def warnings_for(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
+    """``(spec path, message)`` for every level whose chunk step exceeds the bound without a clip,
+    and every CMS node open to the outer level growing its rate."""
+    found: list[tuple[tuple[str | int, ...], str]] = []
     for cs in chunk_steps(spec):
         if cs.gain > 1 and spec.levels[cs.level].clip is None:
             found.append((("levels", cs.level, "rule", "lr"), cs.message()))
-    return found
+    return found + unnormalised_cms(spec)
 
 
 def spec_warnings(spec: Any) -> list[Any]:

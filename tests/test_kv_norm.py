@@ -102,3 +102,19 @@ def test_specs_without_the_option_keep_their_hash(path: str) -> None:
             level["rule"].pop("decay_to")
     plain = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert spec_hash(spec) == plain
+
+
+def test_validate_warns_for_an_unnormalised_cms_level() -> None:
+    """``nestlearn validate`` (and run / compile) warn, positioned at the node, for a CMS node
+    whose keys and values are neither normalised nor clipped; the shipped specs get no warning."""
+    from nestlearn import stability
+
+    off = nestlearn.load_spec("models/hope.yaml", overrides=["block.c2.kv_norm=false"])
+    (issue,) = stability.spec_warnings(off)
+    assert issue.format().startswith("models/hope.yaml:40:") and "block.7.level: this CMS level's keys" in issue.format()
+    assert "'cms_mid'" in issue.format()
+    clipped = nestlearn.load_spec("models/hope.yaml", overrides=["block.c2.kv_norm=false", "levels.cms_mid.clip=1.0"])
+    assert stability.warnings_for(clipped) == []
+    for path in ("models/hope.yaml", "specs/hope-attention.yaml", "specs/hope-cms-nested.yaml",
+                 "specs/hope-cms-independent.yaml", "specs/hope-cms-sequential.yaml"):
+        assert stability.warnings_for(nestlearn.load_spec(path)) == [], path
