@@ -9,7 +9,9 @@ Every run is an ordinary ``nestlearn run`` (``Trainer``) into ``--out/<spec>``, 
 spec (so one spec's CUDA-graph pools and peak memory never reach the next one's row);
 ``--resume`` skips the specs whose row is already in ``--out/health.json``. ``--seconds S`` stops each
 run at S seconds of training with an evaluation, so a device lease still gives every row its
-bits/byte (at the step it reached; the learning-rate schedule stays that of ``--steps``). ``--jobs N`` trains up
+bits/byte (at the step it reached; the learning-rate schedule stays that of ``--steps``), and
+``--resume`` continues such a row from its checkpoint: one command, repeated, spreads a long run
+over several leases (on a machine that keeps ``--out``). ``--jobs N`` trains up
 to N specs at once (to fit more runs into a device lease): bits/byte and gradient norms are
 unaffected, but the rows' tokens/s are then shared-device figures, and the table says so.
 A diverged run gets its row with the step it stopped at. The table goes to stdout last (markdown).
@@ -58,7 +60,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every spec")
     p.add_argument("--out", default="runs/health", help="run directories and health.json go here")
-    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT/health.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in OUT/health.json; continue those stopped by --seconds")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: train one spec, write its row here
     return p.parse_args(argv)
 
@@ -76,8 +79,16 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def trained_tokens(run_dir: Path) -> int:
+    """Tokens the run in ``run_dir`` has trained on so far (0 for none): where a resumed run starts."""
+    train = [r for r in read_metrics(run_dir) if r.get("split") == "train"]
+    return int(train[-1].get("tokens") or 0) if train else 0
+
+
 def summarise(name: str, run_dir: Path, wall: float, peak_gb: float | None, error: str | None,
-              params: int | None) -> dict[str, Any]:
+              params: int | None, tokens_before: int = 0) -> dict[str, Any]:
+    """One row from the run's metrics; tokens/s counts the tokens trained since ``tokens_before``
+    over ``wall`` (this process's part of a resumed run)."""
     rows = read_metrics(run_dir)
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
@@ -91,7 +102,7 @@ def summarise(name: str, run_dir: Path, wall: float, peak_gb: float | None, erro
         "bits_per_byte": bpb, "max_grad_norm": max(finite) if finite else None,
         "median_grad_norm": sorted(finite)[len(finite) // 2] if finite else None,
         "nonfinite_grad_steps": len(gnorms) - len(finite),
-        "tokens": tokens, "tokens_per_s": (tokens / wall) if tokens and wall > 0 else None,
+        "tokens": tokens, "tokens_per_s": ((tokens - tokens_before) / wall) if tokens and wall > 0 else None,
         "peak_gb": peak_gb, "error": error,
     }
 
@@ -113,6 +124,8 @@ def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
                       precision=args.precision, cuda_graph=args.cuda_graph, compile=args.compile, seed=args.seed,
                       eval_every=args.eval_every or args.steps, eval_batches=args.eval_batches, log_every=1, threads=args.threads,
                       ckpt_every=args.steps, time_limit=args.seconds)
+    resume = args.resume and (run_dir / "checkpoints" / "last.safetensors").exists()
+    before = trained_tokens(run_dir) if resume else 0
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if cuda:
         torch.cuda.empty_cache()
@@ -121,12 +134,12 @@ def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     status = None
     t0 = time.perf_counter()
     try:
-        status = Trainer(spec, cfg, run_dir).fit().get("status")
+        status = Trainer(spec, cfg, run_dir, resume=resume).fit().get("status")
     except (TrainError, SpecError, RuntimeError) as exc:  # a diverged or failed run still gets its row
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
-    row = summarise(name, run_dir, wall, peak, error, params)
+    row = summarise(name, run_dir, wall, peak, error, params, before)
     if status == "stopped":  # --seconds: evaluated where it stopped, short of --steps
         row["stopped_early"] = True
     return row
@@ -140,6 +153,7 @@ def child_argv(path: str, args: argparse.Namespace, row: Path) -> list[str]:
             "--eval-batches", str(args.eval_batches)]
     argv += ["--eval-every", str(args.eval_every)] if args.eval_every else []
     argv += ["--seconds", str(args.seconds)] if args.seconds else []
+    argv += ["--resume"] * args.resume
     argv += ["--cuda-graph"] * args.cuda_graph + ["--compile"] * args.compile
     argv += ["--threads", str(args.threads)] if args.threads else []
     for kv in args.set:
@@ -200,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: no spec file {missing[0]}", file=sys.stderr)
         return 2
-    todo = [(i, p) for i, p in enumerate(specs, 1) if Path(p).stem not in done]
+    # a row stopped by --seconds is not finished: --resume continues it from its checkpoint
+    todo = [(i, p) for i, p in enumerate(specs, 1) if Path(p).stem not in done or done[Path(p).stem].get("stopped_early")]
     running: list[tuple[int, str, subprocess.Popen[bytes]]] = []
     while todo or running:
         while todo and len(running) < args.jobs:

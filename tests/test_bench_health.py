@@ -38,3 +38,26 @@ def test_seconds_stops_a_run_with_its_evaluation(tmp_path: Path) -> None:
     row = health.run_one("specs/transformer.yaml", args, tmp_path)
     assert row["steps"] == 1 and row["bits_per_byte"] is not None and row["error"] is None
     assert row["stopped_early"] and "stopped by --seconds at step 1" in health.table([row])
+
+
+def test_resume_continues_a_row_stopped_by_seconds(tmp_path: Path) -> None:
+    """A run cut by ``--seconds`` is continued from its checkpoint by ``--resume`` (the next device
+    lease): the same run directory, every step once, the row complete afterwards."""
+    from bench import health
+
+    common = ["--device", "cpu", "--threads", "1", "--steps", "4", "--batch", "2", "--seq-len", "32",
+              "--set", "model.dim=16", "--set", "model.depth=1", "--set", "model.heads=2", "--eval-batches", "1",
+              "--out", str(tmp_path)]
+    first = health.run_one("specs/transformer.yaml", health.parse(["specs/transformer.yaml", *common, "--seconds", "1e-9"]),
+                           tmp_path)
+    assert first["steps"] == 1 and first["stopped_early"]
+    (tmp_path / "health.json").write_text(json.dumps({"rows": [first]}))
+    proc = subprocess.run([sys.executable, "-m", "bench.health", "specs/transformer.yaml", *common, "--resume"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "health.json").read_text())["rows"]
+    assert row["steps"] == 4 and row["error"] is None and not row.get("stopped_early")
+    train = [json.loads(x) for x in (tmp_path / "transformer" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train if r.get("split") == "train"] == [1, 2, 3, 4]
+    assert row["tokens"] == 4 * 2 * 32 and row["tokens_per_s"] is not None
+    assert "stopped by --seconds" not in proc.stdout
