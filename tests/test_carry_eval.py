@@ -136,6 +136,28 @@ def test_micro_batches_are_joined_by_rows_in_order() -> None:
         joined([a, {"W": torch.ones(2, 3), "offset": 5}])
 
 
+SHIPPED = sorted(str(p.relative_to(ROOT)) for d in ("specs", "models", "experiments/specs")
+                 for p in (ROOT / d).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_every_shipped_spec_evaluates_from_its_carried_state(path: str) -> None:
+    """Two micro-batches' carried states (made with gradients and detached, as the trainer
+    carries them) join by rows, and five held-out rows run from them without gradients."""
+    spec = nestlearn.load_spec(ROOT / path, ["model.dim=16", "model.depth=1", "model.heads=2"], profile="none")
+    model = nestlearn.compile(spec)
+    gen = torch.Generator().manual_seed(0)
+    carry = []
+    for _ in range(2):
+        _, st = model(torch.randint(0, 256, (3, 24), generator=gen))
+        carry.append(tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, st))
+    state = joined(carry)
+    assert carried_rows(state) == 6
+    with torch.no_grad():
+        logits, _ = model(torch.randint(0, 256, (5, 24), generator=gen), start_state(state, 5))
+    assert logits.shape == (5, 24, 256) and torch.isfinite(logits).all()
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 

@@ -56,30 +56,33 @@ def joined(carry: Sequence[Any] | None) -> Any | None:
     flat = [tree_flatten(s) for s in carry]
     structure = flat[0][1]
     if any(f[1] != structure for f in flat[1:]):
-        raise TrainError("the carried state's micro-batches do not have the same structure; "
-                         "evaluate from the initial state instead")
+        raise TrainError("the carried state's micro-batches do not have the same structure")
     leaves = [_join([f[0][i] for f in flat]) for i in range(len(flat[0][0]))]
     return tree_unflatten(leaves, structure)
 
 
+def _has_rows(leaf: Any) -> bool:
+    """A tensor with rows first; a 0-d tensor (e.g. Adam's step count) is shared by all rows."""
+    return isinstance(leaf, Tensor) and leaf.dim() > 0
+
+
 def _join(parts: list[Any]) -> Any:
     """One leaf of the joined state: tensors stacked by rows; anything else (a chunk position, a
-    token count) is the same in every micro-batch, as they all see the same sequence length."""
-    if isinstance(parts[0], Tensor):
+    step count) is the same in every micro-batch, as they all see the same sequence length."""
+    if _has_rows(parts[0]):
         return torch.cat(parts)
-    if any(p != parts[0] for p in parts[1:]):
-        raise TrainError(f"the carried state's micro-batches disagree on a position ({parts}); "
-                         "evaluate from the initial state instead")
+    same = (lambda a, b: torch.equal(a, b)) if isinstance(parts[0], Tensor) else (lambda a, b: a == b)
+    if not all(same(p, parts[0]) for p in parts[1:]):
+        raise TrainError(f"the carried state's micro-batches disagree on a position ({parts})")
     return parts[0]
 
 
 def carried_rows(state: Any) -> int | None:
-    """The number of rows ``B`` of a carried state (None where it holds no tensor)."""
+    """The number of rows ``B`` of a carried state (None where no tensor has rows)."""
     leaves, _ = tree_flatten(state)
-    rows = {int(t.shape[0]) if t.dim() else -1 for t in leaves if isinstance(t, Tensor)}
-    if len(rows) > 1 or -1 in rows:
-        raise TrainError(f"the carried state's tensors do not share a row count (first dimensions {sorted(rows)}); "
-                         "evaluate from the initial state instead")
+    rows = {int(t.shape[0]) for t in leaves if _has_rows(t)}
+    if len(rows) > 1:
+        raise TrainError(f"the carried state's tensors do not share a row count (first dimensions {sorted(rows)})")
     return rows.pop() if rows else None
 
 
@@ -91,7 +94,9 @@ def start_state(state: Any, n: int) -> Any:
     index = torch.arange(n) % b
 
     def take(leaf: Any) -> Any:
-        return leaf.index_select(0, index.to(leaf.device)) if isinstance(leaf, Tensor) else leaf
+        if _has_rows(leaf):
+            return leaf.index_select(0, index.to(leaf.device))
+        return leaf.clone() if isinstance(leaf, Tensor) else leaf
 
     return tree_map(take, state)
 
