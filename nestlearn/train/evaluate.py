@@ -1,5 +1,8 @@
 """Using a finished (or interrupted) run: reload it, evaluate it, sample from it.
 
+A run trained with ``--carry-state`` is evaluated from the state its checkpoint stores, as the
+trainer evaluates it (``carry.py``), unless asked to start from the initial state.
+
 Generation keeps the in-context levels learning: the prompt is fed once, then one byte at a time
 with the carried ``state``, so every memory keeps updating at its own period while it writes.
 """
