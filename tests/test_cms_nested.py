@@ -232,6 +232,24 @@ def test_fed_in_pieces_equals_one_call(cuts: tuple[int, ...], grad: bool) -> Non
         torch.testing.assert_close(nest_b["grad"][n], nest_a["grad"][n], **TOL)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_detached_state_carried_in_mid_chunk_continues(grad: bool) -> None:
+    """The trainer carries states detached (``--carry-state``); cut in the middle of a chunk of
+    ``S`` such a ``Φ`` re-enters the graph as a leaf, and until that chunk ends the outputs are
+    those of one call (its meta-gradient then takes the carried anchor as a constant)."""
+    model = build(CMS.format(cf=2, cs=4))
+    tokens = torch.randint(0, 32, (2, 13), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        whole, _ = model(tokens)
+    _, state = model(tokens[:, :5])  # with gradients, as a training step: Φ is in the graph
+    state = torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
+    assert state["0"]["c1"]["nest"]["offset"] == 1
+    with torch.set_grad_enabled(grad):
+        rest, _ = model(tokens[:, 5:], state)
+    torch.testing.assert_close(rest[:, :3].detach(), whole[:, 5:8], **TOL)  # tokens 5-7: S's chunk 4-7
+    assert torch.isfinite(rest).all()
+
+
 # ----------------------------------------------------------------------------- outer gradients
 
 

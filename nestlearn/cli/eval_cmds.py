@@ -33,10 +33,16 @@ def eval_cmd(
     lengths: Optional[str] = typer.Option(None, "--lengths", metavar="N,N,...",
                                           help="niah: the haystack lengths (default T/2, T, 2T, 4T)."),
     device: Optional[str] = typer.Option(None, "--device", metavar="auto|cpu|cuda"),
+    from_initial: bool = typer.Option(
+        False, "--from-initial-state",
+        help="A --carry-state run: start every held-out row from the model's initial state, not from the state "
+             "its checkpoint carried (the default, as in training)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Validation loss, bits per byte and perplexity (accuracy for synthetic tasks; NIAH accuracy
-    by length; every domain of a continual run). Also written to RUN_DIR/eval.json."""
+    by length; every domain of a continual run). Also written to RUN_DIR/eval.json. A run trained
+    with --carry-state is evaluated from the state its checkpoint carried: held-out row i from
+    carried row i mod B."""
     console = Console()
     with errors():
         from nestlearn.train.config import Count, TrainConfig, check_flag
@@ -55,7 +61,7 @@ def eval_cmd(
         from nestlearn.train.evaluate import evaluate_run, load_run
 
         loaded = load_run(run_dir, dev)
-        res = evaluate_run(loaded, n, b, t, lens)
+        res = evaluate_run(loaded, n, b, t, lens, from_initial=from_initial)
         atomic_write(loaded.run.path / "eval.json", (json.dumps(res, indent=2) + "\n").encode())
         if as_json:
             typer.echo(json.dumps(res, indent=2))
@@ -63,6 +69,7 @@ def eval_cmd(
         table = Table(title=f"{loaded.spec.name} at step {res['step']}: {res['task']}", title_justify="left")
         table.add_column("metric")
         table.add_column("value", justify="right")
+        table.add_row("evaluated from", f"the {res['eval_state']} state")
         if "val" in res:
             for k, v in res["val"].items():
                 table.add_row(k.replace("_", " "), f"{v:.4f}")

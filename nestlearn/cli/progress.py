@@ -140,7 +140,8 @@ def summary_table(summary: dict[str, Any], title: str = "summary") -> Table:
     if summary.get("first_loss") is not None and tr.get("loss") is not None:
         t.add_row("train loss", f"{summary['first_loss']:.4f} -> {tr['loss']:.4f}")
     if val:
-        t.add_row("validation loss", f"{val['loss']:.4f} (step {val.get('step')})")
+        carried = ", from the carried state" if val.get("eval_state") == "carried" else ""
+        t.add_row("validation loss", f"{val['loss']:.4f} (step {val.get('step')}{carried})")
         if "bits_per_byte" in val:
             t.add_row("bits/byte", f"{val['bits_per_byte']:.4f}")
             t.add_row("perplexity", f"{val['perplexity']:.3f}")

@@ -153,7 +153,9 @@ def run_cmd(
     threads: Optional[str] = typer.Option(None, "--threads", metavar="N", help="CPU threads for torch."),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic algorithms only."),
     carry_state: Optional[bool] = typer.Option(None, "--carry-state",
-                                               help="Carry the in-context state from each batch to the next."),
+                                               help="Carry the in-context state from each batch to the next; evaluation then "
+                                                    "starts every held-out row from the carried state (row i from "
+                                                    "carried row i mod batch) without advancing it."),
     eval_every: Optional[str] = typer.Option(None, "--eval-every", metavar="N", help="Validate every N steps."),
     eval_batches: Optional[str] = typer.Option(None, "--eval-batches", metavar="N", help="Validation batches (default 4)."),
     ckpt_every: Optional[str] = typer.Option(None, "--ckpt-every", metavar="N", help="Checkpoint every N steps."),

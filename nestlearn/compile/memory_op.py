@@ -153,11 +153,13 @@ class NestedInit(nn.Module):
         ys = []
         with torch.enable_grad():
             for t0, t1 in segments(f_off, c_f, pb.q.shape[2]):  # F's chunks (S's are whole numbers of them)
+                if s_off == 0 and (mode.kind == "stop" or not outside or mode.cuts_at(chunks)):
+                    phi, opt = detach_tree(phi), detach_tree(opt)
+                if not all(p.requires_grad for p in phi.values()):
+                    # ∇_Φ ℓ needs Φ in the graph: a detached Φ (cut at a chunk start, or carried
+                    # in detached from an earlier call mid-chunk) enters as a new leaf
+                    phi = {n: p.detach().requires_grad_() for n, p in phi.items()}
                 if s_off == 0:  # a new chunk of S: F starts again from Φ (Eq. 72)
-                    if mode.kind == "stop" or not outside or mode.cuts_at(chunks):
-                        phi, opt = detach_tree(phi), detach_tree(opt)
-                    if not all(p.requires_grad for p in phi.values()):
-                        phi = {n: p.detach().requires_grad_() for n, p in phi.items()}
                     mem_state = start_state(fast.rule, phi)
                     chunks += 1
                 assert mem_state is not None  # set above: the first token of a stream starts a chunk of S

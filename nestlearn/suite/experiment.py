@@ -84,7 +84,8 @@ class Budget(_Strict):
     threads: Positive | None = None
     carry_state: bool = False
     """Carry every in-context level's state from one batch to the next (``nestlearn run
-    --carry-state``): levels then remember across the stream, not only within a sequence."""
+    --carry-state``): levels then remember across the stream, not only within a sequence, and
+    every evaluation starts from the carried state (each result's ``eval_state`` says so)."""
 
 
 class ParamsPolicy(_Strict):
@@ -337,4 +338,8 @@ def fingerprint(run: Run, exp: Experiment, spec_hash: str) -> str:
                "task": run.task.name, "options": run.task.options, "seq_len": run.task.seq_len,
                "steps": run.task.steps, "seed": run.seed,
                "budget": {k: v for k, v in b.items() if k not in ("device", "threads", "cuda_graph", "compile")}}
+    if b.get("carry_state"):
+        # a carrying run's phase evaluations, made while it trains, now start from the carried
+        # state: results evaluated from the initial state before that must not be kept
+        payload["eval_state"] = "carried"
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -95,6 +95,9 @@ def tables(exp: Experiment, agg: list[dict[str, Any]]) -> list[Table]:
         seeds = f"{len(exp.seeds)} seed{'s' if len(exp.seeds) != 1 else ''}"
         notes = [f"mean ± sample std over {seeds}; {tokens:,} training tokens per run "
                  f"({t['steps']} steps x {t['batch']} x {t['seq_len']}); flagged: params outside {tol}."]
+        if exp.budget.carry_state:
+            notes.append("state carried across batches (carry_state): every evaluation started its held-out rows "
+                         "from the state the training stream carried then.")
         if t["kind"] == "continual":
             cols, rows = _continual_table(t)
             notes.append("forgetting % = 100 (best perf right after learning the domain - perf at the end) / "

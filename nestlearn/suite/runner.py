@@ -227,7 +227,8 @@ class SuiteRunner:
         else:
             rec["status"] = "done" if summary.get("status") == "done" else summary.get("status", "failed")
         rec.update(device=device_name(str(summary.get("device", self.device))),
-                   steps=summary.get("step"), tokens=summary.get("tokens"), val=summary.get("val", {}))
+                   steps=summary.get("step"), tokens=summary.get("tokens"), val=summary.get("val", {}),
+                   eval_state=trainer.eval_state)
         if rec["status"] == "done":
             val = rec["val"]
             if run.task.kind == "continual":

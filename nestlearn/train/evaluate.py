@@ -1,5 +1,8 @@
 """Using a finished (or interrupted) run: reload it, evaluate it, sample from it.
 
+A run trained with ``--carry-state`` is evaluated from the state its checkpoint stores, as the
+trainer evaluates it (``carry.py``), unless asked to start from the initial state.
+
 Generation keeps the in-context levels learning: the prompt is fed once, then one byte at a time
 with the carried ``state``, so every memory keeps updating at its own period while it writes.
 """
@@ -7,19 +10,20 @@ with the carried ``state``, so every memory keeps updating at its own period whi
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from nestlearn.tasks import Task
 from nestlearn.train.build import build_model, build_task, resolve_device
-from nestlearn.train.checkpoint import Checkpoint, load_checkpoint, restore_model
+from nestlearn.train.carry import carried_rows, evaluation_fn, has_state, joined
+from nestlearn.train.checkpoint import Checkpoint, load_checkpoint, restore_model, tree_to
 from nestlearn.train.config import TrainConfig
-from nestlearn.train.errors import TrainError
+from nestlearn.train.errors import CheckpointError, TrainError
 from nestlearn.train.rundir import RunDir
 
 
@@ -50,11 +54,19 @@ def load_run(path: str | Path, device: str = "auto") -> LoadedRun:
     return LoadedRun(run, spec, config, model, ck, dev)
 
 
-def _model_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    def fn(x: Tensor) -> Tensor:
-        return model(x)[0].float()  # type: ignore[no-any-return]
-
-    return fn
+def stored_state(lr: LoadedRun) -> Any | None:
+    """The state the training stream carried at the checkpoint (a ``--carry-state`` run's,
+    micro-batches joined: ``carry.py``), on the run's device; None where it carried none."""
+    carry = lr.checkpoint.carry
+    if not isinstance(carry, list) or not has_state(carry):
+        return None
+    try:
+        state = joined(tree_to(carry, lr.device))
+        carried_rows(state)
+    except TrainError as e:
+        raise CheckpointError(f"checkpoint {lr.checkpoint.path}: its carried state cannot be evaluated from ({e}); "
+                              "--from-initial-state evaluates the run without it") from None
+    return state
 
 
 def niah_lengths(seq_len: int, task: Any) -> list[int]:
@@ -65,15 +77,20 @@ def niah_lengths(seq_len: int, task: Any) -> list[int]:
 
 def evaluate_run(lr: LoadedRun, batches: int | None = None, batch: int | None = None,
                  seq_len: int | None = None, lengths: list[int] | None = None,
-                 task: Task | None = None) -> dict[str, Any]:
+                 task: Task | None = None, from_initial: bool = False) -> dict[str, Any]:
     """Validation metrics of the run's task (bits per byte and perplexity for text, accuracy for
-    synthetic tasks); NIAH accuracy by length; every domain and the forgetting of a continual run."""
+    synthetic tasks); NIAH accuracy by length; every domain and the forgetting of a continual run.
+
+    A run that carried state (``--carry-state``) is evaluated from the state its checkpoint
+    stores, as the trainer evaluates it; ``from_initial`` starts every row from the model's
+    initial state instead. ``eval_state`` in the result says which."""
     cfg = lr.config
     task = task or build_task(cfg)
     b, t, n = batch or cfg.batch, seq_len or cfg.seq_len, batches or cfg.eval_batches
-    fn = _model_fn(lr.model)
+    state = None if from_initial else stored_state(lr)
+    fn = evaluation_fn(lr.model, state)
     out: dict[str, Any] = {"step": lr.checkpoint.step, "task": task.describe(), "batch": b, "seq_len": t,
-                           "batches": n}
+                           "batches": n, "eval_state": "initial" if state is None else "carried"}
     if hasattr(task, "evaluate_domains"):
         out["domains"] = task.evaluate_domains(fn, b, t, n, cfg.seed, lr.device)
         summary = lr.run.summary()

@@ -42,6 +42,7 @@ from nestlearn.train.build import (
     resolve_precision,
     seed_everything,
 )
+from nestlearn.train.carry import EvalState, eval_state_of, evaluation_fn, joined
 from nestlearn.train.checkpoint import (
     CheckpointError,
     CheckpointWriter,
@@ -227,11 +228,15 @@ class Trainer(Steps):
     # ---------------------------------------------------------------- pieces of a step
     # ---------------------------------------------------------------- evaluation & checkpoints
     def model_fn(self) -> Callable[[Tensor], Tensor]:
-        def fn(x: Tensor) -> Tensor:
-            with self._autocast():
-                return self.model(x)[0].float()  # type: ignore[no-any-return]
+        """The model as evaluation sees it: every held-out row started from the state the
+        training stream carries at this moment (``--carry-state``; ``carry.py`` says how rows
+        and micro-batches map), else from the initial state. The carry itself is not touched."""
+        return evaluation_fn(self.model, joined(self.carry), self._autocast)
 
-        return fn
+    @property
+    def eval_state(self) -> EvalState:
+        """Where evaluation starts now: ``carried`` or ``initial`` (recorded with every result)."""
+        return eval_state_of(getattr(self, "carry", None))
 
     def _eval_or_fall_back(self, run: Callable[[], _T]) -> _T:
         """``run`` (an evaluation); under ``--compile`` a compiler failure met there first (the
@@ -250,7 +255,7 @@ class Trainer(Steps):
 
     def evaluate(self, step: int) -> dict[str, Any]:
         metrics = self._eval_or_fall_back(lambda: self.task.evaluate(self.model_fn(), self.eval_set, self.device))
-        rec = {"step": step, "split": "val", **metrics}
+        rec = {"step": step, "split": "val", **metrics, "eval_state": self.eval_state}
         self.metrics.log(rec)
         self.reporter.eval(rec)
         return rec
@@ -265,7 +270,8 @@ class Trainer(Steps):
         phase = ends().index(step)
         self.phase_rows.append([per[d]["loss"] for d in self.task.domains])  # type: ignore[attr-defined]
         rec = {"step": step, "split": "phase", "phase": phase,
-               "domain": self.task.phases[phase], "domains": per}  # type: ignore[attr-defined]
+               "domain": self.task.phases[phase], "domains": per,  # type: ignore[attr-defined]
+               "eval_state": self.eval_state}
         self.metrics.log(rec)
         self.reporter.eval(rec)
 
@@ -318,6 +324,9 @@ class Trainer(Steps):
         })
         if self.compiled is not None:
             self.reporter.message(self.compiled.note)
+        if cfg.carry_state:
+            self.reporter.message("--carry-state: every evaluation starts its held-out rows from the state the "
+                                  "training stream carries at that moment, and leaves that state as it was")
         if self.graphed is not None:
             self.reporter.message(CUDA_GRAPH_NOTE)
         elif self._launch_bound_hint():
