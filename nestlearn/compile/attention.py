@@ -30,6 +30,13 @@ class Attention(Op):
         self.out = nn.Linear(dim, dim, bias=False)
         self.persistent = nn.Parameter(torch.randn(2, heads, persistent, self.dh) * 0.02) if persistent else None
 
+    @property
+    def carries_across_batches(self) -> bool:
+        """Only a windowed attention carries its cache from batch to batch: without a window the
+        cache (and each step's cost) would grow with every batch, an unbounded context no
+        Transformer is trained with; each batch then starts a fresh context, as without carry."""
+        return self.window is not None
+
     def forward(self, xs, src, state):
         x = xs[0]
         b, t, d = x.shape

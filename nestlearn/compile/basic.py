@@ -21,6 +21,12 @@ OpState = Any
 class Op(nn.Module):
     sources: tuple[str, ...] = ()
 
+    @property
+    def carries_across_batches(self) -> bool:
+        """Does this op's state go on from one training batch to the next under
+        ``--carry-state``? (An op whose carried state would grow without bound says no.)"""
+        return True
+
     def forward(self, xs: list[Tensor], src: dict[str, Tensor], state: OpState) -> tuple[Tensor, OpState]:
         raise NotImplementedError
 

@@ -8,7 +8,7 @@ caches and convolution tails), so a long stream can be fed in pieces.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +52,10 @@ class Block(nn.Module):
             if st is not None:
                 new_state[i] = st
         return values[self.output], new_state
+
+    def carried(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` less the ops that do not carry across training batches."""
+        return {i: st for i, st in state.items() if cast(basic.Op, self.ops[i]).carries_across_batches}
 
 
 class CompiledModel(nn.Module):
@@ -97,6 +101,13 @@ class CompiledModel(nn.Module):
         h, _ = self.norm([h], {}, None)
         out = self.head(h) if self.head is not None else h
         return out, new_state
+
+    def carried(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What ``--carry-state`` takes from one training batch's final state to the next: all of
+        it but the state of ops that do not carry across batches (an attention without a window:
+        its cache would grow without bound)."""
+        blocks = cast(list[Block], list(self.blocks))
+        return {b: blocks[int(b)].carried(st) for b, st in state.items()}
 
     # ------------------------------------------------------------------ rule swaps
     def rebuild_hypers(self, level: Level, rule: Rule) -> str:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nestlearn.compile.model import CompiledModel
 from nestlearn.loops import stats as inner_stats
 from nestlearn.tasks import Batch, Task, TaskError
 from nestlearn.train import distributed as D
@@ -136,7 +137,7 @@ class Steps:
             correct = ((logits.argmax(-1).flatten() == mb.targets.flatten()).to(ce.dtype) * mask).sum()
         new_state = _detach(new_state)
         if self.carry is not None:
-            self.carry[i] = new_state
+            self.carry[i] = cast(CompiledModel, self.model).carried(new_state)
         return torch.stack([ce_sum.detach(), correct]), new_state
 
     def _graph_scale(self) -> Tensor | None:
