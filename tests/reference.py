@@ -70,6 +70,7 @@ def inner_loop(
             if norm > clip:
                 grads = {n: g * (clip / norm) for n, g in grads.items()}
         lr = h("lr", t)
+        proj = h("proj", t) if "proj" in hp else lr  # DGD's projection rate (default: lr)
         if rule == "sgd":
             W = {n: (1 - h("decay", t)) * W[n] - lr * grads[n] for n in W}
         elif rule == "momentum":
@@ -88,7 +89,7 @@ def inner_loop(
             for n in W:
                 a = ins[n] / ins[n].norm()
                 new[n] = W[n] @ ((1 - h("decay", t)) * torch.eye(a.shape[0], dtype=a.dtype)
-                                 - lr * torch.outer(a, a)) - lr * S[n]
+                                 - proj * torch.outer(a, a)) - lr * S[n]
             W = new
         else:
             raise ValueError(rule)

@@ -16,7 +16,7 @@ B, H, T, D = 2, 2, 11, 4
 DT = torch.float64
 
 
-def problem(mem: str, period: int, grad: str = "unroll", seed: int = 0):
+def problem(mem: str, period: int, grad: str = "unroll", seed: int = 0, proj: bool = False):
     g = torch.Generator().manual_seed(seed)
     arch = (LinearMemory(D, D, H, init_std=0.5, bias=True) if mem == "linear"
             else MLPMemory(D, D, H, expand=2, residual=True, bias=True))
@@ -26,7 +26,9 @@ def problem(mem: str, period: int, grad: str = "unroll", seed: int = 0):
     hp = {"lr": (torch.rand(B, H, T, generator=g, dtype=DT) * 0.1).requires_grad_(),
           "decay": (torch.rand(B, H, T, generator=g, dtype=DT) * 0.1).requires_grad_(),
           "beta": (torch.rand(B, H, T, generator=g, dtype=DT) * 0.9).requires_grad_()}
-    rule = rules.dgd(0.0, 0.0, 0.0)
+    if proj:  # the projection's own rate, up to 1.9 (negative eigenvalues along the input)
+        hp["proj"] = (torch.rand(B, H, T, generator=g, dtype=DT) * 1.9).requires_grad_()
+    rule = rules.dgd(0.0, 0.0, 0.0, proj=0.0 if proj else None)
     pb = MemoryProblem(arch, rule, objectives.l2, q, k, v, hp, period, GradMode.parse(grad))
     leaves = [*init.values(), q, k, v, *hp.values()]
     return pb, init, leaves
@@ -41,8 +43,11 @@ def run_all(pb: MemoryProblem, init: dict, executor: str):
 @pytest.mark.parametrize("mem", ["linear", "mlp"])
 @pytest.mark.parametrize("period", [1, 4, T])
 @pytest.mark.parametrize("grad", ["unroll", "first_order", "truncate:2", "stop"])
-def test_dgd_dual_equals_sequential(mem: str, period: int, grad: str) -> None:
-    pb, init, leaves = problem(mem, period, grad)
+@pytest.mark.parametrize("proj", [False, True])
+def test_dgd_dual_equals_sequential(mem: str, period: int, grad: str, proj: bool) -> None:
+    """Outputs, final weights and momentum, and every outer gradient (the rates', ``proj``'s
+    included where the rule has its own projection rate)."""
+    pb, init, leaves = problem(mem, period, grad, proj=proj)
     assert supports(pb)
     outs = {}
     for ex in ("sequential", "auto"):

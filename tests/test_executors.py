@@ -24,6 +24,7 @@ def make_rule(name: str) -> rules.Rule:
         "momentum": lambda: rules.momentum(0.0, 0.0, 0.0),
         "adam": lambda: rules.adam(0.05),
         "dgd": lambda: rules.dgd(0.0, 0.0, 0.0),
+        "dgd-proj": lambda: rules.dgd(0.0, 0.0, 0.0, proj=0.0),
     }[name]()
 
 
@@ -35,6 +36,8 @@ def hypers(name: str, g: torch.Generator) -> dict[str, torch.Tensor | float]:
         return {"lr": r(0.2), "beta": r(0.9), "decay": r(0.1)}
     if name == "adam":
         return {"lr": 0.05}
+    if name == "dgd-proj":  # the projection's own rate up to 1.9: eigenvalues 1 - decay - proj down to -1
+        return {"lr": r(0.1), "decay": r(0.1), "beta": r(0.5), "proj": r(1.9)}
     return {"lr": r(0.1), "decay": r(0.1), "beta": r(0.5)}  # larger rates diverge for the MLP
 
 
@@ -53,7 +56,7 @@ def reference(mem, rule, obj, init, q, k, v, hp, period, clip=None):
 
 
 @pytest.mark.parametrize("mem", ["linear", "mlp"])
-@pytest.mark.parametrize("rule", ["sgd", "momentum", "adam", "dgd"])
+@pytest.mark.parametrize("rule", ["sgd", "momentum", "adam", "dgd", "dgd-proj"])
 @pytest.mark.parametrize("obj", ["l2", "dot"])
 @pytest.mark.parametrize("period", [1, 4])
 def test_executors_match_reference(mem: str, rule: str, obj: str, period: int) -> None:
@@ -62,7 +65,7 @@ def test_executors_match_reference(mem: str, rule: str, obj: str, period: int) -
     init = {n: torch.randn(p.shape, generator=g, dtype=DT) * 0.5 for n, p in arch.init_params().items()}
     q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=DT) for _ in range(3))
     hp = hypers(rule, g)
-    y_ref, w_ref = reference(mem, rule, obj, init, q, k, v, hp, period)
+    y_ref, w_ref = reference(mem, rule.split("-")[0], obj, init, q, k, v, hp, period)
     r = make_rule(rule)
     pb = MemoryProblem(arch, r, objectives.BUILTIN[obj], q, k, v, hp, period, GradMode())
     for executor in ("sequential", "auto", "scan"):

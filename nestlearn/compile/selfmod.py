@@ -73,6 +73,7 @@ class SelfModOp(Op):
         hyp = level.rule.hypers
         self.max_lr, lr_bias = _gate_of(level, "lr", hyp.get("lr", 0.1))
         self.max_decay, decay_bias = _gate_of(level, "decay", hyp.get("decay", 0.0))
+        self.max_proj = _proj_max(level, hyp)
         self.gen_bias = nn.ParameterDict({
             "lr": nn.Parameter(torch.full((heads,), lr_bias)),
             "decay": nn.Parameter(torch.full((heads,), decay_bias)),
@@ -91,6 +92,7 @@ class SelfModOp(Op):
         hyp = rule.hypers
         self.max_lr, _ = _gate_of(self.level, "lr", hyp.get("lr", 0.1))
         self.max_decay, _ = _gate_of(self.level, "decay", hyp.get("decay", 0.0))
+        self.max_proj = _proj_max(self.level, hyp)
         beta = hyp.get("beta")
         if isinstance(beta, Learned) and self.beta is None:
             self.beta = nn.Parameter(torch.tensor(float(beta.learned), device=like.device, dtype=like.dtype))
@@ -133,7 +135,7 @@ class SelfModOp(Op):
         spans = list(segments(mems["gen"]["offset"], gen_period, t))
         x_segs = xh.split([t1 - t0 for t0, t1 in spans], 2) if len(spans) > 1 else (xh,)
         bias = torch.stack([self.gen_bias["lr"], self.gen_bias["decay"]], -1).to(x.dtype)[:, None]  # [H, 1, 2]
-        ks, vs, lrs, decays = [], [], [], []
+        ks, vs, lrs, decays, projs = [], [], [], [], []
         gen_read_start: bool | None = None
         for xs_seg in x_segs:
             g = mems["gen"]
@@ -143,6 +145,8 @@ class SelfModOp(Op):
             lr_raw, decay_raw = torch.sigmoid(rates + bias).unbind(-1)
             hp: dict[str, Tensor | float] = dict(beta)
             hp["lr"] = self.max_lr * lr_raw
+            if self.max_proj is not None:  # DGD's projection rate: the same generated gate, its own max
+                hp["proj"] = self.max_proj * lr_raw
             if self.max_decay > 0:
                 hp["decay"] = self.max_decay * decay_raw
             # the generators' self-generated values (bounded inputs keep the self-reference stable)
@@ -160,10 +164,13 @@ class SelfModOp(Op):
             vs.append(v)
             lrs.append(hp["lr"])
             decays.append(hp.get("decay"))
+            projs.append(hp.get("proj"))
         hp_main: dict[str, Tensor | float] = dict(beta)
         hp_main["lr"] = _cat(lrs, 2)
         if self.max_decay > 0:
             hp_main["decay"] = _cat(decays, 2)
+        if self.max_proj is not None:
+            hp_main["proj"] = _cat(projs, 2)
         pb_main = lv.problem(self.main_arch, qh, _cat(ks, 2), _cat(vs, 2), hp_main, period, chunk=None)
         y, mems["main"] = run(pb_main, mems["main"], lv.executor)
         y = y.transpose(1, 2).reshape(b, t, d)
@@ -172,6 +179,13 @@ class SelfModOp(Op):
 
 def _cat(xs: list[Any], dim: int) -> Tensor:
     return xs[0] if len(xs) == 1 else torch.cat(xs, dim)
+
+
+def _proj_max(level: Level, hyp: Any) -> float | None:
+    """The maximum of DGD's projection rate where the rule has its own ``proj``: it is generated
+    with ``lr``'s gate (``proj_t = proj_max * sigmoid(M_lr(x_t) + b_lr)``), so the generator decides
+    once per token how strongly to write, and the two rates keep their own ranges."""
+    return _gate_of(level, "proj", hyp["proj"])[0] if "proj" in hyp else None
 
 
 def _gate_of(level: Level, name: str, h: Any) -> tuple[float, float]:

@@ -5,16 +5,17 @@ sequential reference (``rules/dgd.py`` stepped by ``loops/sequential.py``) is, p
 ``W`` used as ``z = W x`` (gradient ``g_t = delta_t x_t^T``, unit input ``u_t = x_t/|x_t|``):
 
     m_t = beta_t m_{t-1} + delta_t x_t^T
-    W_t = lam_t W_{t-1} - eta_t (W_{t-1} u_t) u_t^T - eta_t m_t,        lam_t = 1 - decay_t
+    W_t = lam_t W_{t-1} - pi_t (W_{t-1} u_t) u_t^T - eta_t m_t,        lam_t = 1 - decay_t
 
-Unrolled over the chunk (``Gam_t = prod_{j<=t} lam_j``, ``b_t = prod_{j<=t} beta_j``,
-``K_ts = Gam_t / Gam_s``, ``B_sr = b_s / b_r``, ``e_t = W_{t-1} u_t``):
+(``pi = eta`` unless the rule has its own ``proj`` rate). Unrolled over the chunk
+(``Gam_t = prod_{j<=t} lam_j``, ``b_t = prod_{j<=t} beta_j``, ``K_ts = Gam_t / Gam_s``,
+``B_sr = b_s / b_r``, ``e_t = W_{t-1} u_t``):
 
-    W_t = Gam_t W_0 + c_t m_0 - sum_{s<=t} K_ts eta_s e_s u_s^T - sum_{r<=t} G_tr delta_r x_r^T
+    W_t = Gam_t W_0 + c_t m_0 - sum_{s<=t} K_ts pi_s e_s u_s^T - sum_{r<=t} G_tr delta_r x_r^T
     c_t = -sum_s K_ts eta_s b_s,          G = (K diag(eta)) B
 
 so ``e`` solves one unit-lower-triangular system per chunk, ``(I + L) E = R`` with
-``L_ts = K_{t-1,s} eta_s (u_s . u_t)`` for s < t, and every in-chunk read ``W_t x'_t`` is a
+``L_ts = K_{t-1,s} pi_s (u_s . u_t)`` for s < t, and every in-chunk read ``W_t x'_t`` is a
 masked matmul (the dual form) -- no weight copy per token. Biases follow the same formula
 without the ``u u^T`` term. Coefficients come from log-space cumulative sums (``chunks.segsum``).
 
@@ -67,8 +68,9 @@ def _all_layer_params(arch: MemoryArch) -> bool:
     return bool(known)
 
 
-def dgd_coefficients(lr: Tensor, beta: Tensor, decay: Tensor) -> dict[str, Tensor]:
-    """Scalar coefficients over ``[B, H, n(, n)]`` (see the module docstring)."""
+def dgd_coefficients(lr: Tensor, beta: Tensor, decay: Tensor, proj: Tensor | None = None) -> dict[str, Tensor]:
+    """Scalar coefficients over ``[B, H, n(, n)]`` (see the module docstring). ``Keta`` is the
+    projection term's (``K diag(pi)``, ``pi = proj`` or ``lr``); ``G`` and ``c`` the gradient step's."""
     log_lam, log_beta = safe_log(1 - decay), safe_log(beta)
     K = torch.exp(segsum(log_lam))  # K[t, s] = prod_{r=s+1..t} lam_r, 0 above diagonal
     B = torch.exp(segsum(log_beta))  # B[s, r] = prod_{j=r+1..s} beta_j
@@ -77,6 +79,8 @@ def dgd_coefficients(lr: Tensor, beta: Tensor, decay: Tensor) -> dict[str, Tenso
     Keta = K * lr.unsqueeze(-2)  # K[t, s] eta_s
     G = Keta @ B
     c = -(Keta @ b.unsqueeze(-1)).squeeze(-1)
+    if proj is not None:  # the projection term's own rate: K[t, s] pi_s
+        Keta = K * proj.unsqueeze(-2)
     # the same at t-1 (row t holds step t-1's values; the state before the chunk at t = 1)
     prev = {n: _shift(x) for n, x in (("Keta", Keta), ("G", G))}
     gam_p = torch.cat([torch.ones_like(gam[..., :1]), gam[..., :-1]], -1)
@@ -124,15 +128,16 @@ def _chunk_inputs(pb: MemoryProblem, sizes: list[int]) -> Iterator[Chunk]:
     equal-length spans in one batched pass (they depend on the gates only)."""
     stop = pb.grad.kind == "stop"
     q, k, v = pb.q, pb.k, pb.v
-    lr, decay, beta = (hp_tokens(pb, n).flatten(0, 1) for n in ("lr", "decay", "beta"))
+    names = ("lr", "decay", "beta", "proj") if "proj" in pb.hp else ("lr", "decay", "beta")
+    gates = [hp_tokens(pb, n).flatten(0, 1) for n in names]  # lr, decay, beta(, proj)
     if stop:
-        k, v, lr, decay, beta = k.detach(), v.detach(), lr.detach(), decay.detach(), beta.detach()
+        k, v, gates = k.detach(), v.detach(), [g.detach() for g in gates]
     runs = [(n, len(list(g))) for n, g in itertools.groupby(sizes)]
-    pieces = zip(*(split(g, [n * m for n, m in runs], -1) for g in (lr, beta, decay)))
+    pieces = zip(*(split(g, [n * m for n, m in runs], -1) for g in gates))
     cos: list[dict[str, Tensor]] = []
     for (n, m), piece in zip(runs, pieces):
-        lr_r, beta_r, decay_r = (g.unflatten(-1, (m, n)) for g in piece)  # [BH, m, n]
-        co = dgd_coefficients(lr_r, beta_r, decay_r)
+        lr_r, decay_r, beta_r, *proj_r = (g.unflatten(-1, (m, n)) for g in piece)  # [BH, m, n]
+        co = dgd_coefficients(lr_r, beta_r, decay_r, proj_r[0] if proj_r else None)
         gam, c, keta, g_ = co["gam"], co["c"], co["Keta"], co["G"]
         shaped = {
             "gam": gam.unsqueeze(-1), "c": c.unsqueeze(-1), "gam_p": co["gam_p"].unsqueeze(-1),

@@ -42,7 +42,7 @@ RULES: dict[str, RuleEntry] = {
     "momentum": RuleEntry(Momentum, lambda s: momentum(s.lr, s.beta, s.decay, decay_to=s.decay_to)),
     "adam": RuleEntry(Adam, lambda s: adam(s.lr, s.b1, s.b2, s.eps, s.weight_decay, s.eps_root)),
     "adamw": RuleEntry(Adam, lambda s: adamw(s.lr, s.b1, s.b2, s.eps, s.weight_decay, s.eps_root)),
-    "dgd": RuleEntry(DGD, lambda s: dgd(s.lr, s.decay, s.beta)),
+    "dgd": RuleEntry(DGD, lambda s: dgd(s.lr, s.decay, s.beta, proj=s.proj)),
     "dmgd": RuleEntry(DMGD, lambda s: dmgd(s.lr, s.beta, s.decay, momentum=s.momentum,
                                            momentum_objective=s.momentum_objective, expand=s.expand,
                                            act=s.act, init_std=s.init_std, seed=s.seed)),

@@ -166,12 +166,20 @@ class AdamWRule(_RuleBase):
 
 
 class DgdRule(_RuleBase):
-    """Delta gradient descent (HOPE): ``W <- W((1-decay) I - lr x x^T) - lr m``, ``m <- beta m + g``."""
+    """Delta gradient descent (HOPE): ``W <- W((1-decay) I - proj x x^T) - lr m``, ``m <- beta m + g``,
+    with ``proj = lr`` unless given."""
 
     name: Literal["dgd"]
     lr: Hyper = 0.1
     decay: Hyper = 0.0
     beta: Hyper = 0.0
+    proj: Hyper | None = Field(None, description=(
+        "the rate of the projection term W x x^T (unit x), which sets the transition's eigenvalue along x "
+        "(1 - decay - proj: negative for proj > 1 - decay, the sign flip state tracking needs), apart from "
+        "the gradient step's rate lr (which the chunk-step bound limits); default: lr, the paper's DGD"))
+
+    def hypers(self) -> dict[str, Hyper]:
+        return {k: v for k, v in self.__dict__.items() if k != "name" and not (k == "proj" and v is None)}
 
 
 class DmgdRule(_RuleBase):

@@ -96,7 +96,7 @@ def tree_to(tree: Any, device: torch.device | str) -> Any:
 # ----------------------------------------------------------------------------- spec identity
 
 
-RULE_OPTIONS_ADDED: dict[str, Any] = {"decay_to": "zero"}
+RULE_OPTIONS_ADDED: dict[str, Any] = {"decay_to": "zero", "proj": None}
 """Rule options added after specs were first hashed, with the default that reproduces what such
 a spec did before: left out of the identity at that default, so earlier runs, checkpoints and
 suite results still match their specs."""
@@ -116,7 +116,7 @@ def spec_data(spec: Any) -> dict[str, Any]:
     for level in (data.get("levels") or {}).values():
         rule = level.get("rule") if isinstance(level, dict) else None
         for key, old in RULE_OPTIONS_ADDED.items():
-            if isinstance(rule, dict) and rule.get(key) == old:
+            if isinstance(rule, dict) and key in rule and rule[key] == old:
                 rule.pop(key)
     for node in data.get("block") or []:
         for key, old in NODE_OPTIONS_ADDED.items():
