@@ -181,7 +181,7 @@ def test_unwindowed_attention_starts_every_batch_afresh(tmp_path: Path) -> None:
     spec = spec_of("transformer", tmp_path)
     on = fit(spec, tmp_path / "on", steps=3, carry_state=True)
     fit(spec, tmp_path / "off", steps=3)
-    assert on.carry is not None and on.carry[0] == {"0": {}}
+    assert on.carry is not None and on.carry[0] == {"0": {}} and on.eval_state == "initial"
     strip = [[{k: v for k, v in r.items() if k != "eval_state"} for r in records(tmp_path / run)]
              for run in ("off", "on")]
     assert strip[0] == strip[1]

@@ -38,8 +38,11 @@ moment, or the model's initial (meta-learned) state. Recorded as ``eval_state``.
 
 
 def has_state(carry: Sequence[Any] | None) -> bool:
-    """Is there a carried state to start from (a carrying run after its first step)?"""
-    return bool(carry) and all(s is not None for s in carry)  # type: ignore[union-attr]
+    """Is there a carried state to start from (a carrying run after its first step, whose model
+    carries something: a Transformer without a window carries no tensor at all)?"""
+    if not carry or any(s is None for s in carry):
+        return False
+    return any(isinstance(leaf, Tensor) for s in carry for leaf in tree_flatten(s)[0])
 
 
 def eval_state_of(carry: Sequence[Any] | None) -> EvalState:
