@@ -69,8 +69,8 @@ def _all_layer_params(arch: MemoryArch) -> bool:
 
 
 def dgd_coefficients(lr: Tensor, beta: Tensor, decay: Tensor, proj: Tensor | None = None) -> dict[str, Tensor]:
-    """Scalar coefficients over ``[B, H, n(, n)]`` (see the module docstring). ``Keta`` is the
-    projection term's (``K diag(pi)``, ``pi = proj`` or ``lr``); ``G`` and ``c`` the gradient step's."""
+    """Scalar coefficients over ``[B, H, n(, n)]`` (see the module docstring): ``Kpi`` the
+    projection term's ``K diag(pi)`` (``pi = proj``, else ``lr``), ``G`` and ``c`` the gradient step's."""
     log_lam, log_beta = safe_log(1 - decay), safe_log(beta)
     K = torch.exp(segsum(log_lam))  # K[t, s] = prod_{r=s+1..t} lam_r, 0 above diagonal
     B = torch.exp(segsum(log_beta))  # B[s, r] = prod_{j=r+1..s} beta_j
@@ -79,14 +79,13 @@ def dgd_coefficients(lr: Tensor, beta: Tensor, decay: Tensor, proj: Tensor | Non
     Keta = K * lr.unsqueeze(-2)  # K[t, s] eta_s
     G = Keta @ B
     c = -(Keta @ b.unsqueeze(-1)).squeeze(-1)
-    if proj is not None:  # the projection term's own rate: K[t, s] pi_s
-        Keta = K * proj.unsqueeze(-2)
+    Kpi = Keta if proj is None else K * proj.unsqueeze(-2)  # K[t, s] pi_s
     # the same at t-1 (row t holds step t-1's values; the state before the chunk at t = 1)
-    prev = {n: _shift(x) for n, x in (("Keta", Keta), ("G", G))}
+    prev = {n: _shift(x) for n, x in (("Kpi", Kpi), ("G", G))}
     gam_p = torch.cat([torch.ones_like(gam[..., :1]), gam[..., :-1]], -1)
     c_p = torch.cat([torch.zeros_like(c[..., :1]), c[..., :-1]], -1)
-    return {"Keta": Keta, "G": G, "gam": gam, "c": c, "b_end": b[..., -1], "B_end": B[..., -1, :],
-            "Keta_p": prev["Keta"], "G_p": prev["G"], "gam_p": gam_p, "c_p": c_p}
+    return {"Kpi": Kpi, "G": G, "gam": gam, "c": c, "b_end": b[..., -1], "B_end": B[..., -1, :],
+            "Kpi_p": prev["Kpi"], "G_p": prev["G"], "gam_p": gam_p, "c_p": c_p}
 
 
 def _shift(x: Tensor) -> Tensor:
@@ -138,12 +137,12 @@ def _chunk_inputs(pb: MemoryProblem, sizes: list[int]) -> Iterator[Chunk]:
     for (n, m), piece in zip(runs, pieces):
         lr_r, decay_r, beta_r, *proj_r = (g.unflatten(-1, (m, n)) for g in piece)  # [BH, m, n]
         co = dgd_coefficients(lr_r, beta_r, decay_r, proj_r[0] if proj_r else None)
-        gam, c, keta, g_ = co["gam"], co["c"], co["Keta"], co["G"]
+        gam, c, kpi, g_ = co["gam"], co["c"], co["Kpi"], co["G"]
         shaped = {
             "gam": gam.unsqueeze(-1), "c": c.unsqueeze(-1), "gam_p": co["gam_p"].unsqueeze(-1),
-            "c_p": co["c_p"].unsqueeze(-1), "nKeta": -keta, "nG": -g_, "Keta_p": co["Keta_p"],
+            "c_p": co["c_p"].unsqueeze(-1), "nKpi": -kpi, "nG": -g_, "Kpi_p": co["Kpi_p"],
             "nG_p": -co["G_p"], "gam_end": gam[..., -1, None, None], "c_end": c[..., -1, None, None],
-            "b_end": co["b_end"][..., None, None], "nketa_end": -keta[..., -1, :, None],
+            "b_end": co["b_end"][..., None, None], "nkpi_end": -kpi[..., -1, :, None],
             "ng_end": -g_[..., -1, :, None], "B_end": co["B_end"].unsqueeze(-1),
         }
         # the solve's right-hand side (rows at t-1) stacked over the read (rows at t): one
@@ -151,7 +150,7 @@ def _chunk_inputs(pb: MemoryProblem, sizes: list[int]) -> Iterator[Chunk]:
         shaped.update(gam2=torch.cat([shaped["gam_p"], shaped["gam"]], -2),
                       c2=torch.cat([shaped["c_p"], shaped["c"]], -2),
                       nG2=torch.cat([shaped["nG_p"], shaped["nG"]], -2),
-                      K2=torch.cat([shaped["Keta_p"], shaped["nKeta"]], -2))
+                      K2=torch.cat([shaped["Kpi_p"], shaped["nKpi"]], -2))
         cos.extend(dict(zip(shaped, ts)) for ts in zip(*(t.unbind(1) for t in shaped.values())))
     qs, ks, vs = (split(x.contiguous().flatten(0, 1), sizes, 1) for x in (q, k, v))
     return zip(qs, ks, vs, cos)
@@ -196,7 +195,7 @@ def _segment(
         u, d = units[name], deltas[name]
         r = torch.baddbmm(torch.bmm(co["gam_p"] * u, wT[name]), co["c_p"] * u, mT[name])
         r = torch.baddbmm(r, co["nG_p"] * torch.bmm(u, xT[name]), d)
-        solve(name, co["Keta_p"] * torch.bmm(u, uT[name]), r)
+        solve(name, co["Kpi_p"] * torch.bmm(u, uT[name]), r)
 
     # 3. the dual read: every token with its own in-chunk weights. The solve's rows (u_t, the
     #    coefficients at t-1) and the read's (a_t, at t) take the same products: stacked, each
@@ -205,7 +204,7 @@ def _segment(
         d = deltas[name]
         if name in es:  # already solved (a weight read twice): the read alone
             z = torch.baddbmm(torch.bmm(co["gam"] * a, wT[name]), co["c"] * a, mT[name])
-            z = torch.baddbmm(z, co["nKeta"] * torch.bmm(a, uT[name]), es[name])
+            z = torch.baddbmm(z, co["nKpi"] * torch.bmm(a, uT[name]), es[name])
             z = torch.baddbmm(z, co["nG"] * torch.bmm(a, xT[name]), d)
         else:
             n = a.shape[1]
@@ -234,7 +233,7 @@ def _segment(
     for layer in pb.arch.layers:
         n, u, x, d, e = layer.weight, units[layer.weight], inputs[layer.weight], deltas[layer.weight], es[layer.weight]
         p = torch.addcmul(co["gam_end"] * cur[n], co["c_end"], m0[n])
-        p = torch.baddbmm(p, (e * co["nketa_end"]).transpose(1, 2), u)
+        p = torch.baddbmm(p, (e * co["nkpi_end"]).transpose(1, 2), u)
         new_p[n] = torch.baddbmm(p, (d * co["ng_end"]).transpose(1, 2), x)
         new_m[n] = torch.baddbmm(co["b_end"] * m0[n], (d * co["B_end"]).transpose(1, 2), x)
         if layer.bias is not None:  # the same over [BH, o]: coefficients [BH, 1] / [BH, n, 1]

@@ -114,15 +114,19 @@ def spec_data(spec: Any) -> dict[str, Any]:
     if not data.get("profiles"):
         data.pop("profiles", None)
     for level in (data.get("levels") or {}).values():
-        rule = level.get("rule") if isinstance(level, dict) else None
-        for key, old in RULE_OPTIONS_ADDED.items():
-            if isinstance(rule, dict) and key in rule and rule[key] == old:
-                rule.pop(key)
+        if isinstance(level, dict) and isinstance(level.get("rule"), dict):
+            _drop_added(level["rule"], RULE_OPTIONS_ADDED)
     for node in data.get("block") or []:
-        for key, old in NODE_OPTIONS_ADDED.items():
-            if isinstance(node, dict) and node.get(key, object()) == old:
-                node.pop(key)
+        if isinstance(node, dict):
+            _drop_added(node, NODE_OPTIONS_ADDED)
     return data
+
+
+def _drop_added(entry: dict[str, Any], added: dict[str, Any]) -> None:
+    """Leave out of ``entry`` every option of ``added`` set to the value it had before it existed."""
+    for key, old in added.items():
+        if key in entry and entry[key] == old:
+            entry.pop(key)
 
 
 def spec_json(spec: Any) -> str:
