@@ -19,9 +19,9 @@ from nestlearn.tasks import (
     NIAHTask,
     TaskError,
     accuracy_by_length,
-    forgetting,
     get_task,
     load_corpus,
+    loss_increase,
     stdlib_corpus,
     task_names,
     task_options,
@@ -212,7 +212,7 @@ def test_bad_task_names_and_options():
         (lambda: get_task("continual", phases="code,prse"), r"unknown domain 'prse' \(did you mean 'prose'"),
         (lambda: get_task("continual", phases="code,prose", phase_steps=[1]), "2 phases but 1"),
         (lambda: get_task("continual", phase_steps=0), "at least one step"),
-        (lambda: forgetting([[1.0, 2.0]], ["code", "prose"]), "expected a 2 x 2 matrix"),
+        (lambda: loss_increase([[1.0, 2.0]], ["code", "prose"]), "expected a 2 x 2 matrix"),
     ]
     for fn, msg in cases:
         with pytest.raises(TaskError, match=msg):
@@ -382,8 +382,8 @@ def test_continual_phases_domains_and_forgetting():
     assert set(res) == {"code", "prose", "anbn"}
     assert "accuracy" in res["anbn"] and "bits_per_byte" in res["code"]
     losses = [[1.0, 5.0, 5.0], [1.5, 2.0, 5.0], [2.0, 2.5, 0.5]]
-    assert c.forgetting(losses) == {"code": 1.0, "prose": 0.5, "mean": 0.75}
-    assert forgetting(torch.tensor([[1.0, 3.0], [2.0, 1.0], [4.0, 0.0]]), ["a", "b", "a"]) == {"b": -1.0,
+    assert c.loss_increase(losses) == {"code": 1.0, "prose": 0.5, "mean": 0.75}
+    assert loss_increase(torch.tensor([[1.0, 3.0], [2.0, 1.0], [4.0, 0.0]]), ["a", "b", "a"]) == {"b": -1.0,
                                                                                           "mean": -1.0}
     with pytest.raises(TaskError, match="not one of this run's phases"):
         c.eval_batches(2, 64, 1, domain="mqar")

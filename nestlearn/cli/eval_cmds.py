@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nestlearn.cli.common import Fail, errors, parse_float, parse_int
+from nestlearn.cli.progress import forgetting_rows
 
 __all__ = ["register", "eval_cmd", "generate_cmd"]
 
@@ -76,8 +77,8 @@ def eval_cmd(
         for d, m in res.get("domains", {}).items():
             for k, v in m.items():
                 table.add_row(f"{d}: {k.replace('_', ' ')}", f"{v:.4f}")
-        for k, v in res.get("forgetting", {}).items():
-            table.add_row(f"forgetting: {k}", f"{v:+.4f}")
+        for label, text in forgetting_rows(res):
+            table.add_row(label, text)
         for length, acc in res.get("accuracy_by_length", {}).items():
             table.add_row(f"passkey accuracy at {length} bytes", f"{acc:.3f}")
         console.print(table)

@@ -22,6 +22,21 @@ SLOW_HINT_MINUTES = 10.0  # a run with default steps projected longer than this 
 BIG_FOR_CPU = 8_000_000  # parameters: a default run of a bigger spec on CPU gets a hint at once
 
 
+
+def _percent(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}%"
+
+
+def forgetting_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """A continual run's forgetting (in %, as the paper and the suite report it) and its loss
+    increase (nats) as table rows: one number per earlier domain."""
+    rows = []
+    if result.get("forgetting"):
+        rows.append(("forgetting", ", ".join(f"{d} {_percent(v)}" for d, v in result["forgetting"].items())))
+    if result.get("loss_increase"):
+        rows.append(("loss increase", ", ".join(f"{d} {v:+.4f} nats" for d, v in result["loss_increase"].items())))
+    return rows
+
 def fmt_rate(x: float | None) -> str:
     if not x:
         return "-"
@@ -150,7 +165,7 @@ def summary_table(summary: dict[str, Any], title: str = "summary") -> Table:
     for name, v in tr.get("levels", {}).items():
         t.add_row(f"level {name}", f"inner loss {_fmt_num(v.get('inner_loss'))}, "
                                    f"update norm {_fmt_num(v.get('update_norm'))}")
-    if "forgetting" in summary:
-        t.add_row("forgetting", ", ".join(f"{k} {v:+.4f}" for k, v in summary["forgetting"].items()))
+    for label, text in forgetting_rows(summary):
+        t.add_row(label, text)
     t.add_row("run directory", str(summary.get("run_dir")))
     return t

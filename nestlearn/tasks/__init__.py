@@ -7,7 +7,7 @@ nestlearn.
 """
 
 from .base import PAD, Batch, BatchStream, Task, TaskError, masked_cross_entropy
-from .continual import ContinualTask, forgetting
+from .continual import ContinualTask, domain_perf, forgetting_percent, loss_increase
 from .corpus import Corpus, Span, load_corpus, stdlib_corpus
 from .formal import LANGUAGES, FormalTask, Language
 from .registry import get_task, register_task, task_names, task_options
@@ -16,7 +16,7 @@ from .text import CorpusLM, LMTask
 
 __all__ = [
     "PAD", "Batch", "BatchStream", "Task", "TaskError", "masked_cross_entropy",
-    "ContinualTask", "forgetting", "Corpus", "Span", "load_corpus", "stdlib_corpus",
+    "ContinualTask", "domain_perf", "forgetting_percent", "loss_increase", "Corpus", "Span", "load_corpus", "stdlib_corpus",
     "LANGUAGES", "FormalTask", "Language", "get_task", "register_task", "task_names", "task_options",
     "MQARTask", "NIAHTask", "accuracy_by_length", "CorpusLM", "LMTask",
 ]

@@ -54,18 +54,54 @@ def _domain_task(domain: str, prose: str, code_bytes: int | None) -> Task:
     raise TaskError(f"continual: unknown domain '{domain}'{hint}; choices: {', '.join(choices)}")
 
 
-def forgetting(losses: Sequence[Sequence[float]] | Tensor, phases: Sequence[str]) -> dict[str, float]:
-    """Loss increase on earlier domains after later phases.
+UNIFORM_BITS = 8.0  # bits per byte of a uniform guess over 256 bytes
+
+
+def domain_perf(metrics: dict[str, float]) -> float:
+    """A domain's performance, higher is better: accuracy, or bits saved over uniform for text."""
+    if "accuracy" in metrics:
+        return float(metrics["accuracy"])
+    return UNIFORM_BITS - float(metrics["bits_per_byte"])
+
+
+def _check_matrix(rows: list[list[float]], phases: Sequence[str], what: str) -> list[str]:
+    domains = list(dict.fromkeys(phases))
+    if len(rows) != len(phases) or any(len(r) != len(domains) for r in rows):
+        raise TaskError(f"{what}: expected a {len(phases)} x {len(domains)} matrix (phases x domains "
+                        f"{domains}), got {len(rows)} rows of lengths {sorted({len(r) for r in rows})}")
+    return domains
+
+
+def forgetting_percent(perf: Sequence[Sequence[float]], phases: Sequence[str]) -> dict[str, float | None]:
+    """Forgetting as the Nested Learning paper's continual table reports it, in %.
+
+    ``perf[p][j]``: performance (``domain_perf``) on domain j (domains in order of first appearance
+    in ``phases``) right after phase p. For every domain not trained in the final phase:
+    ``100 * (best - final) / best``, best being the largest performance over the phases up to and
+    including the last one that trained it. 0% = nothing lost, 100% = all that was learned is gone,
+    negative = it improved; None where best <= 0 (nothing was learned)."""
+    rows = [[float(v) for v in r] for r in perf]
+    domains = _check_matrix(rows, phases, "forgetting")
+    final = len(phases) - 1
+    out: dict[str, float | None] = {}
+    for j, d in enumerate(domains):
+        if phases[final] == d:
+            continue
+        last = max(i for i, p in enumerate(phases) if p == d)
+        best = max(rows[i][j] for i in range(last + 1))
+        out[d] = 100.0 * (best - rows[final][j]) / best if best > 0 else None
+    return out
+
+
+def loss_increase(losses: Sequence[Sequence[float]] | Tensor, phases: Sequence[str]) -> dict[str, float]:
+    """Loss increase (nats) on earlier domains after later phases.
 
     ``losses[i][j]``: loss on domain j (domains in order of first appearance in ``phases``) measured
     after phase i. For each domain not trained in the final phase: final loss minus the loss right
     after the last phase that trained it. Returns ``{domain: increase, ..., "mean": ...}``.
     """
-    domains = list(dict.fromkeys(phases))
     rows = losses.tolist() if isinstance(losses, Tensor) else [list(r) for r in losses]
-    if len(rows) != len(phases) or any(len(r) != len(domains) for r in rows):
-        raise TaskError(f"forgetting: expected a {len(phases)} x {len(domains)} matrix (phases x domains "
-                        f"{domains}), got {len(rows)} rows of lengths {sorted({len(r) for r in rows})}")
+    domains = _check_matrix(rows, phases, "loss_increase")
     out: dict[str, float] = {}
     final = len(phases) - 1
     for j, d in enumerate(domains):
@@ -141,8 +177,11 @@ class ContinualTask(Task):
         return {d: t.evaluate(model_fn, t.eval_batches(batch, seq_len, n, seed), device)
                 for d, t in self.tasks.items()}
 
-    def forgetting(self, losses: Sequence[Sequence[float]] | Tensor) -> dict[str, float]:
-        return forgetting(losses, self.phases)
+    def loss_increase(self, losses: Sequence[Sequence[float]] | Tensor) -> dict[str, float]:
+        return loss_increase(losses, self.phases)
+
+    def forgetting_percent(self, perf: Sequence[Sequence[float]]) -> dict[str, float | None]:
+        return forgetting_percent(perf, self.phases)
 
     def describe(self) -> str:
         parts = ", ".join(f"{p} x{s}" for p, s in zip(self.phases, self.phase_steps, strict=True))

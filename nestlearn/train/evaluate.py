@@ -94,8 +94,9 @@ def evaluate_run(lr: LoadedRun, batches: int | None = None, batch: int | None = 
     if hasattr(task, "evaluate_domains"):
         out["domains"] = task.evaluate_domains(fn, b, t, n, cfg.seed, lr.device)
         summary = lr.run.summary()
-        if "forgetting" in summary:
-            out["forgetting"] = summary["forgetting"]
+        for key in ("forgetting", "loss_increase"):  # of the training run, as its summary says
+            if key in summary:
+                out[key] = summary[key]
     else:
         out["val"] = task.evaluate(fn, task.eval_batches(b, t, n, cfg.seed), lr.device)
     if hasattr(task, "accuracy_by_length"):

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from nestlearn.tasks import TaskError
+from nestlearn.tasks import TaskError, domain_perf
 from nestlearn.train import distributed as D
 from nestlearn.train import loggers
 from nestlearn.train.batches import Batches
@@ -137,7 +137,8 @@ class Trainer(Steps):
 
         self.step = 0
         self.carry: list[Any] | None = [None] * cfg.accum if cfg.carry_state else None
-        self.phase_rows: list[list[float]] = []
+        self.phase_rows: list[list[float]] = []  # per phase: each domain's loss (nats)
+        self.phase_perf: list[list[float]] = []  # per phase: each domain's performance (domain_perf)
         self.last_ckpt_step: int | None = None
         self.tokens_before = 0
         self.first_loss: float | None = None
@@ -214,6 +215,7 @@ class Trainer(Steps):
         self.metrics.truncate_after(ck.step)
         self.first_loss = self._first_loss(ck.extra.get("first_loss"))
         self.phase_rows = [list(r) for r in ck.extra.get("phase_rows", [])]
+        self.phase_perf = [list(r) for r in ck.extra.get("phase_perf", [])]
 
     def _first_loss(self, saved: Any) -> float | None:
         """Step 1's loss for a resumed run: from the checkpoint, else from metrics.jsonl (older
@@ -269,6 +271,7 @@ class Trainer(Steps):
             self.model_fn(), cfg.batch, cfg.seq_len, cfg.eval_batches, cfg.seed, self.device))
         phase = ends().index(step)
         self.phase_rows.append([per[d]["loss"] for d in self.task.domains])  # type: ignore[attr-defined]
+        self.phase_perf.append([domain_perf(per[d]) for d in self.task.domains])  # type: ignore[attr-defined]
         rec = {"step": step, "split": "phase", "phase": phase,
                "domain": self.task.phases[phase], "domains": per,  # type: ignore[attr-defined]
                "eval_state": self.eval_state}
@@ -285,7 +288,7 @@ class Trainer(Steps):
         contents = checkpoint_contents(
             model=self.model, spec=self.spec, step=step, optimizer=self.optimizer,
             carry=self.carry, data=data, scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            extra={"tokens": tokens, "phase_rows": self.phase_rows, "total_steps": self.total,
+            extra={"tokens": tokens, "phase_rows": self.phase_rows, "phase_perf": self.phase_perf, "total_steps": self.total,
                    "first_loss": self.first_loss},
         )
         self.writer.submit(path, *contents)  # written in the background; fit waits for it
@@ -472,8 +475,14 @@ class Trainer(Steps):
             "checkpoint": str(self.run.last_checkpoint) if self.last_ckpt_step is not None else None,
             "checkpoint_step": self.last_ckpt_step,
         }
-        if self.phase_rows and hasattr(self.task, "forgetting") and len(self.phase_rows) == len(self.task.phases):  # type: ignore[attr-defined]
-            s["forgetting"] = self.task.forgetting(self.phase_rows)  # type: ignore[attr-defined]
+        phases = getattr(self.task, "phases", None)
+        if phases is not None and self.phase_rows and len(self.phase_rows) == len(phases):
+            # forgetting in % as the paper (and the suite's tables) define it; a checkpoint from
+            # before phase_perf was recorded can give only the loss increase
+            if len(self.phase_perf) == len(phases):
+                s["forgetting"] = self.task.forgetting_percent(self.phase_perf)  # type: ignore[attr-defined]
+                s["phase_perf"] = self.phase_perf
+            s["loss_increase"] = self.task.loss_increase(self.phase_rows)  # type: ignore[attr-defined]
             s["phase_losses"] = self.phase_rows
         return s
 
