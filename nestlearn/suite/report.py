@@ -101,7 +101,7 @@ def tables(exp: Experiment, agg: list[dict[str, Any]]) -> list[Table]:
         if t["kind"] == "continual":
             cols, rows = _continual_table(t)
             notes.append("forgetting % = 100 (best perf right after learning the domain - perf at the end) / "
-                         "best; perf = accuracy, or 8 - bits/byte for text (nestlearn/suite/stats.py).")
+                         "best; perf = accuracy, or 8 - bits/byte for text (nestlearn/tasks/continual.py).")
         else:
             cols, rows = _metric_table(t, task)
             if task.eval_lengths:
