@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from nestlearn.tasks import TaskError, domain_perf
+from nestlearn.tasks import ContinualTask, TaskError, domain_perf
 from nestlearn.train import distributed as D
 from nestlearn.train import loggers
 from nestlearn.train.batches import Batches
@@ -475,14 +475,14 @@ class Trainer(Steps):
             "checkpoint": str(self.run.last_checkpoint) if self.last_ckpt_step is not None else None,
             "checkpoint_step": self.last_ckpt_step,
         }
-        phases = getattr(self.task, "phases", None)
-        if phases is not None and self.phase_rows and len(self.phase_rows) == len(phases):
+        task = self.task
+        if isinstance(task, ContinualTask) and self.phase_rows and len(self.phase_rows) == len(task.phases):
             # forgetting in % as the paper (and the suite's tables) define it; a checkpoint from
             # before phase_perf was recorded can give only the loss increase
-            if len(self.phase_perf) == len(phases):
-                s["forgetting"] = self.task.forgetting_percent(self.phase_perf)  # type: ignore[attr-defined]
+            if len(self.phase_perf) == len(task.phases):
+                s["forgetting"] = task.forgetting_percent(self.phase_perf)
                 s["phase_perf"] = self.phase_perf
-            s["loss_increase"] = self.task.loss_increase(self.phase_rows)  # type: ignore[attr-defined]
+            s["loss_increase"] = task.loss_increase(self.phase_rows)
             s["phase_losses"] = self.phase_rows
         return s
 
