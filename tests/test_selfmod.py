@@ -35,7 +35,8 @@ def causal_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return torch.stack([(pad[t : t + W] * w[:, 0].T).sum(0) + b for t in range(T)])
 
 
-def plain_selfmod(x: torch.Tensor, p: dict, heads: int, period: int, mem: str, gen_period: int | None = None) -> torch.Tensor:
+def plain_selfmod(x: torch.Tensor, p: dict, heads: int, period: int, mem: str, gen_period: int | None = None,
+                  gen_lr_max: float = 0.4) -> torch.Tensor:
     gen_period = gen_period or period
     T, D = x.shape
     dh = D // heads
@@ -58,10 +59,11 @@ def plain_selfmod(x: torch.Tensor, p: dict, heads: int, period: int, mem: str, g
             xt, qt = xc[t, sl], F.normalize(qc[t, sl], dim=0)
             k = F.normalize(fns["k"](A["k"], xt), dim=0)
             v = fns["v"](A["v"], xt)
-            lr = 0.4 * torch.sigmoid(fns["lr"](A["lr"], xt)[0] + p["gen_bias.lr"][h])
+            gate = torch.sigmoid(fns["lr"](A["lr"], xt)[0] + p["gen_bias.lr"][h])
             dec = 0.2 * torch.sigmoid(fns["decay"](A["decay"], xt)[0] + p["gen_bias.decay"][h])
             vu = F.normalize(v, dim=0)
             for s, f in fns.items():
+                lr = (0.4 if s == "main" else gen_lr_max) * gate  # the rule's lr max; the generators' own
                 target = v if s == "main" else f(A[s], vu)
                 a = {n: w.clone().requires_grad_() for n, w in A[s].items()}
                 loss = ((f(a, k) - target.detach()) ** 2).sum()
@@ -96,3 +98,26 @@ def test_selfmod_matches_plain_equations(period: int, gen_period: int | None, me
     for b in range(2):
         expected = plain_selfmod(x[b], p, 2, period, mem, gen_period)
         torch.testing.assert_close(y[b].detach(), expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mem", ["linear", "mlp"])
+def test_generators_own_rate_matches_plain_equations(mem: str) -> None:
+    """``gen_lr_max``: the generators learn at their own maximum of the shared generated gate,
+    the main memory at the rule's; float64 against the plain recurrence with the two rates."""
+    torch.manual_seed(1)
+    raw = yaml.safe_load(SPEC.format(period=2, mem=mem))
+    raw["block"][0].update(gen_period=4, gen_lr_max=0.05)
+    model = compile_spec(Spec.model_validate(raw), dtype=DT)
+    op = model.blocks[0].ops["sm"]
+    with torch.no_grad():
+        for n, w in op.named_parameters():
+            if "conv" in n or "gen_bias" in n:
+                w.add_(torch.randn_like(w) * 0.3)
+    x = torch.randn(2, 10, 8, dtype=DT)
+    y, _ = op([x], {}, None)
+    p = {n: w.detach() for n, w in op.named_parameters()}
+    for b in range(2):
+        torch.testing.assert_close(y[b].detach(), plain_selfmod(x[b], p, 2, 2, mem, 4, gen_lr_max=0.05),
+                                   rtol=1e-9, atol=1e-10)
+    # and it matters: the shared rate (the paper's default) gives another output
+    assert not torch.allclose(y[0], plain_selfmod(x[0], p, 2, 2, mem, 4), atol=1e-6)

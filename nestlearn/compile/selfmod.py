@@ -48,12 +48,13 @@ GENERATORS = ("k", "v", "lr", "decay")
 class SelfModOp(Op):
     def __init__(
         self, dim: int, heads: int, level: Level, mem: MemorySpec, conv: int, learned_init: bool = True,
-        gen_period: int | None = None,
+        gen_period: int | None = None, gen_lr_max: float | None = None,
     ):
         super().__init__()
         self.dim, self.heads, self.dh = dim, heads, dim // heads
         self.level = level
         self.gen_period = gen_period
+        self.gen_lr_max = gen_lr_max  # None: the generators learn at the main memory's rate
         dh = self.dh
         self.widths = {"k": dh, "v": dh, "lr": 1, "decay": 1}
         self.gen_arch = LinearMemory(dh, sum(self.widths.values()), heads)
@@ -149,9 +150,12 @@ class SelfModOp(Op):
                 hp["proj"] = self.max_proj * lr_raw
             if self.max_decay > 0:
                 hp["decay"] = self.max_decay * decay_raw
+            hp_gen = dict(hp)
+            if self.gen_lr_max is not None:  # the generators' own rate (a proj, where set, stays shared)
+                hp_gen["lr"] = self.gen_lr_max * lr_raw
             # the generators' self-generated values (bounded inputs keep the self-reference stable)
             vhat = self.gen_arch.apply(anchor, F.normalize(v, dim=-1))
-            pb_gen = lv.problem(self.gen_arch, xs_seg, k, vhat, hp, gen_period, read_start=bool(gen_read_start),
+            pb_gen = lv.problem(self.gen_arch, xs_seg, k, vhat, hp_gen, gen_period, read_start=bool(gen_read_start),
                                 chunk=None, remat=None)
             if gen_read_start is None:  # decided once per call: every segment's problem is alike
                 # the generators' read is never used: a plain one (read_start) where that keeps the

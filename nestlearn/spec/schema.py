@@ -483,6 +483,11 @@ class SelfModNode(_Node):
     gen_period: Annotated[int, Field(gt=0)] | None = None
     """Tokens per update of the k / v / lr / decay memories (default: the level's period, which
     always sets the main memory's chunk). Generation reads the state at the previous one's end."""
+    gen_lr_max: Annotated[float, Field(gt=0)] | None = None
+    """The generators' own rate maximum: they learn with ``gen_lr_max * sigmoid(...)`` from the
+    same generated gate the main memory scales by the rule's ``lr`` maximum (default: that maximum,
+    one rate for all, as in the paper). Lets the main memory write at full strength while the
+    generators that make its keys and values move slowly."""
 
 
 class MACNode(_Node):

@@ -102,7 +102,7 @@ a spec did before: left out of the identity at that default, so earlier runs, ch
 suite results still match their specs."""
 
 
-NODE_OPTIONS_ADDED: dict[str, Any] = {"kv_norm": False}
+NODE_OPTIONS_ADDED: dict[str, Any] = {"kv_norm": False, "gen_lr_max": None}
 """Block-node options added after specs were first hashed (as ``RULE_OPTIONS_ADDED``)."""
 
 
