@@ -22,7 +22,6 @@ SLOW_HINT_MINUTES = 10.0  # a run with default steps projected longer than this 
 BIG_FOR_CPU = 8_000_000  # parameters: a default run of a bigger spec on CPU gets a hint at once
 
 
-
 def _percent(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}%"
 
@@ -36,6 +35,7 @@ def forgetting_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     if result.get("loss_increase"):
         rows.append(("loss increase", ", ".join(f"{d} {v:+.4f} nats" for d, v in result["loss_increase"].items())))
     return rows
+
 
 def fmt_rate(x: float | None) -> str:
     if not x:
