@@ -79,13 +79,11 @@ def plain_selfmod(x: torch.Tensor, p: dict, heads: int, period: int, mem: str, g
     return torch.cat(outs, dim=-1) @ p["out.weight"].T
 
 
-@pytest.mark.parametrize(("period", "gen_period"), [(1, None), (3, None), (2, 4), (4, 3)])
-@pytest.mark.parametrize("mem", ["linear", "mlp"])
-def test_selfmod_matches_plain_equations(period: int, gen_period: int | None, mem: str) -> None:
-    torch.manual_seed(0)
+def run_selfmod(period: int, mem: str, **node: object) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The compiled op on a random input (float64; conv and gate biases moved off their init):
+    ``(x, y, parameters)``. ``node``: extra options of the selfmod node."""
     raw = yaml.safe_load(SPEC.format(period=period, mem=mem))
-    if gen_period:
-        raw["block"][0]["gen_period"] = gen_period
+    raw["block"][0].update(node)
     model = compile_spec(Spec.model_validate(raw), dtype=DT)
     op = model.blocks[0].ops["sm"]
     with torch.no_grad():
@@ -94,10 +92,17 @@ def test_selfmod_matches_plain_equations(period: int, gen_period: int | None, me
                 w.add_(torch.randn_like(w) * 0.3)
     x = torch.randn(2, 10, 8, dtype=DT)
     y, _ = op([x], {}, None)
-    p = {n: w.detach() for n, w in op.named_parameters()}
+    return x, y.detach(), {n: w.detach() for n, w in op.named_parameters()}
+
+
+@pytest.mark.parametrize(("period", "gen_period"), [(1, None), (3, None), (2, 4), (4, 3)])
+@pytest.mark.parametrize("mem", ["linear", "mlp"])
+def test_selfmod_matches_plain_equations(period: int, gen_period: int | None, mem: str) -> None:
+    torch.manual_seed(0)
+    x, y, p = run_selfmod(period, mem, **({"gen_period": gen_period} if gen_period else {}))
     for b in range(2):
         expected = plain_selfmod(x[b], p, 2, period, mem, gen_period)
-        torch.testing.assert_close(y[b].detach(), expected, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(y[b], expected, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("mem", ["linear", "mlp"])
@@ -105,19 +110,8 @@ def test_generators_own_rate_matches_plain_equations(mem: str) -> None:
     """``gen_lr_max``: the generators learn at their own maximum of the shared generated gate,
     the main memory at the rule's; float64 against the plain recurrence with the two rates."""
     torch.manual_seed(1)
-    raw = yaml.safe_load(SPEC.format(period=2, mem=mem))
-    raw["block"][0].update(gen_period=4, gen_lr_max=0.05)
-    model = compile_spec(Spec.model_validate(raw), dtype=DT)
-    op = model.blocks[0].ops["sm"]
-    with torch.no_grad():
-        for n, w in op.named_parameters():
-            if "conv" in n or "gen_bias" in n:
-                w.add_(torch.randn_like(w) * 0.3)
-    x = torch.randn(2, 10, 8, dtype=DT)
-    y, _ = op([x], {}, None)
-    p = {n: w.detach() for n, w in op.named_parameters()}
+    x, y, p = run_selfmod(2, mem, gen_period=4, gen_lr_max=0.05)
     for b in range(2):
-        torch.testing.assert_close(y[b].detach(), plain_selfmod(x[b], p, 2, 2, mem, 4, gen_lr_max=0.05),
-                                   rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(y[b], plain_selfmod(x[b], p, 2, 2, mem, 4, gen_lr_max=0.05), rtol=1e-9, atol=1e-10)
     # and it matters: the shared rate (the paper's default) gives another output
     assert not torch.allclose(y[0], plain_selfmod(x[0], p, 2, 2, mem, 4), atol=1e-6)
