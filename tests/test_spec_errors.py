@@ -373,6 +373,10 @@ NESTED_CASES = [
               ("{id: mem, op: memory, in: n2, level: memory, memory: {type: mlp, expand: 2}}",
                "{id: mem, op: selfmod, in: n2, level: memory, init: slow}")),
          13, 57, "block.4.init", "nested init from 'slow' is implemented for memory and mlp nodes"),
+    Case("zeros-init-on-selfmod",
+         tiny(("{id: mem, op: memory, in: n2, level: memory, memory: {type: mlp, expand: 2}}",
+               "{id: mem, op: selfmod, in: n2, level: memory, init: zeros}")),
+         12, 57, "block.4.init", "a selfmod node cannot start from 'zeros'"),
 ]
 
 

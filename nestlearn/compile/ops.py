@@ -65,8 +65,7 @@ OPS: dict[str, Callable[[Any, OpContext], basic.Op]] = {
     "memory": _memory,
     "mlp": _mlp,
     "selfmod": lambda node, c: SelfModOp(c.model.dim, node.heads or c.model.heads, c.levels[node.level], node.memory,
-                                         node.conv, learned_init=node.init != "zeros", gen_period=node.gen_period,
-                                         gen_lr_max=node.gen_lr_max),
+                                         node.conv, gen_period=node.gen_period, gen_lr_max=node.gen_lr_max),
     "mac": lambda node, c: MACOp.build(node, c.model.dim, c.model.heads, c.levels),
 }
 """Every op a block node can name (the keys are the schema's op names; ``tests/test_tables.py``)."""

@@ -47,7 +47,7 @@ GENERATORS = ("k", "v", "lr", "decay")
 
 class SelfModOp(Op):
     def __init__(
-        self, dim: int, heads: int, level: Level, mem: MemorySpec, conv: int, learned_init: bool = True,
+        self, dim: int, heads: int, level: Level, mem: MemorySpec, conv: int,
         gen_period: int | None = None, gen_lr_max: float | None = None,
     ):
         super().__init__()
@@ -65,9 +65,9 @@ class SelfModOp(Op):
         std = 1 / math.sqrt(dh)
         for name, width in self.widths.items():
             w = torch.randn(heads, width, dh) * std
-            self.init[f"{name}__W"] = nn.Parameter(w, requires_grad=learned_init)
+            self.init[f"{name}__W"] = nn.Parameter(w)  # always learned: 'zeros' is refused (graph/checks.py)
         for pname, p in main.init_params().items():
-            self.init[f"main__{pname}"] = nn.Parameter(p, requires_grad=learned_init)
+            self.init[f"main__{pname}"] = nn.Parameter(p)
         self.q = nn.Linear(dim, dim, bias=False)
         self.conv_x = CausalConv(dim, conv) if conv else None
         self.conv_q = CausalConv(dim, conv) if conv else None

@@ -43,9 +43,15 @@ def check_init(
     init_edges: list[tuple[str, str, str]],
 ) -> None:
     init = getattr(node, "init", None)
+    loc = ("block", j, "init")
+    if init == "zeros" and node.op == "selfmod":
+        # its k / v / lr / decay generators would start at zero: zero keys, so they never learn
+        issues.add(loc, "a selfmod node cannot start from 'zeros': its k/v/lr/decay generators would "
+                   "generate zero keys and never learn; name the outer level "
+                   f"({next(n for n, v in spec.levels.items() if v.is_outer)!r})")
+        return
     if init is None or init == "zeros":
         return
-    loc = ("block", j, "init")
     if init not in spec.levels:
         issues.add(loc, f"unknown level {init!r}{suggest(init, [*spec.levels, 'zeros'])} (init names the "
                    "slower level whose parameter is the initial state, or 'zeros')")
