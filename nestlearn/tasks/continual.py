@@ -64,12 +64,15 @@ def domain_perf(metrics: dict[str, float]) -> float:
     return UNIFORM_BITS - float(metrics["bits_per_byte"])
 
 
-def _check_matrix(rows: list[list[float]], phases: Sequence[str], what: str) -> list[str]:
+def _earlier_domains(rows: list[list[float]], phases: Sequence[str], what: str) -> list[tuple[int, str, int]]:
+    """``(column, domain, last phase that trained it)`` for every domain not trained in the final
+    phase, after checking that ``rows`` is a phases x domains matrix."""
     domains = list(dict.fromkeys(phases))
     if len(rows) != len(phases) or any(len(r) != len(domains) for r in rows):
         raise TaskError(f"{what}: expected a {len(phases)} x {len(domains)} matrix (phases x domains "
                         f"{domains}), got {len(rows)} rows of lengths {sorted({len(r) for r in rows})}")
-    return domains
+    return [(j, d, max(i for i, p in enumerate(phases) if p == d))
+            for j, d in enumerate(domains) if d != phases[-1]]
 
 
 def forgetting_percent(perf: Sequence[Sequence[float]], phases: Sequence[str]) -> dict[str, float | None]:
@@ -81,15 +84,10 @@ def forgetting_percent(perf: Sequence[Sequence[float]], phases: Sequence[str]) -
     including the last one that trained it. 0% = nothing lost, 100% = all that was learned is gone,
     negative = it improved; None where best <= 0 (nothing was learned)."""
     rows = [[float(v) for v in r] for r in perf]
-    domains = _check_matrix(rows, phases, "forgetting")
-    final = len(phases) - 1
     out: dict[str, float | None] = {}
-    for j, d in enumerate(domains):
-        if phases[final] == d:
-            continue
-        last = max(i for i, p in enumerate(phases) if p == d)
+    for j, d, last in _earlier_domains(rows, phases, "forgetting"):
         best = max(rows[i][j] for i in range(last + 1))
-        out[d] = 100.0 * (best - rows[final][j]) / best if best > 0 else None
+        out[d] = 100.0 * (best - rows[-1][j]) / best if best > 0 else None
     return out
 
 
@@ -101,14 +99,9 @@ def loss_increase(losses: Sequence[Sequence[float]] | Tensor, phases: Sequence[s
     after the last phase that trained it. Returns ``{domain: increase, ..., "mean": ...}``.
     """
     rows = losses.tolist() if isinstance(losses, Tensor) else [list(r) for r in losses]
-    domains = _check_matrix(rows, phases, "loss_increase")
     out: dict[str, float] = {}
-    final = len(phases) - 1
-    for j, d in enumerate(domains):
-        if phases[final] == d:
-            continue
-        last = max(i for i, p in enumerate(phases) if p == d)
-        out[d] = float(rows[final][j]) - float(rows[last][j])
+    for j, d, last in _earlier_domains(rows, phases, "loss_increase"):
+        out[d] = float(rows[-1][j]) - float(rows[last][j])
     out["mean"] = sum(out.values()) / len(out) if out else 0.0
     return out
 
