@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=positive_int, default=3)
     ap.add_argument("--no-graph", action="store_true", help="CUDA: eager rows only")
     ap.add_argument("--set", nargs="*", default=[], help="spec overrides (key=value), e.g. model.dim=128")
+    ap.add_argument("--wavefront", type=positive_int, nargs="*", default=[], metavar="TOKENS",
+                    help="also time the whole model as a wavefront over segments of TOKENS (one row each)")
     a = ap.parse_args(argv)
     try:
         dev = torch.device(a.device)
@@ -164,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
           f"(depth {depth} x block sum: {fmt(depth * e_sum).strip()} / {fmt(depth * g_sum if g_sum else None).strip()} ms)")
     tps = a.batch * a.seq / (whole_g if whole_g is not None else whole_e)
     print(f"whole model: {tps:,.0f} tokens/s ({'graphed' if whole_g is not None else 'eager'})")
+    for seg in a.wavefront:  # the same model, its blocks overlapped over segments (compile/wavefront.py)
+        model.set_wavefront(seg)
+        wave_e, wave_g = both(whole, f"wavefront {seg}")
+        wave = wave_g if wave_g is not None else wave_e
+        print(f"{'model':<8} {f'wavefront {seg}':<12} {'':>9} {fmt(wave_e)} {fmt(wave_g)}  "
+              f"{a.batch * a.seq / wave:,.0f} tokens/s, {(whole_g or whole_e) / wave:.2f}x the block loop")
+        model.set_wavefront(None)
     for line in failed:
         print(line)
     return 0

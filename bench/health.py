@@ -50,6 +50,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--cuda-graph", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--wavefront", type=positive_int, default=None, metavar="TOKENS",
+                   help="run the blocks as a wavefront over segments of TOKENS (nestlearn run --wavefront)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-batches", type=positive_int, default=8)
     p.add_argument("--eval-every", type=positive_int, default=None,
@@ -122,6 +124,7 @@ def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     params = sum(p.numel() for p in nestlearn.compile(spec).parameters())
     cfg = TrainConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, device=args.device,
                       precision=args.precision, cuda_graph=args.cuda_graph, compile=args.compile, seed=args.seed,
+                      wavefront=args.wavefront,
                       eval_every=args.eval_every or args.steps, eval_batches=args.eval_batches, log_every=1, threads=args.threads,
                       ckpt_every=args.steps, time_limit=args.seconds)
     resume = args.resume and (run_dir / "checkpoints" / "last.safetensors").exists()
@@ -155,6 +158,7 @@ def child_argv(path: str, args: argparse.Namespace, row: Path) -> list[str]:
     argv += ["--seconds", str(args.seconds)] if args.seconds else []
     argv += ["--resume"] * args.resume
     argv += ["--cuda-graph"] * args.cuda_graph + ["--compile"] * args.compile
+    argv += ["--wavefront", str(args.wavefront)] if args.wavefront else []
     argv += ["--threads", str(args.threads)] if args.threads else []
     for kv in args.set:
         argv += ["--set", kv]

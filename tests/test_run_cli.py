@@ -58,6 +58,20 @@ def test_run_with_compile(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not HOPE.exists(), reason="models/hope.yaml not written yet")
+def test_wavefront_trains_as_the_block_loop(tmp_path: Path) -> None:
+    """``--wavefront 8`` (the blocks over segments of 8 bytes, depth 2) logs the same losses and
+    gradient norms as the plain run: the same math in another order."""
+    logs = []
+    for name, extra in (("plain", []), ("wave", ["--wavefront", "8"])):
+        code, out = nl("run", TINY, "model.depth=2", "--steps", "4", *FAST, "--out", tmp_path / name, *extra)
+        assert code == 0, out
+        recs = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        logs.append([(r["loss"], r["grad_norm"]) for r in recs if r.get("split") == "train"])
+    assert len(logs[0]) == 4
+    for a, b in zip(*logs, strict=True):
+        assert a == pytest.approx(b, rel=1e-4), logs
+
+
 def test_default_spec_at_a_tiny_override_learns(tmp_path: Path) -> None:
     code, out = nl("run", HOPE, "model.dim=32", "model.depth=1", "--steps", "25", *FAST, "--out", tmp_path / "h")
     assert code == 0, out
@@ -195,6 +209,8 @@ BAD_RUNS = {
     "zero time limit": (["--time-limit", "0"], "--time-limit: must be a finite number > 0"),
     "time limit not a number": (["--time-limit", "soon"], "--time-limit: expected a number"),
     "bad device": (["--device", "tpu"], "--device: expected one of auto, cpu, cuda"),
+    "zero wavefront": (["--wavefront", "0"], "--wavefront: must be at least 1"),
+    "wavefront not a number": (["--wavefront", "half"], "--wavefront: expected a whole number"),
     "bad precision": (["--precision", "fp8"], "--precision: expected one of"),
     "accum not dividing": (["--accum", "3"], "cannot be split into 3"),
     "bad override": (["model.dimm=3"], "dimm"),

@@ -149,6 +149,11 @@ def run_cmd(
         None, "--cuda-graph/--no-cuda-graph",
         help="CUDA only: capture each step's forward + backward in a CUDA graph and replay it "
              "(far fewer kernel launches; evaluation runs eagerly)."),
+    wavefront: Optional[str] = typer.Option(
+        None, "--wavefront", metavar="TOKENS",
+        help="Run the blocks as a wavefront over segments of TOKENS (e.g. 512): block b+1 starts a segment once "
+             "block b has finished it, each block on its own CUDA stream. Same results; faster where the blocks' "
+             "work is launch-bound (HOPE)."),
     seed: Optional[str] = typer.Option(None, "--seed", metavar="N", help="Seed of the weights and the data (default 0)."),
     threads: Optional[str] = typer.Option(None, "--threads", metavar="N", help="CPU threads for torch."),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic algorithms only."),
@@ -196,7 +201,7 @@ def run_cmd(
             "seq_len": parse_int("--seq-len", seq_len), "lr": parse_float("--lr", lr),
             "warmup": parse_int("--warmup", warmup), "clip": parse_float("--clip", clip),
             "accum": parse_int("--accum", accum), "device": device, "precision": precision,
-            "compile": compile_, "cuda_graph": cuda_graph,
+            "compile": compile_, "cuda_graph": cuda_graph, "wavefront": parse_int("--wavefront", wavefront),
             "seed": parse_int("--seed", seed), "deterministic": deterministic,
             "threads": parse_int("--threads", threads),
             "carry_state": carry_state, "eval_every": parse_int("--eval-every", eval_every),

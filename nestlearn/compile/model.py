@@ -19,6 +19,7 @@ from nestlearn.compile.levels import Level
 from nestlearn.compile.memory_op import MemoryOp, NestedInit
 from nestlearn.compile.ops import OPS, OpContext
 from nestlearn.compile.selfmod import SelfModOp
+from nestlearn.compile.wavefront import BlockStreams, run_wavefront
 from nestlearn.graph import LevelGraph, build_graph
 from nestlearn.rules.base import Rule
 from nestlearn.spec import schema as S
@@ -78,6 +79,17 @@ class CompiledModel(nn.Module):
             nn.init.normal_(self.embed.weight, std=0.02)
         if self.head is not None and m.tie_embeddings and self.embed is not None:
             self.head.weight = self.embed.weight
+        self.wavefront: int | None = None
+        self._streams = BlockStreams()
+
+    def set_wavefront(self, segment: int | None) -> None:
+        """Run the blocks as a wavefront over segments of ``segment`` tokens (``wavefront.py``):
+        block b+1 starts on a segment as soon as block b has finished it, on its own CUDA
+        stream. Exactly the same outputs, state and gradients; faster where the blocks' work
+        is launch- or latency-bound (HOPE's chunk recurrences). ``None`` turns it off."""
+        if segment is not None and (isinstance(segment, bool) or not isinstance(segment, int) or segment < 1):
+            raise ValueError(f"wavefront segment: expected a positive number of tokens, got {segment!r}")
+        self.wavefront = segment
 
     def set_executor(self, executor: str) -> None:
         """``auto`` (default), ``sequential`` (the reference) or ``scan`` for every level."""
@@ -96,8 +108,11 @@ class CompiledModel(nn.Module):
         h = self.embed(inputs) if self.embed is not None else inputs
         state = state or {}
         new_state: dict[str, Any] = {}
-        for i, block in enumerate(self.blocks):
-            h, new_state[str(i)] = block(h, state.get(str(i)))
+        if self.wavefront is not None and h.shape[1] > self.wavefront and len(self.blocks) > 1:
+            h, new_state = run_wavefront(list(self.blocks), h, state, self.wavefront, self._streams)
+        else:
+            for i, block in enumerate(self.blocks):
+                h, new_state[str(i)] = block(h, state.get(str(i)))
         h, _ = self.norm([h], {}, None)
         out = self.head(h) if self.head is not None else h
         return out, new_state

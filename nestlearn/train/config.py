@@ -76,6 +76,9 @@ class TrainConfig(BaseModel):
     compile: bool = False
     cuda_graph: bool = False
     """Capture each step's forward + loss + backward in a CUDA graph and replay it (CUDA only)."""
+    wavefront: Count | None = None
+    """Run the blocks as a wavefront over segments of this many tokens (``compile/wavefront.py``):
+    the same math; on CUDA each block on its own stream, so blocks overlap."""
     seed: Seed = 0
     threads: Threads | None = None
     """CPU threads for torch (default: torch's choice; 1 is often fastest for tiny models)."""

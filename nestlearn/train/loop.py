@@ -23,11 +23,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 
+from nestlearn.compile.model import CompiledModel
 from nestlearn.tasks import ContinualTask, TaskError, domain_perf
 from nestlearn.train import distributed as D
 from nestlearn.train import loggers
@@ -117,6 +118,8 @@ class Trainer(Steps):
                              f"rate would never reach its peak; give at most {self.total} warm-up steps")
 
         self.model = build_model(self.spec).to(device)
+        if cfg.wavefront is not None:
+            cast(CompiledModel, self.model).set_wavefront(cfg.wavefront)
         outer = self.spec.outer_level
         self.optimizer = build_optimizer(self.model, self.spec.levels[outer].rule, cfg.lr, fused=self._fuse())
         self.base_lr = self.optimizer.param_groups[0]["lr"]

@@ -1,0 +1,99 @@
+"""The blocks of a model as a wavefront over segments of the sequence.
+
+A block reads its input sequence left to right and carries its in-context state (fast weights,
+momenta, a convolution's tail, an attention cache) from one call to the next, so running it on
+the segments of a sequence one after another, carrying the state, equals running it on the
+whole sequence (``tests/test_wavefront.py`` checks every shipped spec in float64). Block
+``b + 1``'s segment ``s`` then needs only block ``b``'s segment ``s`` and its own segment
+``s - 1``. With ``n`` segments and depth ``L`` the work forms ``n + L - 1`` diagonals, and the
+blocks of one diagonal are independent:
+
+    diagonal:   0       1        2        3  ...
+    block 0:   (0,0)   (0,1)    (0,2)    (0,3)
+    block 1:           (1,0)    (1,1)    (1,2)
+    block 2:                    (2,0)    (2,1)
+
+On CUDA each block runs on its own stream, and a segment waits on an event for the block below
+it. A launch-bound model (HOPE's chunk recurrences: chains of small kernels, persistent kernels
+with one program per (batch, head)) then keeps up to ``L`` blocks' work in flight at once, both
+eagerly and inside a captured CUDA graph, where the streams become parallel branches. Autograd
+runs each backward op on its forward op's stream, so the backward overlaps the same way. On
+the CPU the same order runs serially. The math is the same either way; only the order of
+independent work changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class BlockStreams:
+    """One CUDA stream per block, made once per device (a captured graph replays the streams
+    it was captured with, so they must not change between calls)."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, list[torch.cuda.Stream]] = {}
+
+    def get(self, device: torch.device, n: int) -> list[torch.cuda.Stream]:
+        have = self._by_device.setdefault(device, [])
+        while len(have) < n:
+            have.append(torch.cuda.Stream(device=device))
+        return have[:n]
+
+
+def run_wavefront(blocks: Sequence[nn.Module], h: Tensor, state: dict[str, Any], segment: int,
+                  streams: BlockStreams) -> tuple[Tensor, dict[str, Any]]:
+    """``blocks`` applied in turn to ``h [B, T, D]`` from ``state`` (keyed by block index as a
+    string), computed over segments of ``segment`` tokens in wavefront order. Returns the last
+    block's output and every block's final state, as the plain loop over blocks would."""
+    pieces = list(h.split(segment, 1))
+    n, depth = len(pieces), len(blocks)
+    states: list[Any] = [state.get(str(b)) for b in range(depth)]
+    outs: list[list[Tensor]] = [[] for _ in range(depth)]
+    cuda = h.device.type == "cuda"
+    if not cuda:
+        for d in range(n + depth - 1):
+            for b in range(max(0, d - n + 1), min(depth, d + 1)):
+                x = pieces[d - b] if b == 0 else outs[b - 1][d - b]
+                y, states[b] = blocks[b](x, states[b])
+                outs[b].append(y)
+        return torch.cat(outs[-1], 1), {str(b): st for b, st in enumerate(states)}
+
+    ambient = torch.cuda.current_stream(h.device)
+    lanes = streams.get(h.device, depth)
+    for lane in lanes:  # every block's stream starts after what was queued before this call
+        lane.wait_stream(ambient)
+    ready: list[list[torch.cuda.Event]] = [[] for _ in range(depth)]
+    for d in range(n + depth - 1):
+        for b in range(max(0, d - n + 1), min(depth, d + 1)):
+            s, lane = d - b, lanes[b]
+            if b == 0:
+                x = pieces[s]
+            else:
+                lane.wait_event(ready[b - 1][s])
+                x = outs[b - 1][s]
+                x.record_stream(lane)  # made on block b-1's stream: not reused before block b is done with it
+            with torch.cuda.stream(lane):
+                y, states[b] = blocks[b](x, states[b])
+                done = torch.cuda.Event()
+                done.record(lane)
+            outs[b].append(y)
+            ready[b].append(done)
+    for lane in lanes:  # the caller's stream continues once every block is done
+        ambient.wait_stream(lane)
+    for y in outs[-1]:  # what the caller's stream reads: the last block's output and the states
+        y.record_stream(ambient)
+    for st in states:
+        _record_tree(st, ambient)
+    return torch.cat(outs[-1], 1), {str(b): st for b, st in enumerate(states)}
+
+
+def _record_tree(tree: Any, stream: torch.cuda.Stream) -> None:
+    """``record_stream`` on every CUDA tensor of a state tree (they are freed on ``stream``)."""
+    for leaf in torch.utils._pytree.tree_leaves(tree):
+        if isinstance(leaf, Tensor) and leaf.is_cuda:
+            leaf.record_stream(stream)

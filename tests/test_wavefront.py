@@ -1,0 +1,121 @@
+"""The blocks as a wavefront over segments (``compile/wavefront.py``) give exactly the plain
+loop's outputs, final state and outer gradients: every shipped spec in float64 on the CPU, with
+segments that do not line up with the levels' chunks; on a GPU also with one stream per block,
+eagerly and replayed from a CUDA graph (``gpu``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nestlearn
+from nestlearn.compile.wavefront import BlockStreams, run_wavefront
+from nestlearn.tasks import Batch
+from nestlearn.train.cuda_graph import GraphedStep
+from tests.test_shipped_specs import IDS, SHIPPED, T, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _build(path: Path, depth: int = 3, dtype: torch.dtype = torch.float64) -> Any:
+    spec = nestlearn.load_spec(path, overrides=[*tiny_overrides(path), f"model.depth={depth}"])
+    torch.manual_seed(0)
+    return nestlearn.compile(spec, dtype=dtype)
+
+
+def _leaves(tree: Any) -> list[torch.Tensor]:
+    return [x for x in torch.utils._pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _forward_backward(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, Any, list[torch.Tensor | None]]:
+    model.zero_grad(set_to_none=True)
+    logits, state = model(tokens)
+    F.cross_entropy(logits.float().flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    return logits.detach(), state, grads
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=IDS)
+def test_wavefront_equals_the_block_loop(path: Path) -> None:
+    model = _build(path)
+    tokens = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(2))
+    want_y, want_state, want_g = _forward_backward(model, tokens)
+    model.set_wavefront(12)  # segments of 12, 12 and 8 tokens: across chunk boundaries
+    got_y, got_state, got_g = _forward_backward(model, tokens)
+    torch.testing.assert_close(got_y, want_y, rtol=1e-10, atol=1e-10)
+    for a, b in zip(_leaves(got_state), _leaves(want_state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for (name, _), a, b in zip(model.named_parameters(), got_g, want_g, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_runs_in_wavefront_order() -> None:
+    """Block b's segment s runs after block b-1's segment s and before block b-1's segment s+2
+    where both are ready (diagonal order), and each block sees its own carried state."""
+    calls: list[tuple[int, int]] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, b: int) -> None:
+            super().__init__()
+            self.b = b
+
+        def forward(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+            s = 0 if state is None else state + 1
+            calls.append((self.b, s))
+            return x + 1, s
+
+    blocks = [Recorder(b) for b in range(3)]
+    y, state = run_wavefront(blocks, torch.zeros(1, 8, 1), {}, 2, BlockStreams())
+    assert calls == [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1), (2, 0), (0, 3), (1, 2), (2, 1), (1, 3), (2, 2), (2, 3)]
+    assert torch.equal(y, torch.full((1, 8, 1), 3.0)) and state == {"0": 3, "1": 3, "2": 3}
+
+
+def test_bad_segment_is_refused() -> None:
+    model = _build(ROOT / "models" / "hope.yaml", depth=2)
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="positive number of tokens"):
+            model.set_wavefront(bad)
+    model.set_wavefront(None)
+    assert model.wavefront is None
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["models/hope.yaml", "specs/titans-mal.yaml"])
+def test_gpu_streams_eager_and_graphed_equal_the_block_loop(name: str) -> None:
+    model = _build(ROOT / name, depth=4, dtype=torch.float32).cuda()
+    tokens = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(3)).cuda()
+    want_y, _, want_g = _forward_backward(model, tokens)
+    model.set_wavefront(8)
+    got_y, _, got_g = _forward_backward(model, tokens)
+    torch.testing.assert_close(got_y, want_y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_g, want_g, strict=True):
+        if a is not None and b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # captured in a CUDA graph (the streams become parallel branches) and replayed on new data
+    step = GraphedStep(model, None, scaled=False)
+    for seed in (4, 5):
+        x = torch.randint(0, 256, (2, T + 1), generator=torch.Generator().manual_seed(seed))
+        mb = Batch.from_sequences(x).to("cuda")
+        step.run(mb, 1.0)
+        step.install_grads(0, 1)
+        got = [None if p.grad is None else p.grad.clone() for p in step.params]
+        model.set_wavefront(None)
+        model.zero_grad(set_to_none=True)
+        logits, _ = model(mb.inputs)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), mb.targets.flatten(), reduction="none")
+        (ce * mb.mask.flatten()).sum().backward()
+        want = [None if p.grad is None else p.grad.clone() for p in step.params]
+        model.set_wavefront(8)
+        for a, b in zip(got, want, strict=True):
+            if a is not None and b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
