@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cuda-graph", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--seconds", type=float, default=None,
+                   help="stop at this much training time, with an evaluation and a checkpoint (as bench.health)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = TrainConfig(steps=a.steps, batch=a.batch, seq_len=a.seq_len, device=a.device, cuda_graph=a.cuda_graph,
                       compile=a.compile, eval_every=a.eval_every or a.steps, log_every=a.every,
-                      threads=a.threads or None, ckpt_every=a.steps)
+                      threads=a.threads or None, ckpt_every=a.steps, time_limit=a.seconds)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(spec, cfg, Path(tmp) / "run")
         cuda = a.device != "cpu" and torch.cuda.is_available()
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped: {str(err).splitlines()[0]}")
         finally:
             hook.remove()
+        if cuda:  # what the last step's evaluation and checkpoint added (after the last record)
+            print(f"after the last record (final evaluation, checkpoint): allocated "
+                  f"{torch.cuda.memory_allocated() / 1e9:.3f} GB, peak {torch.cuda.max_memory_allocated() / 1e9:.3f} GB")
     if len(records) >= 3:
         (s0, m0, _), (s1, m1, _) = records[1], records[-1]
         print(f"growth: {(m1 - m0) / 1e6 / (s1 - s0) * 100:+.1f} MB per 100 steps (steps {s0}-{s1})")
