@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cuda-graph", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--snapshot", default=None, metavar="FILE",
+                   help="CUDA: record every allocation's stack and write torch's memory snapshot to FILE at the end "
+                        "(open it at https://pytorch.org/memory_viz)")
     p.add_argument("--seconds", type=float, default=None,
                    help="stop at this much training time, with an evaluation and a checkpoint (as bench.health)")
     p.add_argument("--threads", type=int, default=0)
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(spec, cfg, Path(tmp) / "run")
         cuda = a.device != "cpu" and torch.cuda.is_available()
+        if cuda and a.snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
         records: list[tuple[int, int, int]] = []
         count = [0]
 
@@ -94,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped: {str(err).splitlines()[0]}")
         finally:
             hook.remove()
+        if cuda and a.snapshot:
+            torch.cuda.memory._dump_snapshot(a.snapshot)
+            torch.cuda.memory._record_memory_history(enabled=None)
+            print(f"memory snapshot: {a.snapshot}")
         if cuda:  # what the last step's evaluation and checkpoint added (after the last record)
             print(f"after the last record (final evaluation, checkpoint): allocated "
                   f"{torch.cuda.memory_allocated() / 1e9:.3f} GB, peak {torch.cuda.max_memory_allocated() / 1e9:.3f} GB")
