@@ -31,6 +31,43 @@ def resident_bytes() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def live_at_peak(trace: list[dict[str, Any]]) -> tuple[int, dict[int, dict[str, Any]]]:
+    """Replay one device's allocation trace (``torch.cuda.memory._snapshot()["device_traces"][i]``):
+    the most bytes ever allocated at once and the allocations alive at that moment."""
+    def replay(stop: int | None) -> tuple[int, int, dict[int, dict[str, Any]]]:
+        live: dict[int, dict[str, Any]] = {}
+        cur = peak = peak_at = 0
+        for i, ev in enumerate(trace[:stop]):
+            if ev["action"] == "alloc":
+                live[ev["addr"]] = ev
+                cur += ev["size"]
+            elif ev["action"] == "free_completed" and ev["addr"] in live:
+                cur -= live.pop(ev["addr"])["size"]
+            if cur > peak:
+                peak, peak_at = cur, i + 1
+        return peak, peak_at, live
+
+    peak, peak_at, _ = replay(None)
+    return peak, replay(peak_at)[2]
+
+
+def where(ev: dict[str, Any]) -> str:
+    """The innermost frame of an allocation inside nestlearn (else the innermost of all)."""
+    frames = ev.get("frames") or []
+    ours = [f for f in frames if "nestlearn" in f.get("filename", "")]
+    f = (ours or frames or [{}])[0]
+    return f"{Path(f.get('filename', '?')).name}:{f.get('line', '?')} {f.get('name', '?')}"
+
+
+def top_sites(live: dict[int, dict[str, Any]], n: int = 12) -> list[tuple[int, str]]:
+    """The ``n`` code sites holding the most bytes among ``live`` allocations."""
+    by: dict[str, int] = {}
+    for ev in live.values():
+        site = where(ev)
+        by[site] = by.get(site, 0) + ev["size"]
+    return sorted(((b, s) for s, b in by.items()), reverse=True)[:n]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.memory_growth", description=__doc__.split("\n\n")[0])
     p.add_argument("spec")
@@ -101,8 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             hook.remove()
         if cuda and a.snapshot:
             torch.cuda.memory._dump_snapshot(a.snapshot)
+            snap = torch.cuda.memory._snapshot()
             torch.cuda.memory._record_memory_history(enabled=None)
             print(f"memory snapshot: {a.snapshot}")
+            for trace in snap["device_traces"]:
+                if trace:
+                    peak, live = live_at_peak(trace)
+                    print(f"at the recorded peak, {peak / 1e9:.3f} GB allocated; the sites holding most of it:")
+                    for size, site in top_sites(live):
+                        print(f"  {size / 1e9:8.3f} GB  {site}")
         if cuda:  # what the last step's evaluation and checkpoint added (after the last record)
             print(f"after the last record (final evaluation, checkpoint): allocated "
                   f"{torch.cuda.memory_allocated() / 1e9:.3f} GB, peak {torch.cuda.max_memory_allocated() / 1e9:.3f} GB")
