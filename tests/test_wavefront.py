@@ -53,6 +53,13 @@ def test_wavefront_equals_the_block_loop(path: Path) -> None:
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+    # a later call continues from a carried state (the trainer's --carry-state, generation)
+    more = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got_next, _ = model(more, got_state)
+        model.set_wavefront(None)
+        want_next, _ = model(more, want_state)
+    torch.testing.assert_close(got_next, want_next, rtol=1e-10, atol=1e-10)
 
 
 def test_runs_in_wavefront_order() -> None:
