@@ -71,12 +71,14 @@ def run_wavefront(blocks: Sequence[nn.Module], h: Tensor, state: dict[str, Any],
     for d in range(n + depth - 1):
         for b in range(max(0, d - n + 1), min(depth, d + 1)):
             s, lane = d - b, lanes[b]
-            if b == 0:
-                x = pieces[s]
-            else:
+            if b > 0:
                 lane.wait_event(ready[b - 1][s])
-                x = outs[b - 1][s]
-                x.record_stream(lane)  # made on block b-1's stream: not reused before block b is done with it
+            x = pieces[s] if b == 0 else outs[b - 1][s]
+            # made on another stream (the caller's, block b-1's) and read -- or saved for the
+            # backward -- on this one: its memory is not reused before this stream is done with it
+            x.record_stream(lane)
+            if s == 0:
+                _record_tree(states[b], lane)  # the caller's initial state
             with torch.cuda.stream(lane):
                 y, states[b] = blocks[b](x, states[b])
                 done = torch.cuda.Event()
