@@ -1,0 +1,122 @@
+"""``python -m bench.wavefront [SPEC ...] [--shapes 8x2048 1x16384] [--segments 256 512] [--device cuda]``:
+a whole model's forward + backward with its blocks in a loop and as a wavefront over segments
+(``compile/wavefront.py``), timed in one process, eagerly and from a CUDA graph. One table at the
+end: tokens/s per (spec, shape, segment) and the ratio to the block loop, plus the largest
+difference of the outer gradients from the loop's (the check that the overlap computed the same
+thing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import nestlearn
+from bench.run import graphed, positive_int, seconds_of
+
+SPECS = ("models/hope.yaml", "specs/titans-mal.yaml")
+
+
+def shape(text: str) -> tuple[int, int]:
+    """``BxT`` -> ``(B, T)``."""
+    try:
+        b, t = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        b = t = 0
+    if b <= 0 or t <= 0:
+        raise argparse.ArgumentTypeError(f"expected BATCHxTOKENS such as 8x2048, got {text!r}")
+    return b, t
+
+
+def timed(step: Callable[[], Any], dev: torch.device, reps: int) -> float:
+    step()
+    return statistics.median(seconds_of(step, dev) for _ in range(reps))
+
+
+Row = tuple[str, str, str, float, "float | None", float]
+
+
+def time_model(model: Any, b: int, t: int, segments: list[int], dev: torch.device, reps: int,
+               graph: bool) -> list[Row]:
+    """One row per segment (``loop`` first): eager and graphed seconds of a forward + backward,
+    and the largest gradient difference from the loop's, relative to that gradient's largest entry."""
+    name = model.spec.name
+    x = torch.randint(0, model.spec.model.vocab, (b, t + 1), device=dev)
+
+    def step() -> None:
+        for q in model.parameters():
+            q.grad = None
+        out = model(x[:, :-1])[0]
+        F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+
+    def grads() -> list[torch.Tensor]:
+        step()
+        return [q.grad.float().clone() for q in model.parameters() if q.grad is not None]
+
+    rows: list[Row] = []
+    model.set_wavefront(None)
+    ref = grads()
+    for seg in [None, *segments]:
+        model.set_wavefront(seg)
+        diff = 0.0 if seg is None else max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-12))
+                                           for g, r in zip(grads(), ref, strict=True))
+        try:
+            eager = timed(step, dev, reps)
+            replay = timed(graphed(lambda: step, warmup=1)(), dev, reps) if graph else None
+        except torch.OutOfMemoryError:
+            print(f"{name} {b}x{t} wavefront {seg}: out of memory", file=sys.stderr)
+            torch.cuda.empty_cache()
+            continue
+        rows.append((name, f"{b}x{t}", "loop" if seg is None else str(seg), eager, replay, diff))
+        print(f"{name} {b}x{t} {rows[-1][2]}: eager {eager * 1e3:.1f} ms"
+              + (f", graph {replay * 1e3:.1f} ms" if replay is not None else ""), file=sys.stderr, flush=True)
+    model.set_wavefront(None)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.wavefront", description=__doc__.split("\n\n")[0])
+    p.add_argument("specs", nargs="*", default=list(SPECS))
+    p.add_argument("--shapes", type=shape, nargs="+", default=[(8, 2048), (1, 16384)])
+    p.add_argument("--segments", type=positive_int, nargs="+", default=[256, 512])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=positive_int, default=3)
+    p.add_argument("--no-graph", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], help="spec overrides (key=value)")
+    a = p.parse_args(argv)
+    dev = torch.device(a.device)
+    graph = dev.type == "cuda" and not a.no_graph
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    rows: list[Row] = []
+    for path in a.specs:
+        torch.manual_seed(0)
+        try:
+            model = nestlearn.compile(path, a.set).to(dev, dtype)
+        except Exception as err:  # noqa: BLE001 - one line per unusable spec, the table goes on
+            print(f"{path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+            continue
+        for b, t in a.shapes:
+            rows += time_model(model, b, t, a.segments, dev, a.reps, graph)
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"\n# forward + backward, {dtype}, {device}; ratio = tokens/s against the block loop's (graph where timed)")
+    print(f"{'spec':<12} {'shape':>9} {'segment':>8} {'eager tok/s':>12} {'graph tok/s':>12} {'ratio':>6} {'grad diff':>9}")
+    base: dict[tuple[str, str], float] = {}
+    for name, shp, seg, eager, replay, diff in rows:
+        b, t = shape(shp)
+        best = replay if replay is not None else eager
+        if seg == "loop":
+            base[(name, shp)] = best
+        ratio = base.get((name, shp), best) / best
+        print(f"{name:<12} {shp:>9} {seg:>8} {b * t / eager:>12,.0f} "
+              f"{(f'{b * t / replay:,.0f}' if replay is not None else '-'):>12} {ratio:>5.2f}x {diff:>9.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
