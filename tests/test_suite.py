@@ -375,3 +375,18 @@ def test_carry_state_reaches_the_trainer_and_leaves_old_fingerprints_alone(
     fr.resolve()
     run = next(r for r in formal.grid() if r.key == "parity/transformer/seed0")
     assert fr.fingerprint(run) == stored["parity/transformer/seed0"]["fingerprint"]
+
+
+def test_wavefront_reaches_the_trainer_and_leaves_the_fingerprint_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``budget.wavefront`` is execution only: passed to TrainConfig, the run's fingerprint the same."""
+    from nestlearn.suite.experiment import fingerprint
+
+    monkeypatch.chdir(ROOT)
+    off = load_experiment(write(tmp_path, TINY), out=tmp_path / "o")
+    on = load_experiment(write(tmp_path, TINY.replace("threads: 1}", "threads: 1, wavefront: 16}"), "wave.yaml"),
+                         out=tmp_path / "o")
+    runner = SuiteRunner(on, command="test", quiet=True)
+    runner.resolve()
+    assert runner.config(on.grid()[0]).wavefront == 16
+    assert fingerprint(off.grid()[0], off, "h") == fingerprint(on.grid()[0], on, "h")

@@ -81,6 +81,9 @@ class Budget(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     cuda_graph: bool = False
     compile: bool = False
+    wavefront: Positive | None = None
+    """The blocks as a wavefront over segments of this many tokens (``nestlearn run --wavefront``):
+    execution only, the same results, so it leaves a run's fingerprint alone."""
     threads: Positive | None = None
     carry_state: bool = False
     """Carry every in-context level's state from one batch to the next (``nestlearn run
@@ -337,7 +340,7 @@ def fingerprint(run: Run, exp: Experiment, spec_hash: str) -> str:
     payload = {"spec": spec_hash, "overrides": list(run.spec.overrides), "profile": run.spec.profile,
                "task": run.task.name, "options": run.task.options, "seq_len": run.task.seq_len,
                "steps": run.task.steps, "seed": run.seed,
-               "budget": {k: v for k, v in b.items() if k not in ("device", "threads", "cuda_graph", "compile")}}
+               "budget": {k: v for k, v in b.items() if k not in ("device", "threads", "cuda_graph", "compile", "wavefront")}}
     if b.get("carry_state"):
         # a carrying run's phase evaluations, made while it trains, now start from the carried
         # state: results evaluated from the initial state before that must not be kept
