@@ -230,6 +230,18 @@ class Trainer(Steps):
                 return float(rec["loss"])
         return None
 
+    def _wavefront_note(self, segment: int) -> str:
+        """What ``--wavefront`` does to this run, said once (or why it does nothing)."""
+        depth = len(self.model.blocks)  # type: ignore[arg-type]
+        seq = self.config.seq_len
+        if depth < 2 or seq <= segment:
+            why = "the model has one block" if depth < 2 else f"--seq-len {seq} fits in one segment"
+            return f"--wavefront {segment}: no effect ({why})"
+        pieces = -(-seq // segment)
+        return (f"--wavefront {segment}: {depth} blocks over {pieces} segments of up to {segment} tokens, "
+                f"{pieces + depth - 1} steps instead of {pieces * depth}"
+                + (", each block on its own CUDA stream" if self.device.type == "cuda" else ""))
+
     # ---------------------------------------------------------------- pieces of a step
     # ---------------------------------------------------------------- evaluation & checkpoints
     def model_fn(self) -> Callable[[Tensor], Tensor]:
@@ -333,6 +345,8 @@ class Trainer(Steps):
         if cfg.carry_state:
             self.reporter.message("--carry-state: every evaluation starts its held-out rows from the state the "
                                   "training stream carries at that moment, and leaves that state as it was")
+        if cfg.wavefront is not None:
+            self.reporter.message(self._wavefront_note(cfg.wavefront))
         if self.graphed is not None:
             self.reporter.message(CUDA_GRAPH_NOTE)
         elif self._launch_bound_hint():
