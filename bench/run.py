@@ -249,12 +249,19 @@ def delta_kernel_step(b: int, t: int, h: int, d: int, dev: torch.device, backend
     return build
 
 
-def titans_pytorch_step(b: int, t: int, dev: torch.device) -> Callable[[], Step]:
+def titans_pytorch_step(b: int, t: int, dev: torch.device, dim_head: int | None = None,
+                       batch_size: int | None = None) -> Callable[[], Step]:
+    """titans-pytorch's ``NeuralMemory(dim=512, heads=4, chunk_size=64)``: by default each head is
+    ``dim_head = dim`` wide (16x our bench spec's memory per head) and every chunk's gradient is
+    taken at the weights the call started from (then associative scans over momentum and decay:
+    parallel over chunks). ``dim_head=128`` gives our head size; ``batch_size=64`` updates the
+    weights after every chunk, so each chunk's gradient is taken at its own start weights, as in
+    the Titans paper's mini-batch form and in nestlearn (one ``store_memories`` call per chunk)."""
     def build() -> Step:
         from titans_pytorch import NeuralMemory
 
         torch.manual_seed(0)
-        mem = NeuralMemory(dim=512, heads=4, chunk_size=64).to(dev)
+        mem = NeuralMemory(dim=512, heads=4, chunk_size=64, dim_head=dim_head, batch_size=batch_size).to(dev)
         x = torch.randn(b, t, 512, device=dev)
 
         def step() -> None:
@@ -409,7 +416,13 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
                         compiled_step(tm, b, t, "fp32", dev, compile_steps=True),
                         note="chunk step through torch.compile (CompiledModel.compile_chunk_steps)"))
         if gpu and importable("titans_pytorch"):
-            out.append(Case("titans-memory", "titans-pytorch", b, t, "fp32", titans_pytorch_step(b, t, dev)))
+            out.append(Case("titans-memory", "titans-pytorch", b, t, "fp32", titans_pytorch_step(b, t, dev),
+                            note="defaults: dim_head 512 (16x our memory per head), gradients at the call's start weights"))
+            out.append(Case("titans-memory", "titans-pytorch-dh128", b, t, "fp32", titans_pytorch_step(b, t, dev, 128),
+                            note="our head size; gradients at the call's start weights (parallel over chunks)"))
+            out.append(Case("titans-memory", "titans-pytorch-dh128-batch64", b, t, "fp32",
+                            titans_pytorch_step(b, t, dev, 128, 64),
+                            note="our head size and our math: weights updated after every chunk (batch_size=64)"))
     dn = specs.deltanet(D, 4, None if not small else 16)
     dn_sizes = [(8, 2048), (1, 65536)] if not small else [(2, 128)]
     for b, t in dn_sizes:
