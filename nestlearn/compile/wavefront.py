@@ -51,20 +51,28 @@ def run_wavefront(blocks: Sequence[nn.Module], h: Tensor, state: dict[str, Any],
     string), computed over segments of ``segment`` tokens in wavefront order. Returns the last
     block's output and every block's final state, as the plain loop over blocks would."""
     pieces = list(h.split(segment, 1))
+    states: list[Any] = [state.get(str(b)) for b in range(len(blocks))]
+    if h.device.type == "cuda":
+        return _streamed(blocks, pieces, states, streams)
     n, depth = len(pieces), len(blocks)
-    states: list[Any] = [state.get(str(b)) for b in range(depth)]
     outs: list[list[Tensor]] = [[] for _ in range(depth)]
-    cuda = h.device.type == "cuda"
-    if not cuda:
-        for d in range(n + depth - 1):
-            for b in range(max(0, d - n + 1), min(depth, d + 1)):
-                x = pieces[d - b] if b == 0 else outs[b - 1][d - b]
-                y, states[b] = blocks[b](x, states[b])
-                outs[b].append(y)
-        return torch.cat(outs[-1], 1), {str(b): st for b, st in enumerate(states)}
+    for d in range(n + depth - 1):
+        for b in range(max(0, d - n + 1), min(depth, d + 1)):
+            x = pieces[d - b] if b == 0 else outs[b - 1][d - b]
+            y, states[b] = blocks[b](x, states[b])
+            outs[b].append(y)
+    return torch.cat(outs[-1], 1), {str(b): st for b, st in enumerate(states)}
 
-    ambient = torch.cuda.current_stream(h.device)
-    lanes = streams.get(h.device, depth)
+
+@torch.compiler.disable  # stream and event calls stay out of dynamo (--compile without --cuda-graph)
+def _streamed(blocks: Sequence[nn.Module], pieces: list[Tensor], states: list[Any],
+              streams: BlockStreams) -> tuple[Tensor, dict[str, Any]]:
+    """The CUDA wavefront: block b on stream b, each segment after the block below's."""
+    n, depth = len(pieces), len(blocks)
+    outs: list[list[Tensor]] = [[] for _ in range(depth)]
+    device = pieces[0].device
+    ambient = torch.cuda.current_stream(device)
+    lanes = streams.get(device, depth)
     for lane in lanes:  # every block's stream starts after what was queued before this call
         lane.wait_stream(ambient)
     ready: list[list[torch.cuda.Event]] = [[] for _ in range(depth)]
