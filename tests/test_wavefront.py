@@ -129,3 +129,24 @@ def test_gpu_streams_eager_and_graphed_equal_the_block_loop(name: str) -> None:
         for a, b in zip(got, want, strict=True):
             if a is not None and b is not None:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_hope_on_the_triton_kernels_as_a_wavefront() -> None:
+    """HOPE at a size the fused DGD kernels take (heads of 16, chunk 16), segments of whole chunks:
+    the kernels' forward and backward launched on the blocks' streams give the loop's gradients."""
+    over = ["model.dim=64", "model.heads=4", "model.depth=3", "levels.cms_mid.period=32", "levels.cms_slow.period=64"]
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(nestlearn.compile(nestlearn.load_spec(ROOT / "models/hope.yaml", overrides=over)).cuda())
+    plain, wave = models
+    wave.set_wavefront(32)
+    tokens = torch.randint(0, 256, (2, 128), generator=torch.Generator().manual_seed(6)).cuda()
+    want_y, _, want_g = _forward_backward(plain, tokens)
+    got_y, _, got_g = _forward_backward(wave, tokens)
+    torch.testing.assert_close(got_y, want_y, rtol=1e-4, atol=1e-4)
+    for a, b in zip(got_g, want_g, strict=True):
+        if a is not None and b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
