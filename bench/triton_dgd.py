@@ -93,12 +93,15 @@ GradFn = Callable[[], tuple[torch.Tensor, ...]]
 
 
 def kernel_train_fn(x: dict[str, Any], leaves: dict[str, torch.Tensor], chunk: int, save_every: int,
-                    compiled: bool = False, backward: str = "recompute") -> GradFn:
+                    compiled: bool = False, backward: str = "recompute", carry_mem: bool = False) -> GradFn:
+    import os
+
     from nestlearn.loops.triton.dgd_mlp import dgd_mlp
 
     b = x["q"].shape[0]
 
     def run() -> tuple[torch.Tensor, ...]:
+        os.environ["NESTLEARN_DGD_BWD_CARRY"] = "memory" if carry_mem else "registers"
         lv = leaves
         w = (lv["w0"].expand(b, -1, -1, -1), lv["w1"].expand(b, -1, -1, -1))
         out = dgd_mlp(lv["q"], lv["k"], lv["v"], lv["lr"], lv["decay"], x["beta"], w, x["momenta"], chunk=chunk,
@@ -138,6 +141,8 @@ def train_rows(x: dict[str, Any], chunk: int, warmup: int, reps: int, save_every
         (f"triton fwd + compiled recompute, save {save_every}",
          lambda: kernel_train_fn(x, leaves, chunk, save_every, compiled=True)),
         ("triton fwd + fused triton bwd", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused")),
+        ("same, adjoints carried in memory", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused",
+                                                                     carry_mem=True)),
     ]
     ref = dual_train_fn(x, leaves, chunk, False)()
     results: list[str] = []
@@ -197,7 +202,7 @@ def time_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
 
 
 def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | None = None, arch: int = 90,
-                save: bool = True, backward: bool = False) -> str:
+                save: bool = True, backward: bool = False, carry_mem: bool = False) -> str:
     """Compile the kernel for ``sm_<arch>`` without a GPU (triton ships ptxas) with
     ``dgd_mlp.launch_options`` and return ptxas's ``REG:<registers> STACK:<spilled bytes>`` per
     thread and the program's ``SHARED:<bytes>``; ``save``: the training variant (it also writes the backward's checkpoints);
@@ -218,6 +223,8 @@ def ptxas_usage(d: int, chunk: int, precision: str = "ieee", num_warps: int | No
     consts: dict[str, Any] = {"BT": chunk, "LOG_BT": chunk.bit_length() - 1, "D": d, "CLIP": True, "PREC": precision}
     if not backward:
         consts["SAVE"] = save
+    else:
+        consts["CARRY_MEM"] = carry_mem
     sig = {n: ("*fp32" if n.endswith(("_ptr", "_out")) else "constexpr" if n in consts
                else "fp32" if n == "clip" else "i32") for n in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
@@ -238,12 +245,12 @@ def ptxas_table(d: int, chunk: int, arch: int = 90) -> None:
     from nestlearn.loops.triton.dgd_mlp import launch_options
 
     print(f"# ptxas, sm_{arch}: D {d}, chunk {chunk} (REG: registers per thread, STACK: bytes of spills per thread)")
-    for backward in (False, True):
+    for kind in ("fwd", "bwd", "bwd-mem"):
         for prec in ("ieee", "tf32x3", "tf32"):
             for warps in (4, 8, 16):
                 cap = launch_options(d, warps).get("maxnreg", "-")
-                usage = ptxas_usage(d, chunk, prec, warps, arch, backward=backward)
-                print(f"{'bwd' if backward else 'fwd'} {prec:<7} num_warps {warps:>2} maxnreg {cap}: {usage}")
+                usage = ptxas_usage(d, chunk, prec, warps, arch, backward=kind != "fwd", carry_mem=kind == "bwd-mem")
+                print(f"{kind:<7} {prec:<7} num_warps {warps:>2} maxnreg {cap}: {usage}", flush=True)
 
 
 def model_rows(batch: int, seq: int, warmup: int, reps: int) -> None:

@@ -288,19 +288,25 @@ def test_backward_strong_gates_and_chunk_32(dgd_mlp: ModuleType, backward: str) 
     check_grads(dgd_mlp, leaves(2, 1, 64, 16, seed=3, strong=True), 32, 1.0, 1, seed=1, backward=backward)
 
 
+@pytest.mark.parametrize("carry", ["registers", "memory"])
 @pytest.mark.parametrize("clip", [None, 1.0, 5.0])  # 1.0 clips every token here, 5.0 about half
-def test_fused_backward_equals_dgd_dual(dgd_mlp: ModuleType, clip: float | None) -> None:
+def test_fused_backward_equals_dgd_dual(dgd_mlp: ModuleType, clip: float | None, carry: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused Triton backward (``dgd_mlp_bwd.py``, interpreted on the CPU) against autograd
     through ``dgd_dual``: B=1, H=2, D=16, chunk 16, 3 chunks, every output's random cotangent to
-    every input, fp32 (~1e-6)."""
+    every input, fp32 (~1e-6); its carried adjoints in registers or (``NESTLEARN_DGD_BWD_CARRY``)
+    in memory."""
+    monkeypatch.setenv("NESTLEARN_DGD_BWD_CARRY", carry)
     print(check_grads(dgd_mlp, leaves(1, 2, 48, 16, seed=11), 16, clip, 1, backward="fused"))
 
 
+@pytest.mark.parametrize("carry_mem", [False, True])
 @pytest.mark.parametrize("chunk,d,chunks", [(16, 16, 3), (32, 16, 2), (16, 32, 2)])
-def test_fused_backward_equals_its_reference(dgd_mlp: ModuleType, chunk: int, d: int, chunks: int) -> None:
+def test_fused_backward_equals_its_reference(dgd_mlp: ModuleType, chunk: int, d: int, chunks: int,
+                                             carry_mem: bool) -> None:
     """The kernel against its spec (``dgd_mlp_bwd_ref``, same fp32 checkpoints from the forward
     kernel), per gradient, with the anchor's and the end state's cotangents, at every chunk
-    length / a wider head the forward tests use."""
+    length / a wider head the forward tests use; the carried adjoints in registers or in memory."""
     from nestlearn.loops.triton import dgd_mlp_bwd_ref as spec
     from nestlearn.loops.triton.dgd_mlp_bwd import dgd_mlp_bwd_fused
 
@@ -309,7 +315,8 @@ def test_fused_backward_equals_its_reference(dgd_mlp: ModuleType, chunk: int, d:
     out = dgd_mlp.dgd_mlp_fwd(q, k, v, lr, decay, beta, (w0, w1), (m0, m1), chunk=chunk, clip=1.0, save_every=1)
     g = torch.Generator().manual_seed(14)
     cots = tuple(torch.randn(o.shape, generator=g).to(DEV) for o in (out.y, *out.weights, *out.momenta, *out.anchor))
-    got = dgd_mlp_bwd_fused((q, k, v, lr, decay, beta), list(out.saved), cots, chunk=chunk, clip=1.0)
+    got = dgd_mlp_bwd_fused((q, k, v, lr, decay, beta), list(out.saved), cots, chunk=chunk, clip=1.0,
+                            carry_mem=carry_mem)
     want = spec.dgd_mlp_bwd_reference((q, k, v, lr, decay, beta), list(out.saved), cots, chunk=chunk, clip=1.0)
     errs = {n: _rel(a, b) for n, a, b in zip(NAMES, got, want)}
     assert max(errs.values()) < TOL, errs

@@ -264,6 +264,17 @@ def _square(x: Tensor, d: int) -> Tensor:
     return x if (x.stride(-1) == 1 and x.stride(-2) == d) else x.contiguous()
 
 
+def bwd_carry_mem() -> bool:
+    """Where the fused backward keeps the four carried adjoints between chunks:
+    ``NESTLEARN_DGD_BWD_CARRY=memory`` in the output buffers (L2), else in registers. ptxas at
+    D 64 / chunk 16 (sm_90, ieee): spills 8.6 KB -> 6.4 KB a thread at 16 warps, shared memory
+    231 KB -> 144 KB (``python -m bench.triton_dgd --ptxas``); which is faster is for a GPU to say
+    (``--train`` times both), so registers stay the default until then."""
+    import os
+
+    return os.environ.get("NESTLEARN_DGD_BWD_CARRY", "registers") == "memory"
+
+
 def launch_options(d: int, num_warps: int | None = None, maxnreg: int | None = None) -> dict[str, int]:
     """``num_warps`` and ptxas's register cap. The kernel is persistent (one program per SM at a
     time), so the cap defaults to the whole register file of one program, ``65536 / threads``
@@ -432,7 +443,8 @@ def _fused_bwd(inputs: tuple[Tensor, ...], saved: list[Tensor], cots: tuple[Tens
     if size in _bwd_too_big:
         return None
     try:
-        return list(dgd_mlp_bwd_fused(inputs, saved, cots, chunk=chunk, clip=clip, precision=precision, **launch))
+        return list(dgd_mlp_bwd_fused(inputs, saved, cots, chunk=chunk, clip=clip, precision=precision,
+                                      carry_mem=bwd_carry_mem(), **launch))
     except Exception as exc:  # a device without the shared memory / registers this size needs
         if type(exc).__name__ != "OutOfResources":
             raise

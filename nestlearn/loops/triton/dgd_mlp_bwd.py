@@ -144,6 +144,7 @@ def _dgd_mlp_bwd_kernel(
     dw0_ptr, dw1_ptr, dm0_ptr, dm1_ptr,  # [B, H, D, D] contiguous: the initial state's adjoints
     H, n_chunks, clip,
     BT: tl.constexpr, LOG_BT: tl.constexpr, D: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+    CARRY_MEM: tl.constexpr = False,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // H
@@ -153,11 +154,20 @@ def _dgd_mlp_bwd_kernel(
     w_off = rd[:, None] * D + rd[None, :]
     st_off = pid * D * D + w_off
 
-    # the carried adjoints: of the state after the chunk being walked (first: the call's end)
-    dW0 = tl.load(gw0_ptr + st_off)
-    dW1 = tl.load(gw1_ptr + st_off)
-    dM0 = tl.load(gm0_ptr + st_off)
-    dM1 = tl.load(gm1_ptr + st_off)
+    # the carried adjoints: of the state after the chunk being walked (first: the call's end).
+    # CARRY_MEM keeps them in the output buffers (L2) between chunks, not in registers: four
+    # D x D fp32 blocks less live across the loop, for a store and a load of 4 D^2 per chunk
+    if CARRY_MEM:
+        tl.store(dw0_ptr + st_off, tl.load(gw0_ptr + st_off))
+        tl.store(dw1_ptr + st_off, tl.load(gw1_ptr + st_off))
+        tl.store(dm0_ptr + st_off, tl.load(gm0_ptr + st_off))
+        tl.store(dm1_ptr + st_off, tl.load(gm1_ptr + st_off))
+        tl.debug_barrier()
+    else:
+        dW0 = tl.load(gw0_ptr + st_off)
+        dW1 = tl.load(gw1_ptr + st_off)
+        dM0 = tl.load(gm0_ptr + st_off)
+        dM1 = tl.load(gm1_ptr + st_off)
 
     le = rt[:, None] >= rt[None, :]
     lt = rt[:, None] > rt[None, :]
@@ -228,8 +238,14 @@ def _dgd_mlp_bwd_kernel(
         E1, P1 = _solve(W1, M1, x1, u1, d1, gam_p, c_p, Keta_p, G_p, eye, LOG_BT, PREC)
 
         # ---- backward ----
+        if CARRY_MEM:
+            dW1 = tl.load(dw1_ptr + st_off)
+            dM1 = tl.load(dm1_ptr + st_off)
         dW1s, dM1s, dE1, du1, dx1, dd1s, dgam_e, dc_e, db_e, dketa_e, dg_e, dB_e = _end_bwd(
             W1, M1, x1, u1, d1, E1, dW1, dM1, gam_e, c_e, b_e, keta_e, g_e, B_e, PREC)
+        if CARRY_MEM:
+            dW0 = tl.load(dw0_ptr + st_off)
+            dM0 = tl.load(dm0_ptr + st_off)
         dW0s, dM0s, dE0, du0, dk, dd0s, e0, e1, e2, e3, e4, e5 = _end_bwd(
             W0, M0, k, u0, d0, E0, dW0, dM0, gam_e, c_e, b_e, keta_e, g_e, B_e, PREC)
         dgam_e += e0
@@ -311,24 +327,33 @@ def _dgd_mlp_bwd_kernel(
         tl.store(ddc_ptr + tok_base + tok, -dlog_lam * _safe_log_grad(lam))
         tl.store(dbt_ptr + tok_base + tok, dlog_beta * _safe_log_grad(bet))
 
-        dW0 = dW0s
-        dW1 = dW1s
-        dM0 = dM0s
-        dM1 = dM1s
         if ci == n_chunks - 1:  # the anchor is this (the last) chunk's start state
-            dW0 += tl.load(ga0_ptr + st_off)
-            dW1 += tl.load(ga1_ptr + st_off)
+            dW0s += tl.load(ga0_ptr + st_off)
+            dW1s += tl.load(ga1_ptr + st_off)
+        if CARRY_MEM:
+            tl.debug_barrier()  # every thread has read this chunk's carried adjoints ...
+            tl.store(dw0_ptr + st_off, dW0s)
+            tl.store(dw1_ptr + st_off, dW1s)
+            tl.store(dm0_ptr + st_off, dM0s)
+            tl.store(dm1_ptr + st_off, dM1s)
+            tl.debug_barrier()  # ... and written the next chunk's before any reads them
+        else:
+            dW0 = dW0s
+            dW1 = dW1s
+            dM0 = dM0s
+            dM1 = dM1s
 
-    tl.store(dw0_ptr + st_off, dW0)
-    tl.store(dw1_ptr + st_off, dW1)
-    tl.store(dm0_ptr + st_off, dM0)
-    tl.store(dm1_ptr + st_off, dM1)
+    if not CARRY_MEM:
+        tl.store(dw0_ptr + st_off, dW0)
+        tl.store(dw1_ptr + st_off, dW1)
+        tl.store(dm0_ptr + st_off, dM0)
+        tl.store(dm1_ptr + st_off, dM1)
 
 
 def dgd_mlp_bwd_fused(
     inputs: tuple[Tensor, ...], saved: list[Tensor], cots: tuple[Tensor | None, ...], *,
     chunk: int, clip: float | None, precision: str = "ieee", num_warps: int | None = None,
-    maxnreg: int | None = None,
+    maxnreg: int | None = None, carry_mem: bool = False,
 ) -> list[Tensor]:
     """The adjoints of ``(q, k, v, lr, decay, beta, W0, W1, M0, M1)`` from those of
     ``(y, W0', W1', M0', M1', anchor0, anchor1)`` (``None``: zero) by the fused kernel, given the
@@ -364,7 +389,7 @@ def dgd_mlp_bwd_fused(
         beta.stride(0), beta.stride(1), beta.stride(2),
         *saved, gy, *gstate, dq, dk, dv, *dgates, *dstate,
         heads, n_chunks, float(clip or 0.0),
-        BT=chunk, LOG_BT=chunk.bit_length() - 1, D=d, CLIP=clip is not None, PREC=precision,
+        BT=chunk, LOG_BT=chunk.bit_length() - 1, D=d, CLIP=clip is not None, PREC=precision, CARRY_MEM=carry_mem,
         **launch_options(d, num_warps, maxnreg),
     )
     return [dq, dk, dv, *dgates, *dstate]
