@@ -41,3 +41,25 @@ def test_rules_and_compile_are_still_there() -> None:
 
     assert callable(nestlearn.compile) and nestlearn.compile.__module__ == "nestlearn"
     assert callable(nestlearn.rules.adam)
+
+
+BUILD_AND_RUN = """
+import sys
+import torch
+import nestlearn
+
+model = nestlearn.compile("models/hope.yaml", ["model.dim=32", "model.depth=2", "model.heads=2"])
+model.set_wavefront(8)
+model(torch.randint(0, 256, (1, 24)))[0].sum().backward()
+loaded = sorted(m for m in sys.modules if m in ("triton", "torch._dynamo", "torch._inductor"))
+assert not loaded, f"building and running a model on the CPU imported {loaded}"
+"""
+
+
+def test_building_and_running_a_model_imports_neither_triton_nor_dynamo() -> None:
+    """Not on the CPU path: triton imported before ``tests/test_triton_dgd.py`` sets
+    ``TRITON_INTERPRET`` would skip every kernel test, and dynamo costs seconds of import."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", BUILD_AND_RUN], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr

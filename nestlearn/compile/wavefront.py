@@ -24,7 +24,8 @@ independent work changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ def run_wavefront(blocks: Sequence[nn.Module], h: Tensor, state: dict[str, Any],
     pieces = list(h.split(segment, 1))
     states: list[Any] = [state.get(str(b)) for b in range(len(blocks))]
     if h.device.type == "cuda":
-        return _streamed(blocks, pieces, states, streams)
+        return _streamed_outside_dynamo()(blocks, pieces, states, streams)
     n, depth = len(pieces), len(blocks)
     outs: list[list[Tensor]] = [[] for _ in range(depth)]
     for d in range(n + depth - 1):
@@ -64,7 +65,15 @@ def run_wavefront(blocks: Sequence[nn.Module], h: Tensor, state: dict[str, Any],
     return torch.cat(outs[-1], 1), {str(b): st for b, st in enumerate(states)}
 
 
-@torch.compiler.disable  # stream and event calls stay out of dynamo (--compile without --cuda-graph)
+@functools.cache
+def _streamed_outside_dynamo() -> Callable[..., tuple[Tensor, dict[str, Any]]]:
+    """``_streamed`` kept out of dynamo (its stream and event calls; ``--compile`` without
+    ``--cuda-graph``). Wrapped at the first CUDA call, not at import: ``torch.compiler.disable``
+    imports dynamo, and with it triton, which must not happen before a test sets
+    ``TRITON_INTERPRET``, nor cost every ``import nestlearn`` its import time."""
+    return torch.compiler.disable(_streamed)
+
+
 def _streamed(blocks: Sequence[nn.Module], pieces: list[Tensor], states: list[Any],
               streams: BlockStreams) -> tuple[Tensor, dict[str, Any]]:
     """The CUDA wavefront: block b on stream b, each segment after the block below's."""
