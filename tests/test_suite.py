@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -353,6 +354,16 @@ def test_ablation_specs_train_every_parameter(monkeypatch: pytest.MonkeyPatch) -
         assert logits.shape == (2, 40, 256) and not missing, (name, missing)
 
 
+def _with_budget(tmp_path: Path, setting: str) -> tuple[Any, Any, SuiteRunner]:
+    """TINY as it is, TINY with one more budget ``setting``, and a resolved runner of the latter."""
+    off = load_experiment(write(tmp_path, TINY), out=tmp_path / "o")
+    on = load_experiment(write(tmp_path, TINY.replace("threads: 1}", f"threads: 1, {setting}}}"), "on.yaml"),
+                         out=tmp_path / "o")
+    runner = SuiteRunner(on, command="test", quiet=True)
+    runner.resolve()
+    return off, on, runner
+
+
 def test_carry_state_reaches_the_trainer_and_leaves_old_fingerprints_alone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``budget.carry_state`` is passed to every run's TrainConfig; off (the default), a run's
@@ -360,11 +371,7 @@ def test_carry_state_reaches_the_trainer_and_leaves_old_fingerprints_alone(
     from nestlearn.suite.experiment import fingerprint
 
     monkeypatch.chdir(ROOT)
-    off = load_experiment(write(tmp_path, TINY), out=tmp_path / "o")
-    on = load_experiment(write(tmp_path, TINY.replace("threads: 1}", "threads: 1, carry_state: true}"), "on.yaml"),
-                         out=tmp_path / "o")
-    runner = SuiteRunner(on, command="test", quiet=True)
-    runner.resolve()
+    off, on, runner = _with_budget(tmp_path, "carry_state: true")
     run_on, run_off = on.grid()[0], off.grid()[0]
     assert runner.config(run_on).carry_state
     assert fingerprint(run_off, off, "h") != fingerprint(run_on, on, "h")
@@ -383,10 +390,6 @@ def test_wavefront_reaches_the_trainer_and_leaves_the_fingerprint_alone(
     from nestlearn.suite.experiment import fingerprint
 
     monkeypatch.chdir(ROOT)
-    off = load_experiment(write(tmp_path, TINY), out=tmp_path / "o")
-    on = load_experiment(write(tmp_path, TINY.replace("threads: 1}", "threads: 1, wavefront: 16}"), "wave.yaml"),
-                         out=tmp_path / "o")
-    runner = SuiteRunner(on, command="test", quiet=True)
-    runner.resolve()
+    off, on, runner = _with_budget(tmp_path, "wavefront: 16")
     assert runner.config(on.grid()[0]).wavefront == 16
     assert fingerprint(off.grid()[0], off, "h") == fingerprint(on.grid()[0], on, "h")
