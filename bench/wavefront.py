@@ -9,16 +9,15 @@ thing).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 import nestlearn
-from bench.run import graphed, positive_int, seconds_of
+from bench.breakdown import timed
+from bench.run import graphed, positive_int
 
 SPECS = ("models/hope.yaml", "specs/titans-mal.yaml")
 
@@ -34,12 +33,8 @@ def shape(text: str) -> tuple[int, int]:
     return b, t
 
 
-def timed(step: Callable[[], Any], dev: torch.device, reps: int) -> float:
-    step()
-    return statistics.median(seconds_of(step, dev) for _ in range(reps))
-
-
-Row = tuple[str, str, str, float, "float | None", float]
+Row = tuple[str, str, str, float, float | None, float]
+"""(spec, shape, segment or ``loop``, eager s, graphed s or None, gradient difference)."""
 
 
 def time_model(model: Any, b: int, t: int, segments: list[int], dev: torch.device, reps: int,

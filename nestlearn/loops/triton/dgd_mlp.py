@@ -52,6 +52,7 @@ the resources, re-runs each group of chunks from its checkpoint through ``dgd_du
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch
@@ -270,8 +271,6 @@ def bwd_carry_mem() -> bool:
     D 64 / chunk 16 (sm_90, ieee): spills 8.6 KB -> 6.4 KB a thread at 16 warps, shared memory
     231 KB -> 144 KB (``python -m bench.triton_dgd --ptxas``); which is faster is for a GPU to say
     (``--train`` times both), so registers stay the default until then."""
-    import os
-
     return os.environ.get("NESTLEARN_DGD_BWD_CARRY", "registers") == "memory"
 
 
