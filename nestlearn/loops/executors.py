@@ -16,7 +16,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from nestlearn.loops import dgd_dual, dgd_triton, fla_backend
+from nestlearn.loops import cms_triton, dgd_dual, dgd_triton, fla_backend
 from nestlearn.loops.chunked import run_chunked
 from nestlearn.loops.common import MemoryProblem, MemoryState
 from nestlearn.loops.delta import run_delta
@@ -70,6 +70,10 @@ EXECUTORS: tuple[ExecutorRow, ...] = (
                 remat_ok=True, compilable=False, takes=_dgd),
     ExecutorRow("dgd_dual", ("auto", "chunked"), dgd_dual.supports, run_dgd_dual,
                 remat_ok=True, compilable=True, takes=_dgd),
+    # HOPE's CMS levels (mlp memory, sgd) on the Triton chunk step: CUDA; training with grad: unroll
+    ExecutorRow("cms_triton", ("auto", "chunked"), lambda pb: cms_triton.supports(pb),
+                lambda pb, s: cms_triton.run_cms_triton(pb, s),
+                remat_ok=True, compilable=False, takes=_delta_rule),
     ExecutorRow("dual", ("auto", "chunked"), lambda pb: pb.rule.linear, run_dual,
                 remat_ok=True, compilable=True, takes=lambda rule: rule.linear),
     ExecutorRow("chunked", ("auto", "chunked", "scan"), lambda pb: True, run_chunked,

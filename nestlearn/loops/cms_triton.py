@@ -1,0 +1,158 @@
+"""The executor row ``cms_triton``: HOPE's CMS levels (an in-context ``mlp`` node under ``sgd``)
+on the Triton chunk step (``loops/triton/sgd_mlp.py``) where it computes exactly what ``dual``
+does: outputs, carried state and (training) every outer gradient.
+
+It takes a problem when all of these hold (``supports``; anything else runs ``run_dual``):
+
+- the tensors live on one CUDA device (NVIDIA), in fp32 (or half precision under autocast:
+  ``loops.run`` casts such problems to fp32 first), and triton is installed and not switched
+  off (``NESTLEARN_TRITON=0``);
+- no gradient will be asked for (grad mode off, or nothing requires one: evaluation,
+  generation), or the level's gradient mode is ``unroll`` (training) and the user did not keep
+  training on the closed form (``NESTLEARN_TRITON=infer``): each chunk is then a
+  ``sgd_mlp.SGDMLPStep``, whose backward recomputes that chunk through ``run_dual`` (its
+  docstring). ``first_order``, ``stop`` and ``truncate:N`` with gradients stay on ``run_dual``;
+- the memory is exactly what an in-context ``mlp`` node builds (``compile/ops.py``):
+  ``MLPMemory`` of depth 2, ``gelu``, no residual, no biases, widths multiples of 16; the rule
+  ``sgd`` (``Momentum`` without ``beta``, forgetting toward zero) with a ``lr`` (a constant or a
+  gate) and no decay (absent or the constant 0); the ``l2`` objective without ``clip``; a period
+  that is a multiple of 16 up to ``sgd_mlp.MAX_CHUNK`` (64). ``read: chunk_start`` is taken too.
+
+The kernel runs whole chunks from a chunk boundary; ``run_cms_triton`` gives the rest of a chunk
+already begun (a carried ``offset``) and a trailing partial chunk to ``run_dual``, so any call is
+exact. The first use says so once (a warning naming the switch). Its products are fp32 (``ieee``)
+unless the user allowed TF32 matmuls, as for the closed form (``dgd_triton.precision``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from nestlearn import objectives
+from nestlearn.loops import triton as kernels
+from nestlearn.loops.chunks import hp_tokens
+from nestlearn.loops.common import MemoryProblem, MemoryState, detach_tree
+from nestlearn.loops.dgd_triton import precision
+from nestlearn.loops.dual import run_dual
+
+MAX_CHUNK = 64
+"""``sgd_mlp.MAX_CHUNK``, repeated here: importing the kernel module imports triton."""
+
+
+def supports(pb: MemoryProblem) -> bool:
+    """True where the kernel computes ``pb`` exactly (module docstring); the device first, so a
+    CPU problem never looks further."""
+    if not (pb.q.is_cuda and torch.version.hip is None and kernels.enabled() and kernels.importable()):
+        return False
+    return shape_ok(pb) and _tensors_ok(pb) and _grad_ok(pb, _tensors(pb))
+
+
+def shape_ok(pb: MemoryProblem) -> bool:
+    """The memory, rule, objective and period of a CMS level (device-independent: the tests use it)."""
+    from nestlearn.memories import MLPMemory
+    from nestlearn.rules.momentum import Momentum
+
+    arch, rule = pb.arch, pb.rule
+    return (type(arch) is MLPMemory and arch.depth == 2 and arch.act == "gelu" and not arch.residual
+            and not arch.bias and all(w % 16 == 0 for w in arch.widths)
+            and type(rule) is Momentum and not rule.has_momentum and rule.decay_to == "zero"
+            and set(pb.hp) <= {"lr", "decay"} and "lr" in pb.hp and _no_decay(pb.hp.get("decay", 0.0))
+            and pb.objective is objectives.l2 and pb.clip is None
+            and pb.period % 16 == 0 and 16 <= pb.period <= MAX_CHUNK)
+
+
+def _no_decay(decay: Tensor | float) -> bool:
+    # a decay tensor (a gate) is not checked for zeros: that would sync the host
+    return not isinstance(decay, Tensor) and float(decay) == 0.0
+
+
+def _tensors(pb: MemoryProblem) -> list[Tensor]:
+    return [pb.q, pb.k, pb.v, *(h for h in pb.hp.values() if isinstance(h, Tensor))]
+
+
+def _tensors_ok(pb: MemoryProblem) -> bool:
+    """One CUDA device; fp32, or half precision under CUDA autocast (``loops.run`` then hands the
+    executor an fp32 copy of the problem)."""
+    ts = _tensors(pb)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if torch.is_autocast_enabled("cuda") else (torch.float32,)
+    return (pb.q.dim() == 4 and all(t.device == pb.q.device and t.dtype in dtypes for t in ts)
+            and pb.q.shape[-1] == pb.arch.d_in and pb.v.shape[-1] == pb.arch.d_out)
+
+
+def _grad_wanted(ts: list[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _grad_ok(pb: MemoryProblem, ts: list[Tensor]) -> bool:
+    """No gradient wanted, or the one the kernel's backward computes (``unroll``) unless the user
+    kept training on the closed form (``NESTLEARN_TRITON=infer``)."""
+    return (pb.grad.kind == "unroll" and kernels.training_enabled()) or not _grad_wanted(ts)
+
+
+def run_cms_triton(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
+    """``run_dual``'s result, with the whole chunks on the kernel: the rest of a begun chunk first
+    and a trailing partial chunk last go to ``run_dual`` (module docstring)."""
+    ts = _tensors(pb) + list(state["params"].values())
+    if (state["opt"] or not _grad_ok(pb, ts) or set(state["params"]) != {"W0", "W1"}
+            or any(t.dtype != torch.float32 or t.device != pb.q.device for t in ts)):
+        return run_dual(pb, state)
+    pb = replace(pb, hp={**pb.hp, "lr": hp_tokens(pb, "lr")})  # [B, H, T] (an expanded view) so slices cut tokens
+    n, t = pb.period, pb.q.shape[2]
+    head = min(t, (-state["offset"]) % n)
+    whole = (t - head) // n * n
+    if whole == 0:
+        return run_dual(pb, state)
+    ys = []
+    if head:
+        y, state = run_dual(pb.slice(0, head), state)
+        ys.append(y)
+    y, state = _run_kernel(pb.slice(head, head + whole), state)
+    _say_once()
+    ys.append(y)
+    if head + whole < t:
+        y, state = run_dual(pb.slice(head + whole, t), state)
+        ys.append(y)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, 2)), state
+
+
+def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
+    """Whole chunks from a chunk boundary, one kernel step each, with ``run_segments``' graph cuts
+    (``stop`` / ``truncate:N``: only without gradients here, where they change no value). The
+    kernel module is imported here: importing it decorates the kernels, which must follow any
+    ``TRITON_INTERPRET`` setting."""
+    from nestlearn.loops.triton.sgd_mlp import sgd_mlp_step
+
+    n, prec = pb.period, precision()
+    stop = pb.grad.kind == "stop"
+    params, chunks = state["params"], state["chunks"]
+    anchor = params
+    lr = hp_tokens(pb, "lr")
+    ys = []
+    for t0 in range(0, pb.q.shape[2], n):
+        if stop or pb.grad.cuts_at(chunks):
+            params = detach_tree(params)
+        anchor = params
+        chunks += 1
+        sl = slice(t0, t0 + n)
+        y, w0, w1 = sgd_mlp_step(pb.q[:, :, sl], pb.k[:, :, sl], pb.v[:, :, sl], lr[:, :, sl], params["W0"],
+                                 params["W1"], precision=prec, read_start=pb.read_start, compiled=pb.compiled)
+        params = {"W0": w0, "W1": w1}
+        ys.append(y)
+    y_all = ys[0] if len(ys) == 1 else torch.cat(ys, 2)
+    return y_all, MemoryState(params=params, opt={}, anchor=anchor, offset=0, chunks=chunks)
+
+
+_said = False
+
+
+def _say_once() -> None:
+    global _said
+    if not _said:
+        _said = True
+        warnings.warn("nestlearn: the CMS levels (SGD on the MLP memory) run on the Triton chunk step, forward "
+                      "(the backward recomputes each chunk through the closed form; NESTLEARN_TRITON=infer trains "
+                      "through the closed form instead; NESTLEARN_TRITON=0 switches the kernels off)", stacklevel=3)
