@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cuda-graph", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--log-every", type=positive_int, default=1,
+                   help="the trainer's log interval (1, as bench.health trains: every step a log step)")
     p.add_argument("--snapshot", default=None, metavar="FILE",
                    help="CUDA: record every allocation's stack and write torch's memory snapshot to FILE at the end "
                         "(open it at https://pytorch.org/memory_viz)")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     cfg = TrainConfig(steps=a.steps, batch=a.batch, seq_len=a.seq_len, device=a.device, cuda_graph=a.cuda_graph,
-                      compile=a.compile, eval_every=a.eval_every or a.steps, log_every=a.every,
+                      compile=a.compile, eval_every=a.eval_every or a.steps, log_every=a.log_every,
                       threads=a.threads or None, ckpt_every=a.steps, time_limit=a.seconds)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(spec, cfg, Path(tmp) / "run")
