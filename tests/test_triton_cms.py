@@ -182,12 +182,14 @@ def call(fn: Any, ts: list[torch.Tensor], **kw: Any) -> list[torch.Tensor]:
     return [out.y, *out.weights, *out.anchor]
 
 
+@pytest.mark.parametrize("backward", ["manual", "recompute"])
 @pytest.mark.parametrize("read_start", [False, True])
-def test_gradients_equal_closed_form(sgd_mlp: ModuleType, read_start: bool) -> None:
+def test_gradients_equal_closed_form(sgd_mlp: ModuleType, read_start: bool, backward: str) -> None:
     """Three chunks: ``autograd.grad`` of every output (y, end weights, anchor; random cotangents)
-    to q, k, v, lr and the initial weights, through ``SGDMLPStep`` and through ``run_dual``."""
+    to q, k, v, lr and the initial weights, through ``SGDMLPStep`` (either backward) and through
+    ``run_dual``."""
     ts = leaves(inputs(2, 48, seed=2))
-    out = call(sgd_mlp.sgd_mlp, ts, chunk=16, read_start=read_start)
+    out = call(sgd_mlp.sgd_mlp, ts, chunk=16, read_start=read_start, backward=backward)
     ref = call(sgd_mlp.sgd_mlp_reference, ts, chunk=16, read_start=read_start, grad="unroll")
     g = torch.Generator().manual_seed(3)
     cots = [torch.randn(r.shape, generator=g).to(DEV) for r in ref]
@@ -196,6 +198,29 @@ def test_gradients_equal_closed_form(sgd_mlp: ModuleType, read_start: bool) -> N
     errs = {n: _rel(a, b) for n, a, b in zip(("y", "W0'", "W1'", "a0", "a1"), out, ref)}
     errs.update({f"d{n}": _rel(a, b) for n, a, b in zip(ARGS, got, want)})
     assert max(errs.values()) < TOL, errs
+
+
+@pytest.mark.parametrize("read_start", [False, True])
+def test_manual_backward_equals_autograd_in_float64(read_start: bool) -> None:
+    """The hand-derived adjoints (``sgd_mlp_bwd_ref``, no triton) against autograd through
+    ``run_dual`` on one chunk, float64, Di != Do, large steps: equal to rounding."""
+    from nestlearn.loops.triton.sgd_mlp_bwd_ref import sgd_mlp_step_bwd_reference
+
+    x = {n: t.double() for n, t in inputs(2, 16, d=16, hidden=32, d_out=8, lr_max=0.3, seed=9).items()}
+    ts = [x[n].detach().clone().requires_grad_() for n in ARGS]
+    pb = problem(dict(zip(ARGS, ts)), 16, read_start=read_start)
+    y, st = run_dual(pb, state_of(dict(zip(ARGS, ts))))
+    outs = (y, st["params"]["W0"], st["params"]["W1"])
+    g = torch.Generator().manual_seed(10)
+    cots = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(DEV) for o in outs]
+    want = torch.autograd.grad(outs, ts, cots, retain_graph=True)
+    got = sgd_mlp_step_bwd_reference(*(x[n] for n in ARGS), *cots, read_start=read_start)
+    errs = {n: _rel(a, b) for n, a, b in zip(ARGS, got, want)}
+    assert max(errs.values()) < 1e-12, errs
+    # unused outputs (None cotangents) are zeros
+    got = sgd_mlp_step_bwd_reference(*(x[n] for n in ARGS), cots[0], None, None, read_start=read_start)
+    want = torch.autograd.grad(outs[0], ts, cots[0], allow_unused=True, materialize_grads=True)
+    assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-12 * max(float(w.abs().max()) for w in want)
 
 
 @pytest.mark.parametrize("first", [0, 11])

@@ -10,8 +10,8 @@ It takes a problem when all of these hold (``supports``; anything else runs ``ru
 - no gradient will be asked for (grad mode off, or nothing requires one: evaluation,
   generation), or the level's gradient mode is ``unroll`` (training) and the user did not keep
   training on the closed form (``NESTLEARN_TRITON=infer``): each chunk is then a
-  ``sgd_mlp.SGDMLPStep``, whose backward recomputes that chunk through ``run_dual`` (its
-  docstring). ``first_order``, ``stop`` and ``truncate:N`` with gradients stay on ``run_dual``;
+  ``sgd_mlp.SGDMLPStep``, whose backward is the hand-derived adjoint in PyTorch, not yet a
+  kernel (``sgd_mlp.py``'s docstring). ``first_order``, ``stop`` and ``truncate:N`` with gradients stay on ``run_dual``;
 - the memory is exactly what an in-context ``mlp`` node builds (``compile/ops.py``):
   ``MLPMemory`` of depth 2, ``gelu``, no residual, no biases, widths multiples of 16; the rule
   ``sgd`` (``Momentum`` without ``beta``, forgetting toward zero) with a ``lr`` (a constant or a
@@ -154,5 +154,5 @@ def _say_once() -> None:
     if not _said:
         _said = True
         warnings.warn("nestlearn: the CMS levels (SGD on the MLP memory) run on the Triton chunk step, forward "
-                      "(the backward recomputes each chunk through the closed form; NESTLEARN_TRITON=infer trains "
+                      "(the backward in PyTorch, not yet fused; NESTLEARN_TRITON=infer trains "
                       "through the closed form instead; NESTLEARN_TRITON=0 switches the kernels off)", stacklevel=3)

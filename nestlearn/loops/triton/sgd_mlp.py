@@ -40,11 +40,15 @@ Design (the why):
 - Every product is ``tl.dot`` with ``input_precision="ieee"`` by default (fp32 means fp32); the
   executor passes ``tf32`` only where the user allowed TF32 matmuls (``dgd_triton.precision``).
 
-The backward (``SGDMLPStep.backward``) is NOT a Triton kernel yet: it recomputes the chunk step
-through the PyTorch closed form (``run_dual`` on that one chunk, ``grad: unroll``) from the saved
-chunk-start weights and inputs and differentiates it with ``torch.autograd.grad``. Its gradients
-are therefore exactly the closed form's, but training gains only the forward's speed; a fused
-backward (the same tiling, with the adjoints of steps 1-3) is the next step. What stays alive
+The backward (``SGDMLPStep.backward``) is NOT a Triton kernel yet. By default (``BACKWARD =
+"manual"``) it is the hand-derived adjoint of the chunk step in plain PyTorch
+(``sgd_mlp_bwd_ref.py``: the spec a fused backward will follow; about 40 batched matmuls and
+element-wise ops per chunk, through torch.compile where the level compiles its chunk steps),
+recomputing the forward's quantities from the saved chunk-start weights and inputs;
+``"recompute"`` re-runs the chunk through the closed form (``run_dual`` on that one chunk,
+``grad: unroll``) and differentiates it with ``torch.autograd.grad``: the closed form's own
+gradients, the oracle. Both are exact; training gains mainly the forward's speed until the
+backward is fused (the same tiling, with the adjoints of ``sgd_mlp_bwd_ref``). What stays alive
 between forward and backward is the chunk's inputs and its start weights (as for the closed
 form, whose graph keeps the same weights), not the chunk's intermediates.
 
@@ -56,7 +60,8 @@ contract computed by ``run_dual`` (the backward's recompute and the tests' refer
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import torch
 import triton
@@ -305,31 +310,38 @@ def sgd_mlp_step_fwd(
     return y, w0n, w1n
 
 
+BACKWARD = "manual"
+"""``SGDMLPStep``'s default backward: ``"manual"`` (``sgd_mlp_bwd_ref``) or ``"recompute"`` (``run_dual``)."""
+
+
 def sgd_mlp_step(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor, *,
-    precision: str = "ieee", read_start: bool = False, compiled: bool = False,
+    precision: str = "ieee", read_start: bool = False, compiled: bool = False, backward: str = BACKWARD,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``sgd_mlp_step_fwd``, differentiable: under grad mode with an input that requires grad it
-    runs as ``SGDMLPStep`` (every output differentiates to every input, as ``run_dual`` with
-    ``grad: unroll`` would); elsewhere it is the forward alone."""
+    runs as ``SGDMLPStep`` with the ``backward`` named (every output differentiates to every
+    input, as ``run_dual`` with ``grad: unroll`` would); elsewhere it is the forward alone."""
+    if backward not in ("manual", "recompute"):
+        raise ValueError(f"sgd_mlp_step: backward={backward!r}, not 'manual' or 'recompute'")
     ins = (q, k, v, lr, w0, w1)
     if torch.is_grad_enabled() and any(x.requires_grad for x in ins):
-        y, w0n, w1n = SGDMLPStep.apply(*ins, precision, read_start, compiled)
+        y, w0n, w1n = SGDMLPStep.apply(*ins, precision, read_start, compiled, backward)
         return y, w0n, w1n
     return sgd_mlp_step_fwd(*ins, precision=precision, read_start=read_start)
 
 
 class SGDMLPStep(torch.autograd.Function):
-    """The kernels' forward of one chunk; the backward recomputes the chunk through ``run_dual``
-    (PyTorch, ``grad: unroll``; through torch.compile with ``compiled``) from the saved inputs and
-    start weights and back-propagates it with ``torch.autograd.grad``: the closed form's
-    gradients exactly (module docstring: not a fused backward)."""
+    """The kernels' forward of one chunk; the backward (module docstring: not a fused one) from the
+    saved inputs and start weights, either the hand-derived adjoints (``"manual"``,
+    ``sgd_mlp_bwd_ref``) or the chunk recomputed through ``run_dual`` (``grad: unroll``) and
+    back-propagated with ``torch.autograd.grad`` (``"recompute"``); each through torch.compile
+    with ``compiled``."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor,
-                precision: str, read_start: bool, compiled: bool) -> tuple[Tensor, Tensor, Tensor]:
+                precision: str, read_start: bool, compiled: bool, backward: str) -> tuple[Tensor, Tensor, Tensor]:
         ctx.save_for_backward(q, k, v, lr, w0, w1)
-        ctx.cfg = (read_start, compiled)
+        ctx.cfg = (read_start, compiled, backward)
         ctx.set_materialize_grads(False)  # None for outputs the loss does not use
         return sgd_mlp_step_fwd(q, k, v, lr, w0, w1, precision=precision, read_start=read_start)
 
@@ -337,8 +349,18 @@ class SGDMLPStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *cots: Tensor | None) -> tuple[Tensor | None, ...]:
         ins = ctx.saved_tensors
-        read_start, compiled = ctx.cfg
+        read_start, compiled, backward = ctx.cfg
         needs = ctx.needs_input_grad[:6]
+        if backward == "manual":
+            from nestlearn.loops.chunks import compiled as compile_fn
+            from nestlearn.loops.triton.sgd_mlp_bwd_ref import sgd_mlp_step_bwd_reference
+
+            # chunks.compiled is typed for chunk steps; any function goes through it
+            fn = cast(Callable[..., tuple[Tensor, ...]],
+                      compile_fn(sgd_mlp_step_bwd_reference) if compiled else sgd_mlp_step_bwd_reference)  # type: ignore[arg-type]
+            gs = fn(*ins, *cots, read_start=read_start)
+            kept: list[Tensor | None] = [g if need else None for g, need in zip(gs, needs)]
+            return (*kept, None, None, None, None)
         with torch.enable_grad():
             xs = [x.detach().requires_grad_(need) for x, need in zip(ins, needs)]
             outs = sgd_mlp_reference(*xs, chunk=xs[0].shape[2], read_start=read_start, grad="unroll",
@@ -348,12 +370,12 @@ class SGDMLPStep(torch.autograd.Function):
             got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [c for _, c in pairs], allow_unused=True)
                        if pairs and wrt else [None] * len(wrt))
         grads = [next(got) if x.requires_grad else None for x in xs]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def sgd_mlp(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor, *, chunk: int,
-    precision: str = "ieee", read_start: bool = False, compiled: bool = False,
+    precision: str = "ieee", read_start: bool = False, compiled: bool = False, backward: str = BACKWARD,
 ) -> SGDMLPOut:
     """Whole chunks of ``chunk`` tokens from a state at a chunk boundary, one ``sgd_mlp_step``
     each (differentiable where a gradient is wanted): the shapes of ``sgd_mlp_step_fwd`` over
@@ -367,7 +389,7 @@ def sgd_mlp(
         sl = slice(t0, t0 + chunk)
         anchor = (w0, w1)
         y, w0, w1 = sgd_mlp_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], w0, w1,
-                                 precision=precision, read_start=read_start, compiled=compiled)
+                                 precision=precision, read_start=read_start, compiled=compiled, backward=backward)
         ys.append(y)
     return SGDMLPOut(ys[0] if len(ys) == 1 else torch.cat(ys, 2), (w0, w1), anchor)
 
