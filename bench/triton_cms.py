@@ -136,6 +136,31 @@ def table(title: str, rows: list[tuple[str, Callable[[], Any]]], ref: tuple[torc
     print("\n".join(lines), flush=True)
 
 
+def ptxas_shared(d: int = 512, hidden: int = 1024, chunk: int = 16, arch: int = 90, **launch: int) -> dict[str, int]:
+    """Compile the four forward kernels for ``sm_<arch>`` without a GPU (triton ships ptxas) at
+    the tiles ``sgd_mlp_step_fwd`` picks (or ``block_h`` / ``block_d``): each one's shared
+    memory per program. Needs the kernel module decorated without ``TRITON_INTERPRET``."""
+    import math
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nestlearn.loops.triton import sgd_mlp as K
+
+    consts: dict[str, Any] = {"BT": max(16, triton.next_power_of_2(chunk)), "DI": d, "DO": d, "PREC": "ieee",
+                              "BH": launch.get("block_h") or K.block(hidden),
+                              "BD": launch.get("block_d") or K.block(math.gcd(d, d)), "READ_START": False}
+    out = {}
+    for fn in (K._signals, K._error, K._update, K._read):
+        cs = {n: v for n, v in consts.items() if n in fn.arg_names}
+        sig = {n: "*fp32" if n.endswith("_ptr") else "constexpr" if n in cs else "i32" for n in fn.arg_names}
+        k = triton.compile(ASTSource(fn, sig, cs), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": launch.get("num_warps", 4)})
+        out[fn.__name__] = k.metadata.shared
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
