@@ -31,8 +31,10 @@ Design (the why):
   ``_update`` (rows x hidden tiles: ``d0``, ``q k^T``, ``Z0``, ``a``, the tile's partial read and
   ``a h^T``, and both weights' new tiles, which are local to the tile once ``d1`` is known),
   ``_read`` (rows x column blocks: ``y`` from the summed partials and ``(C * a h^T) d1``).
-  Each weight is read twice (``_signals`` and ``_update``) and written once per chunk; the
-  scratch buffers are ``O(n (Hd + tiles Do))`` per row, small against the weights.
+  ``W0`` is read twice per chunk, ``W1`` three times (``_update`` needs ``d1 W1`` before its
+  partial read, a second pass), each written once; fusing the next chunk's ``_signals`` into
+  this ``_update`` would save a pass (untried). The scratch buffers are ``O(n (Hd + tiles Do))``
+  per row, small against the weights.
 - Tokens are padded to ``BT``, the next power of two (``tl.arange``), with masked loads: a
   padded token has ``lr = 0``, ``k = q = v = 0``, so it moves nothing and is never stored.
   ``n`` at most 64 (the ``n x n`` products stay in registers); widths multiples of 16
