@@ -63,6 +63,20 @@ def _import_kernel() -> tuple[ModuleType | None, str]:
 _KERNEL, _WHY = _import_kernel()
 
 
+@pytest.fixture(autouse=True)
+def opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row is opt-in until timed on a GPU (``cms_triton``'s docstring); these tests opt in."""
+    monkeypatch.setenv("NESTLEARN_CMS_TRITON", "1")
+
+
+def test_the_row_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, on in (("1", True), ("yes", True), ("0", False), ("", False)):
+        monkeypatch.setenv("NESTLEARN_CMS_TRITON", value)
+        assert glue.opted_in() is on
+    monkeypatch.delenv("NESTLEARN_CMS_TRITON")
+    assert not glue.opted_in()
+
+
 @pytest.fixture
 def sgd_mlp(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """The kernel module; on the CPU with ``TRITON_INTERPRET=1`` set during the test."""

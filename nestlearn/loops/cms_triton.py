@@ -4,6 +4,9 @@ does: outputs, carried state and (training) every outer gradient.
 
 It takes a problem when all of these hold (``supports``; anything else runs ``run_dual``):
 
+- the user opted in with ``NESTLEARN_CMS_TRITON=1``: the kernel is exact in Triton's interpreter
+  but not yet timed on a GPU, and its backward is PyTorch, so it is not the default until a
+  device shows it faster than the closed form (``python -m bench.triton_cms``);
 - the tensors live on one CUDA device (NVIDIA), in fp32 (or half precision under autocast:
   ``loops.run`` casts such problems to fp32 first), and triton is installed and not switched
   off (``NESTLEARN_TRITON=0``);
@@ -26,6 +29,7 @@ unless the user allowed TF32 matmuls, as for the closed form (``dgd_triton.preci
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import replace
 
@@ -43,10 +47,15 @@ MAX_CHUNK = 64
 """``sgd_mlp.MAX_CHUNK``, repeated here: importing the kernel module imports triton."""
 
 
+def opted_in() -> bool:
+    """``NESTLEARN_CMS_TRITON`` is 1/true/on/yes (module docstring: why it is opt-in for now)."""
+    return os.environ.get("NESTLEARN_CMS_TRITON", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def supports(pb: MemoryProblem) -> bool:
-    """True where the kernel computes ``pb`` exactly (module docstring); the device first, so a
-    CPU problem never looks further."""
-    if not (pb.q.is_cuda and torch.version.hip is None and kernels.enabled() and kernels.importable()):
+    """True where the kernel computes ``pb`` exactly and the user opted in (module docstring); the
+    device first, so a CPU problem never looks further."""
+    if not (pb.q.is_cuda and opted_in() and torch.version.hip is None and kernels.enabled() and kernels.importable()):
         return False
     return shape_ok(pb) and _tensors_ok(pb) and _grad_ok(pb, _tensors(pb))
 
@@ -154,5 +163,5 @@ def _say_once() -> None:
     if not _said:
         _said = True
         warnings.warn("nestlearn: the CMS levels (SGD on the MLP memory) run on the Triton chunk step, forward "
-                      "(the backward in PyTorch, not yet fused; NESTLEARN_TRITON=infer trains "
+                      "(opted in with NESTLEARN_CMS_TRITON=1; the backward in PyTorch, not yet fused; NESTLEARN_TRITON=infer trains "
                       "through the closed form instead; NESTLEARN_TRITON=0 switches the kernels off)", stacklevel=3)
