@@ -69,12 +69,14 @@ def opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NESTLEARN_CMS_TRITON", "1")
 
 
-def test_the_row_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    for value, on in (("1", True), ("yes", True), ("0", False), ("", False)):
+def test_training_through_the_row_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, want in (("1", "train"), ("yes", "train"), ("0", "off"), ("off", "off"), ("", "infer"),
+                        ("infer", "infer")):
         monkeypatch.setenv("NESTLEARN_CMS_TRITON", value)
-        assert glue.opted_in() is on
+        assert glue.mode() == want
+        assert glue.opted_in() is (want == "train")
     monkeypatch.delenv("NESTLEARN_CMS_TRITON")
-    assert not glue.opted_in()
+    assert glue.mode() == "infer"
 
 
 @pytest.fixture
@@ -345,6 +347,9 @@ def test_only_unroll_gradients_take_the_kernel(mode: str, monkeypatch: pytest.Mo
     for flag in ("infer", "0"):
         monkeypatch.setenv("NESTLEARN_TRITON", flag)
         assert not glue._grad_ok(pb, ts)
+    monkeypatch.delenv("NESTLEARN_TRITON")
+    monkeypatch.setenv("NESTLEARN_CMS_TRITON", "infer")  # the default: training stays on the closed form
+    assert not glue._grad_ok(pb, ts)
 
 
 def test_the_table_picks_the_row_before_dual(monkeypatch: pytest.MonkeyPatch) -> None:

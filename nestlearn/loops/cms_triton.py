@@ -4,9 +4,13 @@ does: outputs, carried state and (training) every outer gradient.
 
 It takes a problem when all of these hold (``supports``; anything else runs ``run_dual``):
 
-- the user opted in with ``NESTLEARN_CMS_TRITON=1``: the kernel is exact in Triton's interpreter
-  but not yet timed on a GPU, and its backward is PyTorch, so it is not the default until a
-  device shows it faster than the closed form (``python -m bench.triton_cms``);
+- without gradients (evaluation, generation) by default; for training only where the user opts in
+  with ``NESTLEARN_CMS_TRITON=1`` (``0`` turns the row off). On an H200 (2026-12-06,
+  ``python -m bench.triton_cms``, c1's shape: 8 x 2,048, 512 -> 1,024 -> 512, chunk 16;
+  ``bench/results/h200_2026-12-06_session7``) the kernel's forward took 17.0 ms from a CUDA
+  graph against 22.9 ms for the compiled closed form (36.5 against 57.6 ms eagerly), but a
+  training step with its PyTorch backward took 86.8 ms against 68.9 ms: slower until the
+  backward is a kernel too;
 - the tensors live on one CUDA device (NVIDIA), in fp32 (or half precision under autocast:
   ``loops.run`` casts such problems to fp32 first), and triton is installed and not switched
   off (``NESTLEARN_TRITON=0``);
@@ -47,15 +51,24 @@ MAX_CHUNK = 64
 """``sgd_mlp.MAX_CHUNK``, repeated here: importing the kernel module imports triton."""
 
 
+def mode() -> str:
+    """``NESTLEARN_CMS_TRITON``: ``infer`` (unset: no-grad calls only), ``train`` (1/true/on/yes:
+    training too) or ``off`` (0/false/off/no). The module docstring says why training is opt-in."""
+    value = os.environ.get("NESTLEARN_CMS_TRITON", "infer").strip().lower()
+    if value in ("1", "true", "on", "yes", "train"):
+        return "train"
+    return "off" if value in ("0", "false", "off", "no") else "infer"
+
+
 def opted_in() -> bool:
-    """``NESTLEARN_CMS_TRITON`` is 1/true/on/yes (module docstring: why it is opt-in for now)."""
-    return os.environ.get("NESTLEARN_CMS_TRITON", "0").strip().lower() in ("1", "true", "on", "yes")
+    """Training goes through the kernel too (``NESTLEARN_CMS_TRITON=1``)."""
+    return mode() == "train"
 
 
 def supports(pb: MemoryProblem) -> bool:
     """True where the kernel computes ``pb`` exactly and the user opted in (module docstring); the
     device first, so a CPU problem never looks further."""
-    if not (pb.q.is_cuda and opted_in() and torch.version.hip is None and kernels.enabled() and kernels.importable()):
+    if not (pb.q.is_cuda and mode() != "off" and torch.version.hip is None and kernels.enabled() and kernels.importable()):
         return False
     return shape_ok(pb) and _tensors_ok(pb) and _grad_ok(pb, _tensors(pb))
 
@@ -99,7 +112,7 @@ def _grad_wanted(ts: list[Tensor]) -> bool:
 def _grad_ok(pb: MemoryProblem, ts: list[Tensor]) -> bool:
     """No gradient wanted, or the one the kernel's backward computes (``unroll``) unless the user
     kept training on the closed form (``NESTLEARN_TRITON=infer``)."""
-    return (pb.grad.kind == "unroll" and kernels.training_enabled()) or not _grad_wanted(ts)
+    return (pb.grad.kind == "unroll" and kernels.training_enabled() and opted_in()) or not _grad_wanted(ts)
 
 
 def run_cms_triton(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
@@ -162,6 +175,7 @@ def _say_once() -> None:
     global _said
     if not _said:
         _said = True
-        warnings.warn("nestlearn: the CMS levels (SGD on the MLP memory) run on the Triton chunk step, forward "
-                      "(opted in with NESTLEARN_CMS_TRITON=1; the backward in PyTorch, not yet fused; NESTLEARN_TRITON=infer trains "
-                      "through the closed form instead; NESTLEARN_TRITON=0 switches the kernels off)", stacklevel=3)
+        warnings.warn("nestlearn: the CMS levels (SGD on the MLP memory) run on the Triton chunk step "
+                      + ("(training too, NESTLEARN_CMS_TRITON=1: its backward is PyTorch, not yet fused) " if opted_in()
+                         else "without gradients (NESTLEARN_CMS_TRITON=1 trains through it too) ")
+                      + "; NESTLEARN_CMS_TRITON=0 or NESTLEARN_TRITON=0 switches it off", stacklevel=3)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from nestlearn.compile.model import CompiledModel
+from nestlearn.compile.wavefront import streams_enabled
 from nestlearn.tasks import ContinualTask, TaskError, domain_perf
 from nestlearn.train import distributed as D
 from nestlearn.train import loggers
@@ -240,7 +241,9 @@ class Trainer(Steps):
         pieces = -(-seq // segment)
         return (f"--wavefront {segment}: {depth} blocks over {pieces} segments of up to {segment} tokens, "
                 f"{pieces + depth - 1} steps instead of {pieces * depth}"
-                + (", each block on its own CUDA stream" if self.device.type == "cuda" else ""))
+                + ("" if self.device.type != "cuda" else ", each block on its own CUDA stream" if streams_enabled()
+                   else "; on CUDA in that order on one stream (exact, no overlap: the stream path is off until a "
+                        "gradient difference found on the GPU is fixed; compile/wavefront.py)"))
 
     # ---------------------------------------------------------------- pieces of a step
     # ---------------------------------------------------------------- evaluation & checkpoints
