@@ -17,8 +17,9 @@ It takes a problem when all of these hold (``supports``; anything else runs ``ru
 - no gradient will be asked for (grad mode off, or nothing requires one: evaluation,
   generation), or the level's gradient mode is ``unroll`` (training) and the user did not keep
   training on the closed form (``NESTLEARN_TRITON=infer``): each chunk is then a
-  ``sgd_mlp.SGDMLPStep``, whose backward is the hand-derived adjoint in PyTorch, not yet a
-  kernel (``sgd_mlp.py``'s docstring). ``first_order``, ``stop`` and ``truncate:N`` with gradients stay on ``run_dual``;
+  ``sgd_mlp.SGDMLPStep``, whose backward is now ``sgd_mlp_bwd``'s fused kernels (not yet timed
+  on a GPU: the opt-in stays until they are; ``sgd_mlp.py``'s docstring). ``first_order``,
+  ``stop`` and ``truncate:N`` with gradients stay on ``run_dual``;
 - the memory is exactly what an in-context ``mlp`` node builds (``compile/ops.py``):
   ``MLPMemory`` of depth 2, ``gelu``, no residual, no biases, widths multiples of 16; the rule
   ``sgd`` (``Momentum`` without ``beta``, forgetting toward zero) with a ``lr`` (a constant or a
@@ -176,6 +177,6 @@ def _say_once() -> None:
     if not _said:
         _said = True
         warnings.warn("nestlearn: the CMS levels (SGD on the MLP memory) run on the Triton chunk step "
-                      + ("(training too, NESTLEARN_CMS_TRITON=1: its backward is PyTorch, not yet fused) " if opted_in()
+                      + ("(training too, NESTLEARN_CMS_TRITON=1, with the fused backward) " if opted_in()
                          else "without gradients (NESTLEARN_CMS_TRITON=1 trains through it too) ")
                       + "; NESTLEARN_CMS_TRITON=0 or NESTLEARN_TRITON=0 switches it off", stacklevel=3)

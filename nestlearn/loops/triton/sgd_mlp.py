@@ -42,17 +42,17 @@ Design (the why):
 - Every product is ``tl.dot`` with ``input_precision="ieee"`` by default (fp32 means fp32); the
   executor passes ``tf32`` only where the user allowed TF32 matmuls (``dgd_triton.precision``).
 
-The backward (``SGDMLPStep.backward``) is NOT a Triton kernel yet. By default (``BACKWARD =
-"manual"``) it is the hand-derived adjoint of the chunk step in plain PyTorch
-(``sgd_mlp_bwd_ref.py``: the spec a fused backward will follow; about 40 batched matmuls and
-element-wise ops per chunk, through torch.compile where the level compiles its chunk steps),
-recomputing the forward's quantities from the saved chunk-start weights and inputs;
+The backward (``SGDMLPStep.backward``) is by default (``BACKWARD = "fused"``) ``sgd_mlp_bwd.py``'s
+kernels: the same tiling, six launches per chunk (the first two this forward's ``_signals`` and
+``_error``), the adjoints of ``sgd_mlp_bwd_ref`` (the hand derivation), at the forward's
+``precision``. ``"manual"`` is that derivation in plain PyTorch (about 40 batched matmuls and
+element-wise ops per chunk, through torch.compile where the level compiles its chunk steps);
 ``"recompute"`` re-runs the chunk through the closed form (``run_dual`` on that one chunk,
 ``grad: unroll``) and differentiates it with ``torch.autograd.grad``: the closed form's own
-gradients, the oracle. Both are exact; training gains mainly the forward's speed until the
-backward is fused (the same tiling, with the adjoints of ``sgd_mlp_bwd_ref``). What stays alive
-between forward and backward is the chunk's inputs and its start weights (as for the closed
-form, whose graph keeps the same weights), not the chunk's intermediates.
+gradients, the oracle. All three are exact and recompute the forward's quantities from the saved
+chunk-start weights and inputs: what stays alive between forward and backward is the chunk's
+inputs and its start weights (as for the closed form, whose graph keeps the same weights), not
+the chunk's intermediates.
 
 ``sgd_mlp_step_fwd`` launches the forward of one chunk; ``sgd_mlp_step`` is its differentiable
 entry; ``sgd_mlp`` runs whole chunks from a chunk boundary; ``sgd_mlp_reference`` is the same
@@ -312,8 +312,10 @@ def sgd_mlp_step_fwd(
     return y, w0n, w1n
 
 
-BACKWARD = "manual"
-"""``SGDMLPStep``'s default backward: ``"manual"`` (``sgd_mlp_bwd_ref``) or ``"recompute"`` (``run_dual``)."""
+BACKWARDS = ("fused", "manual", "recompute")
+BACKWARD = "fused"
+"""``SGDMLPStep``'s default backward: ``"fused"`` (``sgd_mlp_bwd``'s kernels), ``"manual"``
+(``sgd_mlp_bwd_ref`` in PyTorch) or ``"recompute"`` (``run_dual``)."""
 
 
 def sgd_mlp_step(
@@ -323,8 +325,8 @@ def sgd_mlp_step(
     """``sgd_mlp_step_fwd``, differentiable: under grad mode with an input that requires grad it
     runs as ``SGDMLPStep`` with the ``backward`` named (every output differentiates to every
     input, as ``run_dual`` with ``grad: unroll`` would); elsewhere it is the forward alone."""
-    if backward not in ("manual", "recompute"):
-        raise ValueError(f"sgd_mlp_step: backward={backward!r}, not 'manual' or 'recompute'")
+    if backward not in BACKWARDS:
+        raise ValueError(f"sgd_mlp_step: backward={backward!r}, not one of {BACKWARDS}")
     ins = (q, k, v, lr, w0, w1)
     if torch.is_grad_enabled() and any(x.requires_grad for x in ins):
         y, w0n, w1n = SGDMLPStep.apply(*ins, precision, read_start, compiled, backward)
@@ -333,17 +335,17 @@ def sgd_mlp_step(
 
 
 class SGDMLPStep(torch.autograd.Function):
-    """The kernels' forward of one chunk; the backward (module docstring: not a fused one) from the
-    saved inputs and start weights, either the hand-derived adjoints (``"manual"``,
-    ``sgd_mlp_bwd_ref``) or the chunk recomputed through ``run_dual`` (``grad: unroll``) and
-    back-propagated with ``torch.autograd.grad`` (``"recompute"``); each through torch.compile
-    with ``compiled``."""
+    """The kernels' forward of one chunk; the backward from the saved inputs and start weights:
+    the fused kernels (``"fused"``, ``sgd_mlp_bwd``, at the forward's ``precision``), the
+    hand-derived adjoints in PyTorch (``"manual"``, ``sgd_mlp_bwd_ref``) or the chunk recomputed
+    through ``run_dual`` (``grad: unroll``) and back-propagated with ``torch.autograd.grad``
+    (``"recompute"``); the last two through torch.compile with ``compiled``."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor,
                 precision: str, read_start: bool, compiled: bool, backward: str) -> tuple[Tensor, Tensor, Tensor]:
         ctx.save_for_backward(q, k, v, lr, w0, w1)
-        ctx.cfg = (read_start, compiled, backward)
+        ctx.cfg = (precision, read_start, compiled, backward)
         ctx.set_materialize_grads(False)  # None for outputs the loss does not use
         return sgd_mlp_step_fwd(q, k, v, lr, w0, w1, precision=precision, read_start=read_start)
 
@@ -351,8 +353,13 @@ class SGDMLPStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *cots: Tensor | None) -> tuple[Tensor | None, ...]:
         ins = ctx.saved_tensors
-        read_start, compiled, backward = ctx.cfg
+        precision, read_start, compiled, backward = ctx.cfg
         needs = ctx.needs_input_grad[:6]
+        if backward == "fused":
+            from nestlearn.loops.triton.sgd_mlp_bwd import sgd_mlp_step_bwd
+
+            fused = sgd_mlp_step_bwd(*ins, *cots, precision=precision, read_start=read_start)
+            return (*[g if need else None for g, need in zip(fused, needs)], None, None, None, None)
         if backward == "manual":
             from nestlearn.loops.chunks import compiled as compile_fn
             from nestlearn.loops.triton.sgd_mlp_bwd_ref import sgd_mlp_step_bwd_reference
