@@ -161,6 +161,44 @@ def ptxas_shared(d: int = 512, hidden: int = 1024, chunk: int = 16, arch: int = 
     return out
 
 
+def ptxas_bwd(d: int = 512, hidden: int = 1024, chunk: int = 16, arch: int = 90, read_start: bool = False,
+              **launch: int) -> dict[str, str]:
+    """Compile the fused backward's four own kernels (``sgd_mlp_bwd.py``; its first two launches are
+    the forward's) for ``sm_<arch>`` without a GPU at the tiles ``sgd_mlp_step_bwd`` picks (or
+    ``block_h`` / ``block_d``): ptxas's ``REG:<registers> STACK:<spilled bytes>`` per thread and
+    the program's ``SHARED:<bytes>``, per kernel. Needs the modules decorated without
+    ``TRITON_INTERPRET``."""
+    import math
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nestlearn.loops.triton import sgd_mlp as K
+    from nestlearn.loops.triton import sgd_mlp_bwd as KB
+
+    consts: dict[str, Any] = {"BT": max(16, triton.next_power_of_2(chunk)), "DI": d, "DO": d, "PREC": "ieee",
+                              "BH": launch.get("block_h") or K.block(hidden),
+                              "BD": launch.get("block_d") or K.block(math.gcd(d, d)), "READ_START": read_start}
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    out = {}
+    for fn in (KB._bwd_local, KB._bwd_error, KB._bwd_weights, KB._bwd_inputs):
+        cs = {n: v for n, v in consts.items() if n in fn.arg_names}
+        sig = {n: "*fp32" if n.endswith("_ptr") else "constexpr" if n in cs else "i32" for n in fn.arg_names}
+        k = triton.compile(ASTSource(fn, sig, cs), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": launch.get("num_warps", 4)})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        line = next((ln for ln in usage.splitlines() if "REG:" in ln), "?")
+        out[fn.__name__] = " ".join(line.split()[:2]) + f" SHARED:{k.metadata.shared}"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)

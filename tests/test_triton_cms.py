@@ -475,3 +475,100 @@ def test_compiles_for_hopper_without_a_gpu() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert all(name in done.stdout for name in ("_signals", "_error", "_update", "_read")), done.stdout
+
+
+# the fused backward (``sgd_mlp_bwd.py``)
+
+def _fused_bwd() -> ModuleType:
+    """The fused backward's module, imported inside a test (the ``sgd_mlp`` fixture has set
+    ``TRITON_INTERPRET`` on the CPU, so its kernels are decorated for the interpreter)."""
+    return importlib.import_module("nestlearn.loops.triton.sgd_mlp_bwd")
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``_rel``, and exact where the reference is exactly zero (an input the outputs ignore)."""
+    return _rel(a, b) if b.abs().max() > 0 else float(a.abs().max())
+
+
+@pytest.mark.parametrize("chunk,d,hidden,d_out,block_h,block_d", [
+    (16, 32, 64, None, None, None),  # one hidden tile, one column block
+    (16, 32, 64, None, 32, 16),      # two hidden tiles, two column blocks
+    (48, 32, 48, 16, 16, 16),        # three tiles; a chunk padded to 64; Di != Do (two blocks / one)
+    (16, 16, 48, 32, 16, 16),        # three tiles; one block of Di, two of Do
+])
+@pytest.mark.parametrize("read_start", [False, True])
+def test_fused_backward_equals_spec_and_autograd(sgd_mlp: ModuleType, chunk: int, d: int, hidden: int,
+                                                 d_out: int | None, block_h: int | None, block_d: int | None,
+                                                 read_start: bool) -> None:
+    """One chunk with large steps (the in-chunk terms matter): ``sgd_mlp_step_bwd`` at every
+    tiling equals ``sgd_mlp_bwd_ref`` on the same inputs and autograd through ``run_dual``, for
+    the cotangents of all three outputs, of ``y`` alone and of the end weights alone (``None``
+    for the rest)."""
+    from nestlearn.loops.triton.sgd_mlp_bwd_ref import sgd_mlp_step_bwd_reference
+
+    bwd = _fused_bwd()
+    x = inputs(2, chunk, d, hidden, d_out, lr_max=0.1, seed=11)  # stride-0 start weights, read in place
+    ts = [x[n].detach().clone().requires_grad_() for n in ARGS]
+    ref = sgd_mlp.sgd_mlp_reference(*ts, chunk=chunk, read_start=read_start, grad="unroll")
+    outs = (ref.y, *ref.weights)
+    g = torch.Generator().manual_seed(12)
+    cots = [torch.randn(o.shape, generator=g).to(DEV) for o in outs]
+    for keep in ((0, 1, 2), (0,), (1, 2)):
+        cs = [c if i in keep else None for i, c in enumerate(cots)]
+        got = bwd.sgd_mlp_step_bwd(*(x[n] for n in ARGS), *cs, read_start=read_start, block_h=block_h,
+                                   block_d=block_d)
+        spec = sgd_mlp_step_bwd_reference(*(x[n] for n in ARGS), *cs, read_start=read_start)
+        want = torch.autograd.grad([outs[i] for i in keep], ts, [cots[i] for i in keep], retain_graph=True,
+                                   allow_unused=True, materialize_grads=True)
+        errs = {f"d{n} {what}": _err(a, b) for n, a, s, w in zip(ARGS, got, spec, want)
+                for what, b in (("spec", s), ("autograd", w))}
+        assert max(errs.values()) < TOL, (keep, errs)
+        assert all(a.shape == w.shape for a, w in zip(got, want))
+
+
+@pytest.mark.parametrize("chunk,t", [(16, 48), (48, 96)])
+@pytest.mark.parametrize("read_start", [False, True])
+def test_fused_backward_over_chunks(sgd_mlp: ModuleType, chunk: int, t: int, read_start: bool,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SGDMLPStep``'s default backward is the fused one, at the forward's precision: several
+    chunks at batch 2, two heads, 32 -> 48 -> 32 (three hidden tiles), chunks of 16 and padded 48;
+    ``autograd.grad`` of y, the end weights and the anchor (random cotangents) to q, k, v, lr
+    and the initial weights equals that through ``run_dual``."""
+    bwd = _fused_bwd()
+    assert sgd_mlp.BACKWARD == "fused"
+    seen: list[tuple[str, bool]] = []
+    real = bwd.sgd_mlp_step_bwd
+
+    def spy(*a: Any, **kw: Any) -> Any:
+        seen.append((kw["precision"], kw["read_start"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bwd, "sgd_mlp_step_bwd", spy)
+    ts = leaves(inputs(2, t, hidden=48, heads=2, seed=13, lr_max=0.02))
+    out = call(sgd_mlp.sgd_mlp, ts, chunk=chunk, read_start=read_start)
+    ref = call(sgd_mlp.sgd_mlp_reference, ts, chunk=chunk, read_start=read_start, grad="unroll")
+    g = torch.Generator().manual_seed(14)
+    cots = [torch.randn(r.shape, generator=g).to(DEV) for r in ref]
+    got = torch.autograd.grad(out, ts, cots)
+    want = torch.autograd.grad(ref, ts, cots)
+    assert seen == [("ieee", read_start)] * (t // chunk)
+    errs = {f"d{n}": _rel(a, b) for n, a, b in zip(ARGS, got, want)}
+    assert max(errs.values()) < TOL, errs
+
+
+@pytest.mark.skipif(not _ptxas(), reason="no NVIDIA backend (ptxas) in this triton")
+def test_fused_backward_compiles_for_hopper_without_a_gpu() -> None:
+    """The fused backward's four kernels at c1's size (512 -> 1024 -> 512, chunk 16) compile for
+    sm_90 through triton's ptxas (a fresh process without ``TRITON_INTERPRET``); prints each one's
+    registers, spills (``STACK``, bytes per thread) and shared memory (``pytest -s`` shows them)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    code = "from bench.triton_cms import ptxas_bwd; print(ptxas_bwd())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print("fused backward, sm_90, c1 (chunk 16, 4 warps):", done.stdout.strip())
+    assert done.stdout.count("REG:") == 4, done.stdout
+    assert all(name in done.stdout for name in ("_bwd_local", "_bwd_error", "_bwd_weights", "_bwd_inputs"))
