@@ -1,5 +1,5 @@
 """``python -m bench.triton_cms [--batch 8] [--seq 2048] [--dim 512] [--hidden 1024] [--chunk 16]
-[--reps 10] [--no-graph] [--no-train] [--block-h N] [--block-d N] [--num-warps N]``: the Triton chunk
+[--reps 10] [--no-graph] [--no-train] [--block-h N] [--block-d N] [--num-warps N] [--ptxas]``: the Triton chunk
 step of HOPE's CMS levels (``nestlearn/loops/triton/sgd_mlp.py``) against the closed form it
 replaces (``loops/dual.py``) at the fast level c1's shape (``models/hope.yaml``: one head,
 512 -> 1024 -> 512, SGD with lr = 3e-5 sigmoid(.), chunk 16, RMS-normalised k / v), on CUDA.
@@ -9,9 +9,11 @@ scale, not exact); ``run_dual`` eagerly and with its chunk steps through ``torch
 (``nestlearn run --compile``), each also replayed from a CUDA graph (``--no-graph`` skips).
 Forward + backward rows (``grad: unroll``; a loss on the outputs and the end weights,
 ``autograd.grad`` to q, k, v, lr and the initial weights): ``run_dual`` eager / compiled /
-compiled + CUDA graph, and the kernel's ``SGDMLPStep`` (also from a CUDA graph) with its
-hand-derived PyTorch backward (eager / compiled) or its recompute through ``run_dual``
-(``sgd_mlp.py``'s docstring). Median of ``--reps``
+compiled + CUDA graph, and the kernel's ``SGDMLPStep`` with its fused backward (``sgd_mlp_bwd.py``,
+the default; eager and from a CUDA graph), its hand-derived PyTorch backward (eager / compiled /
+compiled + CUDA graph) or its recompute through ``run_dual`` (``sgd_mlp.py``'s docstring): fused
+against manual against the closed form in one process. ``--ptxas`` needs no GPU: it prints
+registers, spills and shared memory of the fused backward's kernels for sm_90 and exits. Median of ``--reps``
 CUDA-event timings after warm-up; tokens/s counts ``batch x seq``; the last column is the
 largest error against eager ``run_dual`` (of ``y``; of every gradient), relative to its largest entry.
 """
@@ -60,7 +62,7 @@ def dual_out(x: dict[str, torch.Tensor], chunk: int, compiled: bool, grad: str =
 
 
 def kernel_out(x: dict[str, torch.Tensor], chunk: int, precision: str = "ieee", compiled: bool = False,
-               **launch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               backward: str | None = None, **launch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from nestlearn.loops.triton import sgd_mlp
 
     if launch and not torch.is_grad_enabled():  # launch options: the raw forward, chunk by chunk
@@ -71,7 +73,8 @@ def kernel_out(x: dict[str, torch.Tensor], chunk: int, precision: str = "ieee", 
                                                  x["lr"][:, :, sl], w0, w1, precision=precision, **launch)
             ys.append(y)
         return torch.cat(ys, 2), w0, w1
-    out = sgd_mlp.sgd_mlp(*(x[n] for n in NAMES), chunk=chunk, precision=precision, compiled=compiled)
+    out = sgd_mlp.sgd_mlp(*(x[n] for n in NAMES), chunk=chunk, precision=precision, compiled=compiled,
+                          backward=backward or sgd_mlp.BACKWARD)
     return out.y, *out.weights
 
 
@@ -213,12 +216,19 @@ def main() -> None:
     ap.add_argument("--block-h", type=int, default=None, help="the kernels' hidden tile (default 64)")
     ap.add_argument("--block-d", type=int, default=None, help="the kernels' column block (default 64)")
     ap.add_argument("--num-warps", type=int, default=None, help="the kernels' launch option (default 4)")
+    ap.add_argument("--ptxas", action="store_true", help="no GPU: the fused backward's ptxas report, then exit")
     a = ap.parse_args()
+    launch = {k: v for k, v in (("block_h", a.block_h), ("block_d", a.block_d), ("num_warps", a.num_warps)) if v}
+    if a.ptxas:
+        for rs in (False, True):
+            print(f"# fused backward, sm_90, {a.dim} -> {a.hidden} -> {a.dim}, chunk {a.chunk}, read_start {rs}, {launch}")
+            for name, usage in ptxas_bwd(a.dim, a.hidden, a.chunk, read_start=rs, **launch).items():
+                print(f"{name:<14} {usage}")
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench.triton_cms needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the closed form too
     x = cms_inputs(a.batch, a.seq, a.dim, a.hidden, "cuda")
-    launch = {k: v for k, v in (("block_h", a.block_h), ("block_d", a.block_d), ("num_warps", a.num_warps)) if v}
     tokens, chunks = a.batch * a.seq, a.seq // a.chunk
     head = (f"batch {a.batch} x {a.seq} tokens, {a.dim} -> {a.hidden} -> {a.dim}, chunk {a.chunk}; "
             f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -241,15 +251,19 @@ def main() -> None:
     train: list[tuple[str, Callable[[], Any]]] = [
         ("run_dual eager", lambda: train_fn(dual_out, lv, a.chunk, compiled=False, grad="unroll")),
         ("run_dual compiled chunk steps", lambda: train_fn(dual_out, lv, a.chunk, compiled=True, grad="unroll")),
-        ("triton fwd + manual bwd (eager)", lambda: train_fn(kernel_out, lv, a.chunk)),
-        ("triton fwd + manual bwd (compiled)", lambda: train_fn(kernel_out, lv, a.chunk, compiled=True)),
+        ("triton fwd + fused bwd", lambda: train_fn(kernel_out, lv, a.chunk, backward="fused")),
+        ("triton fwd + manual bwd (eager)", lambda: train_fn(kernel_out, lv, a.chunk, backward="manual")),
+        ("triton fwd + manual bwd (compiled)",
+         lambda: train_fn(kernel_out, lv, a.chunk, compiled=True, backward="manual")),
         ("triton fwd + recompute bwd (eager)", lambda: train_fn(kernel_out, lv, a.chunk, backward="recompute")),
     ]
     if not a.no_graph:  # the backward captured too (what the trainer's --cuda-graph replays)
         train += [("run_dual compiled + CUDA graph",
                    lambda: graphed_any(train_fn(dual_out, lv, a.chunk, compiled=True, grad="unroll"))),
                   ("triton (compiled manual bwd) + CUDA graph",
-                   lambda: graphed_any(train_fn(kernel_out, lv, a.chunk, compiled=True)))]
+                   lambda: graphed_any(train_fn(kernel_out, lv, a.chunk, compiled=True, backward="manual"))),
+                  ("triton (fused bwd) + CUDA graph",
+                   lambda: graphed_any(train_fn(kernel_out, lv, a.chunk, backward="fused")))]
     ref_g = train_fn(dual_out, lv, a.chunk, compiled=False, grad="unroll")()
     table(f"CMS forward + backward (grad: unroll; dq, dk, dv, dlr, dW0, dW1), {head}", train, ref_g, tokens, chunks,
           a.warmup, max(3, a.reps // 2), memory=True)
