@@ -1,8 +1,9 @@
 """``python -m bench.triton_cms [--batch 8] [--seq 2048] [--dim 512] [--hidden 1024] [--chunk 16]
-[--reps 10] [--no-graph] [--no-train] [--block-h N] [--block-d N] [--num-warps N] [--ptxas]``: the Triton chunk
-step of HOPE's CMS levels (``nestlearn/loops/triton/sgd_mlp.py``) against the closed form it
-replaces (``loops/dual.py``) at the fast level c1's shape (``models/hope.yaml``: one head,
-512 -> 1024 -> 512, SGD with lr = 3e-5 sigmoid(.), chunk 16, RMS-normalised k / v), on CUDA.
+[--reps 10] [--no-graph] [--no-train] [--block-h N] [--block-d N] [--num-warps N] [--bwd-block-h N]
+[--bwd-block-d N] [--bwd-num-warps N] [--ptxas]``: the Triton chunk step of HOPE's CMS levels
+(``nestlearn/loops/triton/sgd_mlp.py``) against the closed form it replaces (``loops/dual.py``) at
+the fast level c1's shape (``models/hope.yaml``: one head, 512 -> 1024 -> 512, SGD with lr = 3e-5
+sigmoid(.), chunk 16, RMS-normalised k / v), on CUDA.
 
 Forward rows (no grad): the kernel in fp32 (``ieee``, what the executor runs) and in TF32 (for
 scale, not exact); ``run_dual`` eagerly and with its chunk steps through ``torch.compile``
@@ -216,18 +217,27 @@ def main() -> None:
     ap.add_argument("--block-h", type=int, default=None, help="the kernels' hidden tile (default 64)")
     ap.add_argument("--block-d", type=int, default=None, help="the kernels' column block (default 64)")
     ap.add_argument("--num-warps", type=int, default=None, help="the kernels' launch option (default 4)")
+    ap.add_argument("--bwd-block-h", type=int, default=None, help="the fused backward's hidden tile")
+    ap.add_argument("--bwd-block-d", type=int, default=None, help="the fused backward's column block")
+    ap.add_argument("--bwd-num-warps", type=int, default=None, help="the fused backward's warps (default 4)")
     ap.add_argument("--ptxas", action="store_true", help="no GPU: the fused backward's ptxas report, then exit")
     a = ap.parse_args()
     launch = {k: v for k, v in (("block_h", a.block_h), ("block_d", a.block_d), ("num_warps", a.num_warps)) if v}
+    bwd_launch = {k: v for k, v in (("block_h", a.bwd_block_h), ("block_d", a.bwd_block_d),
+                                    ("num_warps", a.bwd_num_warps)) if v}
     if a.ptxas:
         for rs in (False, True):
-            print(f"# fused backward, sm_90, {a.dim} -> {a.hidden} -> {a.dim}, chunk {a.chunk}, read_start {rs}, {launch}")
-            for name, usage in ptxas_bwd(a.dim, a.hidden, a.chunk, read_start=rs, **launch).items():
+            print(f"# fused backward, sm_90, {a.dim} -> {a.hidden} -> {a.dim}, chunk {a.chunk}, read_start {rs}, "
+                  f"{bwd_launch}")
+            for name, usage in ptxas_bwd(a.dim, a.hidden, a.chunk, read_start=rs, **bwd_launch).items():
                 print(f"{name:<14} {usage}")
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench.triton_cms needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the closed form too
+    from nestlearn.loops.triton import sgd_mlp_bwd
+
+    sgd_mlp_bwd.LAUNCH.update(bwd_launch)  # what SGDMLPStep passes to the fused backward
     x = cms_inputs(a.batch, a.seq, a.dim, a.hidden, "cuda")
     tokens, chunks = a.batch * a.seq, a.seq // a.chunk
     head = (f"batch {a.batch} x {a.seq} tokens, {a.dim} -> {a.hidden} -> {a.dim}, chunk {a.chunk}; "

@@ -356,9 +356,11 @@ class SGDMLPStep(torch.autograd.Function):
         precision, read_start, compiled, backward = ctx.cfg
         needs = ctx.needs_input_grad[:6]
         if backward == "fused":
-            from nestlearn.loops.triton.sgd_mlp_bwd import sgd_mlp_step_bwd
+            from nestlearn.loops.triton.sgd_mlp_bwd import LAUNCH, sgd_mlp_step_bwd
 
-            fused = sgd_mlp_step_bwd(*ins, *cots, precision=precision, read_start=read_start)
+            fused = sgd_mlp_step_bwd(*ins, *cots, precision=precision, read_start=read_start,
+                                     block_h=LAUNCH.get("block_h"), block_d=LAUNCH.get("block_d"),
+                                     num_warps=LAUNCH.get("num_warps", 4))
             return (*[g if need else None for g, need in zip(fused, needs)], None, None, None, None)
         if backward == "manual":
             from nestlearn.loops.chunks import compiled as compile_fn

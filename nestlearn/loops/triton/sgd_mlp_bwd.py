@@ -35,13 +35,23 @@ Memory traffic per chunk and sequence, in weight-sized matrices (2 MB each at 51
 ``W0`` read twice (launches 1, 5), ``W1`` four times (1, 3 twice: ``e = d1 W1`` must be complete
 before ``g_e W1^T``, as in the forward's ``_update``; 5), ``G1`` twice (3, 5), ``G0`` twice (3 for
 ``k G0^T``, 5), ``dW0`` and ``dW1`` written once: 12 against the forward's 7. The scratch is
-``O(n (6 Hd + tiles (2 n + Do + 2 Di)))`` per sequence (about 3 MB at c1's shape, n = 16), so
-the weights dominate. A cotangent that is ``None`` is a stride-0 view of one zero (read from
+``O(n (6 Hd + 2 Do + tiles (2 n + Do + 2 Di)))`` per sequence (2.1 MB at c1's shape, n = 16,
+written and read about once), so the weights dominate. A cotangent that is ``None`` is a stride-0 view of one zero (read from
 cache, never materialised). Padded tokens (``n`` < ``BT``) have ``q = k = v = lr = gy = 0``, so
 every adjoint on them is 0 and is never stored.
 
 Every product is ``tl.dot`` at the forward's ``precision`` (``ieee`` unless the executor passed
 ``tf32``). ``TRITON_INTERPRET=1`` runs the kernels on the CPU for the tests.
+
+Untimed (no GPU yet). ptxas for sm_90 (Triton 3.9, ``python -m bench.triton_cms --ptxas``), c1's
+shape, chunk 16, default tiles (64, 64), 4 warps, registers / spilled bytes per thread / shared
+memory per program: ``_bwd_local`` 255 / 480 / 88 KB, ``_bwd_error`` 128 / 0 / 5 KB,
+``_bwd_weights`` 255 / 1800 / 96 KB, ``_bwd_inputs`` 128 / 0 / 9 KB (at 8 warps the spills are 224
+and 760 B; column blocks of 32 at 4 warps 168 and 704 B; blocks of 32 at 8 warps: no spills, at
+most 252 registers and 60 KB, the first setting to time). At chunk 64 ptxas left to itself picks
+32 registers and spills 7-17 KB per thread: a register cap (as ``dgd_mlp.launch_options``) or
+smaller tiles would come first there. ``LAUNCH`` passes tiles and warps to the kernels from
+``SGDMLPStep`` for tuning.
 """
 
 from __future__ import annotations
@@ -302,6 +312,11 @@ def _bwd_inputs(
         for j in range(NT):
             g += tl.load(lrp_ptr + (r * NT + j) * BT + rt)
         tl.store(dlr_ptr + r * n + rt, g, mask=tm)
+
+
+LAUNCH: dict[str, int] = {}
+"""``block_h`` / ``block_d`` / ``num_warps`` that ``SGDMLPStep`` passes to ``sgd_mlp_step_bwd``
+(empty: its defaults, the forward's tiles and 4 warps); ``bench.triton_cms`` sets them to tune."""
 
 
 def _zeros_like(shape: torch.Size, x: Tensor) -> Tensor:
