@@ -20,7 +20,7 @@ only an output, so it is summed at the end. Six launches per chunk:
 3. ``_bwd_local`` (rows x tiles): everything local to a hidden tile once ``d1`` is known:
    ``e, d0, q k^T, Z0, a`` (the forward's ``_update``), then ``g_B = gy d1^T``, ``g_a``,
    ``g_Z0``, ``g_d0``, ``g_e`` and the local part of ``g_z``; to scratch ``a, g_e, g_Z0, d0``
-   and ``g_z``'s local part (``O(n Hd)``), and the tile's partials of ``a h^T``, ``g_Z0 d0^T``
+   and ``g_z``'s local part (``O(n Hd)`` each), and the tile's partials of ``a h^T``, ``g_Z0 d0^T``
    (``n x n``), ``g_lr`` (its three sums are each linear in one hidden-summed factor) and
    ``g_d1``'s hidden sums ``-lr h G1^T + g_e W1^T`` (``n x Do``, written in the first pass over
    ``Do``, completed in the second);
@@ -35,7 +35,7 @@ Memory traffic per chunk and sequence, in weight-sized matrices (2 MB each at 51
 ``W0`` read twice (launches 1, 5), ``W1`` four times (1, 3 twice: ``e = d1 W1`` must be complete
 before ``g_e W1^T``, as in the forward's ``_update``; 5), ``G1`` twice (3, 5), ``G0`` twice (3 for
 ``k G0^T``, 5), ``dW0`` and ``dW1`` written once: 12 against the forward's 7. The scratch is
-``O(n (6 Hd + 2 Do + tiles (2 n + Do + 2 Di)))`` per sequence (2.1 MB at c1's shape, n = 16,
+``O(n (7 Hd + 2 Do + tiles (2 n + Do + 2 Di)))`` per sequence (2.1 MB at c1's shape, n = 16,
 written and read about once), so the weights dominate. A cotangent that is ``None`` is a stride-0 view of one zero (read from
 cache, never materialised). Padded tokens (``n`` < ``BT``) have ``q = k = v = lr = gy = 0``, so
 every adjoint on them is 0 and is never stored.
@@ -45,9 +45,9 @@ Every product is ``tl.dot`` at the forward's ``precision`` (``ieee`` unless the 
 
 Untimed (no GPU yet). ptxas for sm_90 (Triton 3.9, ``python -m bench.triton_cms --ptxas``), c1's
 shape, chunk 16, default tiles (64, 64), 4 warps, registers / spilled bytes per thread / shared
-memory per program: ``_bwd_local`` 255 / 480 / 88 KB, ``_bwd_error`` 128 / 0 / 5 KB,
-``_bwd_weights`` 255 / 1800 / 96 KB, ``_bwd_inputs`` 128 / 0 / 9 KB (at 8 warps the spills are 224
-and 760 B; column blocks of 32 at 4 warps 168 and 704 B; blocks of 32 at 8 warps: no spills, at
+memory per program: ``_bwd_local`` 255 / 464 / 88 KB, ``_bwd_error`` 128 / 0 / 5 KB,
+``_bwd_weights`` 255 / 1800 / 96 KB, ``_bwd_inputs`` 128 / 0 / 9 KB (at 8 warps the spills are 8
+and 760 B; column blocks of 32 at 4 warps 128 and 704 B; blocks of 32 at 8 warps: no spills, at
 most 252 registers and 60 KB, the first setting to time). At chunk 64 ptxas left to itself picks
 32 registers and spills 7-17 KB per thread: a register cap (as ``dgd_mlp.launch_options``) or
 smaller tiles would come first there. ``LAUNCH`` passes tiles and warps to the kernels from
@@ -71,7 +71,7 @@ from nestlearn.loops.triton.sgd_mlp import MAX_CHUNK, _error, _rows, _signals, b
 @triton.jit
 def _bwd_local(
     q_ptr, k_ptr, lr_ptr, w1_ptr, g0_ptr, g1_ptr, gy_ptr, z_ptr, zq_ptr, d1_ptr,
-    a_ptr, ge_ptr, gz0_ptr, d0_ptr, up_ptr, sp_ptr, gap_ptr, lrp_ptr,
+    gzl_ptr, a_ptr, ge_ptr, gz0_ptr, d0_ptr, up_ptr, sp_ptr, gap_ptr, lrp_ptr,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, slr_b, slr_h, slr_t,
     sw1_b, sw1_h, sw1_o, sw1_i, sg0_b, sg0_h, sg0_o, sg0_i, sg1_b, sg1_h, sg1_o, sg1_i, sgy_b, sgy_h, sgy_t,
     H, n, HD, NT,
@@ -79,7 +79,7 @@ def _bwd_local(
     PREC: tl.constexpr, READ_START: tl.constexpr,
 ):
     """Hidden tile ``j`` of row ``r`` once ``d1`` is known: the forward's tile quantities and every
-    adjoint local to the tile (module docstring, launch 3). ``zq``'s slot takes ``g_z``'s local part."""
+    adjoint local to the tile (module docstring, launch 3)."""
     r = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     b = r // H
@@ -162,13 +162,15 @@ def _bwd_local(
         tl.store(gap_ptr + n_off, gaj)
     tl.store(lrp_ptr + (r * NT + j) * BT + rt, lrp)
     ge = gd0 * gz1
-    tl.store(zq_ptr + s_off, gd0 * e * _gelu_grad2(z) + gh * gz1)  # g_z but for 2 g_d1 W1_j
+    tl.store(gzl_ptr + s_off, gd0 * e * _gelu_grad2(z) + gh * gz1)  # g_z but for 2 g_d1 W1_j
     tl.store(a_ptr + s_off, a)
     tl.store(ge_ptr + s_off, ge)
     tl.store(gz0_ptr + s_off, gz0)
     tl.store(d0_ptr + s_off, d0)
 
-    # second pass over Do: g_d1's partial += g_e W1_j^T
+    # second pass over Do: g_d1's partial += g_e W1_j^T. The first pass's stores may come from
+    # other threads than these loads (layouts differ): a barrier makes them visible
+    tl.debug_barrier()
     for c0 in range(0, DO, BD):
         cols = c0 + rd
         w1 = tl.load(w1_base + cols[:, None] * sw1_o + rh[None, :] * sw1_i)
@@ -355,7 +357,7 @@ def sgd_mlp_step_bwd(
     def f32(*shape: int) -> Tensor:
         return torch.empty(*shape, device=q.device, dtype=torch.float32)
 
-    z, zq, a, ge, gz0, d0 = (f32(rows, bt, hd) for _ in range(6))  # zq's slot later holds g_z's local part
+    z, zq, gzl, a, ge, gz0, d0 = (f32(rows, bt, hd) for _ in range(7))
     parts = f32(rows, nt, bt, do)  # partial predictions, then g_d1's partials
     d1, gp = f32(rows, bt, do), f32(rows, bt, do)
     sp, gap = f32(rows, nt, bt, bt), f32(rows, nt, bt, bt)
@@ -373,12 +375,12 @@ def sgd_mlp_step_bwd(
     _signals[tiles](q, k, w0, w1, z, zq, parts, *qs, *ks, *ws, heads, n, hd, nt, BH=bh, DI=di, PREC=precision,
                     **common)
     _error[cols_o](parts, v, d1, *vs, heads, n, nt, **common)
-    _bwd_local[tiles](q, k, lr, w1, g0, g1, gy_, z, zq, d1, a, ge, gz0, d0, parts, sp, gap, lrp,
+    _bwd_local[tiles](q, k, lr, w1, g0, g1, gy_, z, zq, d1, gzl, a, ge, gz0, d0, parts, sp, gap, lrp,
                       *qs, *ks, *ls, *w1.stride(), *gs, *ys, heads, n, hd, nt,
                       BH=bh, DI=di, PREC=precision, READ_START=read_start, **common)
     _bwd_error[cols_o](parts, sp, lr, gy_, gp, dv, *ls, *ys, heads, n, nt, PREC=precision, READ_START=read_start,
                        **common)
-    _bwd_weights[tiles](q, k, lr, w0, w1, g0, g1, gy_, z, zq, d1, gp, a, ge, gz0, d0, dw0, dw1, gqp, gkp,
+    _bwd_weights[tiles](q, k, lr, w0, w1, g0, g1, gy_, z, gzl, d1, gp, a, ge, gz0, d0, dw0, dw1, gqp, gkp,
                         *qs, *ks, *ls, *ws, *gs, *ys, heads, n, hd, nt, BH=bh, DI=di, PREC=precision, **common)
     _bwd_inputs[cols_i](q, k, lr, gqp, gkp, gap, lrp, dq, dk, dlr, *qs, *ks, *ls, heads, n, nt,
                         BT=bt, BD=bd, DI=di, PREC=precision, READ_START=read_start, num_warps=num_warps)
