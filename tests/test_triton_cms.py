@@ -27,6 +27,7 @@ from nestlearn.loops import GradMode, MemoryProblem, MemoryState
 from nestlearn.loops import cms_triton as glue
 from nestlearn.loops.dual import run_dual
 from nestlearn.memories import MLPMemory
+from tests.triton_interpret import import_kernels
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -34,33 +35,7 @@ TOL = 1e-4  # relative to the tensor's largest entry; fp32 rounding gives ~1e-6 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _interpreted_triton() -> bool:
-    """triton's own library was decorated for the interpreter (an earlier file imported it so)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(sys.modules["triton.language.standard"].cdiv, InterpretedFunction)
-
-
-def _import_kernel() -> tuple[ModuleType | None, str]:
-    """``(the kernel module, '')``, or ``(None, why not)``."""
-    if importlib.util.find_spec("triton") is None:
-        return None, "triton is not installed"
-    if CUDA:
-        return importlib.import_module("nestlearn.loops.triton.sgd_mlp"), ""
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1" and not _interpreted_triton():
-        return None, "triton was imported before this file without TRITON_INTERPRET=1: run this file on its own"
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        return importlib.import_module("nestlearn.loops.triton.sgd_mlp"), ""
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-_KERNEL, _WHY = _import_kernel()
+_KERNEL, _WHY = import_kernels("nestlearn.loops.triton.sgd_mlp", "nestlearn.loops.triton.sgd_mlp_bwd")
 
 
 @pytest.fixture(autouse=True)

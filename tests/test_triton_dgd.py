@@ -29,6 +29,7 @@ from nestlearn.loops import GradMode, MemoryProblem, MemoryState
 from nestlearn.loops import dgd_triton as glue
 from nestlearn.loops.dgd_dual import run_dgd_dual
 from nestlearn.memories import MLPMemory
+from tests.triton_interpret import import_kernels
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -36,28 +37,7 @@ TOL = 1e-4  # relative to the tensor's largest entry; fp32 rounding gives ~1e-6 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _import_kernel() -> tuple[ModuleType | None, str]:
-    """``(the kernel module, '')``, or ``(None, why not)``."""
-    if importlib.util.find_spec("triton") is None:
-        return None, "triton is not installed"
-    if CUDA:
-        importlib.import_module("nestlearn.loops.triton.dgd_mlp_bwd")
-        return importlib.import_module("nestlearn.loops.triton.dgd_mlp"), ""
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        return None, "triton was imported before this file without TRITON_INTERPRET=1: run this file on its own"
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        importlib.import_module("nestlearn.loops.triton.dgd_mlp_bwd")  # the backward kernel's module too
-        return importlib.import_module("nestlearn.loops.triton.dgd_mlp"), ""
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-_KERNEL, _WHY = _import_kernel()
+_KERNEL, _WHY = import_kernels("nestlearn.loops.triton.dgd_mlp", "nestlearn.loops.triton.dgd_mlp_bwd")
 
 
 @pytest.fixture
