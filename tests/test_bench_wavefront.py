@@ -26,3 +26,26 @@ def test_bad_shape_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
         wavefront.main(["--shapes", "8by2048", "--device", "cpu"])
     assert exc.value.code == 2
     assert "expected BATCHxTOKENS" in capsys.readouterr().err
+
+
+def test_check_prints_every_variant_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench.wavefront_check`` smoke-tested on the CPU, where every variant is the one-stream
+    order: each row's differences are fp32 rounding."""
+    from bench import wavefront_check
+
+    assert wavefront_check.main(["specs/titans-mal.yaml", "--device", "cpu", "--tokens", "16", "--depth", "2"]) == 0
+    rows = re.findall(r"^titans-mal\s+(.+?)\s+([\d.e+-]+)\s+([\d.e+-]+)$", capsys.readouterr().out, re.M)
+    assert [r[0] for r in rows] == ["loop again", *wavefront_check.VARIANTS]
+    assert all(float(r[1]) < 1e-5 and float(r[2]) < 1e-3 for r in rows), rows
+
+
+def test_handoff_is_the_identity_for_values_and_gradients() -> None:
+    import torch
+
+    from nestlearn.compile.wavefront import _Handoff
+
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    y = _Handoff.apply(x, None)
+    assert torch.equal(y, x)
+    (y * torch.arange(12.0, dtype=torch.float64).view(3, 4)).sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, torch.arange(12.0, dtype=torch.float64).view(3, 4))

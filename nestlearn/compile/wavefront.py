@@ -17,7 +17,11 @@ blocks of one diagonal are independent:
 differed from the block loop's (``python -m bench.wavefront``: 0.59 of the largest entry for
 HOPE in bf16; two of ``tests/test_wavefront.py``'s three GPU tests failed), a fault not yet
 found. Until it is, CUDA runs the same diagonal order on the caller's stream (exact, no overlap),
-and ``NESTLEARN_WAVEFRONT_STREAMS=1`` turns the stream path on for whoever debugs it.
+and ``NESTLEARN_WAVEFRONT_STREAMS=1`` turns the stream path on for whoever debugs it. Two
+debugging switches go with it: ``NESTLEARN_WAVEFRONT_SYNC=1`` synchronises the device after
+every block-segment, and ``NESTLEARN_WAVEFRONT_HANDOFF=0`` drops ``_Handoff``, the candidate fix
+(gradients recorded on the stream that reads them). ``python -m bench.wavefront_check`` runs
+each way against the block loop and prints where the differences start.
 
 With the streams, each block runs on its own stream, and a segment waits on an event for the block below
 it. A launch-bound model (HOPE's chunk recurrences: chains of small kernels, persistent kernels
@@ -77,6 +81,39 @@ def streams_enabled() -> bool:
     return os.environ.get("NESTLEARN_WAVEFRONT_STREAMS", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def _debug_flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "on", "yes")
+
+
+class _Handoff(torch.autograd.Function):
+    """Identity where a tensor crosses from the stream that made it (``producer``) to the one
+    that reads it. In the backward the gradient flows the other way: it is made on the reader's
+    stream and read by the producer's backward, and autograd orders the two streams but does not
+    tell the caching allocator, which could hand the gradient's memory to new work on the
+    reader's stream while the producer's stream still reads it (pytorch/pytorch#33909). The
+    backward records the gradient on the producer's stream, so its memory waits for that use.
+    A candidate fix for the stream path's gradient fault (module docstring), untested on a GPU."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, producer: torch.cuda.Stream) -> Tensor:
+        ctx.producer = producer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        if grad.is_cuda:
+            grad.record_stream(ctx.producer)
+        return grad, None
+
+
+def _handoff(x: Tensor, producer: torch.cuda.Stream) -> Tensor:
+    """``x`` through ``_Handoff`` where it takes part in autograd (``NESTLEARN_WAVEFRONT_HANDOFF=0``
+    leaves it out, to compare)."""
+    if not (x.requires_grad and torch.is_grad_enabled()) or not _debug_flag("NESTLEARN_WAVEFRONT_HANDOFF", "1"):
+        return x
+    return _Handoff.apply(x, producer)  # type: ignore[no-any-return]
+
+
 @functools.cache
 def _streamed_outside_dynamo() -> Callable[..., tuple[Tensor, dict[str, Any]]]:
     """``_streamed`` kept out of dynamo (its stream and event calls; ``--compile`` without
@@ -97,6 +134,7 @@ def _streamed(blocks: Sequence[nn.Module], pieces: list[Tensor], states: list[An
     for lane in lanes:  # every block's stream starts after what was queued before this call
         lane.wait_stream(ambient)
     ready: list[list[torch.cuda.Event]] = [[] for _ in range(depth)]
+    sync_each = _debug_flag("NESTLEARN_WAVEFRONT_SYNC", "0")
     for d in range(n + depth - 1):
         for b in range(max(0, d - n + 1), min(depth, d + 1)):
             s, lane = d - b, lanes[b]
@@ -109,9 +147,11 @@ def _streamed(blocks: Sequence[nn.Module], pieces: list[Tensor], states: list[An
             if s == 0:
                 _record_tree(states[b], lane)  # the caller's initial state
             with torch.cuda.stream(lane):
-                y, states[b] = blocks[b](x, states[b])
+                y, states[b] = blocks[b](_handoff(x, ambient if b == 0 else lanes[b - 1]), states[b])
                 done = torch.cuda.Event()
                 done.record(lane)
+            if sync_each:  # debugging: every block-segment finished before the next is queued
+                torch.cuda.synchronize(device)
             outs[b].append(y)
             ready[b].append(done)
     for lane in lanes:  # the caller's stream continues once every block is done
@@ -120,7 +160,8 @@ def _streamed(blocks: Sequence[nn.Module], pieces: list[Tensor], states: list[An
         y.record_stream(ambient)
     for st in states:
         _record_tree(st, ambient)
-    return torch.cat(outs[-1], 1), {str(b): st for b, st in enumerate(states)}
+    last = [_handoff(y, lanes[-1]) for y in outs[-1]]
+    return torch.cat(last, 1), {str(b): st for b, st in enumerate(states)}
 
 
 def _record_tree(tree: Any, stream: torch.cuda.Stream) -> None:

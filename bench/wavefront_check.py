@@ -1,0 +1,112 @@
+"""``python -m bench.wavefront_check [SPEC ...] [--segment 8] [--tokens 64]``: where does the CUDA
+wavefront's stream path (``compile/wavefront.py``) depart from the block loop? One small model
+per spec (dim 64, depth 4, fp32, no autocast), and for each way of running the streams the
+largest difference from the loop in the forward's output and in the outer gradients (relative
+to each gradient's largest entry):
+
+- ``streams``: the stream path as it runs with ``NESTLEARN_WAVEFRONT_STREAMS=1``;
+- ``no handoff``: without ``_Handoff`` (the gradients' record on the producer's stream);
+- ``sync each``: a device synchronise after every block-segment (no overlap at all; if this
+  still differs, the fault is not a race between the streams);
+- ``one stream``: the default CUDA path (the diagonal order on the caller's stream).
+
+Forward differences with a clean ``sync each`` point at the forward's ordering; clean forwards
+with gradient differences point at the backward (the caching allocator across streams). A
+table at the end; CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import nestlearn
+
+SPECS = ("specs/titans-mal.yaml", "models/hope.yaml")
+VARIANTS = {
+    "streams": {"NESTLEARN_WAVEFRONT_STREAMS": "1"},
+    "no handoff": {"NESTLEARN_WAVEFRONT_STREAMS": "1", "NESTLEARN_WAVEFRONT_HANDOFF": "0"},
+    "sync each": {"NESTLEARN_WAVEFRONT_STREAMS": "1", "NESTLEARN_WAVEFRONT_SYNC": "1"},
+    "one stream": {"NESTLEARN_WAVEFRONT_STREAMS": "0"},
+}
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def forward_backward(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(tokens[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    if logits.is_cuda:
+        torch.cuda.synchronize()
+    return logits.detach().clone(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("specs", nargs="*", default=list(SPECS))
+    p.add_argument("--segment", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (no streams there)")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("bench.wavefront_check: needs CUDA (the stream path exists only there)", file=sys.stderr)
+        return 2
+    dev = torch.device(a.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    for path in a.specs:
+        spec = nestlearn.load_spec(path, profile=None, overrides=["model.dim=64", "model.heads=4",
+                                                                   f"model.depth={a.depth}"])
+        torch.manual_seed(0)
+        model = nestlearn.compile(spec).to(dev)
+        tokens = torch.randint(0, 256, (2, a.tokens + 1), generator=torch.Generator().manual_seed(3)).to(dev)
+        model.set_wavefront(None)
+        want_y, want_g = forward_backward(model, tokens)
+        again_y, again_g = forward_backward(model, tokens)  # the loop against itself: the noise floor
+        rows.append((spec.name, "loop again", rel(again_y, want_y), max(map(rel, again_g, want_g))))
+        model.set_wavefront(a.segment)
+        for name, env in VARIANTS.items():
+            with environ(env):
+                try:
+                    y, g = forward_backward(model, tokens)
+                    rows.append((spec.name, name, rel(y, want_y), max(map(rel, g, want_g))))
+                except Exception as e:  # noqa: BLE001 - a variant that fails says how
+                    rows.append((spec.name, f"{name}: {type(e).__name__}", float("nan"), float("nan")))
+        model.set_wavefront(None)
+    where = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
+    print(f"\n# wavefront against the block loop, fp32, {where}, torch {torch.__version__}, "
+          f"segments of {a.segment} of {a.tokens} tokens, depth {a.depth}")
+    print(f"{'spec':14s} {'variant':28s} {'forward diff':>13s} {'grad diff':>11s}")
+    for spec_name, name, fy, fg in rows:
+        print(f"{spec_name:14s} {name:28s} {fy:13.2e} {fg:11.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
