@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -179,10 +180,18 @@ def _keep(t: Tensor) -> Tensor:
     return t
 
 
-def keep_saved() -> torch.autograd.graph.saved_tensors_hooks:
+def keep_saved() -> AbstractContextManager[Any]:
     """Saved tensors kept as they are, even inside a ``remat`` checkpoint: for a graph that an
     ``autograd.grad`` inside the forward unpacks at once (a checkpointed save would make every
-    such unpack re-run the whole group's forward)."""
+    such unpack re-run the whole group's forward).
+
+    Only where other saved-tensor hooks are active (a checkpoint): elsewhere there is nothing to
+    override, and a pack hook that returns its tensor ties an op's output saved by its own node
+    (e.g. rsqrt's) to that node: a reference cycle through autograd that Python's gc cannot free,
+    so a forward dropped without a backward leaked its whole graph (``tests/test_no_leak.py``)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private: checked
+    if top is not None and top(False) is None:
+        return nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
