@@ -113,7 +113,8 @@ def _randomise_gates(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _env(**env: str) -> Iterator[None]:
+def environ(**env: str) -> Iterator[None]:
+    """``os.environ`` updated with ``env`` inside the block, restored after."""
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -129,7 +130,7 @@ def _env(**env: str) -> Iterator[None]:
 def _fla_on(fla: bool) -> contextlib.AbstractContextManager[None]:
     """``NESTLEARN_FLA`` for one step: ``nestlearn`` rows time the pure-PyTorch executors even
     where fla is installed; ``nestlearn+fla`` rows let ``loops.run`` dispatch to it."""
-    return _env(NESTLEARN_FLA="1" if fla else "0")
+    return environ(NESTLEARN_FLA="1" if fla else "0")
 
 
 def _require_fla_dispatch(step: Step) -> None:

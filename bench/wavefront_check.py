@@ -18,16 +18,14 @@ table at the end; CUDA only.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 import nestlearn
+from bench.run import environ
 
 SPECS = ("specs/titans-mal.yaml", "models/hope.yaml")
 VARIANTS = {
@@ -36,20 +34,6 @@ VARIANTS = {
     "sync each": {"NESTLEARN_WAVEFRONT_STREAMS": "1", "NESTLEARN_WAVEFRONT_SYNC": "1"},
     "one stream": {"NESTLEARN_WAVEFRONT_STREAMS": "0"},
 }
-
-
-@contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def forward_backward(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -92,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((spec.name, "loop again", rel(again_y, want_y), max(map(rel, again_g, want_g))))
         model.set_wavefront(a.segment)
         for name, env in VARIANTS.items():
-            with environ(env):
+            with environ(**env):
                 try:
                     y, g = forward_backward(model, tokens)
                     rows.append((spec.name, name, rel(y, want_y), max(map(rel, g, want_g))))
