@@ -60,6 +60,36 @@ def run_segments(pb: MemoryProblem, state: MemoryState, step: SegmentStep) -> tu
     return torch.cat(ys, dim=2), MemoryState(params=params, opt=opt, anchor=anchor, offset=offset, chunks=chunks)
 
 
+RunFn = Callable[[MemoryProblem, MemoryState], tuple[Tensor, MemoryState]]
+
+
+def on_whole_chunks(pb: MemoryProblem, state: MemoryState,
+                    kernel: Callable[[MemoryProblem, MemoryState], tuple[Tensor, MemoryState] | None],
+                    closed_form: RunFn) -> tuple[Tensor, MemoryState]:
+    """``closed_form``'s result with the whole chunks on ``kernel`` (a fused kernel runs whole
+    chunks from a chunk boundary): the rest of a chunk already begun (a carried ``offset``) first
+    and a trailing partial chunk last go to ``closed_form``, so any call is exact. ``kernel`` may
+    return None (it cannot run here): its part and the rest then go to ``closed_form`` too."""
+    n, t = pb.period, pb.q.shape[2]
+    head = min(t, (-state["offset"]) % n)
+    whole = (t - head) // n * n
+    if whole == 0:
+        return closed_form(pb, state)
+    ys = []
+    if head:
+        y, state = closed_form(pb.slice(0, head), state)
+        ys.append(y)
+    done = kernel(pb.slice(head, head + whole), state)
+    rest = head if done is None else head + whole
+    if done is not None:
+        y, state = done
+        ys.append(y)
+    if rest < t:
+        y, state = closed_form(pb.slice(rest, t), state)
+        ys.append(y)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, 2)), state
+
+
 def chunk_spans(pb: MemoryProblem, state: MemoryState) -> list[tuple[int, int]]:
     """``segments`` of ``pb``'s tokens from ``state``'s offset."""
     return list(segments(state["offset"], pb.period, pb.q.shape[2]))

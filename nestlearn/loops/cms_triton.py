@@ -43,7 +43,7 @@ from torch import Tensor
 
 from nestlearn import objectives
 from nestlearn.loops import triton as kernels
-from nestlearn.loops.chunks import hp_tokens
+from nestlearn.loops.chunks import hp_tokens, on_whole_chunks
 from nestlearn.loops.common import MemoryProblem, MemoryState, detach_tree
 from nestlearn.loops.dgd_triton import precision
 from nestlearn.loops.dual import run_dual
@@ -124,22 +124,13 @@ def run_cms_triton(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, Memor
             or any(t.dtype != torch.float32 or t.device != pb.q.device for t in ts)):
         return run_dual(pb, state)
     pb = replace(pb, hp={**pb.hp, "lr": hp_tokens(pb, "lr")})  # [B, H, T] (an expanded view) so slices cut tokens
-    n, t = pb.period, pb.q.shape[2]
-    head = min(t, (-state["offset"]) % n)
-    whole = (t - head) // n * n
-    if whole == 0:
-        return run_dual(pb, state)
-    ys = []
-    if head:
-        y, state = run_dual(pb.slice(0, head), state)
-        ys.append(y)
-    y, state = _run_kernel(pb.slice(head, head + whole), state)
+    return on_whole_chunks(pb, state, _kernel_said, run_dual)
+
+
+def _kernel_said(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
+    out = _run_kernel(pb, state)
     _say_once()
-    ys.append(y)
-    if head + whole < t:
-        y, state = run_dual(pb.slice(head + whole, t), state)
-        ys.append(y)
-    return (ys[0] if len(ys) == 1 else torch.cat(ys, 2)), state
+    return out
 
 
 def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:

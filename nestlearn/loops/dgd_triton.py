@@ -36,7 +36,7 @@ from torch import Tensor
 
 from nestlearn import objectives
 from nestlearn.loops import triton as kernels
-from nestlearn.loops.chunks import hp_tokens
+from nestlearn.loops.chunks import hp_tokens, on_whole_chunks
 from nestlearn.loops.common import MemoryProblem, MemoryState
 from nestlearn.loops.dgd_dual import run_dgd_dual
 
@@ -104,35 +104,22 @@ def run_dgd_triton(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, Memor
         return run_dgd_dual(pb, state)
     # every gate as [B, H, T] (expanded views, no copies) so that slices cut tokens
     pb = replace(pb, hp={n: hp_tokens(pb, n) for n in pb.hp})
-    n, t = pb.period, pb.q.shape[2]
-    head = min(t, (-state["offset"]) % n)
-    whole = (t - head) // n * n
-    if whole == 0:
-        return run_dgd_dual(pb, state)
-    ys = []
-    if head:
-        y, state = run_dgd_dual(pb.slice(0, head), state)
-        ys.append(y)
+    return on_whole_chunks(pb, state, _kernel_or_none, run_dgd_dual)
+
+
+def _kernel_or_none(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState] | None:
+    """``_run_kernel``, or None where the kernel does not fit the device (said once per size)."""
     try:
-        y, state = _run_kernel(pb.slice(head, head + whole), state)
+        out = _run_kernel(pb, state)
     except Exception as exc:  # a device without the shared memory / registers this size needs
         if type(exc).__name__ != "OutOfResources":
             raise
         _too_big.add(_size(pb))
         warnings.warn(f"nestlearn: the fused DGD kernel does not fit this device at width {pb.arch.d_in}, "
-                      f"chunk {pb.period} ({exc}); the closed form runs instead", stacklevel=3)
-        return run_dgd_dual(pb, state) if not ys else _rest_on_dual(pb, state, ys, head)
+                      f"chunk {pb.period} ({exc}); the closed form runs instead", stacklevel=4)
+        return None
     _say_once()
-    ys.append(y)
-    if head + whole < t:
-        y, state = run_dgd_dual(pb.slice(head + whole, t), state)
-        ys.append(y)
-    return (ys[0] if len(ys) == 1 else torch.cat(ys, 2)), state
-
-
-def _rest_on_dual(pb: MemoryProblem, state: MemoryState, ys: list[Tensor], head: int) -> tuple[Tensor, MemoryState]:
-    y, state = run_dgd_dual(pb.slice(head, pb.q.shape[2]), state)
-    return torch.cat([*ys, y], 2), state
+    return out
 
 
 def _size(pb: MemoryProblem) -> tuple[int, int, torch.device]:
