@@ -326,7 +326,7 @@ def test_table_fits_80_columns() -> None:
     assert buf.getvalue().startswith("### ")
 
 
-@pytest.mark.parametrize("name", ["formal", "recall", "continual", "lm", "ablations"])
+@pytest.mark.parametrize("name", ["formal", "recall", "niah", "continual", "lm", "ablations"])
 def test_shipped_experiments_build(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     exp = load_experiment(ROOT / "experiments" / f"{name}.yaml")
@@ -393,3 +393,11 @@ def test_wavefront_reaches_the_trainer_and_leaves_the_fingerprint_alone(
     off, on, runner = _with_budget(tmp_path, "wavefront: 16")
     assert runner.config(on.grid()[0]).wavefront == 16
     assert fingerprint(off.grid()[0], off, "h") == fingerprint(on.grid()[0], on, "h")
+
+
+def test_cuda_graph_budget_is_dropped_off_the_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``budget.cuda_graph`` is a speed setting: a GPU experiment file also runs on a CPU."""
+    monkeypatch.chdir(ROOT)
+    _, on, _ = _with_budget(tmp_path, "cuda_graph: true")
+    assert SuiteRunner(on, command="test", device="cpu", quiet=True).config(on.grid()[0]).cuda_graph is False
+    assert SuiteRunner(on, command="test", device="cuda", quiet=True).config(on.grid()[0]).cuda_graph is True

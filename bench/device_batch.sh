@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The device calls of an evidence session, one mode per call (each fits the 600 s call limit and
+# copies what it has to $OUT before it; runs/ survives between calls only on a warm machine):
+#   health  Titans-MAG/MAC toward 1,000 steps (resumable in runs/tm) beside the NIAH suite
+#           (resumable in runs/suite/niah)
+#   kernels the wavefront's stream check, the GPU tests of the wavefront and the CMS kernel, the
+#           CMS kernel's bench (both backward tilings) and the Titans memory rows against
+#           titans-pytorch
+# usage: bash bench/device_batch.sh MODE [SECONDS]
+set -u
+mode=${1:?mode: health or kernels}
+limit=${2:-540}
+mkdir -p runs "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+case "$mode" in
+health)
+  resume=""; [ -f runs/tm/health.json ] && resume="--resume"
+  timeout "$limit" python3 -m bench.health specs/titans-mag.yaml specs/titans-mac.yaml --device cuda \
+    --cuda-graph --steps 1000 --eval-every 250 --jobs 2 --seconds $((limit - 100)) --out runs/tm $resume \
+    >> "$OUT/health_tm.log" 2>&1 &
+  h=$!
+  timeout $((limit - 20)) python3 -m nestlearn suite experiments/niah.yaml --device cuda --format md \
+    >> "$OUT/niah.log" 2>&1 &
+  s=$!
+  wait $h; echo "health rc=$?"
+  wait $s; echo "suite rc=$?"
+  cp runs/tm/health.json "$OUT/" 2>/dev/null
+  (cd runs && find tm suite/niah \( -name "*.json" -o -name "*.jsonl" -o -name "*.md" -o -name "*.log" \) \
+    | grep -v checkpoint | tar cf "$OUT/runs.tar" -T -) 2>/dev/null
+  tail -25 "$OUT/health_tm.log"; tail -25 "$OUT/niah.log"
+  ;;
+kernels)
+  t0=$SECONDS
+  timeout 120 python3 -m bench.wavefront_check > "$OUT/wavefront_check.txt" 2>&1; echo "wavefront_check rc=$?"
+  timeout 150 python3 -m pytest -q -x -m gpu tests/test_wavefront.py tests/test_triton_cms.py -p no:cacheprovider \
+    > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests rc=$?"
+  timeout 100 python3 -m bench.triton_cms > "$OUT/triton_cms.txt" 2>&1; echo "triton_cms rc=$?"
+  timeout 80 python3 -m bench.triton_cms --bwd-block-d 32 --bwd-num-warps 8 > "$OUT/triton_cms_bd32.txt" 2>&1
+  echo "triton_cms bd32 rc=$?"
+  left=$((limit - (SECONDS - t0) - 10))
+  [ $left -gt 30 ] && timeout $left python3 -m bench --device cuda --only titans-memory --budget 10 \
+    --out "$OUT/bench_titans_memory.json" > "$OUT/bench_titans_memory.txt" 2>&1; echo "titans rc=$?"
+  for f in wavefront_check gpu_tests triton_cms triton_cms_bd32 bench_titans_memory; do
+    echo "== $f"; tail -14 "$OUT/$f.txt"; done
+  ;;
+esac
