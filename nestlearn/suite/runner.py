@@ -155,7 +155,8 @@ class SuiteRunner:
             task=run.task.name, task_options=dict(run.task.options), steps=run.task.steps, batch=b.batch,
             seq_len=run.task.seq_len, lr=b.lr, warmup=b.warmup, min_lr_ratio=b.min_lr_ratio, clip=b.clip,
             eval_batches=b.eval_batches, device=self.device, precision=b.precision,
-            cuda_graph=b.cuda_graph and self.on_cuda(), compile=b.compile, wavefront=b.wavefront, threads=b.threads, seed=run.seed, carry_state=b.carry_state)
+            cuda_graph=b.cuda_graph and self.on_cuda(), compile=b.compile, wavefront=b.wavefront,
+            threads=b.threads, seed=run.seed, carry_state=b.carry_state)
         return TrainConfig(**fields)  # TrainConfig checks every value (the device's name included)
 
     def on_cuda(self) -> bool:
