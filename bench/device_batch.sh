@@ -19,7 +19,7 @@ health)
     --cuda-graph --steps 1000 --eval-every 250 --jobs 2 --seconds $((limit - 100)) --out runs/tm $resume \
     >> "$OUT/health_tm.log" 2>&1 &
   h=$!
-  timeout $((limit - 20)) python3 -m nestlearn suite experiments/niah.yaml --device cuda --format md \
+  [ -n "${NIAH:-}" ] && timeout $((limit - 20)) python3 -m nestlearn suite experiments/niah.yaml --device cuda --format md \
     >> "$OUT/niah.log" 2>&1 &
   s=$!
   wait $h; echo "health rc=$?"
