@@ -32,15 +32,15 @@ health)
 kernels)
   t0=$SECONDS
   timeout 120 python3 -m bench.wavefront_check > "$OUT/wavefront_check.txt" 2>&1; echo "wavefront_check rc=$?"
-  timeout 150 python3 -m pytest -q -x -m gpu tests/test_wavefront.py tests/test_triton_cms.py -p no:cacheprovider \
-    > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests rc=$?"
   timeout 100 python3 -m bench.triton_cms > "$OUT/triton_cms.txt" 2>&1; echo "triton_cms rc=$?"
   timeout 80 python3 -m bench.triton_cms --bwd-block-d 32 --bwd-num-warps 8 > "$OUT/triton_cms_bd32.txt" 2>&1
   echo "triton_cms bd32 rc=$?"
+  timeout 120 python3 -m pytest -q -x -m gpu tests/test_wavefront.py tests/test_triton_cms.py -p no:cacheprovider \
+    > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests rc=$?"
   left=$((limit - (SECONDS - t0) - 10))
   [ $left -gt 30 ] && timeout $left python3 -m bench --device cuda --only titans-memory --budget 10 \
     --out "$OUT/bench_titans_memory.json" > "$OUT/bench_titans_memory.txt" 2>&1; echo "titans rc=$?"
-  for f in wavefront_check gpu_tests triton_cms triton_cms_bd32 bench_titans_memory; do
+  for f in wavefront_check triton_cms triton_cms_bd32 gpu_tests bench_titans_memory; do
     echo "== $f"; tail -14 "$OUT/$f.txt"; done
   ;;
 esac
