@@ -129,14 +129,41 @@ def unnormalised_cms(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
     return found
 
 
+UNROLLED_FIXED_STEP = (
+    "the {rule} rule's step has the same size however small the gradient (Newton-Schulz), so near "
+    "the memory's optimum its inner steps oscillate, and the outer gradient unrolled through them "
+    "grows with the sequence's length (at 2,048 bytes: 2.5e3 for muon-memory, 2.3e6 for m3-memory, "
+    "against the Transformer's 10); set 'grad: truncate:N' on level {level!r} (the shipped specs: "
+    "truncate:16; docs/training-health.md section 6)"
+)
+
+
+def _fixed_size_step(rule_spec: Any) -> bool:
+    from nestlearn.rules import coerce
+
+    try:
+        return bool(coerce(rule_spec).fixed_size_step)
+    except Exception:  # noqa: BLE001  (a rule that does not build is reported by the graph's own check)
+        return False
+
+
+def unrolled_fixed_steps(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every in-context level whose rule takes fixed-size steps (muon, m3) with the outer gradient
+    unrolled through all of them (``grad: unroll``): the explosion of training-health §6."""
+    return [(("levels", name, "grad"), UNROLLED_FIXED_STEP.format(rule=lv.rule.name, level=name))
+            for name, lv in spec.levels.items()
+            if not lv.is_outer and lv.grad == "unroll" and _fixed_size_step(lv.rule)]
+
+
 def warnings_for(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
     """``(spec path, message)`` for every level whose chunk step exceeds the bound without a clip,
-    and every CMS node open to the outer level growing its rate."""
+    every CMS node open to the outer level growing its rate, and every fixed-size-step rule
+    unrolled over the whole sequence."""
     found: list[tuple[tuple[str | int, ...], str]] = []
     for cs in chunk_steps(spec):
         if cs.gain > 1 and spec.levels[cs.level].clip is None:
             found.append((("levels", cs.level, "rule", "lr"), cs.message()))
-    return found + unnormalised_cms(spec)
+    return found + unnormalised_cms(spec) + unrolled_fixed_steps(spec)
 
 
 def spec_warnings(spec: Any) -> list[Any]:

@@ -56,7 +56,9 @@ def test_ttt_memory_on_unit_keys_takes_a_chunk_step_without_overshooting() -> No
     """TTT's 0.02 init on L2-normalised keys leaves the pre-norm activations with a spread of
     ~1e-3, so the memory's layer norm multiplies the inner loss's curvature by orders of
     magnitude: one chunk step of the shipped size (lr 0.001 x S(64, 0.9) = 0.55 gradient steps on
-    a run of one key) overshoots and raises the loss. The fan-in init lowers it."""
+    a run of one key) overshoots and raises the loss for some initialisations (2 of the 10 seeded
+    here). With the fan-in init it lowers the loss for all of them. (Seeded: an unseeded init made
+    this test pass or fail by the order the suite ran in.)"""
     d, heads = 128, 1  # the Titans specs' head size
     g = torch.Generator().manual_seed(0)
     k = F.normalize(torch.randn(1, heads, 1, d, generator=g), dim=-1)
@@ -70,10 +72,17 @@ def test_ttt_memory_on_unit_keys_takes_a_chunk_step_without_overshooting() -> No
         before = (arch.apply(params, kk) - vv).pow(2).sum()
         grads = torch.autograd.grad(before, list(params.values()))
         moved = {n: p - step * gr for (n, p), gr in zip(params.items(), grads)}
-        return float((arch.apply(moved, kk) - vv).pow(2).sum() / before)
+        return float((arch.apply(moved, kk) - vv).pow(2).sum() / before.detach())
 
-    assert loss_ratio(MemorySpec(type="ttt-mlp", expand=4, init_std=0.02)) > 1.0
-    assert loss_ratio(MemorySpec(type="ttt-mlp", expand=4)) < 1.0
+    def worst(mem: MemorySpec) -> float:
+        ratios = []
+        for seed in range(10):
+            torch.manual_seed(seed)
+            ratios.append(loss_ratio(mem))
+        return max(ratios)
+
+    assert worst(MemorySpec(type="ttt-mlp", expand=4, init_std=0.02)) > 1.0
+    assert worst(MemorySpec(type="ttt-mlp", expand=4)) < 1.0
 
 
 @pytest.mark.parametrize("period", [1, 7, 64])
@@ -169,3 +178,27 @@ def test_titans_decay_washes_the_memory_out_over_2048_tokens(path: str) -> None:
     assert float(toward_zero.median()) < 0.05, float(toward_zero.median())
     assert float(smaller.median()) > 0.2 and float(smaller.quantile(0.01)) > 0.05, float(smaller.median())
     assert float(toward_init.median()) > 0.2 and float(toward_init.quantile(0.01)) > 0.05, float(toward_init.median())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["specs/muon-memory.yaml", "specs/m3-memory.yaml"])
+def test_fixed_size_steps_unrolled_over_2048_tokens_explode_and_truncation_bounds_them(path: str) -> None:
+    """Muon / M3 memories (training-health §6): the orthogonalised step keeps its size near the
+    memory's optimum, so the outer gradient unrolled through 128 chunks explodes; the shipped
+    ``grad: truncate:16`` (backpropagation over at most 256 tokens) bounds it."""
+    ref = outer_grad_norm("specs/transformer.yaml", [])
+    unrolled = outer_grad_norm(path, ["levels.memory.grad=unroll"])
+    shipped = outer_grad_norm(path, [])
+    print(f"outer gradient norm at {T} bytes: transformer {ref:.3g}, {path} unrolled {unrolled:.3g}, shipped {shipped:.3g}")
+    assert unrolled > 10 * ref, (unrolled, shipped, ref)  # the mechanism
+    assert shipped < 3 * ref, (unrolled, shipped, ref)
+
+
+def test_unrolled_fixed_size_steps_are_flagged_and_the_shipped_specs_are_not() -> None:
+    for path in ("specs/muon-memory.yaml", "specs/m3-memory.yaml"):
+        unrolled = nestlearn.load_spec(path, overrides=["levels.memory.grad=unroll"])
+        (found,) = stability.warnings_for(unrolled)
+        assert found[0] == ("levels", "memory", "grad") and "truncate" in found[1]
+        assert stability.warnings_for(nestlearn.load_spec(path)) == [], path
+    sgd = nestlearn.load_spec("specs/momentum-memory.yaml")  # a step that shrinks with the gradient
+    assert not any(loc[-1] == "grad" for loc, _ in stability.warnings_for(sgd))

@@ -24,7 +24,7 @@ __all__ = [
 @dataclass(frozen=True)
 class RuleEntry:
     """One rule of the spec: its class (whose class attributes are the rule's facts:
-    ``linear``, ``needs_inputs``, ``sums_gradients``, ``usable_as_outer``) and how a validated
+    ``linear``, ``needs_inputs``, ``sums_gradients``, ``fixed_size_step``, ``usable_as_outer``) and how a validated
     rule spec (``spec/schema.py``, the class whose ``name`` is this entry's key) builds it."""
 
     cls: type[Rule]

@@ -43,6 +43,11 @@ class Rule:
     #: True when a chunk's step is ``lr`` times a (momentum-weighted) sum of its gradients, so the
     #: chunk-step stability bound applies (``nestlearn/stability.py``): sgd, momentum, dgd.
     sums_gradients = False
+    #: True when the update's size does not shrink with the gradient (orthogonalised by Newton-Schulz:
+    #: muon, m3). Near the memory's optimum the inner steps then keep their size and oscillate, and an
+    #: outer gradient unrolled through many of them grows with the sequence's length
+    #: (``nestlearn/stability.py`` warns unless the level's ``grad`` truncates).
+    fixed_size_step = False
     #: True when the outer level (trained by torch.optim) may use this rule: sgd, momentum, adam, adamw.
     usable_as_outer = False
 

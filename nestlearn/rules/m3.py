@@ -51,6 +51,7 @@ class M3(Rule):
     ns_steps: int = 5
 
     name = "m3"
+    fixed_size_step = True
 
     def __post_init__(self) -> None:
         self.every = tuple(int(c) for c in self.every)

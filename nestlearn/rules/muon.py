@@ -36,6 +36,7 @@ def newton_schulz(m: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 class Muon(Rule):
     ns_steps: int = 5
     name = "muon"
+    fixed_size_step = True
 
     def init(self, params: Params) -> State:
         return {"m": {k: torch.zeros_like(p) for k, p in params.items()}}
