@@ -16,7 +16,9 @@ blocks of one diagonal are independent:
 **On CUDA the streams are off by default**: on an H200 (2026-12-06) the stream path's gradients
 differed from the block loop's (``python -m bench.wavefront``: 0.59 of the largest entry for
 HOPE in bf16; two of ``tests/test_wavefront.py``'s three GPU tests failed), a fault not yet
-found. Until it is, CUDA runs the same diagonal order on the caller's stream (exact, no overlap),
+found. On an H100 (2026-12-07, with ``_Handoff``) the eager stream path equalled the one-stream
+order at the tests' size, but captured in a CUDA graph its gradients still differed (6.6e-4
+relative; docs/benchmarks.md). Until that is found, CUDA runs the same diagonal order on the caller's stream (exact, no overlap),
 and ``NESTLEARN_WAVEFRONT_STREAMS=1`` turns the stream path on for whoever debugs it. Two
 debugging switches go with it: ``NESTLEARN_WAVEFRONT_SYNC=1`` synchronises the device after
 every block-segment, and ``NESTLEARN_WAVEFRONT_HANDOFF=0`` drops ``_Handoff``, the candidate fix
