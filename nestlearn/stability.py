@@ -75,11 +75,12 @@ def _upper(value: Any) -> float | None:
     return None
 
 
-def _sums_gradients(rule_spec: Any) -> bool:
+def _rule_fact(rule_spec: Any, fact: str) -> bool:
+    """One of the rule table's class facts (``rules/base.py``: ``sums_gradients``, ...) for a rule spec."""
     from nestlearn.rules import coerce
 
     try:
-        return bool(coerce(rule_spec).sums_gradients)
+        return bool(getattr(coerce(rule_spec), fact))
     except Exception:  # noqa: BLE001  (a rule that does not build is reported by the graph's own check)
         return False
 
@@ -90,7 +91,7 @@ def chunk_steps(spec: Any) -> list[ChunkStep]:
     out: list[ChunkStep] = []
     heads = spec.model.heads
     for name, lv in spec.levels.items():
-        if lv.is_outer or lv.objective != "l2" or not _sums_gradients(lv.rule):
+        if lv.is_outer or lv.objective != "l2" or not _rule_fact(lv.rule, "sums_gradients"):
             continue
         lr = _upper(getattr(lv.rule, "lr", None))
         if lr is None or lr <= 0:
@@ -138,21 +139,12 @@ UNROLLED_FIXED_STEP = (
 )
 
 
-def _fixed_size_step(rule_spec: Any) -> bool:
-    from nestlearn.rules import coerce
-
-    try:
-        return bool(coerce(rule_spec).fixed_size_step)
-    except Exception:  # noqa: BLE001  (a rule that does not build is reported by the graph's own check)
-        return False
-
-
 def unrolled_fixed_steps(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
     """Every in-context level whose rule takes fixed-size steps (muon, m3) with the outer gradient
     unrolled through all of them (``grad: unroll``): the explosion of training-health §6."""
     return [(("levels", name, "grad"), UNROLLED_FIXED_STEP.format(rule=lv.rule.name, level=name))
             for name, lv in spec.levels.items()
-            if not lv.is_outer and lv.grad == "unroll" and _fixed_size_step(lv.rule)]
+            if not lv.is_outer and lv.grad == "unroll" and _rule_fact(lv.rule, "fixed_size_step")]
 
 
 def warnings_for(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
