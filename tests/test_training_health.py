@@ -72,7 +72,7 @@ def test_ttt_memory_on_unit_keys_takes_a_chunk_step_without_overshooting() -> No
         before = (arch.apply(params, kk) - vv).pow(2).sum()
         grads = torch.autograd.grad(before, list(params.values()))
         moved = {n: p - step * gr for (n, p), gr in zip(params.items(), grads)}
-        return float((arch.apply(moved, kk) - vv).pow(2).sum() / before.detach())
+        return float(((arch.apply(moved, kk) - vv).pow(2).sum() / before).detach())
 
     def worst(mem: MemorySpec) -> float:
         ratios = []
