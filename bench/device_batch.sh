@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device calls of an evidence session, one mode per call (each fits the 600 s call limit and
 # copies what it has to $OUT before it; runs/ survives between calls only on a warm machine):
-#   health  Titans-MAG/MAC toward 1,000 steps (resumable in runs/tm) beside the NIAH suite
-#           (resumable in runs/suite/niah)
+#   health  Titans-MAG/MAC toward 1,000 steps (resumable in runs/tm); with NIAH=1 the NIAH suite
+#           beside them (resumable in runs/suite/niah)
 #   kernels the wavefront's stream check, the GPU tests of the wavefront and the CMS kernel, the
 #           CMS kernel's bench (both backward tilings) and the Titans memory rows against
 #           titans-pytorch
