@@ -18,8 +18,8 @@ differed from the block loop's (``python -m bench.wavefront``: 0.59 of the large
 HOPE in bf16; two of ``tests/test_wavefront.py``'s three GPU tests failed), a fault not yet
 found. On an H100 (2026-12-07, with ``_Handoff``) the eager stream path equalled the one-stream
 order at the tests' size, but captured in a CUDA graph its gradients still differed (6.6e-4
-relative; docs/benchmarks.md). Until that is found, CUDA runs the same diagonal order on the caller's stream (exact, no overlap),
-and ``NESTLEARN_WAVEFRONT_STREAMS=1`` turns the stream path on for whoever debugs it. Two
+relative; docs/benchmarks.md). Until that is found, CUDA runs the same diagonal order on the
+caller's stream (exact, no overlap), and ``NESTLEARN_WAVEFRONT_STREAMS=1`` turns the stream path on for whoever debugs it. Two
 debugging switches go with it: ``NESTLEARN_WAVEFRONT_SYNC=1`` synchronises the device after
 every block-segment, and ``NESTLEARN_WAVEFRONT_HANDOFF=0`` drops ``_Handoff``, the candidate fix
 (gradients recorded on the stream that reads them). ``python -m bench.wavefront_check`` runs
@@ -80,10 +80,10 @@ def run_wavefront(blocks: Sequence[nn.Module], h: Tensor, state: dict[str, Any],
 
 def streams_enabled() -> bool:
     """``NESTLEARN_WAVEFRONT_STREAMS`` is 1/true/on/yes (module docstring: why off by default)."""
-    return os.environ.get("NESTLEARN_WAVEFRONT_STREAMS", "0").strip().lower() in ("1", "true", "on", "yes")
+    return _flag("NESTLEARN_WAVEFRONT_STREAMS", "0")
 
 
-def _debug_flag(name: str, default: str) -> bool:
+def _flag(name: str, default: str) -> bool:
     return os.environ.get(name, default).strip().lower() in ("1", "true", "on", "yes")
 
 
@@ -94,7 +94,9 @@ class _Handoff(torch.autograd.Function):
     tell the caching allocator, which could hand the gradient's memory to new work on the
     reader's stream while the producer's stream still reads it (pytorch/pytorch#33909). The
     backward records the gradient on the producer's stream, so its memory waits for that use.
-    A candidate fix for the stream path's gradient fault (module docstring), untested on a GPU."""
+    A candidate fix for the stream path's gradient fault (module docstring). On an H100 the eager
+    stream path matched the one-stream order with and without it, so it is not shown to be needed;
+    the graphed path's difference remains either way."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, producer: torch.cuda.Stream) -> Tensor:
@@ -108,10 +110,10 @@ class _Handoff(torch.autograd.Function):
         return grad, None
 
 
-def _handoff(x: Tensor, producer: torch.cuda.Stream) -> Tensor:
-    """``x`` through ``_Handoff`` where it takes part in autograd (``NESTLEARN_WAVEFRONT_HANDOFF=0``
-    leaves it out, to compare)."""
-    if not (x.requires_grad and torch.is_grad_enabled()) or not _debug_flag("NESTLEARN_WAVEFRONT_HANDOFF", "1"):
+def _handoff(x: Tensor, producer: torch.cuda.Stream, on: bool) -> Tensor:
+    """``x`` through ``_Handoff`` where it takes part in autograd and ``on``
+    (``NESTLEARN_WAVEFRONT_HANDOFF=0`` leaves it out, to compare)."""
+    if not (on and x.requires_grad and torch.is_grad_enabled()):
         return x
     return _Handoff.apply(x, producer)  # type: ignore[no-any-return]
 
@@ -136,7 +138,8 @@ def _streamed(blocks: Sequence[nn.Module], pieces: list[Tensor], states: list[An
     for lane in lanes:  # every block's stream starts after what was queued before this call
         lane.wait_stream(ambient)
     ready: list[list[torch.cuda.Event]] = [[] for _ in range(depth)]
-    sync_each = _debug_flag("NESTLEARN_WAVEFRONT_SYNC", "0")
+    sync_each = _flag("NESTLEARN_WAVEFRONT_SYNC", "0")
+    handoff = _flag("NESTLEARN_WAVEFRONT_HANDOFF", "1")
     for d in range(n + depth - 1):
         for b in range(max(0, d - n + 1), min(depth, d + 1)):
             s, lane = d - b, lanes[b]
@@ -149,7 +152,7 @@ def _streamed(blocks: Sequence[nn.Module], pieces: list[Tensor], states: list[An
             if s == 0:
                 _record_tree(states[b], lane)  # the caller's initial state
             with torch.cuda.stream(lane):
-                y, states[b] = blocks[b](_handoff(x, ambient if b == 0 else lanes[b - 1]), states[b])
+                y, states[b] = blocks[b](_handoff(x, ambient if b == 0 else lanes[b - 1], handoff), states[b])
                 done = torch.cuda.Event()
                 done.record(lane)
             if sync_each:  # debugging: every block-segment finished before the next is queued
@@ -162,7 +165,7 @@ def _streamed(blocks: Sequence[nn.Module], pieces: list[Tensor], states: list[An
         y.record_stream(ambient)
     for st in states:
         _record_tree(st, ambient)
-    last = [_handoff(y, lanes[-1]) for y in outs[-1]]
+    last = [_handoff(y, lanes[-1], handoff) for y in outs[-1]]
     return torch.cat(last, 1), {str(b): st for b, st in enumerate(states)}
 
 

@@ -161,10 +161,11 @@ class SuiteRunner:
 
     def on_cuda(self) -> bool:
         """Whether the runs train on a GPU. The budget's ``cuda_graph`` is a speed setting (not in a
-        run's fingerprint), so an experiment file written for a GPU also runs on a CPU without it."""
-        import torch
+        run's fingerprint), so an experiment file written for a GPU also runs on a CPU without it.
+        (``cuda`` without a GPU keeps it: the trainer then says what is wrong.)"""
+        from nestlearn.train.build import resolve_device
 
-        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        return self.device == "cuda" or resolve_device(self.device).type == "cuda"
 
     # ------------------------------------------------------------ one run
     def finished(self, run: Run) -> bool:
