@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device calls of an evidence session, one mode per call (each fits the 600 s call limit and
 # copies what it has to $OUT before it; runs/ survives between calls only on a warm machine):
-#   health  Titans-MAG/MAC toward 1,000 steps (resumable in runs/tm); with NIAH=1 the NIAH suite
-#           beside them (resumable in runs/suite/niah)
+#   health  Titans-MAG/MAC toward 1,000 steps (resumable in runs/tm); SPECS="a.yaml b.yaml" and
+#           OUTDIR=runs/x train others; SEED=1 a second seed; with NIAH=1 the NIAH suite beside
+#           them (resumable in runs/suite/niah)
 #   kernels the wavefront's stream check, the GPU tests of the wavefront and the CMS kernel, the
 #           CMS kernel's bench (both backward tilings) and the Titans memory rows against
 #           titans-pytorch
@@ -14,9 +15,11 @@ mkdir -p runs "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$mode" in
 health)
-  resume=""; [ -f runs/tm/health.json ] && resume="--resume"
-  timeout "$limit" python3 -m bench.health specs/titans-mag.yaml specs/titans-mac.yaml --device cuda \
-    --cuda-graph --steps 1000 --eval-every 250 --jobs 2 --seconds $((limit - 100)) --out runs/tm $resume \
+  out=${OUTDIR:-runs/tm}
+  resume=""; [ -f "$out/health.json" ] && resume="--resume"
+  timeout "$limit" python3 -m bench.health ${SPECS:-specs/titans-mag.yaml specs/titans-mac.yaml} --device cuda \
+    --cuda-graph --steps 1000 --eval-every 250 --jobs 2 --seconds $((limit - 100)) --seed "${SEED:-0}" \
+    --out "$out" $resume \
     >> "$OUT/health_tm.log" 2>&1 &
   h=$!
   [ -n "${NIAH:-}" ] && timeout $((limit - 20)) python3 -m nestlearn suite experiments/niah.yaml --device cuda --format md \
@@ -24,8 +27,8 @@ health)
   s=$!
   wait $h; echo "health rc=$?"
   wait $s; echo "suite rc=$?"
-  cp runs/tm/health.json "$OUT/" 2>/dev/null
-  (cd runs && find tm suite/niah \( -name "*.json" -o -name "*.jsonl" -o -name "*.md" -o -name "*.log" \) \
+  cp "$out/health.json" "$OUT/" 2>/dev/null
+  (cd runs && find "${out#runs/}" suite/niah \( -name "*.json" -o -name "*.jsonl" -o -name "*.md" -o -name "*.log" \) \
     | grep -v checkpoint | tar cf "$OUT/runs.tar" -T -) 2>/dev/null
   tail -25 "$OUT/health_tm.log"; tail -25 "$OUT/niah.log"
   ;;
