@@ -7,6 +7,8 @@
 #   kernels the wavefront's stream check, the GPU tests of the wavefront and the CMS kernel, the
 #           CMS kernel's bench (both backward tilings) and the Titans memory rows against
 #           titans-pytorch
+#   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
+#           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
 # usage: bash bench/device_batch.sh MODE [SECONDS]
 set -u
 mode=${1:?mode: health or kernels}
@@ -31,6 +33,13 @@ health)
   (cd runs && find "${out#runs/}" suite/niah \( -name "*.json" -o -name "*.jsonl" -o -name "*.md" -o -name "*.log" \) \
     | grep -v checkpoint | tar cf "$OUT/runs.tar" -T -) 2>/dev/null
   tail -25 "$OUT/health_tm.log"; tail -25 "$OUT/niah.log"
+  ;;
+peer)
+  only=titans-memory:nestlearn,titans-memory:nestlearn-compiled-step,titans-memory:nestlearn-compiled-step+graph
+  only=$only,titans-memory:titans-pytorch-dh128,titans-memory:titans-pytorch-dh128-batch64,titans-memory:titans-pytorch
+  timeout "$limit" python3 -m bench --device cuda --only "$only" --budget 5 --skip-after 20 \
+    --out "$OUT/bench_titans_peer.json" > "$OUT/bench_titans_peer.txt" 2>&1; echo "peer rc=$?"
+  tail -30 "$OUT/bench_titans_peer.txt"
   ;;
 kernels)
   t0=$SECONDS
