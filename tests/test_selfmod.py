@@ -36,7 +36,9 @@ def causal_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
 
 
 def plain_selfmod(x: torch.Tensor, p: dict, heads: int, period: int, mem: str, gen_period: int | None = None,
-                  gen_lr_max: float = 0.4) -> torch.Tensor:
+                  gen_lr_max: float = 0.4, rule: str = "dgd", lr_max: float = 0.4, decay_max: float = 0.2) -> torch.Tensor:
+    """``rule``: ``dgd`` (momentum 0.6, the projection term) or ``sgd`` (plain gradient step with
+    forgetting toward zero: at period 1 on a linear memory, the gated delta rule)."""
     gen_period = gen_period or period
     T, D = x.shape
     dh = D // heads
@@ -60,14 +62,17 @@ def plain_selfmod(x: torch.Tensor, p: dict, heads: int, period: int, mem: str, g
             k = F.normalize(fns["k"](A["k"], xt), dim=0)
             v = fns["v"](A["v"], xt)
             gate = torch.sigmoid(fns["lr"](A["lr"], xt)[0] + p["gen_bias.lr"][h])
-            dec = 0.2 * torch.sigmoid(fns["decay"](A["decay"], xt)[0] + p["gen_bias.decay"][h])
+            dec = decay_max * torch.sigmoid(fns["decay"](A["decay"], xt)[0] + p["gen_bias.decay"][h])
             vu = F.normalize(v, dim=0)
             for s, f in fns.items():
-                lr = (0.4 if s == "main" else gen_lr_max) * gate  # the rule's lr max; the generators' own
+                lr = (lr_max if s == "main" else gen_lr_max) * gate  # the rule's lr max; the generators' own
                 target = v if s == "main" else f(A[s], vu)
                 a = {n: w.clone().requires_grad_() for n, w in A[s].items()}
                 loss = ((f(a, k) - target.detach()) ** 2).sum()
                 g = dict(zip(a, torch.autograd.grad(loss, list(a.values()))))
+                if rule == "sgd":
+                    M[s] = {n: (1 - dec) * w - lr * g[n] for n, w in M[s].items()}
+                    continue
                 ins = {"W": k} if f is ref.linear_mem else ref.layer_inputs("mlp", A[s], k)
                 for n in M[s]:
                     mom[s][n] = 0.6 * mom[s][n] + g[n]
@@ -115,3 +120,44 @@ def test_generators_own_rate_matches_plain_equations(mem: str) -> None:
         torch.testing.assert_close(y[b], plain_selfmod(x[b], p, 2, 2, mem, 4, gen_lr_max=0.05), rtol=1e-9, atol=1e-10)
     # and it matters: the shared rate (the paper's default) gives another output
     assert not torch.allclose(y[0], plain_selfmod(x[0], p, 2, 2, mem, 4), atol=1e-6)
+
+
+def test_hope_delta_main_memory_is_the_per_token_delta_rule() -> None:
+    """specs/hope-delta.yaml's selfmod op (a tiny size, float64): generators chunk-wise sgd at their
+    own rate, the linear main memory the exact per-token gated delta rule
+    ``M_t = (1 - d_t) M_{t-1} - 2 lr_t (M_{t-1} k_t - v_t) k_t^T``, read after the update; and it
+    runs on the chunk-parallel ``delta`` executor, not a per-token loop."""
+    import importlib
+
+    import nestlearn
+    from nestlearn.loops import executors
+
+    spec = nestlearn.load_spec("specs/hope-delta.yaml", overrides=[
+        "model.dim=8", "model.heads=2", "model.depth=1", "block.1.gen_period=4", "block.1.gen_lr_max=0.05"])
+    torch.manual_seed(2)
+    op = compile_spec(spec, dtype=DT).blocks[0].ops["sm"]
+    with torch.no_grad():
+        for n, w in op.named_parameters():
+            if "conv" in n or "gen_bias" in n:
+                w.add_(torch.randn_like(w) * 0.3)
+            if n == "gen_bias.decay":
+                w.fill_(-1.0)  # forgetting large enough to matter in 10 tokens
+    p = {n: w.detach() for n, w in op.named_parameters()}
+    picked: list[str] = []
+    selfmod = importlib.import_module("nestlearn.compile.selfmod")
+    real_run = selfmod.run
+
+    def spy(pb, state, executor="auto"):  # noqa: ANN001, ANN202
+        picked.append(executors.pick(pb, executor).name)
+        return real_run(pb, state, executor)
+
+    selfmod.run = spy
+    try:
+        x = torch.randn(2, 10, 8, dtype=DT)
+        y, _ = op([x], {}, None)
+    finally:
+        selfmod.run = real_run
+    assert picked[-1] == "delta"
+    for b in range(2):
+        expected = plain_selfmod(x[b], p, 2, 1, "linear", 4, gen_lr_max=0.05, rule="sgd", lr_max=1.0, decay_max=0.1)
+        torch.testing.assert_close(y[b], expected, rtol=1e-9, atol=1e-10)

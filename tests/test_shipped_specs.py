@@ -113,7 +113,7 @@ def test_hope_cms_sequential_is_models_hope() -> None:
 
 def test_hope_variants_share_levels_and_the_self_modifying_memory() -> None:
     hope = nestlearn.load_spec(ROOT / "models" / "hope.yaml")
-    for name in ("hope-cms-independent", "hope-attention"):
+    for name in ("hope-cms-independent", "hope-attention", "hope-delta"):
         other = nestlearn.load_spec(ROOT / "specs" / f"{name}.yaml")
         for level in ("cms_fast", "cms_mid", "cms_slow"):
             assert other.levels[level] == hope.levels[level]
