@@ -7,6 +7,7 @@
 #   kernels the wavefront's stream check, the GPU tests of the wavefront and the CMS kernel, the
 #           CMS kernel's bench (both backward tilings) and the Titans memory rows against
 #           titans-pytorch
+#   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200)
 #   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
 #           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
 # usage: bash bench/device_batch.sh MODE [SECONDS]
@@ -33,6 +34,13 @@ health)
   (cd runs && find "${out#runs/}" suite/niah \( -name "*.json" -o -name "*.jsonl" -o -name "*.md" -o -name "*.log" \) \
     | grep -v checkpoint | tar cf "$OUT/runs.tar" -T -) 2>/dev/null
   tail -25 "$OUT/health_tm.log"; tail -25 "$OUT/niah.log"
+  ;;
+newspec)
+  timeout "$limit" python3 -m bench.health specs/transformer.yaml ${SPECS:?SPECS} --device cuda --cuda-graph \
+    --steps "${STEPS:-200}" --eval-every 100 --seconds $((limit - 60)) --out runs/newspec > "$OUT/newspec.log" 2>&1
+  echo "newspec rc=$?"; cp runs/newspec/health.json "$OUT/newspec_health.json" 2>/dev/null
+  (cd runs && find newspec -name "*.jsonl" | tar cf "$OUT/newspec_runs.tar" -T -) 2>/dev/null
+  tail -12 "$OUT/newspec.log"
   ;;
 peer)
   only=titans-memory:nestlearn,titans-memory:nestlearn-compiled-step,titans-memory:nestlearn-compiled-step+graph
