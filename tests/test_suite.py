@@ -401,3 +401,14 @@ def test_cuda_graph_budget_is_dropped_off_the_gpu(tmp_path: Path, monkeypatch: p
     _, on, _ = _with_budget(tmp_path, "cuda_graph: true")
     assert SuiteRunner(on, command="test", device="cpu", quiet=True).config(on.grid()[0]).cuda_graph is False
     assert SuiteRunner(on, command="test", device="cuda", quiet=True).config(on.grid()[0]).cuda_graph is True
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_experiment_file_resolves(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each experiments/*.yaml validates, its specs build with their overrides and its sizes
+    resolve (dims matched to the parameter policy): what `nestlearn suite --check` does."""
+    monkeypatch.chdir(ROOT)
+    exp = load_experiment(path, out=tmp_path / path.stem)
+    runner = SuiteRunner(exp, command="test", quiet=True)
+    runner.resolve()
+    assert exp.grid()
