@@ -122,17 +122,18 @@ def test_generators_own_rate_matches_plain_equations(mem: str) -> None:
     assert not torch.allclose(y[0], plain_selfmod(x[0], p, 2, 2, mem, 4), atol=1e-6)
 
 
-def test_hope_delta_main_memory_is_the_per_token_delta_rule() -> None:
+def test_hope_delta_main_memory_is_the_per_token_delta_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     """specs/hope-delta.yaml's selfmod op (a tiny size, float64): generators chunk-wise sgd at their
     own rate, the linear main memory the exact per-token gated delta rule
     ``M_t = (1 - d_t) M_{t-1} - 2 lr_t (M_{t-1} k_t - v_t) k_t^T``, read after the update; and it
     runs on the chunk-parallel ``delta`` executor, not a per-token loop."""
     import importlib
+    from pathlib import Path
 
     import nestlearn
     from nestlearn.loops import executors
 
-    spec = nestlearn.load_spec("specs/hope-delta.yaml", overrides=[
+    spec = nestlearn.load_spec(Path(__file__).resolve().parents[1] / "specs" / "hope-delta.yaml", overrides=[
         "model.dim=8", "model.heads=2", "model.depth=1", "block.1.gen_period=4", "block.1.gen_lr_max=0.05"])
     torch.manual_seed(2)
     op = compile_spec(spec, dtype=DT).blocks[0].ops["sm"]
@@ -151,12 +152,9 @@ def test_hope_delta_main_memory_is_the_per_token_delta_rule() -> None:
         picked.append(executors.pick(pb, executor).name)
         return real_run(pb, state, executor)
 
-    selfmod.run = spy
-    try:
-        x = torch.randn(2, 10, 8, dtype=DT)
-        y, _ = op([x], {}, None)
-    finally:
-        selfmod.run = real_run
+    monkeypatch.setattr(selfmod, "run", spy)
+    x = torch.randn(2, 10, 8, dtype=DT)
+    y, _ = op([x], {}, None)
     assert picked[-1] == "delta"
     for b in range(2):
         expected = plain_selfmod(x[b], p, 2, 1, "linear", 4, gen_lr_max=0.05, rule="sgd", lr_max=1.0, decay_max=0.1)
