@@ -120,3 +120,16 @@ def test_hope_variants_share_levels_and_the_self_modifying_memory() -> None:
     ind = nestlearn.load_spec(ROOT / "specs" / "hope-cms-independent.yaml")
     assert ind.levels == hope.levels
     assert [n for n in ind.block if n.id == "sm"] == [n for n in hope.block if n.id == "sm"]
+
+
+def test_hope_delta_is_models_hope_with_a_per_token_delta_rule_main_memory() -> None:
+    """specs/hope-delta.yaml is models/hope.yaml with exactly these overrides (the form the
+    recall-delta / niah-delta runs recorded in bench/results/ were made with)."""
+    ov = ["block.1.memory={type: linear}", "levels.selfmod.clip=null", "levels.selfmod.period=1",
+          "levels.selfmod.rule={name: sgd, lr: {gate: token, max: 1.0}, decay: {gate: token, max: 0.1, bias: -6.0}}",
+          "block.1.gen_lr_max=0.002"]
+    a = nestlearn.load_spec(ROOT / "models" / "hope.yaml", overrides=ov).model_dump()
+    b = nestlearn.load_spec(ROOT / "specs" / "hope-delta.yaml").model_dump()
+    for doc in (a, b):
+        doc.pop("name"), doc.pop("description")
+    assert a == b
