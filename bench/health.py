@@ -135,9 +135,11 @@ def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     error = None
     status = None
+    summary: dict[str, Any] = {}
     t0 = time.perf_counter()
     try:
-        status = Trainer(spec, cfg, run_dir, resume=resume).fit().get("status")
+        summary = Trainer(spec, cfg, run_dir, resume=resume).fit()
+        status = summary.get("status")
     except (TrainError, SpecError, RuntimeError) as exc:  # a diverged or failed run still gets its row
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     wall = time.perf_counter() - t0
@@ -145,6 +147,8 @@ def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     row = summarise(name, run_dir, wall, peak, error, params, before)
     if status == "stopped":  # --seconds: evaluated where it stopped, short of --steps
         row["stopped_early"] = True
+    if summary.get("dead_since") is not None:  # finished with a zero gradient from this step on
+        row["dead_since"] = summary["dead_since"]
     return row
 
 
@@ -191,6 +195,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratio = r["median_grad_norm"] / ref_g if ref_g and r["median_grad_norm"] else None
         note = r["error"] or (f"{r['nonfinite_grad_steps']} non-finite steps" if r["nonfinite_grad_steps"] else "")
+        if r.get("dead_since"):
+            note = "; ".join(x for x in (note, f"dead (zero gradient) from step {r['dead_since']}") if x)
         if r.get("stopped_early"):
             note = "; ".join(x for x in (note, f"stopped by --seconds at step {r['steps']}") if x)
         if r.get("shared_device"):

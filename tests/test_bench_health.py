@@ -38,6 +38,8 @@ def test_seconds_stops_a_run_with_its_evaluation(tmp_path: Path) -> None:
     row = health.run_one("specs/transformer.yaml", args, tmp_path)
     assert row["steps"] == 1 and row["bits_per_byte"] is not None and row["error"] is None
     assert row["stopped_early"] and "stopped by --seconds at step 1" in health.table([row])
+    assert "dead" not in health.table([row])
+    assert "dead (zero gradient) from step 21" in health.table([{**row, "dead_since": 21}])
 
 
 def test_resume_continues_a_row_stopped_by_seconds(tmp_path: Path) -> None:

@@ -412,3 +412,13 @@ def test_every_shipped_experiment_file_resolves(path: Path, tmp_path: Path, monk
     runner = SuiteRunner(exp, command="test", quiet=True)
     runner.resolve()
     assert exp.grid()
+
+
+def test_a_dead_seed_is_flagged_in_its_row() -> None:
+    """A run that finished with its gradient at zero (DeadRunWatch) keeps its value but its row
+    says so, as a diverged one does: a mean over a dead seed is not a model's result."""
+    from nestlearn.suite.report import _flags
+
+    row = {"seeds": 3, "done": 3, "diverged": 0, "diverged_at": [], "dead_at": [21, 19]}
+    assert _flags(row, None) == ["2 dead@21,19"]
+    assert _flags({**row, "dead_at": []}, "+14% params") == ["+14% params"]

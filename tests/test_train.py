@@ -403,3 +403,51 @@ def test_a_checkpoint_from_before_a_new_schema_default_still_matches() -> None:
     other = _parse(TINY.read_text(), "tiny.yaml", ["model.dim=64"])
     with pytest.raises(CheckpointError):
         check_spec(Checkpoint(Path("x"), 1, spec_hash(other), _json.dumps(spec_data(other)), {}), spec)
+
+
+# ----------------------------------------------------------------------------- dead runs
+
+
+def test_dead_run_watch_reports_a_zero_gradient_streak_once() -> None:
+    from nestlearn.train.metrics import DeadRunWatch
+
+    w = DeadRunWatch(steps=3)
+    said = [w.update(s, g, 5.5) for s, g in enumerate([0.0, 0.0, 1.0, 0.0, 0.0, 1e-12, 0.0, 0.0, float("nan")], 1)]
+    # steps 1-2 are a streak of 2 (broken by a real gradient at 3); 4-6 reach 3: said at step 6 only
+    assert [i for i, m in enumerate(said, 1) if m] == [6] and w.since == 4
+    assert "since step 4" in said[5] and "dead" in said[5]  # type: ignore[operator]
+    assert w.update(10, 2.0, 5.0) is None and w.since == 4  # the summary keeps where it died
+
+
+def test_a_run_with_zero_gradients_is_called_dead(spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every weight zero: the logits are 0 (loss ln 256) and no gradient reaches any weight, as in
+    the NIAH control that died by step 21 (docs/results.md). The run finishes (nothing diverged),
+    says once that it is dead and the summary keeps where."""
+    msgs: list[str] = []
+
+    class Recorder:
+        def start(self, info: dict[str, Any]) -> None: ...
+        def step(self, record: dict[str, Any]) -> None: ...
+        def eval(self, record: dict[str, Any]) -> None: ...
+        def message(self, text: str) -> None: msgs.append(text)
+        def end(self, summary: dict[str, Any]) -> None: ...
+
+    from nestlearn.train import loop
+
+    def zeroed(spec: Any) -> torch.nn.Module:
+        model = build_model(spec)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        return model
+
+    monkeypatch.setattr(loop, "build_model", zeroed)
+    s = Trainer(spec, TrainConfig(steps=24, **SMALL), tmp_path / "dead", reporter=Recorder()).fit()
+    monkeypatch.undo()
+    assert s["status"] == "done" and s["dead_since"] == 1
+    assert math.isclose(s["train"]["loss"], math.log(256), rel_tol=1e-6) and s["train"]["grad_norm"] == 0
+    dead = [m for m in msgs if "dead" in m]
+    assert len(dead) == 1 and dead[0].startswith("step 20:")
+    # a run that learns never is
+    live = train(spec, TrainConfig(steps=24, **SMALL), tmp_path / "live")
+    assert "dead_since" not in live

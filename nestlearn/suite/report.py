@@ -32,7 +32,8 @@ def aggregate(exp: Experiment, records: dict[str, dict[str, Any]], counts: dict[
             diverged = [r for r in recs if r is not None and r.get("status") == "diverged"]
             row: dict[str, Any] = {"spec": s.label, "params": counts.get(s.label), "seeds": len(exp.seeds),
                                    "done": len(done), "diverged": len(diverged),
-                                   "diverged_at": [r.get("diverged_step") for r in diverged]}
+                                   "diverged_at": [r.get("diverged_step") for r in diverged],
+                                   "dead_at": [r["dead_since"] for r in done if r.get("dead_since") is not None]}
             if t.kind == "continual":
                 domains = list(dict.fromkeys(d for r in done for d in r.get("forgetting", {})))
                 row["forgetting"] = {d: _ms([r["forgetting"][d] for r in done
@@ -63,6 +64,8 @@ def _flags(row: dict[str, Any], params_flag: str | None) -> list[str]:
     if row["diverged"]:
         steps = ",".join(str(s) for s in row["diverged_at"])
         f.append(f"{row['diverged']} diverged@{steps}")
+    if row.get("dead_at"):  # finished, but learned nothing from these steps on (DeadRunWatch)
+        f.append(f"{len(row['dead_at'])} dead@{','.join(str(s) for s in row['dead_at'])}")
     missing = row["seeds"] - row["done"] - row["diverged"]
     if missing:
         f.append(f"{row['seeds'] - missing}/{row['seeds']} seeds")

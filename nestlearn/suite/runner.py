@@ -238,6 +238,8 @@ class SuiteRunner:
         rec.update(device=device_name(str(summary.get("device", self.device))),
                    steps=summary.get("step"), tokens=summary.get("tokens"), val=summary.get("val", {}),
                    eval_state=trainer.eval_state)
+        if summary.get("dead_since") is not None:  # trained to the end with a zero gradient from here
+            rec["dead_since"] = summary["dead_since"]
         if rec["status"] == "done":
             val = rec["val"]
             if run.task.kind == "continual":

@@ -60,7 +60,7 @@ from nestlearn.train.config import DEFAULT_STEPS, TrainConfig
 from nestlearn.train.cuda_graph import NOTE as CUDA_GRAPH_NOTE
 from nestlearn.train.cuda_graph import GraphedStep, check_supported
 from nestlearn.train.errors import DivergedError, TrainError
-from nestlearn.train.metrics import TIMING_KEYS, MetricsLog
+from nestlearn.train.metrics import TIMING_KEYS, DeadRunWatch, MetricsLog
 from nestlearn.train.reporting import Reporter, SilentReporter
 from nestlearn.train.rundir import RunDir
 from nestlearn.train.step import Queued, Steps, phase
@@ -147,6 +147,8 @@ class Trainer(Steps):
         self.tokens_before = 0
         self.first_loss: float | None = None
         """The loss of step 1 (kept across resumes: the summary's train loss starts there)."""
+        self.dead = DeadRunWatch()
+        """Says once when the outer gradient has stayed at zero (a run that stopped learning)."""
         if self.resume:
             self._restore()
 
@@ -448,6 +450,9 @@ class Trainer(Steps):
                 self.metrics.log(rec)
             self._last_train = rec
             self.reporter.step(rec)
+            dead = self.dead.update(done, rec["grad_norm"], rec["loss"])
+            if dead is not None:
+                self.reporter.message(dead)
         self.step = done
         if not latest:
             return False
@@ -495,6 +500,8 @@ class Trainer(Steps):
             "checkpoint": str(self.run.last_checkpoint) if self.last_ckpt_step is not None else None,
             "checkpoint_step": self.last_ckpt_step,
         }
+        if self.dead.since is not None:
+            s["dead_since"] = self.dead.since  # the outer gradient was 0 from this step on (DeadRunWatch)
         task = self.task
         if isinstance(task, ContinualTask) and self.phase_rows and len(self.phase_rows) == len(task.phases):
             # forgetting in % as the paper (and the suite's tables) define it; a checkpoint from

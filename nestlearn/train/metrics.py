@@ -28,6 +28,41 @@ from nestlearn.files import atomic_write
 TIMING_KEYS = ("tokens_per_s", "time")
 
 
+DEAD_STEPS = 20
+"""Consecutive steps with a zero outer gradient after which a run is called dead."""
+ZERO_GRAD = 1e-10
+"""An outer gradient norm at or below this is zero: no real model trains with gradients this small
+(a saturated or detached output gives exactly 0)."""
+
+
+class DeadRunWatch:
+    """Notices a run that stopped learning without diverging: the outer gradient norm at zero for
+    ``DEAD_STEPS`` steps in a row (a saturated softmax or gate, a detached output). Nothing moves
+    the weights any more but the weight decay, so every further step is wasted; the trainer says
+    so once and the summary keeps ``dead_since``. A finite loss never raises: the run goes on, as
+    a run the user asked for, and the warning names what to change."""
+
+    def __init__(self, steps: int = DEAD_STEPS) -> None:
+        self.steps = steps
+        self.streak_start: int | None = None
+        self.since: int | None = None  # first step of the streak that was reported
+
+    def update(self, step: int, grad_norm: float, loss: float) -> str | None:
+        """Feed one step's record; the warning the first time a streak reaches ``steps``."""
+        if not (math.isfinite(grad_norm) and grad_norm <= ZERO_GRAD):
+            self.streak_start = None
+            return None
+        if self.streak_start is None:
+            self.streak_start = step
+        if self.since is not None or step - self.streak_start + 1 < self.steps:
+            return None
+        self.since = self.streak_start
+        return (f"step {step}: the outer gradient norm has been 0 for {self.steps} steps (since step "
+                f"{self.since}; loss {loss:.4f}): the run is dead, nothing but weight decay moves the "
+                "weights. Its output saturated or was detached; stop it (Ctrl-C saves) and retry with a "
+                "lower learning rate or a smaller in-context rate (docs/training-health.md)")
+
+
 class MetricsLog:
     """Append-only JSON lines (written by rank 0 only; ``enabled=False`` elsewhere)."""
 
