@@ -87,6 +87,49 @@ class SGDMLPOut(NamedTuple):
 
 
 @triton.jit
+def _hidden_tile(H, n, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+    """A hidden-tile program's coordinates: row ``r = b H + h`` (64-bit: offsets pass 2^31 at long
+    contexts), tile ``j``, the chunk's token range ``rt`` (``tm``: the real tokens), the tile's
+    hidden units ``rh`` and a width block ``rd``."""
+    r = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    rt = tl.arange(0, BT)
+    return r, j, r // H, r % H, rt, j * BH + tl.arange(0, BH), tl.arange(0, BD), rt < n
+
+
+@triton.jit
+def _column_block(H, n, BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr):
+    """A column-block program's coordinates: row ``r``, its ``b`` / ``h``, the tokens ``rt`` (``tm``
+    the real ones), the block's columns ``cols`` of a width-``W`` row and their scratch offsets."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    rt = tl.arange(0, BT)
+    cols = c * BD + tl.arange(0, BD)
+    return r, r // H, r % H, rt, cols, rt < n, rt[:, None] * W + cols[None, :]
+
+
+@triton.jit
+def _tile_sum(ptr, r, NT, off, BT: tl.constexpr, BD: tl.constexpr, W: tl.constexpr):
+    """``sum_j`` of the hidden tiles' ``[BT, W]`` partials at ``off``, in a fixed order
+    (deterministic)."""
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    for j in range(NT):
+        acc += tl.load(ptr + (r * NT + j) * BT * W + off)
+    return acc
+
+
+@triton.jit
+def _masked_scores(sp_ptr, lr_ptr, r, b, h, rt, tm, slr_b, slr_h, slr_t, NT, BT: tl.constexpr):
+    """``C * sum_j S_j``: the tiles' ``[BT, BT]`` score partials summed, times the causal rate mask
+    ``C[t, s] = -lr_s`` for ``s <= t`` (the in-chunk read of the dual form)."""
+    s = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(NT):
+        s += tl.load(sp_ptr + ((r * NT + j) * BT + rt[:, None]) * BT + rt[None, :])
+    eta = tl.load(lr_ptr + b * slr_b + h * slr_h + rt * slr_t, mask=tm, other=0.0)
+    return tl.where(rt[:, None] >= rt[None, :], -eta[None, :], 0.0) * s
+
+
+@triton.jit
 def _signals(
     q_ptr, k_ptr, w0_ptr, w1_ptr, z_ptr, zq_ptr, p_ptr,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
@@ -97,14 +140,7 @@ def _signals(
 ):
     """Hidden tile ``j`` of row ``r``: ``z = k W0_j^T``, ``zq = q W0_j^T`` (to scratch) and the
     tile's part of the prediction ``gelu(z) W1[:, j]^T`` (to ``p``, summed by ``_error``)."""
-    r = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    b = r // H
-    h = r % H
-    rt = tl.arange(0, BT)
-    rh = j * BH + tl.arange(0, BH)
-    rd = tl.arange(0, BD)
-    tm = rt < n
+    r, j, b, h, rt, rh, rd, tm = _hidden_tile(H, n, BT, BH, BD)
     q_base = q_ptr + b * sq_b + h * sq_h
     k_base = k_ptr + b * sk_b + h * sk_h
     w0_base = w0_ptr + b * sw0_b + h * sw0_h
@@ -135,17 +171,8 @@ def _error(
     BT: tl.constexpr, BD: tl.constexpr, DO: tl.constexpr,
 ):
     """Column block ``c`` of row ``r``: ``d1 = 2 (sum_j p_j - v)`` (0 on padded tokens)."""
-    r = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    b = r // H
-    h = r % H
-    rt = tl.arange(0, BT)
-    cols = c * BD + tl.arange(0, BD)
-    tm = rt < n
-    off = rt[:, None] * DO + cols[None, :]
-    pred = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in range(NT):  # a fixed order: deterministic
-        pred += tl.load(p_ptr + (r * NT + j) * BT * DO + off)
+    r, b, h, rt, cols, tm, off = _column_block(H, n, BT, BD, DO)
+    pred = _tile_sum(p_ptr, r, NT, off, BT, BD, DO)
     vx = tl.load(v_ptr + b * sv_b + h * sv_h + rt[:, None] * sv_t + cols[None, :], mask=tm[:, None], other=0.0)
     d1 = tl.where(tm[:, None], 2.0 * (pred - vx), 0.0)
     tl.store(d1_ptr + r * BT * DO + off, d1)
@@ -163,14 +190,7 @@ def _update(
     """Hidden tile ``j`` of row ``r`` once ``d1`` is known: ``d0``, the layer-0 dual read and its
     ``gelu`` ``a``, the tile's parts of ``a W1^T`` and ``a h^T`` (to ``yp`` / ``sp``, summed by
     ``_read``), and the chunk-end tiles of both weights (each a function of this tile alone)."""
-    r = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    b = r // H
-    h = r % H
-    rt = tl.arange(0, BT)
-    rh = j * BH + tl.arange(0, BH)
-    rd = tl.arange(0, BD)
-    tm = rt < n
+    r, j, b, h, rt, rh, rd, tm = _hidden_tile(H, n, BT, BH, BD)
     q_base = q_ptr + b * sq_b + h * sq_h
     k_base = k_ptr + b * sk_b + h * sk_h
     w0_base = w0_ptr + b * sw0_b + h * sw0_h
@@ -231,24 +251,11 @@ def _read(
     BT: tl.constexpr, BD: tl.constexpr, DO: tl.constexpr, READ_START: tl.constexpr, PREC: tl.constexpr,
 ):
     """Column block ``c`` of row ``r``: ``y = sum_j yp_j + (C * sum_j sp_j) d1``."""
-    r = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    b = r // H
-    h = r % H
-    rt = tl.arange(0, BT)
-    cols = c * BD + tl.arange(0, BD)
-    tm = rt < n
-    off = rt[:, None] * DO + cols[None, :]
-    y = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in range(NT):
-        y += tl.load(yp_ptr + (r * NT + j) * BT * DO + off)
+    r, b, h, rt, cols, tm, off = _column_block(H, n, BT, BD, DO)
+    y = _tile_sum(yp_ptr, r, NT, off, BT, BD, DO)
     if not READ_START:
-        s = tl.zeros([BT, BT], dtype=tl.float32)
-        for j in range(NT):
-            s += tl.load(sp_ptr + ((r * NT + j) * BT + rt[:, None]) * BT + rt[None, :])
-        eta = tl.load(lr_ptr + b * slr_b + h * slr_h + rt * slr_t, mask=tm, other=0.0)
-        cmat = tl.where(rt[:, None] >= rt[None, :], -eta[None, :], 0.0)
-        y += tl.dot(cmat * s, tl.load(d1_ptr + r * BT * DO + off), input_precision=PREC)
+        cs = _masked_scores(sp_ptr, lr_ptr, r, b, h, rt, tm, slr_b, slr_h, slr_t, NT, BT)
+        y += tl.dot(cs, tl.load(d1_ptr + r * BT * DO + off), input_precision=PREC)
     tl.store(y_ptr + r * n * DO + rt[:, None] * DO + cols[None, :], y, mask=tm[:, None])
 
 

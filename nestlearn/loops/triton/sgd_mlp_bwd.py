@@ -65,7 +65,17 @@ from torch import Tensor
 
 from nestlearn.loops.triton.dgd_mlp import _gelu, _gelu_grad
 from nestlearn.loops.triton.dgd_mlp_bwd import _gelu_grad2
-from nestlearn.loops.triton.sgd_mlp import MAX_CHUNK, _error, _rows, _signals, block
+from nestlearn.loops.triton.sgd_mlp import (
+    MAX_CHUNK,
+    _column_block,
+    _error,
+    _hidden_tile,
+    _masked_scores,
+    _rows,
+    _signals,
+    _tile_sum,
+    block,
+)
 
 
 @triton.jit
@@ -80,14 +90,7 @@ def _bwd_local(
 ):
     """Hidden tile ``j`` of row ``r`` once ``d1`` is known: the forward's tile quantities and every
     adjoint local to the tile (module docstring, launch 3)."""
-    r = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    b = r // H
-    h = r % H
-    rt = tl.arange(0, BT)
-    rh = j * BH + tl.arange(0, BH)
-    rd = tl.arange(0, BD)
-    tm = rt < n
+    r, j, b, h, rt, rh, rd, tm = _hidden_tile(H, n, BT, BH, BD)
     q_base = q_ptr + b * sq_b + h * sq_h
     k_base = k_ptr + b * sk_b + h * sk_h
     w1_base = w1_ptr + b * sw1_b + h * sw1_h
@@ -185,25 +188,12 @@ def _bwd_error(
 ):
     """Column block ``c`` of row ``r``: ``g_d1 = sum_j u_j (+ (C * sum_j S_j)^T gy)``; ``2 g_d1`` to
     scratch, ``dv = -2 g_d1``."""
-    r = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    b = r // H
-    h = r % H
-    rt = tl.arange(0, BT)
-    cols = c * BD + tl.arange(0, BD)
-    tm = rt < n
-    off = rt[:, None] * DO + cols[None, :]
-    gd1 = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in range(NT):  # a fixed order: deterministic
-        gd1 += tl.load(up_ptr + (r * NT + j) * BT * DO + off)
+    r, b, h, rt, cols, tm, off = _column_block(H, n, BT, BD, DO)
+    gd1 = _tile_sum(up_ptr, r, NT, off, BT, BD, DO)
     if not READ_START:
-        s = tl.zeros([BT, BT], dtype=tl.float32)
-        for j in range(NT):
-            s += tl.load(sp_ptr + ((r * NT + j) * BT + rt[:, None]) * BT + rt[None, :])
-        eta = tl.load(lr_ptr + b * slr_b + h * slr_h + rt * slr_t, mask=tm, other=0.0)
-        cmat = tl.where(rt[:, None] >= rt[None, :], -eta[None, :], 0.0)
+        cs = _masked_scores(sp_ptr, lr_ptr, r, b, h, rt, tm, slr_b, slr_h, slr_t, NT, BT)
         gy = tl.load(gy_ptr + b * sgy_b + h * sgy_h + rt[:, None] * sgy_t + cols[None, :], mask=tm[:, None], other=0.0)
-        gd1 += tl.dot(tl.trans(cmat * s), gy, input_precision=PREC)
+        gd1 += tl.dot(tl.trans(cs), gy, input_precision=PREC)
     tl.store(gp_ptr + r * BT * DO + off, 2.0 * gd1)
     tl.store(dv_ptr + r * n * DO + off, -2.0 * gd1, mask=tm[:, None])
 
@@ -221,14 +211,7 @@ def _bwd_weights(
 ):
     """Hidden tile ``j`` of row ``r`` once ``g_d1`` is known: ``g_z``, the tile's ``dW1`` and
     ``dW0``, and its partials of ``g_q`` and ``g_k`` (module docstring, launch 5)."""
-    r = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    b = r // H
-    h = r % H
-    rt = tl.arange(0, BT)
-    rh = j * BH + tl.arange(0, BH)
-    rd = tl.arange(0, BD)
-    tm = rt < n
+    r, j, b, h, rt, rh, rd, tm = _hidden_tile(H, n, BT, BH, BD)
     q_base = q_ptr + b * sq_b + h * sq_h
     k_base = k_ptr + b * sk_b + h * sk_h
     w0_base = w0_ptr + b * sw0_b + h * sw0_h
@@ -284,17 +267,10 @@ def _bwd_inputs(
 ):
     """Column block ``c`` of row ``r``: ``dq = sum_j gq_j (+ (C * g_A) k)``, ``dk = sum_j gk_j
     (+ (C * g_A)^T q)``, ``g_A = sum_j g_A_j``; block 0 also ``dlr = sum_j lrp_j``."""
-    r = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    b = r // H
-    h = r % H
-    rt = tl.arange(0, BT)
-    cols = c * BD + tl.arange(0, BD)
-    tm = rt < n
-    off = rt[:, None] * DI + cols[None, :]
+    r, b, h, rt, cols, tm, off = _column_block(H, n, BT, BD, DI)
     gq = tl.zeros([BT, BD], dtype=tl.float32)
     gk = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in range(NT):  # a fixed order: deterministic
+    for j in range(NT):  # one loop for both sums (two ``_tile_sum``s compile to 20% more code)
         gq += tl.load(gqp_ptr + (r * NT + j) * BT * DI + off)
         gk += tl.load(gkp_ptr + (r * NT + j) * BT * DI + off)
     eta = tl.load(lr_ptr + b * slr_b + h * slr_h + rt * slr_t, mask=tm, other=0.0)
@@ -309,7 +285,7 @@ def _bwd_inputs(
         gk += tl.dot(tl.trans(gqk), qx, input_precision=PREC)
     tl.store(dq_ptr + r * n * DI + off, gq, mask=tm[:, None])
     tl.store(dk_ptr + r * n * DI + off, gk, mask=tm[:, None])
-    if c == 0:
+    if tl.program_id(1) == 0:  # column block 0
         g = tl.zeros([BT], dtype=tl.float32)
         for j in range(NT):
             g += tl.load(lrp_ptr + (r * NT + j) * BT + rt)
