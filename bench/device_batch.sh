@@ -4,9 +4,9 @@
 #   health  Titans-MAG/MAC toward 1,000 steps (resumable in runs/tm); SPECS="a.yaml b.yaml" and
 #           OUTDIR=runs/x train others; SEED=1 a second seed; with NIAH=1 the NIAH suite beside
 #           them (resumable in runs/suite/niah)
-#   kernels the wavefront's stream check, the GPU tests of the wavefront and the CMS kernel, the
-#           CMS kernel's bench (both backward tilings) and the Titans memory rows against
-#           titans-pytorch
+#   kernels the CMS kernels' bench (forward and training step, both backward tilings), the DGD
+#           kernel's training step with both backward carries, the GPU kernel tests and the
+#           wavefront's stream check (the Titans rows against titans-pytorch: peer)
 #   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200)
 #   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
 #           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
@@ -50,17 +50,20 @@ peer)
   tail -30 "$OUT/bench_titans_peer.txt"
   ;;
 kernels)
-  t0=$SECONDS
-  timeout 120 python3 -m bench.wavefront_check > "$OUT/wavefront_check.txt" 2>&1; echo "wavefront_check rc=$?"
+  # most decisive first: the CMS kernels' training step (opt-in until timed), the DGD backward's
+  # two carry variants (registers, the default, against memory), then the GPU tests and the
+  # wavefront's stream check
   timeout 100 python3 -m bench.triton_cms > "$OUT/triton_cms.txt" 2>&1; echo "triton_cms rc=$?"
   timeout 80 python3 -m bench.triton_cms --bwd-block-d 32 --bwd-num-warps 8 > "$OUT/triton_cms_bd32.txt" 2>&1
   echo "triton_cms bd32 rc=$?"
-  timeout 120 python3 -m pytest -q -x -m gpu tests/test_wavefront.py tests/test_triton_cms.py -p no:cacheprovider \
-    > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests rc=$?"
-  left=$((limit - (SECONDS - t0) - 10))
-  [ $left -gt 30 ] && timeout $left python3 -m bench --device cuda --only titans-memory --budget 10 \
-    --out "$OUT/bench_titans_memory.json" > "$OUT/bench_titans_memory.txt" 2>&1; echo "titans rc=$?"
-  for f in wavefront_check triton_cms triton_cms_bd32 gpu_tests bench_titans_memory; do
-    echo "== $f"; tail -14 "$OUT/$f.txt"; done
+  timeout 90 python3 -m bench.triton_dgd --train --no-graph > "$OUT/triton_dgd_train.txt" 2>&1
+  echo "triton_dgd train rc=$?"
+  NESTLEARN_DGD_BWD_CARRY=memory timeout 90 python3 -m bench.triton_dgd --train --no-graph \
+    > "$OUT/triton_dgd_train_carry_mem.txt" 2>&1; echo "triton_dgd train carry=memory rc=$?"
+  timeout 100 python3 -m pytest -q -x -m gpu tests/test_wavefront.py tests/test_triton_cms.py tests/test_triton_dgd.py \
+    -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests rc=$?"
+  timeout 60 python3 -m bench.wavefront_check > "$OUT/wavefront_check.txt" 2>&1; echo "wavefront_check rc=$?"
+  for f in triton_cms triton_cms_bd32 triton_dgd_train triton_dgd_train_carry_mem gpu_tests wavefront_check; do
+    echo "== $f"; tail -12 "$OUT/$f.txt"; done
   ;;
 esac
