@@ -36,8 +36,9 @@ from torch import Tensor, nn
 
 from nestlearn.compile.basic import CausalConv, Op
 from nestlearn.compile.levels import Level
-from nestlearn.loops import init_state, pick, run
+from nestlearn.loops import gen_triton, init_state, pick, run
 from nestlearn.loops.chunks import segments
+from nestlearn.loops.common import MemoryState
 from nestlearn.memories import LinearMemory, MemoryArch, build_arch
 from nestlearn.rules.base import Rule
 from nestlearn.spec.schema import Gate, Learned, MemorySpec
@@ -116,7 +117,6 @@ class SelfModOp(Op):
         state = state or {}
         rule, lv = self.level.rule, self.level
         period = int(lv.period)
-        gen_period = self.gen_period or period
         conv_state: dict[str, Tensor] = {}
         xc, qc = x, self.q(x)
         if self.conv_x is not None and self.conv_q is not None:
@@ -128,57 +128,67 @@ class SelfModOp(Op):
         beta: dict[str, Tensor | float] = {}
         if "beta" in rule.hypers:
             beta["beta"] = self.beta.to(x.dtype) if self.beta is not None else float(rule.hypers["beta"])  # type: ignore[arg-type]
-        dh = self.dh
         # the generators chunk by chunk (each chunk's k / v / lr / decay come from its start
         # state), then the main memory over the whole call in one executor run: it reads only
         # what the generators made, so its chunks need not wait for theirs (the same math as
         # interleaving them, with its per-call work -- coefficients, splits -- done once)
-        spans = list(segments(mems["gen"]["offset"], gen_period, t))
-        x_segs = xh.split([t1 - t0 for t0, t1 in spans], 2) if len(spans) > 1 else (xh,)
-        bias = torch.stack([self.gen_bias["lr"], self.gen_bias["decay"]], -1).to(x.dtype)[:, None]  # [H, 1, 2]
-        ks, vs, lrs, decays, projs = [], [], [], [], []
-        gen_read_start: bool | None = None
-        for xs_seg in x_segs:
-            g = mems["gen"]
-            anchor = g["params"] if g["offset"] == 0 else g["anchor"]
-            k_raw, v, rates = self.gen_arch.apply(anchor, xs_seg).split([dh, dh, 2], -1)
-            k = F.normalize(k_raw, dim=-1)
-            lr_raw, decay_raw = torch.sigmoid(rates + bias).unbind(-1)
-            hp: dict[str, Tensor | float] = dict(beta)
-            hp["lr"] = self.max_lr * lr_raw
-            if self.max_proj is not None:  # DGD's projection rate: the same generated gate, its own max
-                hp["proj"] = self.max_proj * lr_raw
-            if self.max_decay > 0:
-                hp["decay"] = self.max_decay * decay_raw
-            hp_gen = dict(hp)
-            if self.gen_lr_max is not None:  # the generators' own rate (a proj, where set, stays shared)
-                hp_gen["lr"] = self.gen_lr_max * lr_raw
-            # the generators' self-generated values (bounded inputs keep the self-reference stable)
-            vhat = self.gen_arch.apply(anchor, F.normalize(v, dim=-1))
-            pb_gen = lv.problem(self.gen_arch, xs_seg, k, vhat, hp_gen, gen_period, read_start=bool(gen_read_start),
-                                chunk=None, remat=None)
-            if gen_read_start is None:  # decided once per call: every segment's problem is alike
-                # the generators' read is never used: a plain one (read_start) where that keeps the
-                # executor (DGD's closed form; not where it would move a delta rule off its fast path)
-                plain = replace(pb_gen, read_start=True)
-                gen_read_start = pick(plain, lv.executor) is pick(pb_gen, lv.executor)
-                pb_gen = plain if gen_read_start else pb_gen
-            _, mems["gen"] = run(pb_gen, g, lv.executor)
-            ks.append(k)
-            vs.append(v)
-            lrs.append(hp["lr"])
-            decays.append(hp.get("decay"))
-            projs.append(hp.get("proj"))
+        k, v, lr_raw, decay_raw, mems["gen"] = self._generate(xh, mems["gen"], beta)
         hp_main: dict[str, Tensor | float] = dict(beta)
-        hp_main["lr"] = _cat(lrs, 2)
+        hp_main["lr"] = self.max_lr * lr_raw
         if self.max_decay > 0:
-            hp_main["decay"] = _cat(decays, 2)
-        if self.max_proj is not None:
-            hp_main["proj"] = _cat(projs, 2)
-        pb_main = lv.problem(self.main_arch, qh, _cat(ks, 2), _cat(vs, 2), hp_main, period, chunk=None)
+            hp_main["decay"] = self.max_decay * decay_raw
+        if self.max_proj is not None:  # DGD's projection rate: the same generated gate, its own max
+            hp_main["proj"] = self.max_proj * lr_raw
+        pb_main = lv.problem(self.main_arch, qh, k, v, hp_main, period, chunk=None)
         y, mems["main"] = run(pb_main, mems["main"], lv.executor)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.out(y), {"mems": mems, "conv": conv_state}
+
+    def _generate(self, xh: Tensor, g: MemoryState, beta: dict[str, Tensor | float]
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, MemoryState]:
+        """The generators over the call: ``(k, v, lr_raw, decay_raw, state)``, the main memory's
+        unit keys, values and raw gates (``sigmoid`` of the generated rates plus their biases) and
+        the generators' new state. On the fused kernel where it computes exactly this
+        (``loops/gen_triton.py``), else chunk by chunk."""
+        lv, dh = self.level, self.dh
+        bias = torch.stack([self.gen_bias["lr"], self.gen_bias["decay"]], -1).to(xh.dtype)  # [H, 2]
+        gen_lr = self.gen_lr_max if self.gen_lr_max is not None else self.max_lr
+        fused = gen_triton.generate(lv, xh, g, bias, beta, gen_lr, self.max_decay,
+                                    self.max_proj, self.gen_period or int(lv.period))
+        if fused is not None:
+            return fused
+        gen_period = self.gen_period or int(lv.period)
+        spans = list(segments(g["offset"], gen_period, xh.shape[2]))
+        x_segs = xh.split([t1 - t0 for t0, t1 in spans], 2) if len(spans) > 1 else (xh,)
+        ks, vs, lrs, decays = [], [], [], []
+        read_start: bool | None = None
+        for xs_seg in x_segs:
+            anchor = g["params"] if g["offset"] == 0 else g["anchor"]
+            k_raw, v, rates = self.gen_arch.apply(anchor, xs_seg).split([dh, dh, 2], -1)
+            k = F.normalize(k_raw, dim=-1)
+            lr_raw, decay_raw = torch.sigmoid(rates + bias[:, None]).unbind(-1)
+            hp: dict[str, Tensor | float] = dict(beta)
+            hp["lr"] = gen_lr * lr_raw
+            if self.max_proj is not None:  # the projection rate stays the main memory's
+                hp["proj"] = self.max_proj * lr_raw
+            if self.max_decay > 0:
+                hp["decay"] = self.max_decay * decay_raw
+            # the generators' self-generated values (bounded inputs keep the self-reference stable)
+            vhat = self.gen_arch.apply(anchor, F.normalize(v, dim=-1))
+            pb = lv.problem(self.gen_arch, xs_seg, k, vhat, hp, gen_period, read_start=bool(read_start),
+                            chunk=None, remat=None)
+            if read_start is None:  # decided once per call: every segment's problem is alike
+                # the generators' read is never used: a plain one (read_start) where that keeps the
+                # executor (DGD's closed form; not where it would move a delta rule off its fast path)
+                plain = replace(pb, read_start=True)
+                read_start = pick(plain, lv.executor) is pick(pb, lv.executor)
+                pb = plain if read_start else pb
+            _, g = run(pb, g, lv.executor)
+            ks.append(k)
+            vs.append(v)
+            lrs.append(lr_raw)
+            decays.append(decay_raw)
+        return _cat(ks, 2), _cat(vs, 2), _cat(lrs, 2), _cat(decays, 2), g
 
 
 def _cat(xs: list[Any], dim: int) -> Tensor:

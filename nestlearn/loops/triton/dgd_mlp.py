@@ -101,6 +101,16 @@ def _tril_inverse(L, eye, LOG_BT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _solve(W, M, x, u, d, gam_p, c_p, Keta_p, G_p, eye, LOG_BT: tl.constexpr, PREC: tl.constexpr):
+    """One weight's in-chunk solve (step 2 of the module docstring): ``E[t] = W_{t-1} u_t``."""
+    R = (gam_p[:, None] * tl.dot(u, tl.trans(W), input_precision=PREC)
+         + c_p[:, None] * tl.dot(u, tl.trans(M), input_precision=PREC)
+         - tl.dot(G_p * tl.dot(u, tl.trans(x), input_precision=PREC), d, input_precision=PREC))
+    L = Keta_p * tl.dot(u, tl.trans(u), input_precision=PREC)
+    return tl.dot(_tril_inverse(L, eye, LOG_BT, PREC), R, input_precision=PREC)
+
+
+@triton.jit
 def _layer(W, M, x, u, d, a, gam, c, gam_p, c_p, Keta, Keta_p, G, G_p, eye,
            LOG_BT: tl.constexpr, PREC: tl.constexpr):
     """One weight's in-chunk solve and dual read (steps 2 and 3 of the module docstring):
@@ -109,11 +119,7 @@ def _layer(W, M, x, u, d, a, gam, c, gam_p, c_p, Keta, Keta_p, G, G_p, eye,
     Mt = tl.trans(M)
     ut = tl.trans(u)
     xt = tl.trans(x)
-    R = (gam_p[:, None] * tl.dot(u, Wt, input_precision=PREC)
-         + c_p[:, None] * tl.dot(u, Mt, input_precision=PREC)
-         - tl.dot(G_p * tl.dot(u, xt, input_precision=PREC), d, input_precision=PREC))
-    L = Keta_p * tl.dot(u, ut, input_precision=PREC)
-    E = tl.dot(_tril_inverse(L, eye, LOG_BT, PREC), R, input_precision=PREC)
+    E = _solve(W, M, x, u, d, gam_p, c_p, Keta_p, G_p, eye, LOG_BT, PREC)
     Z = (gam[:, None] * tl.dot(a, Wt, input_precision=PREC)
          + c[:, None] * tl.dot(a, Mt, input_precision=PREC)
          - tl.dot(Keta * tl.dot(a, ut, input_precision=PREC), E, input_precision=PREC)
@@ -153,6 +159,17 @@ def _coefficients(log_lam, log_beta, eta, le, lt, PREC: tl.constexpr):
     c = -tl.sum(Keta * bvec[None, :], 1)
     c_p = -tl.sum(Keta_p * bvec[None, :], 1)
     return LL, LB, K, Kp, Keta, Keta_p, Bm, bvec, gam, gam_p, G, G_p, c, c_p
+
+
+@triton.jit
+def _end_coefficients(log_lam, log_beta, eta, LL, LB, Bm, bvec):
+    """The chunk-end rows of the coefficients (step 4): ``keta_e`` (Keta's last row), ``g_e``
+    (G's), ``B_e`` (B's), and the scalars ``gam_e``, ``b_e``, ``c_e``."""
+    LL_e = tl.sum(log_lam, 0)
+    LB_e = tl.sum(log_beta, 0)
+    keta_e = tl.exp(LL_e - LL) * eta
+    g_e = tl.sum(keta_e[:, None] * Bm, 0)
+    return keta_e, g_e, tl.exp(LB_e - LB), tl.exp(LL_e), tl.exp(LB_e), -tl.sum(keta_e * bvec, 0)
 
 
 @triton.jit
@@ -214,14 +231,7 @@ def _dgd_mlp_fwd_kernel(
         # masked row sums, products by exp of differences, zero above the diagonal
         LL, LB, _K, _Kp, Keta, Keta_p, Bm, bvec, gam, gam_p, G, G_p, c, c_p = _coefficients(
             log_lam, log_beta, eta, le, lt, PREC)
-        LL_e = tl.sum(log_lam, 0)
-        LB_e = tl.sum(log_beta, 0)
-        keta_e = tl.exp(LL_e - LL) * eta          # Keta's last row
-        g_e = tl.sum(keta_e[:, None] * Bm, 0)     # G's last row
-        B_e = tl.exp(LB_e - LB)                   # B's last row
-        gam_e = tl.exp(LL_e)
-        b_e = tl.exp(LB_e)
-        c_e = -tl.sum(keta_e * bvec, 0)
+        keta_e, g_e, B_e, gam_e, b_e, c_e = _end_coefficients(log_lam, log_beta, eta, LL, LB, Bm, bvec)
 
         # 1. error signals and layer inputs at the chunk-start weights (MLPMemory.error_signals)
         z0 = tl.dot(k, tl.trans(W0), input_precision=PREC)
