@@ -5,8 +5,8 @@
 #           OUTDIR=runs/x train others; SEED=1 a second seed; with NIAH=1 the NIAH suite beside
 #           them (resumable in runs/suite/niah)
 #   kernels the CMS kernels' bench (forward and training step, both backward tilings), the DGD
-#           kernel's training step with both backward carries, the GPU kernel tests and the
-#           wavefront's stream check (the Titans rows against titans-pytorch: peer)
+#           kernel's training step with both backward carries, the generators' kernel against
+#           their chunk loop, and the GPU kernel tests (the Titans rows against titans-pytorch: peer)
 #   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200)
 #   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
 #           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
@@ -51,8 +51,8 @@ peer)
   ;;
 kernels)
   # most decisive first: the CMS kernels' training step (opt-in until timed), the DGD backward's
-  # two carry variants (registers, the default, against memory), then the GPU tests and the
-  # wavefront's stream check
+  # two carry variants (registers, the default, against memory), the generators' kernel, then
+  # the GPU tests
   timeout 100 python3 -m bench.triton_cms > "$OUT/triton_cms.txt" 2>&1; echo "triton_cms rc=$?"
   timeout 80 python3 -m bench.triton_cms --bwd-block-d 32 --bwd-num-warps 8 > "$OUT/triton_cms_bd32.txt" 2>&1
   echo "triton_cms bd32 rc=$?"
@@ -60,10 +60,10 @@ kernels)
   echo "triton_dgd train rc=$?"
   NESTLEARN_DGD_BWD_CARRY=memory timeout 90 python3 -m bench.triton_dgd --train --no-graph \
     > "$OUT/triton_dgd_train_carry_mem.txt" 2>&1; echo "triton_dgd train carry=memory rc=$?"
-  timeout 100 python3 -m pytest -q -x -m gpu tests/test_wavefront.py tests/test_triton_cms.py tests/test_triton_dgd.py \
-    -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests rc=$?"
-  timeout 60 python3 -m bench.wavefront_check > "$OUT/wavefront_check.txt" 2>&1; echo "wavefront_check rc=$?"
-  for f in triton_cms triton_cms_bd32 triton_dgd_train triton_dgd_train_carry_mem gpu_tests wavefront_check; do
+  timeout 90 python3 -m bench.triton_gen > "$OUT/triton_gen.txt" 2>&1; echo "triton_gen rc=$?"
+  timeout 100 python3 -m pytest -q -x -m gpu tests/test_triton_gen.py tests/test_triton_cms.py tests/test_triton_dgd.py \
+    tests/test_wavefront.py -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests rc=$?"
+  for f in triton_cms triton_cms_bd32 triton_dgd_train triton_dgd_train_carry_mem triton_gen gpu_tests; do
     echo "== $f"; tail -12 "$OUT/$f.txt"; done
   ;;
 esac
