@@ -150,14 +150,24 @@ class SelfModOp(Op):
         unit keys, values and raw gates (``sigmoid`` of the generated rates plus their biases) and
         the generators' new state. On the fused kernel where it computes exactly this
         (``loops/gen_triton.py``), else chunk by chunk."""
-        lv, dh = self.level, self.dh
+        lv = self.level
         bias = torch.stack([self.gen_bias["lr"], self.gen_bias["decay"]], -1).to(xh.dtype)  # [H, 2]
         gen_lr = self.gen_lr_max if self.gen_lr_max is not None else self.max_lr
-        fused = gen_triton.generate(lv, xh, g, bias, beta, gen_lr, self.max_decay,
-                                    self.max_proj, self.gen_period or int(lv.period))
-        if fused is not None:
-            return fused
         gen_period = self.gen_period or int(lv.period)
+        fused = gen_triton.generate(lv, xh, g, bias, beta, gen_lr, self.max_decay, self.max_proj, gen_period)
+        if fused is not None:
+            done = fused[0].shape[2]
+            if done == xh.shape[2]:
+                return fused
+            rest = self._generate_loop(xh[:, :, done:], fused[4], beta, bias, gen_lr, gen_period)  # a partial chunk
+            k, v, lr_raw, decay_raw = (torch.cat([a, b], 2) for a, b in zip(fused[:4], rest[:4]))
+            return k, v, lr_raw, decay_raw, rest[4]
+        return self._generate_loop(xh, g, beta, bias, gen_lr, gen_period)
+
+    def _generate_loop(self, xh: Tensor, g: MemoryState, beta: dict[str, Tensor | float], bias: Tensor,
+                       gen_lr: float, gen_period: int) -> tuple[Tensor, Tensor, Tensor, Tensor, MemoryState]:
+        """``_generate`` chunk by chunk: the reference of the kernel and the path of training."""
+        lv, dh = self.level, self.dh
         spans = list(segments(g["offset"], gen_period, xh.shape[2]))
         x_segs = xh.split([t1 - t0 for t0, t1 in spans], 2) if len(spans) > 1 else (xh,)
         ks, vs, lrs, decays = [], [], [], []

@@ -13,8 +13,9 @@ generators' carried state.
 - the level's rule is DGD with ``lr`` / ``decay`` / ``beta`` only (no own ``proj``), its
   objective ``l2``, its gradient mode anything (no gradient flows), the executor ``auto``;
 - the generators' period and the head width are powers of two in 16..64 and 16..128, the call
-  starts at a generator chunk boundary (``offset`` 0) and covers whole chunks (a generation step
-  of one token takes the loop).
+  starts at a generator chunk boundary (``offset`` 0) with at least one whole chunk: the kernel
+  takes the whole chunks, the loop a trailing partial one and every call that starts mid-chunk
+  (a generation step of one token).
 
 The first use says so once (a warning naming the switch). Products are fp32 (``ieee``) unless
 the user allowed TF32 matmuls (``dgd_triton.precision``).
@@ -56,15 +57,15 @@ def supports(level: Any, xh: Tensor, state: MemoryState, tensors: list[Tensor], 
     rule = level.rule
     return (isinstance(rule, DGD) and set(rule.hypers) <= {"lr", "decay", "beta"} and max_proj is None
             and level.objective is objectives.l2 and level.executor == "auto"
-            and xh.shape[-1] in WIDTHS and period in CHUNKS and state["offset"] == 0
-            and xh.shape[2] > 0 and xh.shape[2] % period == 0
+            and xh.shape[-1] in WIDTHS and period in CHUNKS and state["offset"] == 0 and xh.shape[2] >= period
             and all(t.device == xh.device for t in tensors))
 
 
 def generate(level: Any, xh: Tensor, state: MemoryState, bias: Tensor, beta: dict[str, Tensor | float],
              lr_scale: float, decay_scale: float, max_proj: float | None, period: int
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, MemoryState] | None:
-    """``(k, v, lr_raw, decay_raw, state)`` from the kernel, or None where it does not apply."""
+    """``(k, v, lr_raw, decay_raw, state)`` over the call's whole generator chunks from the kernel
+    (the caller runs a trailing partial chunk), or None where it does not apply."""
     if not device_ok(xh):  # the CPU path never looks further (the rule's state may have no momentum)
         return None
     w, m = state["params"]["W"], state["opt"].get("m", {}).get("W")
@@ -77,6 +78,7 @@ def generate(level: Any, xh: Tensor, state: MemoryState, bias: Tensor, beta: dic
     from nestlearn.loops.triton.gen_dgd import gen_dgd_fwd
 
     f32 = torch.float32
+    xh = xh[:, :, : xh.shape[2] // period * period]
     beta_t = per_token(b.to(f32) if isinstance(b, Tensor) else float(b), xh[..., 0].to(f32))
     with torch.autocast("cuda", enabled=False):
         out = gen_dgd_fwd(xh.to(f32), w.to(f32), m.to(f32), bias.to(f32), beta_t, chunk=period,
