@@ -101,13 +101,21 @@ def _tril_inverse(L, eye, LOG_BT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _rhs(W, M, x, u, d, gam_p, c_p, G_p, PREC: tl.constexpr):
+    """The solve's right-hand side ``R = gam_p * (U W^T) + c_p * (U M^T) - (G_p * U X^T) D``
+    (step 2 of the module docstring)."""
+    return (gam_p[:, None] * tl.dot(u, tl.trans(W), input_precision=PREC)
+            + c_p[:, None] * tl.dot(u, tl.trans(M), input_precision=PREC)
+            - tl.dot(G_p * tl.dot(u, tl.trans(x), input_precision=PREC), d, input_precision=PREC))
+
+
+@triton.jit
 def _solve(W, M, x, u, d, gam_p, c_p, Keta_p, G_p, eye, LOG_BT: tl.constexpr, PREC: tl.constexpr):
-    """One weight's in-chunk solve (step 2 of the module docstring): ``E[t] = W_{t-1} u_t``."""
-    R = (gam_p[:, None] * tl.dot(u, tl.trans(W), input_precision=PREC)
-         + c_p[:, None] * tl.dot(u, tl.trans(M), input_precision=PREC)
-         - tl.dot(G_p * tl.dot(u, tl.trans(x), input_precision=PREC), d, input_precision=PREC))
-    L = Keta_p * tl.dot(u, tl.trans(u), input_precision=PREC)
-    return tl.dot(_tril_inverse(L, eye, LOG_BT, PREC), R, input_precision=PREC)
+    """One weight's in-chunk solve (step 2): ``(E, P)`` with ``E[t] = W_{t-1} u_t``, ``E = P R``
+    and ``P = (I + L)^-1`` (the backward keeps ``P`` for ``dR``)."""
+    R = _rhs(W, M, x, u, d, gam_p, c_p, G_p, PREC)
+    P = _tril_inverse(Keta_p * tl.dot(u, tl.trans(u), input_precision=PREC), eye, LOG_BT, PREC)
+    return tl.dot(P, R, input_precision=PREC), P
 
 
 @triton.jit
@@ -119,7 +127,7 @@ def _layer(W, M, x, u, d, a, gam, c, gam_p, c_p, Keta, Keta_p, G, G_p, eye,
     Mt = tl.trans(M)
     ut = tl.trans(u)
     xt = tl.trans(x)
-    E = _solve(W, M, x, u, d, gam_p, c_p, Keta_p, G_p, eye, LOG_BT, PREC)
+    E, _P = _solve(W, M, x, u, d, gam_p, c_p, Keta_p, G_p, eye, LOG_BT, PREC)
     Z = (gam[:, None] * tl.dot(a, Wt, input_precision=PREC)
          + c[:, None] * tl.dot(a, Mt, input_precision=PREC)
          - tl.dot(Keta * tl.dot(a, ut, input_precision=PREC), E, input_precision=PREC)

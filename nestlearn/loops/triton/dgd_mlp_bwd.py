@@ -22,24 +22,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nestlearn.loops.triton.dgd_mlp import _coefficients, _gelu, _gelu_grad, _tril_inverse, launch_options
+from nestlearn.loops.triton.dgd_mlp import _coefficients, _gelu, _gelu_grad, _solve, launch_options
 
 
 @triton.jit
 def _gelu_grad2(z):
     # d/dz (Phi(z) + z phi(z)) = phi(z) (2 - z^2)
     return 0.3989422804014327 * tl.exp(-0.5 * z * z) * (2.0 - z * z)
-
-
-@triton.jit
-def _solve(W, M, x, u, d, gam_p, c_p, Keta_p, G_p, eye, LOG_BT: tl.constexpr, PREC: tl.constexpr):
-    """``(E, P)``: ``E = P R`` with ``P = (I + L)^-1`` (dgd_mlp._layer's solve, P kept for dR)."""
-    R = (gam_p[:, None] * tl.dot(u, tl.trans(W), input_precision=PREC)
-         + c_p[:, None] * tl.dot(u, tl.trans(M), input_precision=PREC)
-         - tl.dot(G_p * tl.dot(u, tl.trans(x), input_precision=PREC), d, input_precision=PREC))
-    L = Keta_p * tl.dot(u, tl.trans(u), input_precision=PREC)
-    P = _tril_inverse(L, eye, LOG_BT, PREC)
-    return tl.dot(P, R, input_precision=PREC), P
 
 
 @triton.jit

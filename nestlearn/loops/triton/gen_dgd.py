@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nestlearn.loops.triton.dgd_mlp import _chunk_end, _coefficients, _end_coefficients, _rows, _tril_inverse
+from nestlearn.loops.triton.dgd_mlp import _chunk_end, _coefficients, _end_coefficients, _rhs, _rows, _tril_inverse
 
 RATES = 2
 """Rows of ``G`` after ``k`` and ``v``: the raw ``lr`` and ``decay`` gates."""
@@ -66,16 +66,6 @@ class GenOut(NamedTuple):
 def _normalize(x):
     """``F.normalize(x, dim=-1)``: ``x / max(|x|, 1e-12)`` per row."""
     return x / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)[:, None]
-
-
-@triton.jit
-def _solve_shared(W, M, u, d, gam_p, c_p, Linv, GUX, PREC: tl.constexpr):
-    """``dgd_mlp._solve`` for a row block of ``G``, given the blocks' shared ``(I + L)^-1`` and
-    ``G_p * (u k^T)``: ``E[t] = W_{t-1} u_t``."""
-    R = (gam_p[:, None] * tl.dot(u, tl.trans(W), input_precision=PREC)
-         + c_p[:, None] * tl.dot(u, tl.trans(M), input_precision=PREC)
-         - tl.dot(GUX, d, input_precision=PREC))
-    return tl.dot(Linv, R, input_precision=PREC)
 
 
 @triton.jit
@@ -153,13 +143,11 @@ def _gen_dgd_fwd_kernel(
         LL, LB, _K, _Kp, _Keta, Keta_p, Bm, bvec, _gam, gam_p, _G, G_p, _c, c_p = _coefficients(
             log_lam, log_beta, eta, le, lt, PREC)
         keta_e, g_e, B_e, gam_e, b_e, c_e = _end_coefficients(log_lam, log_beta, eta, LL, LB, Bm, bvec)
-        # dgd_mlp._solve per block, with what the blocks share (the input k, so the triangular
-        # system and G_p * (u k^T)) computed once
+        # dgd_mlp._solve per block, the triangular system (the blocks share their input k) once
         Linv = _tril_inverse(Keta_p * tl.dot(u, tl.trans(u), input_precision=PREC), eye, LOG_BT, PREC)
-        GUX = G_p * tl.dot(u, tl.trans(k), input_precision=PREC)
-        Ek = _solve_shared(Wk, Mk, u, dk, gam_p, c_p, Linv, GUX, PREC)
-        Ev = _solve_shared(Wv, Mv, u, dv, gam_p, c_p, Linv, GUX, PREC)
-        Er = _solve_shared(Wr, Mr, u, dr, gam_p, c_p, Linv, GUX, PREC)
+        Ek = tl.dot(Linv, _rhs(Wk, Mk, k, u, dk, gam_p, c_p, G_p, PREC), input_precision=PREC)
+        Ev = tl.dot(Linv, _rhs(Wv, Mv, k, u, dv, gam_p, c_p, G_p, PREC), input_precision=PREC)
+        Er = tl.dot(Linv, _rhs(Wr, Mr, k, u, dr, gam_p, c_p, G_p, PREC), input_precision=PREC)
         if ci == n_chunks - 1:  # the carried anchor: the last chunk's start state
             tl.store(a_out + out_base + sq_off, Wk)
             tl.store(a_out + out_base + D * D + sq_off, Wv)
