@@ -29,7 +29,8 @@ from nestlearn.loops import GradMode, MemoryProblem, MemoryState
 from nestlearn.loops import dgd_triton as glue
 from nestlearn.loops.dgd_dual import run_dgd_dual
 from nestlearn.memories import MLPMemory
-from tests.triton_interpret import import_kernels
+from tests.triton_interpret import import_kernels, kernel_for_test
+from tests.triton_interpret import rel_err as _rel
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -56,16 +57,7 @@ def no_tf32() -> Iterator[None]:
 def dgd_mlp(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """The kernel module; on the CPU with ``TRITON_INTERPRET=1`` set during the test (triton
     imports parts of itself at the first launch, and they must be interpreted too)."""
-    if _KERNEL is None:
-        pytest.skip(_WHY)
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return _KERNEL
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    return kernel_for_test(_KERNEL, _WHY, monkeypatch)
 
 
 def inputs(b: int, h: int, t: int, d: int, seed: int = 0, device: str = DEV) -> dict[str, Any]:

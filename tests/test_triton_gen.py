@@ -20,7 +20,8 @@ import nestlearn
 from nestlearn.compile.selfmod import SelfModOp
 from nestlearn.loops import gen_triton
 from nestlearn.loops import triton as kernels
-from tests.triton_interpret import import_kernels
+from tests.triton_interpret import import_kernels, kernel_for_test
+from tests.triton_interpret import rel_err as _rel
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -32,16 +33,7 @@ _KERNEL, _WHY = import_kernels("nestlearn.loops.triton.gen_dgd")
 
 @pytest.fixture
 def gen_dgd(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    if _KERNEL is None:
-        pytest.skip(_WHY)
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return _KERNEL
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    return kernel_for_test(_KERNEL, _WHY, monkeypatch)
 
 
 def _hope(overrides: list[str]) -> torch.nn.Module:

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -38,3 +39,22 @@ def import_kernels(*modules: str) -> tuple[ModuleType | None, str]:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = old
+
+
+def kernel_for_test(kernel: ModuleType | None, why: str, monkeypatch: Any) -> ModuleType:
+    """What a kernel test's fixture returns: the module (skipping with ``why`` where it could not
+    be imported), with ``TRITON_INTERPRET=1`` set for the test on a CPU (triton imports parts of
+    itself at the first launch, and they must be interpreted too)."""
+    import pytest
+
+    if kernel is None:
+        pytest.skip(why)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return kernel
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b|`` relative to ``b``'s largest entry (the kernel tests' error measure)."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
