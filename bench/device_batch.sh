@@ -53,14 +53,24 @@ kernels)
   # most decisive first: the CMS kernels' training step (opt-in until timed), the DGD backward's
   # two carry variants (registers, the default, against memory), the generators' kernel, then
   # the GPU tests
-  timeout 100 python3 -m bench.triton_cms > "$OUT/triton_cms.txt" 2>&1; echo "triton_cms rc=$?"
-  timeout 80 python3 -m bench.triton_cms --bwd-block-d 32 --bwd-num-warps 8 > "$OUT/triton_cms_bd32.txt" 2>&1
-  echo "triton_cms bd32 rc=$?"
-  timeout 90 python3 -m bench.triton_dgd --train --no-graph > "$OUT/triton_dgd_train.txt" 2>&1
-  echo "triton_dgd train rc=$?"
-  NESTLEARN_DGD_BWD_CARRY=memory timeout 90 python3 -m bench.triton_dgd --train --no-graph \
-    > "$OUT/triton_dgd_train_carry_mem.txt" 2>&1; echo "triton_dgd train carry=memory rc=$?"
+  # SHORT=1 (a lease of about 300 s): the generators' kernel, its GPU test and the CMS bench only
+  if [ -z "${SHORT:-}" ]; then
+    timeout 100 python3 -m bench.triton_cms > "$OUT/triton_cms.txt" 2>&1; echo "triton_cms rc=$?"
+    timeout 80 python3 -m bench.triton_cms --bwd-block-d 32 --bwd-num-warps 8 > "$OUT/triton_cms_bd32.txt" 2>&1
+    echo "triton_cms bd32 rc=$?"
+    timeout 90 python3 -m bench.triton_dgd --train --no-graph > "$OUT/triton_dgd_train.txt" 2>&1
+    echo "triton_dgd train rc=$?"
+    NESTLEARN_DGD_BWD_CARRY=memory timeout 90 python3 -m bench.triton_dgd --train --no-graph \
+      > "$OUT/triton_dgd_train_carry_mem.txt" 2>&1; echo "triton_dgd train carry=memory rc=$?"
+  fi
   timeout 90 python3 -m bench.triton_gen > "$OUT/triton_gen.txt" 2>&1; echo "triton_gen rc=$?"
+  if [ -n "${SHORT:-}" ]; then
+    timeout 60 python3 -m pytest -q -x -m gpu tests/test_triton_gen.py -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+    echo "gpu tests (generators) rc=$?"
+    timeout 100 python3 -m bench.triton_cms > "$OUT/triton_cms.txt" 2>&1; echo "triton_cms rc=$?"
+    for f in triton_gen gpu_tests triton_cms; do echo "== $f"; tail -12 "$OUT/$f.txt"; done
+    exit 0
+  fi
   timeout 100 python3 -m pytest -q -x -m gpu tests/test_triton_gen.py tests/test_triton_cms.py tests/test_triton_dgd.py \
     tests/test_wavefront.py -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests rc=$?"
   for f in triton_cms triton_cms_bd32 triton_dgd_train triton_dgd_train_carry_mem triton_gen gpu_tests; do
