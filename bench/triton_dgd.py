@@ -140,7 +140,7 @@ def train_rows(x: dict[str, Any], chunk: int, warmup: int, reps: int, save_every
           for e in sorted({1, save_every})),
         (f"triton fwd + compiled recompute, save {save_every}",
          lambda: kernel_train_fn(x, leaves, chunk, save_every, compiled=True)),
-        ("triton fwd + fused triton bwd", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused")),
+        ("triton fwd + fused triton bwd (adjoints in registers)", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused")),
         ("same, adjoints carried in memory", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused",
                                                                      carry_mem=True)),
     ]

@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -40,18 +40,29 @@ _KERNEL, _WHY = import_kernels("nestlearn.loops.triton.sgd_mlp", "nestlearn.loop
 
 @pytest.fixture(autouse=True)
 def opted_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The row is opt-in until timed on a GPU (``cms_triton``'s docstring); these tests opt in."""
+    """These tests take the row everywhere (``NESTLEARN_CMS_TRITON=1``): ``auto`` would keep
+    compiled chunk steps inside a graph capture on the closed form."""
     monkeypatch.setenv("NESTLEARN_CMS_TRITON", "1")
 
 
-def test_training_through_the_row_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    for value, want in (("1", "train"), ("yes", "train"), ("0", "off"), ("off", "off"), ("", "infer"),
-                        ("infer", "infer")):
+def test_the_switch_and_what_auto_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, want in (("1", "train"), ("yes", "train"), ("0", "off"), ("off", "off"), ("", "auto"),
+                        ("auto", "auto"), ("infer", "infer")):
         monkeypatch.setenv("NESTLEARN_CMS_TRITON", value)
         assert glue.mode() == want
-        assert glue.opted_in() is (want == "train")
     monkeypatch.delenv("NESTLEARN_CMS_TRITON")
-    assert glue.mode() == "infer"
+    assert glue.mode() == "auto"
+    gpu = SimpleNamespace(is_cuda=True)
+    pb = SimpleNamespace(compiled=True, q=gpu)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert glue.trains(pb)  # type: ignore[arg-type]  # not capturing: the kernel
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not glue.trains(pb)  # type: ignore[arg-type]  # compiled chunk steps in a graph: the closed form
+    assert glue.trains(SimpleNamespace(compiled=False, q=gpu))  # type: ignore[arg-type]
+    monkeypatch.setenv("NESTLEARN_CMS_TRITON", "1")
+    assert glue.trains(pb)  # type: ignore[arg-type]
+    monkeypatch.setenv("NESTLEARN_CMS_TRITON", "infer")
+    assert not glue.trains(SimpleNamespace(compiled=False, q=gpu))  # type: ignore[arg-type]
 
 
 @pytest.fixture

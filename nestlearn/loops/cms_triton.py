@@ -4,21 +4,22 @@ does: outputs, carried state and (training) every outer gradient.
 
 It takes a problem when all of these hold (``supports``; anything else runs ``run_dual``):
 
-- without gradients (evaluation, generation) by default; for training only where the user opts in
-  with ``NESTLEARN_CMS_TRITON=1`` (``0`` turns the row off). On an H200 (2026-12-06,
-  ``python -m bench.triton_cms``, c1's shape: 8 x 2,048, 512 -> 1,024 -> 512, chunk 16;
-  ``bench/results/h200_2026-12-06_session7``) the kernel's forward took 17.0 ms from a CUDA
-  graph against 22.9 ms for the compiled closed form (36.5 against 57.6 ms eagerly), but a
-  training step with its PyTorch backward took 86.8 ms against 68.9 ms: slower until the
-  backward is a kernel too;
+- without gradients (evaluation, generation), and in training (the fused backward) except where
+  the level's chunk steps are compiled (``--compile``) and a CUDA graph is being captured: there
+  the compiled closed form is a little faster. On an H100 (2026-12-07, ``python -m
+  bench.triton_cms``, c1's shape: 8 x 2,048, 512 -> 1,024 -> 512, chunk 16, forward + backward,
+  same process; ``bench/results/h100_2026-12-07_session10/``) the kernels took 92.5 ms eagerly
+  against 146.2 ms for the compiled closed form and 229.5 ms for the eager one, 75.8 ms from a
+  CUDA graph against 71.7 ms for the compiled closed form in one (4,305 against 4,804 MiB at
+  the peak; gradients within 2.2e-6). ``NESTLEARN_CMS_TRITON=1`` takes the kernel everywhere,
+  ``infer`` only without gradients, ``0`` never;
 - the tensors live on one CUDA device (NVIDIA), in fp32 (or half precision under autocast:
   ``loops.run`` casts such problems to fp32 first), and triton is installed and not switched
   off (``NESTLEARN_TRITON=0``);
 - no gradient will be asked for (grad mode off, or nothing requires one: evaluation,
   generation), or the level's gradient mode is ``unroll`` (training) and the user did not keep
   training on the closed form (``NESTLEARN_TRITON=infer``): each chunk is then a
-  ``sgd_mlp.SGDMLPStep``, whose backward is now ``sgd_mlp_bwd``'s fused kernels (not yet timed
-  on a GPU: the opt-in stays until they are; ``sgd_mlp.py``'s docstring). ``first_order``,
+  ``sgd_mlp.SGDMLPStep``, whose backward is ``sgd_mlp_bwd``'s fused kernels. ``first_order``,
   ``stop`` and ``truncate:N`` with gradients stay on ``run_dual``;
 - the memory is exactly what an in-context ``mlp`` node builds (``compile/ops.py``):
   ``MLPMemory`` of depth 2, ``gelu``, no residual, no biases, widths multiples of 16; the rule
@@ -53,17 +54,22 @@ MAX_CHUNK = 64
 
 
 def mode() -> str:
-    """``NESTLEARN_CMS_TRITON``: ``infer`` (unset: no-grad calls only), ``train`` (1/true/on/yes:
-    training too) or ``off`` (0/false/off/no). The module docstring says why training is opt-in."""
-    value = os.environ.get("NESTLEARN_CMS_TRITON", "infer").strip().lower()
+    """``NESTLEARN_CMS_TRITON``: ``auto`` (unset: training too, but not compiled chunk steps inside
+    a CUDA graph), ``train`` (1/true/on/yes: training everywhere), ``infer`` (no-grad calls only)
+    or ``off`` (0/false/off/no). The module docstring gives the timings behind ``auto``."""
+    value = os.environ.get("NESTLEARN_CMS_TRITON", "auto").strip().lower()
     if value in ("1", "true", "on", "yes", "train"):
         return "train"
-    return "off" if value in ("0", "false", "off", "no") else "infer"
+    if value in ("0", "false", "off", "no"):
+        return "off"
+    return "infer" if value == "infer" else "auto"
 
 
-def opted_in() -> bool:
-    """Training goes through the kernel too (``NESTLEARN_CMS_TRITON=1``)."""
-    return mode() == "train"
+def trains(pb: MemoryProblem) -> bool:
+    """Training goes through the kernel for ``pb``: ``train``, or ``auto`` unless ``pb``'s chunk
+    steps are compiled and a CUDA graph is being captured (module docstring)."""
+    m = mode()
+    return m == "train" or (m == "auto" and not (pb.compiled and pb.q.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def supports(pb: MemoryProblem) -> bool:
@@ -113,7 +119,7 @@ def _grad_wanted(ts: list[Tensor]) -> bool:
 def _grad_ok(pb: MemoryProblem, ts: list[Tensor]) -> bool:
     """No gradient wanted, or the one the kernel's backward computes (``unroll``) unless the user
     kept training on the closed form (``NESTLEARN_TRITON=infer``)."""
-    return (pb.grad.kind == "unroll" and kernels.training_enabled() and opted_in()) or not _grad_wanted(ts)
+    return (pb.grad.kind == "unroll" and kernels.training_enabled() and trains(pb)) or not _grad_wanted(ts)
 
 
 def run_cms_triton(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
@@ -168,6 +174,6 @@ def _say_once() -> None:
     if not _said:
         _said = True
         warnings.warn("nestlearn: the CMS levels (SGD on the MLP memory) run on the Triton chunk step "
-                      + ("(training too, NESTLEARN_CMS_TRITON=1, with the fused backward) " if opted_in()
-                         else "without gradients (NESTLEARN_CMS_TRITON=1 trains through it too) ")
+                      + ("without gradients (NESTLEARN_CMS_TRITON=1 trains through it too)" if mode() == "infer"
+                         else "and its fused backward (NESTLEARN_CMS_TRITON=infer: evaluation only)")
                       + "; NESTLEARN_CMS_TRITON=0 or NESTLEARN_TRITON=0 switches it off", stacklevel=3)

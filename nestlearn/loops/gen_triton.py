@@ -10,6 +10,11 @@ generators' carried state.
   not switched off (``NESTLEARN_TRITON=0``);
 - no gradient is wanted (grad mode off, or nothing requires one): evaluation and generation.
   Training keeps the loop (its backward is autograd's) until the kernel has a backward;
+- no CUDA graph is being captured. On an H100 (2026-12-07, ``python -m bench.triton_gen``, HOPE's
+  generators at 8 x 2,048, 8 heads of 64, chunk 64; ``bench/results/h100_2026-12-07_session10/``)
+  the kernel took 21.4 ms against 74.9 ms for the loop run eagerly (3.5x), but the loop replayed
+  from a CUDA graph took 10.2 ms: its batched matmuls use the whole GPU, while the kernel's 64
+  programs walk their 32 chunks at about 660 us each (chunk 64: ptxas spills 6.2 KB a thread);
 - the level's rule is DGD with ``lr`` / ``decay`` / ``beta`` only (no own ``proj``), its
   objective ``l2``, its gradient mode anything (no gradient flows), the executor ``auto``;
 - the generators' period and the head width are powers of two in 16..64 and 16..128, the call
@@ -53,6 +58,8 @@ def supports(level: Any, xh: Tensor, state: MemoryState, tensors: list[Tensor], 
     if not device_ok(xh):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if xh.is_cuda and torch.cuda.is_current_stream_capturing():  # the loop replays faster from a graph
         return False
     rule = level.rule
     return (isinstance(rule, DGD) and set(rule.hypers) <= {"lr", "decay", "beta"} and max_proj is None

@@ -284,12 +284,14 @@ def _square(x: Tensor, d: int) -> Tensor:
 
 
 def bwd_carry_mem() -> bool:
-    """Where the fused backward keeps the four carried adjoints between chunks:
-    ``NESTLEARN_DGD_BWD_CARRY=memory`` in the output buffers (L2), else in registers. ptxas at
-    D 64 / chunk 16 (sm_90, ieee): spills 8.6 KB -> 6.4 KB a thread at 16 warps, shared memory
-    231 KB -> 144 KB (``python -m bench.triton_dgd --ptxas``); which is faster is for a GPU to say
-    (``--train`` times both), so registers stay the default until then."""
-    return os.environ.get("NESTLEARN_DGD_BWD_CARRY", "registers") == "memory"
+    """Where the fused backward keeps the four carried adjoints between chunks: in the output
+    buffers (L2; the default) or, with ``NESTLEARN_DGD_BWD_CARRY=registers``, in registers. ptxas
+    at D 64 / chunk 16 (sm_90, ieee): memory spills 6.4 KB a thread at 16 warps against 8.6 KB,
+    and needs 144 KB of shared memory against 231 KB (so it also fits an A100's 164 KB). On an
+    H100 (2026-12-07, ``python -m bench.triton_dgd --train``, HOPE's 8 x 2,048, both rows in one
+    process; ``bench/results/h100_2026-12-07_session10/``) forward + backward took 92.7 ms with
+    the adjoints in memory against 105.1 ms in registers (176.7K against 155.8K tokens/s)."""
+    return os.environ.get("NESTLEARN_DGD_BWD_CARRY", "memory") != "registers"
 
 
 def launch_options(d: int, num_warps: int | None = None, maxnreg: int | None = None) -> dict[str, int]:
