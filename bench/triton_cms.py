@@ -115,9 +115,13 @@ def rel_err(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> fl
 
 def table(title: str, rows: list[tuple[str, Callable[[], Any]]], ref: tuple[torch.Tensor, ...], tokens: int,
           chunks: int, warmup: int, reps: int, memory: bool = False) -> None:
-    """Time every row, then print the table (a row that cannot run here says why)."""
-    lines: list[str] = []
+    """Time every row, printing each as it is timed (a time limit keeps what ran; a row that
+    cannot run here says why)."""
     base: float | None = None
+    print(f"\n# {title}")
+    mem_head = f" {'peak MiB':>9}" if memory else ""
+    print(f"{'path':<40} {'ms':>9} {'tokens/s':>12} {'us/chunk':>9} {'vs first':>9}{mem_head} {'max rel err':>12}",
+          flush=True)
     for name, build in rows:
         try:
             fn = build()
@@ -130,14 +134,10 @@ def table(title: str, rows: list[tuple[str, Callable[[], Any]]], ref: tuple[torc
             err = rel_err(out if isinstance(out, tuple) else (out,), ref)
             base = base or ms
             mem = f" {peak:>9.0f}" if memory else ""
-            lines.append(f"{name:<40} {ms:>9.3f} {tokens / ms * 1e3:>12,.0f} {ms * 1e3 / chunks:>9.1f} "
-                         f"{base / ms:>8.2f}x{mem} {err:>12.2e}")
+            print(f"{name:<40} {ms:>9.3f} {tokens / ms * 1e3:>12,.0f} {ms * 1e3 / chunks:>9.1f} "
+                  f"{base / ms:>8.2f}x{mem} {err:>12.2e}", flush=True)
         except Exception as exc:  # e.g. a graph capture that this torch refuses
-            lines.append(f"{name:<40} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-    print(f"\n# {title}")
-    mem = f" {'peak MiB':>9}" if memory else ""
-    print(f"{'path':<40} {'ms':>9} {'tokens/s':>12} {'us/chunk':>9} {'vs first':>9}{mem} {'max rel err':>12}")
-    print("\n".join(lines), flush=True)
+            print(f"{name:<40} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}", flush=True)
 
 
 def ptxas_shared(d: int = 512, hidden: int = 1024, chunk: int = 16, arch: int = 90, **launch: int) -> dict[str, int]:

@@ -130,22 +130,25 @@ def dual_train_fn(x: dict[str, Any], leaves: dict[str, torch.Tensor], chunk: int
 
 
 def train_rows(x: dict[str, Any], chunk: int, warmup: int, reps: int, save_every: int) -> None:
-    """Forward + backward (``--train``): the kernel against ``dgd_dual``, printed as one table."""
+    """Forward + backward (``--train``): the kernel against ``dgd_dual``, each row printed as it
+    is timed (a time limit keeps what ran), the fused rows right after the eager reference."""
     leaves = grad_leaves(x)
     b, _, t, _ = x["q"].shape
     rows: list[tuple[str, Callable[[], GradFn]]] = [
         ("dgd_dual eager", lambda: dual_train_fn(x, leaves, chunk, False)),
+        ("triton fwd + fused triton bwd (adjoints in registers)", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused")),
+        ("same, adjoints carried in memory", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused",
+                                                                     carry_mem=True)),
         ("dgd_dual compiled chunk steps", lambda: dual_train_fn(x, leaves, chunk, True)),
         *((f"triton fwd + recompute bwd, save {e}", lambda e=e: kernel_train_fn(x, leaves, chunk, e))
           for e in sorted({1, save_every})),
         (f"triton fwd + compiled recompute, save {save_every}",
          lambda: kernel_train_fn(x, leaves, chunk, save_every, compiled=True)),
-        ("triton fwd + fused triton bwd (adjoints in registers)", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused")),
-        ("same, adjoints carried in memory", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused",
-                                                                     carry_mem=True)),
     ]
     ref = dual_train_fn(x, leaves, chunk, False)()
-    results: list[str] = []
+    print(f"\n# DGD forward + backward (grad: unroll; dq, dk, dv, dlr, ddecay, dW0, dW1), batch {b} x {t} tokens, "
+          f"chunk {chunk}; {torch.cuda.get_device_name()}")
+    print(f"{'path':<38} {'ms':>9} {'tokens/s':>12} {'vs eager':>9} {'peak MiB':>9} {'max rel err':>12}", flush=True)
     base: float | None = None
     for name, build in rows:
         try:
@@ -159,13 +162,9 @@ def train_rows(x: dict[str, Any], chunk: int, warmup: int, reps: int, save_every
             err = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(grads, ref))
             base = ms if name == "dgd_dual eager" else base
             speed = f"{base / ms:>8.2f}x" if base else f"{'':>9}"
-            results.append(f"{name:<38} {ms:>9.2f} {b * t / ms * 1e3:>12,.0f} {speed} {peak:>9.0f} {err:>12.2e}")
+            print(f"{name:<38} {ms:>9.2f} {b * t / ms * 1e3:>12,.0f} {speed} {peak:>9.0f} {err:>12.2e}", flush=True)
         except Exception as exc:  # a row that cannot run here says why
-            results.append(f"{name:<38} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-    print(f"\n# DGD forward + backward (grad: unroll; dq, dk, dv, dlr, ddecay, dW0, dW1), batch {b} x {t} tokens, "
-          f"chunk {chunk}; {torch.cuda.get_device_name()}")
-    print(f"{'path':<38} {'ms':>9} {'tokens/s':>12} {'vs eager':>9} {'peak MiB':>9} {'max rel err':>12}")
-    print("\n".join(results))
+            print(f"{name:<38} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}", flush=True)
 
 
 def graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
