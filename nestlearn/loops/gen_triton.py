@@ -1,5 +1,5 @@
 """HOPE's generators on the fused Triton kernel (``loops/triton/gen_dgd.py``) where it computes
-exactly what the op's chunk loop does (``SelfModOp._generate``): keys, values, raw gates and the
+exactly what the op's chunk loop does (``SelfModOp._generate_loop``): keys, values, raw gates and the
 generators' carried state.
 
 ``generate`` takes a call when all of these hold (anything else returns None and the loop runs):

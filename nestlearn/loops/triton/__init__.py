@@ -13,6 +13,11 @@ the kernels are decorated).
   per chunk; ``dgd_mlp_bwd_ref`` is its plain-PyTorch spec), or recomputes groups of chunks
   through ``dgd_dual`` from checkpoints the kernel saves (``backward="recompute"``, and the
   fallback where the backward kernel does not fit the device).
+- ``sgd_mlp``: the CMS levels' chunk step (SGD on an in-context MLP), split over programs by
+  hidden tiles, four launches per chunk, with ``sgd_mlp_bwd``'s fused backward
+  (``loops/cms_triton.py``; ``sgd_mlp_bwd_ref`` is its spec).
+- ``gen_dgd``: HOPE's generators over a whole call, forward only, one persistent program per
+  (batch, head) (``loops/gen_triton.py``; the op's chunk loop is its reference).
 
 ``NESTLEARN_TRITON=0`` (or ``false``/``off``/``no``) switches every kernel here off, and
 ``NESTLEARN_TRITON=infer`` keeps them for evaluation and generation only (training then runs the

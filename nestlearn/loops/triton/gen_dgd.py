@@ -17,7 +17,7 @@ chunk of ``n`` tokens ``x`` (the convolved input of one head), at the chunk-star
    chunk end on one linear layer whose input is ``k`` (DGD acts on a weight's input side, so
    the row blocks ``k`` / ``v`` / rates are three layers sharing that input and the gates).
 
-This is exactly the op's chunk loop (``SelfModOp._generate``: ``LinearMemory.apply``,
+This is exactly the op's chunk loop (``SelfModOp._generate_loop``: ``LinearMemory.apply``,
 ``F.normalize``, ``torch.sigmoid`` and one ``loops.run`` per chunk through ``dgd_dual``), which is
 the reference: ``tests/test_triton_gen.py`` compares the two. The state (``G``: 33 KB fp32 at
 ``D = 64``, with its momentum 66 KB) stays on-chip for the whole call, so one launch replaces
