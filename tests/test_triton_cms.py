@@ -25,6 +25,7 @@ import torch
 from nestlearn import objectives, rules
 from nestlearn.loops import GradMode, MemoryProblem, MemoryState
 from nestlearn.loops import cms_triton as glue
+from nestlearn.loops import triton as kernels
 from nestlearn.loops.dual import run_dual
 from nestlearn.memories import MLPMemory
 from tests.triton_interpret import import_kernels
@@ -54,9 +55,10 @@ def test_the_switch_and_what_auto_trains(monkeypatch: pytest.MonkeyPatch) -> Non
     assert glue.mode() == "auto"
     gpu = SimpleNamespace(is_cuda=True)
     pb = SimpleNamespace(compiled=True, q=gpu)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not kernels.capturing(torch.zeros(1))  # a CPU tensor never is
+    monkeypatch.setattr(kernels, "capturing", lambda x: False)
     assert glue.trains(pb)  # type: ignore[arg-type]  # not capturing: the kernel
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(kernels, "capturing", lambda x: x is gpu)
     assert not glue.trains(pb)  # type: ignore[arg-type]  # compiled chunk steps in a graph: the closed form
     assert glue.trains(SimpleNamespace(compiled=False, q=gpu))  # type: ignore[arg-type]
     monkeypatch.setenv("NESTLEARN_CMS_TRITON", "1")

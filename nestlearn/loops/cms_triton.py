@@ -69,7 +69,7 @@ def trains(pb: MemoryProblem) -> bool:
     """Training goes through the kernel for ``pb``: ``train``, or ``auto`` unless ``pb``'s chunk
     steps are compiled and a CUDA graph is being captured (module docstring)."""
     m = mode()
-    return m == "train" or (m == "auto" and not (pb.compiled and pb.q.is_cuda and torch.cuda.is_current_stream_capturing()))
+    return m == "train" or (m == "auto" and not (pb.compiled and kernels.capturing(pb.q)))
 
 
 def supports(pb: MemoryProblem) -> bool:

@@ -38,10 +38,7 @@ from nestlearn import objectives
 from nestlearn.loops import triton as kernels
 from nestlearn.loops.chunks import per_token
 from nestlearn.loops.common import MemoryState
-from nestlearn.loops.dgd_triton import precision
-
-WIDTHS = (16, 32, 64, 128)
-CHUNKS = (16, 32, 64)
+from nestlearn.loops.dgd_triton import CHUNKS, WIDTHS, precision
 
 
 def device_ok(xh: Tensor) -> bool:
@@ -59,7 +56,7 @@ def supports(level: Any, xh: Tensor, state: MemoryState, tensors: list[Tensor], 
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if xh.is_cuda and torch.cuda.is_current_stream_capturing():  # the loop replays faster from a graph
+    if kernels.capturing(xh):  # the loop replays faster from a graph (module docstring)
         return False
     rule = level.rule
     return (isinstance(rule, DGD) and set(rule.hypers) <= {"lr", "decay", "beta"} and max_proj is None
@@ -73,10 +70,8 @@ def generate(level: Any, xh: Tensor, state: MemoryState, bias: Tensor, beta: dic
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, MemoryState] | None:
     """``(k, v, lr_raw, decay_raw, state)`` over the call's whole generator chunks from the kernel
     (the caller runs a trailing partial chunk), or None where it does not apply."""
-    if not device_ok(xh):  # the CPU path never looks further (the rule's state may have no momentum)
-        return None
     w, m = state["params"]["W"], state["opt"].get("m", {}).get("W")
-    if m is None:
+    if m is None:  # a rule without momentum (not DGD)
         return None
     b = beta.get("beta", 0.0)
     tensors = [xh, w, m, bias] + ([b] if isinstance(b, Tensor) else [])

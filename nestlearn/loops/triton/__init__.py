@@ -50,3 +50,12 @@ def training_enabled() -> bool:
 def importable() -> bool:
     """triton is installed (checked without importing it: that happens at the first launch)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def capturing(x: object) -> bool:
+    """``x`` is a CUDA tensor and its stream is capturing a CUDA graph: where a kernel is slower
+    than the closed form replayed from the graph (the CMS row's compiled steps, the generators),
+    the callers keep the closed form."""
+    import torch
+
+    return bool(getattr(x, "is_cuda", False)) and torch.cuda.is_current_stream_capturing()

@@ -89,6 +89,12 @@ def _gelu_grad(z):
 
 
 @triton.jit
+def _normalize(x):
+    """``F.normalize(x, dim=-1)``: ``x / max(|x|, 1e-12)`` per row."""
+    return x / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)[:, None]
+
+
+@triton.jit
 def _tril_inverse(L, eye, LOG_BT: tl.constexpr, PREC: tl.constexpr):
     """``(I + L)^-1`` for a strictly lower ``n x n`` ``L`` (``n = 2^LOG_BT``): the product
     ``(I - L)(I + L^2)(I + L^4)...(I + L^(n/2))`` is the whole series ``sum_k (-L)^k``."""
@@ -251,8 +257,8 @@ def _dgd_mlp_fwd_kernel(
             f = clip / tl.sqrt(tl.maximum(sq, clip * clip))
             d1 = d1 * f[:, None]
             d0 = d0 * f[:, None]
-        u0 = k / tl.maximum(tl.sqrt(tl.sum(k * k, 1)), 1e-12)[:, None]
-        u1 = x1 / tl.maximum(tl.sqrt(tl.sum(x1 * x1, 1)), 1e-12)[:, None]
+        u0 = _normalize(k)
+        u1 = _normalize(x1)
 
         # 2-3. solves and dual reads, layer by layer (W1 reads gelu of W0's read)
         Z0, E0 = _layer(W0, M0, k, u0, d0, q, gam, c, gam_p, c_p, Keta, Keta_p, G, G_p, eye, LOG_BT, PREC)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nestlearn.loops.triton.dgd_mlp import _coefficients, _gelu, _gelu_grad, _solve, launch_options
+from nestlearn.loops.triton.dgd_mlp import _coefficients, _gelu, _gelu_grad, _normalize, _solve, launch_options
 
 
 @triton.jit
@@ -216,8 +216,8 @@ def _dgd_mlp_bwd_kernel(
             f = tl.full((BT,), 1.0, tl.float32)
         d0 = d0r * f[:, None]
         d1 = d1r * f[:, None]
-        u0 = k / tl.maximum(tl.sqrt(tl.sum(k * k, 1)), 1e-12)[:, None]
-        u1 = x1 / tl.maximum(tl.sqrt(tl.sum(x1 * x1, 1)), 1e-12)[:, None]
+        u0 = _normalize(k)
+        u1 = _normalize(x1)
         E0, P0 = _solve(W0, M0, k, u0, d0, gam_p, c_p, Keta_p, G_p, eye, LOG_BT, PREC)
         Z0 = (gam[:, None] * tl.dot(q, tl.trans(W0), input_precision=PREC)
               + c[:, None] * tl.dot(q, tl.trans(M0), input_precision=PREC)

@@ -37,7 +37,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nestlearn.loops.triton.dgd_mlp import _chunk_end, _coefficients, _end_coefficients, _rhs, _rows, _tril_inverse
+from nestlearn.loops.triton.dgd_mlp import (
+    _chunk_end,
+    _coefficients,
+    _end_coefficients,
+    _normalize,
+    _rhs,
+    _rows,
+    _tril_inverse,
+)
 
 RATES = 2
 """Rows of ``G`` after ``k`` and ``v``: the raw ``lr`` and ``decay`` gates."""
@@ -60,12 +68,6 @@ class GenOut(NamedTuple):
     """DGD's momentum of ``G`` after the last chunk."""
     anchor: Tensor
     """``G`` at the last chunk's start (the carried ``anchor``)."""
-
-
-@triton.jit
-def _normalize(x):
-    """``F.normalize(x, dim=-1)``: ``x / max(|x|, 1e-12)`` per row."""
-    return x / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)[:, None]
 
 
 @triton.jit
