@@ -8,6 +8,7 @@
 #           kernel's training step with both backward carries, the generators' kernel against
 #           their chunk loop, and the GPU kernel tests (the Titans rows against titans-pytorch: peer)
 #   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200)
+#   speed   HOPE against the same-size GPT at 8 x 2,048 and 1 x 2K / 16K / 64K (issue 12's rows)
 #   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
 #           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
 # usage: bash bench/device_batch.sh MODE [SECONDS]
@@ -48,6 +49,14 @@ peer)
   timeout "$limit" python3 -m bench --device cuda --only "$only" --budget 5 --skip-after 20 \
     --out "$OUT/bench_titans_peer.json" > "$OUT/bench_titans_peer.txt" 2>&1; echo "peer rc=$?"
   tail -30 "$OUT/bench_titans_peer.txt"
+  ;;
+speed)
+  # HOPE (shipped periods, the DGD / CMS kernels as they default) against the same-size GPT at
+  # 8 x 2,048 and 1 x 2K / 16K / 64K: graphed rows first (the decisive ones), eager HOPE last
+  only=hope:nestlearn+graph,gpt:nestlearn+graph,hope:nestlearn
+  timeout "$limit" python3 -m bench --device cuda --only "$only" --seqs 2048,16384,65536 --budget 5 \
+    --skip-after 60 --graph-warmup 1 --out "$OUT/bench_hope_speed.json" > "$OUT/bench_hope_speed.txt" 2>&1
+  echo "speed rc=$?"; tail -20 "$OUT/bench_hope_speed.txt"
   ;;
 kernels)
   # most decisive first: the CMS kernels' training step (opt-in until timed), the DGD backward's

@@ -462,11 +462,15 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
         hope = specs.hope(D, 4 if not small else 2, 4, **periods)
         if hope is None:
             continue
-        for t in seqs[:1] if small else seqs:
+        # the shipped periods also at the GPT's batched size (the 8 x 2,048 row)
+        sizes = [(1, t) for t in (seqs[:1] if small else seqs)]
+        if name == "hope" and not small:
+            sizes = [(8, 2048), *sizes]
+        for b, t in sizes:
             note = ", ".join(f"{k}={v}" for k, v in periods.items())
-            out.append(Case(name, "nestlearn", 1, t, lp, compiled_step(hope, 1, t, lp, dev), note=note))
-            out.append(Case(name, "nestlearn-compiled-step", 1, t, lp,
-                            compiled_step(hope, 1, t, lp, dev, compile_steps=True),
+            out.append(Case(name, "nestlearn", b, t, lp, compiled_step(hope, b, t, lp, dev), note=note))
+            out.append(Case(name, "nestlearn-compiled-step", b, t, lp,
+                            compiled_step(hope, b, t, lp, dev, compile_steps=True),
                             note=", ".join([*([note] if note else []), "chunk steps through torch.compile"])))
     if importable("nested_learning.model"):  # the peer HOPE (kmccleary3301 nested-learning 0.2.0)
         kd, kl = (D, 4) if not small else (D, 2)
