@@ -404,7 +404,7 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
     titans_sizes = [(8, 2048), (4, 8192), (1, 65536)] if not small else [(2, 128)]
     seqs = list(lengths) or ([2048, 8192, 16384, 32768, 65536] if not small else [128, 512])
     # batch 1 at every length of the HOPE rows, for bench/report.py's HOPE/GPT ratios and crossover
-    gpt_sizes = [(8, 2048)] + [(1, t) for t in seqs] if not small else [(2, 128), (1, 128)]
+    gpt_sizes = [(8, 2048), (32, 2048)] + [(1, t) for t in seqs] if not small else [(2, 128), (1, 128)]
     tm = specs.titans_memory(D, 4, 64 if not small else 16)
     tm_remat = copy.deepcopy(tm)
     tm_remat["levels"]["memory"]["remat"] = 8
@@ -462,10 +462,10 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
         hope = specs.hope(D, 4 if not small else 2, 4, **periods)
         if hope is None:
             continue
-        # the shipped periods also at the GPT's batched size (the 8 x 2,048 row)
+        # the shipped periods also at the GPT's batched sizes (the 8 x 2,048 and 32 x 2,048 rows)
         sizes = [(1, t) for t in (seqs[:1] if small else seqs)]
         if name == "hope" and not small:
-            sizes = [(8, 2048), *sizes]
+            sizes = [(8, 2048), (32, 2048), *sizes]
         for b, t in sizes:
             note = ", ".join(f"{k}={v}" for k, v in periods.items())
             out.append(Case(name, "nestlearn", b, t, lp, compiled_step(hope, b, t, lp, dev), note=note))
