@@ -8,7 +8,7 @@
 #           kernel's training step with both backward carries, the generators' kernel against
 #           their chunk loop, and the GPU kernel tests (the Titans rows against titans-pytorch: peer)
 #   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200)
-#   speed   HOPE against the same-size GPT at 8 x 2,048 and 1 x 2K / 16K / 64K (issue 12's rows)
+#   speed   HOPE against the same-size GPT at 8 / 32 x 2,048 and 1 x 2K / 16K / 64K (issue 12's rows)
 #   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
 #           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
 # usage: bash bench/device_batch.sh MODE [SECONDS]
@@ -51,14 +51,17 @@ peer)
   tail -30 "$OUT/bench_titans_peer.txt"
   ;;
 speed)
-  # HOPE (shipped periods, the DGD / CMS kernels as they default) against the same-size GPT at
-  # 8 x 2,048 and 1 x 2K / 16K / 64K, from CUDA graphs first (the decisive rows), then eager HOPE
-  timeout $((limit - 150)) python3 -m bench --device cuda --only hope:nestlearn+graph,gpt:nestlearn+graph \
+  # HOPE (shipped periods, DGD / CMS kernels as they default) against the same-size GPT at
+  # 8 and 32 x 2,048 and 1 x 2K / 16K / 64K from CUDA graphs (the decisive rows) first; then
+  # the peer HOPE (nested-learning's HOPEModel, no online updates) and eager HOPE
+  timeout $((limit - 170)) python3 -m bench --device cuda --only hope:nestlearn+graph,gpt:nestlearn+graph \
     --seqs 2048,16384,65536 --budget 5 --skip-after 60 --graph-warmup 1 --out "$OUT/bench_hope_speed.json" \
     > "$OUT/bench_hope_speed.txt" 2>&1; echo "speed (graphs) rc=$?"
-  timeout 130 python3 -m bench --device cuda --only hope:nestlearn --seqs 2048,65536 --budget 5 --skip-after 60 \
+  timeout 40 python3 -m bench --device cuda --only hope:kmccleary-hope --budget 3 \
+    --out "$OUT/bench_hope_peer.json" > "$OUT/bench_hope_peer.txt" 2>&1; echo "speed (peer) rc=$?"
+  timeout 110 python3 -m bench --device cuda --only hope:nestlearn --seqs 2048,65536 --budget 5 --skip-after 60 \
     --out "$OUT/bench_hope_eager.json" > "$OUT/bench_hope_eager.txt" 2>&1; echo "speed (eager) rc=$?"
-  tail -14 "$OUT/bench_hope_speed.txt"; tail -6 "$OUT/bench_hope_eager.txt"
+  for f in bench_hope_speed bench_hope_peer bench_hope_eager; do echo "== $f"; grep "^| " "$OUT/$f.txt" | tail -14; done
   ;;
 kernels)
   # most decisive first: the CMS kernels' training step (opt-in until timed), the DGD backward's
