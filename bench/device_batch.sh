@@ -9,6 +9,7 @@
 #           their chunk loop, and the GPU kernel tests (the Titans rows against titans-pytorch: peer)
 #   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200)
 #   speed   HOPE against the same-size GPT at 8 / 32 x 2,048 and 1 x 2K / 16K / 64K (issue 12's rows)
+#   mixed   speed's graphed rows, the peer HOPE and a fast spec's 1,000-step health run (FAST)
 #   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
 #           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
 # usage: bash bench/device_batch.sh MODE [SECONDS]
@@ -62,6 +63,22 @@ speed)
   timeout 110 python3 -m bench --device cuda --only hope:nestlearn --seqs 2048,65536 --budget 5 --skip-after 60 \
     --out "$OUT/bench_hope_eager.json" > "$OUT/bench_hope_eager.txt" 2>&1; echo "speed (eager) rc=$?"
   for f in bench_hope_speed bench_hope_peer bench_hope_eager; do echo "== $f"; grep "^| " "$OUT/$f.txt" | tail -14; done
+  ;;
+mixed)
+  # one lease's worth when machines are scarce: speed's graphed rows, the peer HOPE, then the
+  # 1,000-step health run of a fast spec (FAST, default Gated DeltaNet) in what is left
+  timeout 290 python3 -m bench --device cuda --only hope:nestlearn+graph,gpt:nestlearn+graph \
+    --seqs 2048,16384,65536 --budget 4 --skip-after 60 --graph-warmup 1 --out "$OUT/bench_hope_speed.json" \
+    > "$OUT/bench_hope_speed.txt" 2>&1; echo "speed (graphs) rc=$?"
+  timeout 40 python3 -m bench --device cuda --only hope:kmccleary-hope --budget 3 \
+    --out "$OUT/bench_hope_peer.json" > "$OUT/bench_hope_peer.txt" 2>&1; echo "speed (peer) rc=$?"
+  rest=$((limit - SECONDS - 15))
+  timeout "$rest" python3 -m bench.health ${FAST:-specs/gated-deltanet.yaml} --device cuda --cuda-graph --steps 1000 \
+    --eval-every 250 --seconds $((rest - 30)) --seed "${SEED:-0}" --out runs/fast > "$OUT/health_fast.log" 2>&1
+  echo "health rc=$?"; cp runs/fast/health.json "$OUT/health_fast.json" 2>/dev/null
+  (cd runs && find fast -name "*.jsonl" | tar cf "$OUT/fast_runs.tar" -T -) 2>/dev/null
+  for f in bench_hope_speed bench_hope_peer; do echo "== $f"; grep "^| " "$OUT/$f.txt" | tail -14; done
+  tail -8 "$OUT/health_fast.log"
   ;;
 kernels)
   # most decisive first: the CMS kernels' training step (opt-in until timed), the DGD backward's
