@@ -10,6 +10,7 @@
 #   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200)
 #   speed   HOPE against the same-size GPT at 8 / 32 x 2,048 and 1 x 2K / 16K / 64K (issue 12's rows)
 #   mixed   speed's graphed rows, the peer HOPE and a fast spec's 1,000-step health run (FAST)
+#   tiles   the CMS kernels' tilings at c1's shape (more programs, more warps), eagerly
 #   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
 #           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
 # usage: bash bench/device_batch.sh MODE [SECONDS]
@@ -79,6 +80,13 @@ mixed)
   (cd runs && find fast -name "*.jsonl" | tar cf "$OUT/fast_runs.tar" -T -) 2>/dev/null
   for f in bench_hope_speed bench_hope_peer; do echo "== $f"; grep "^| " "$OUT/$f.txt" | tail -14; done
   tail -8 "$OUT/health_fast.log"
+  ;;
+tiles)
+  # the CMS kernels' tilings at c1's shape, forward + backward, eager (--no-graph: the tile's own
+  # cost); the default first, then more programs (hidden tile 32) and more warps
+  for t in "" "--block-h 32 --bwd-block-h 32" "--num-warps 8 --bwd-num-warps 8" "--block-h 32 --bwd-block-h 32 --num-warps 8"; do
+    echo "== tiles: ${t:-default}"; timeout 80 python3 -m bench.triton_cms --no-graph $t 2>&1 | grep -E "^\|" | tail -4
+  done
   ;;
 kernels)
   # most decisive first: the CMS kernels' training step (opt-in until timed), the DGD backward's
