@@ -85,7 +85,7 @@ tiles)
   # the CMS kernels' tilings at c1's shape, forward + backward, eager (--no-graph: the tile's own
   # cost); the default first, then more programs (hidden tile 32) and more warps
   for t in "" "--block-h 32 --bwd-block-h 32" "--num-warps 8 --bwd-num-warps 8" "--block-h 32 --bwd-block-h 32 --num-warps 8"; do
-    echo "== tiles: ${t:-default}"; timeout 80 python3 -m bench.triton_cms --no-graph $t 2>&1 | grep -E "^\|" | tail -4
+    echo "== tiles: ${t:-default}"; timeout 80 python3 -m bench.triton_cms --no-graph $t 2>&1 | grep -v "^$" | tail -9
   done
   ;;
 kernels)
