@@ -75,3 +75,16 @@ def test_only_takes_name_impl_pairs() -> None:
 
     picked = cases(torch.device("cpu"), True, {"hope:nestlearn-compiled-step", "sdpa"})
     assert {(c.name, c.impl) for c in picked} == {("hope", "nestlearn-compiled-step"), ("sdpa", "torch")}
+
+
+def test_full_size_rows_cover_the_issue_sizes() -> None:
+    """HOPE (shipped periods) and the GPT at 8 and 32 x 2,048 and at batch 1 over the lengths
+    asked for: the rows `device_batch.sh speed` compares (nothing is built here)."""
+    import torch
+
+    from bench.run import cases
+
+    picked = cases(torch.device("cpu"), False, {"hope:nestlearn", "gpt:nestlearn"}, lengths=(2048, 16384, 65536))
+    want = {(8, 2048), (32, 2048), (1, 2048), (1, 16384), (1, 65536)}
+    for name in ("hope", "gpt"):
+        assert {(c.batch, c.seq) for c in picked if c.name == name} == want, name
