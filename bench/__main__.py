@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --resume: cannot read the rows of {a.out} ({type(e).__name__}: {e})", file=sys.stderr)
             return 2
     done = {_key(r) for r in rows}
-    slow: dict[tuple[str, str], float] = {}
+    slow: dict[tuple[str, str], tuple[int, str]] = {}
     for r in rows:
         _note_slow(r, slow, a.skip_after)
     t_all = time.time()
@@ -78,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resuming: {len(rows)} rows kept from {a.out}, {len(todo)} to time", flush=True)
     try:
         for i, c in enumerate(todo, 1):
-            key = (c.name, c.impl)
-            if key in slow:
+            reason = _skip_reason(c, slow)
+            if reason is not None:
                 rows.append({"name": c.name, "impl": c.impl, "batch": c.batch, "seq": c.seq, "dtype": c.dtype,
-                             "status": "skipped", "note": f"{slow[key]:.1f} s/iter at a shorter length"})
+                             "status": "skipped", "note": f"{reason}; this row has as many tokens or more"})
             else:
                 rows.append(time_case(c, dev, a.warmup, a.reps, a.budget))
                 _note_slow(rows[-1], slow, a.skip_after)
@@ -120,10 +121,21 @@ def _key(r: dict) -> tuple[str, str, int, int]:
     return (r["name"], r["impl"], r["batch"], r["seq"])
 
 
-def _note_slow(r: dict, slow: dict[tuple[str, str], float], limit: float) -> None:
-    """A family's longer sequences are skipped once one of its rows is this slow (or OOM)."""
+def _note_slow(r: dict, slow: dict[tuple[str, str], tuple[int, str]], limit: float) -> None:
+    """Once a row of a family is this slow (or OOM), its rows of at least as many tokens are
+    skipped (``_skip_reason``); smaller ones (batch 1 after a batched OOM) still run."""
     if r.get("status") == "ok" and r["s_per_iter"] > limit or r.get("status") == "OOM":
-        slow[(r["name"], r["impl"])] = r.get("s_per_iter", float("nan"))
+        tokens = r["batch"] * r["seq"]
+        key = (r["name"], r["impl"])
+        if key not in slow or tokens < slow[key][0]:
+            what = "OOM" if r.get("status") == "OOM" else f"{r['s_per_iter']:.1f} s/iter"
+            slow[key] = (tokens, f"{what} at {r['batch']} x {r['seq']}")
+
+
+def _skip_reason(c: Any, slow: dict[tuple[str, str], tuple[int, str]]) -> str | None:
+    """Why ``c`` is skipped, or None where it runs."""
+    hit = slow.get((c.name, c.impl))
+    return hit[1] if hit is not None and c.batch * c.seq >= hit[0] else None
 
 
 def _write(path: str, doc: dict) -> None:

@@ -88,3 +88,23 @@ def test_full_size_rows_cover_the_issue_sizes() -> None:
     want = {(8, 2048), (32, 2048), (1, 2048), (1, 16384), (1, 65536)}
     for name in ("hope", "gpt"):
         assert {(c.batch, c.seq) for c in picked if c.name == name} == want, name
+
+
+def test_an_oom_skips_only_rows_at_least_as_large() -> None:
+    """A batched row's OOM (HOPE at 32 x 2,048) must not skip the family's smaller batch-1 rows,
+    only those with as many tokens or more (it skipped every later row once)."""
+    from types import SimpleNamespace
+
+    from bench.__main__ import _note_slow, _skip_reason
+
+    slow: dict = {}
+    _note_slow({"name": "hope", "impl": "x", "batch": 32, "seq": 2048, "status": "OOM"}, slow, 60.0)
+
+    def case(b: int, t: int, impl: str = "x") -> SimpleNamespace:
+        return SimpleNamespace(name="hope", impl=impl, batch=b, seq=t)
+
+    assert _skip_reason(case(1, 2048), slow) is None and _skip_reason(case(1, 16384), slow) is None
+    assert _skip_reason(case(1, 65536), slow) == "OOM at 32 x 2048"
+    assert _skip_reason(case(1, 65536, "y"), slow) is None  # another impl is its own family
+    _note_slow({"name": "hope", "impl": "x", "batch": 1, "seq": 16384, "status": "ok", "s_per_iter": 90.0}, slow, 60.0)
+    assert _skip_reason(case(1, 16384), slow) == "90.0 s/iter at 1 x 16384"  # the smaller threshold wins
