@@ -32,7 +32,7 @@ from nestlearn.compile.model import CompiledModel
 from nestlearn.compile.wavefront import streams_enabled
 from nestlearn.tasks import ContinualTask, TaskError, domain_perf
 from nestlearn.train import distributed as D
-from nestlearn.train import loggers
+from nestlearn.train import loggers, oom
 from nestlearn.train.batches import Batches
 from nestlearn.train.build import (
     build_model,
@@ -394,10 +394,8 @@ class Trainer(Steps):
                     status, error = "diverged", e
                     break
                 except torch.OutOfMemoryError:
-                    raise TrainError(
-                        f"out of {self.device.type} memory at step {step + 1} (batch {cfg.batch} x {cfg.seq_len} "
-                        f"bytes in {cfg.accum} micro-batch(es)); lower --batch or --seq-len, or raise --accum"
-                    ) from None
+                    raise TrainError(oom.message(self.device.type, step + 1, cfg.batch, cfg.seq_len, cfg.accum,
+                                                 getattr(self.model, "levels", {}))) from None
             if status == "interrupted" and self.last_ckpt_step != self.step and self.dist.is_main:
                 self.save(self.step, self._tokens)
             self.writer.wait()
