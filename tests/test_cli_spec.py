@@ -34,7 +34,7 @@ def test_compile_text() -> None:
     assert result.exit_code == 0, result.output
     out = result.stdout
     for needle in ("tiny", "levels (fast to slow)", "momentum", "adamw", "block", "attention", "window=16",
-                   "memory=mlp×2", "schedule over 16 tokens", "0–15 (2 × 8)", "level edges", "init"):
+                   "memory=mlp×2", "schedule over 16 tokens", "0–15 (2 × 8)", "level edges", "init", "kept/token"):
         assert needle in out, needle
     assert result.stderr == ""
 
@@ -60,6 +60,8 @@ def test_compile_json() -> None:
         assert isinstance(doc["parameters"], int) and doc["parameters"] > 0
         assert all(isinstance(lv["params"], int) and isinstance(lv["state"], int) for lv in doc["levels"])
         assert memory["state"] > 0
+        # the fast state its backward keeps per token: weights with momentum, every 8 tokens
+        assert memory["kept_per_token"] == memory["state"] * 2 * 4 / 8
     else:
         assert doc["note"]
 

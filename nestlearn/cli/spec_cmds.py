@@ -153,6 +153,7 @@ def _report(spec: Spec, graph: LevelGraph, model: Any, note: str | None, tokens:
             "grad": None if lv.is_outer else lv.grad,
             "params": s.get("params"),
             "state": s.get("state"),
+            "kept_per_token": s.get("kept_per_token"),
             "nodes": row["nodes"],
         })
     by_id = {n.id: n for n in spec.block}
@@ -204,6 +205,15 @@ def _count(n: Any) -> str:
     return str(n)
 
 
+def _bytes(n: Any) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 def _print_text(report: dict[str, Any], console: Console) -> None:
     m = report["model"]
     title = Text(report["name"], style="bold")
@@ -217,12 +227,17 @@ def _print_text(report: dict[str, Any], console: Console) -> None:
         console.print(Text(report["note"], style="yellow"))
 
     t = Table(title="levels (fast to slow)", title_justify="left", show_lines=False)
-    for col in ("level", "period", "rule", "objective", "grad", "params", "state"):
-        t.add_column(col, justify="right" if col in ("period", "params", "state") else "left")
+    for col in ("level", "period", "rule", "objective", "grad", "params", "state", "kept/token"):
+        t.add_column(col, justify="right" if col in ("period", "params", "state", "kept/token") else "left")
     for lv in report["levels"]:
         t.add_row(lv["name"], str(lv["period"]), lv["rule"], lv["objective"] or "-", lv["grad"] or "-",
-                  _count(lv["params"]), _count(lv["state"]))
+                  _count(lv["params"]), _count(lv["state"]), _bytes(lv.get("kept_per_token")))
     console.print(t)
+    if any(lv.get("kept_per_token") for lv in report["levels"]):
+        console.print(Text("kept/token: the fast state alone that the backward keeps per token of each sequence "
+                           "(fp32 weights and rule state at every chunk start; `remat: N` divides it by N), a lower "
+                           "bound on the level's memory per token: its activations come on top; none for period 1, "
+                           "where it depends on the executor", style="dim"))
     _print_no_outer_grad(report.get("no_outer_grad"), console)
 
     b = Table(title=f"block (a DAG, stacked {m['depth']}×; output {report['output']})", title_justify="left")

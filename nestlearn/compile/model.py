@@ -149,13 +149,18 @@ class CompiledModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def level_summary(self) -> list[dict[str, Any]]:
+        """Per level: its period, rule, objective, gradient mode, outer parameters, in-context
+        state (numbers per sequence, all blocks) and ``kept_per_token``: the bytes of fast state
+        its backward keeps per token of each sequence (``_kept_per_token``)."""
         owned: dict[str, int] = {n: 0 for n in self.levels}
         state: dict[str, int] = {n: 0 for n in self.levels}
+        kept: dict[str, float] = {n: 0.0 for n in self.levels}
         outer = self.spec.outer_level
         for mod in self.modules():
             if isinstance(mod, (MemoryOp, SelfModOp)):
                 level: Level = mod.level  # type: ignore[assignment]
                 state[level.name] += sum(p.numel() for p in mod.init.values())  # type: ignore[union-attr,operator]
+                kept[level.name] += _kept_per_token(mod)
             if isinstance(mod, MemoryOp) and mod.nest is not None:  # Φ: the slow level's state (Eq. 72)
                 state[mod.nest.level.name] += sum(p.numel() for p in mod.init.values())
         owned[outer] = self.num_parameters()
@@ -166,8 +171,48 @@ class CompiledModel(nn.Module):
                 "objective": "-" if lv.is_outer else lv.objective_name,
                 "grad": "-" if lv.is_outer else lv.spec.grad,
                 "params": owned[n], "state": state[n],
+                # period 1: what is kept depends on the executor (the delta rule keeps one state
+                # per compute chunk, the sequential loop one per token), so no figure is given
+                "kept_per_token": None if lv.is_outer or int(lv.period) == 1 else kept[n],
             })
         return rows
+
+
+def _kept_per_token(op: MemoryOp | SelfModOp) -> float:
+    """Bytes of fast state that the backward of ``op``'s inner loop keeps per token of each
+    sequence: the memory's weights and the rule's state per weight (momentum: one more copy) in
+    fp32 (inner loops run in fp32), once per chunk of its period, once per ``remat`` group of
+    chunks. The closed forms and the kernels keep each chunk's start state for the backward
+    (docs/execution.md); activations come on top. HOPE's generators count at their own period."""
+    level: Level = op.level  # type: ignore[assignment]
+    rule_copies = 1 + _rule_state_per_weight(level)
+    group = int(level.spec.remat or 1)
+
+    def per_token(numel: int, period: int) -> float:
+        return 4.0 * numel * rule_copies / (period * group)
+
+    if isinstance(op, SelfModOp):
+        main = sum(p.numel() for k, p in op.init.items() if k.startswith("main__"))
+        gen = sum(p.numel() for k, p in op.init.items() if not k.startswith("main__"))
+        return per_token(main, int(level.period)) + per_token(gen, int(op.gen_period or level.period))
+    return per_token(sum(p.numel() for p in op.init.values()), int(level.period))
+
+
+def _rule_state_per_weight(level: Level) -> int:
+    """How many tensors of a weight's size the level's rule carries (momentum 1, Adam 2)."""
+    try:
+        state = level.rule.init({"w": torch.zeros(2)})
+    except Exception:  # noqa: BLE001 - a rule that cannot init on a stand-in counts none
+        return 0
+    return sum(1 for leaf in _leaves(state) if isinstance(leaf, Tensor) and leaf.numel() == 2)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in _leaves(v)]
+    return [tree]
 
 
 def _any_block(name: str) -> str:
