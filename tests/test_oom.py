@@ -28,6 +28,10 @@ def test_hope_is_told_which_levels_to_recompute() -> None:
     text = oom.message("cuda", 3, 1, 65536, 1, levels)
     assert text.startswith("out of cuda memory at step 3 (batch 1 x 65536 bytes in 1 micro-batch(es))")
     assert "levels.cms_fast.remat=8 levels.selfmod.remat=8" in text and "docs/execution.md" in text
+    kept = {"cms_fast": 2.0**20}  # HOPE's shipped cms_fast: 1 MB a token (test_kept_per_token.py)
+    assert oom.message("cuda", 3, 1, 65536, 1, levels, kept).endswith(
+        "cms_fast alone keeps at least 64.0 GB of fast state per micro-batch of 65536 tokens")
+    assert "16.0 GB" in oom.message("cuda", 3, 16, 2048, 2, levels, kept)  # 8 rows per micro-batch
     # a level that recomputes already is not suggested again
     assert "cms_fast" not in oom.remat_candidates(_levels(ROOT / "models" / "hope.yaml", "levels.cms_fast.remat=8"))
 
@@ -60,4 +64,5 @@ def test_a_training_run_out_of_memory_ends_with_the_message(monkeypatch: pytest.
         Trainer(nestlearn.load_spec(TINY), TrainConfig(steps=6, batch=2, seq_len=16, threads=1), tmp_path / "r").fit()
     msg = str(e.value)
     assert msg.startswith("out of cpu memory at step ") and "(batch 2 x 16 bytes" in msg, msg
-    assert msg.endswith("add levels.memory.remat=8 (docs/execution.md, Recomputation)"), msg
+    assert "add levels.memory.remat=8 (docs/execution.md, Recomputation); memory alone keeps at least " in msg, msg
+    assert msg.endswith("MB of fast state per micro-batch of 32 tokens"), msg

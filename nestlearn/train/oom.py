@@ -27,8 +27,11 @@ def remat_candidates(levels: dict[str, Any]) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def message(device: str, step: int, batch: int, seq_len: int, accum: int, levels: dict[str, Any]) -> str:
-    """The one-line message of a run that ran out of memory at ``step``."""
+def message(device: str, step: int, batch: int, seq_len: int, accum: int, levels: dict[str, Any],
+            kept: dict[str, float | None] | None = None) -> str:
+    """The one-line message of a run that ran out of memory at ``step``; ``kept``: the bytes of
+    fast state each level keeps per token (``CompiledModel.level_summary``'s ``kept_per_token``),
+    said for the first level named at this micro-batch's size."""
     text = (f"out of {device} memory at step {step} (batch {batch} x {seq_len} bytes in {accum} micro-batch(es)); "
             "lower --batch or --seq-len, or raise --accum")
     names = remat_candidates(levels)
@@ -37,4 +40,10 @@ def message(device: str, step: int, batch: int, seq_len: int, accum: int, levels
         text += (f"; or let in-context levels recompute their chunks in the backward instead of keeping every "
                  f"chunk's fast weights (what a long sequence fills memory with): add {sets} "
                  "(docs/execution.md, Recomputation)")
+        per_token = (kept or {}).get(names[0])
+        if per_token:
+            tokens = -(-batch // max(accum, 1)) * seq_len
+            size = per_token * tokens
+            said = f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
+            text += f"; {names[0]} alone keeps at least {said} of fast state per micro-batch of {tokens} tokens"
     return text
