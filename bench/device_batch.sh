@@ -10,6 +10,7 @@
 #   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200)
 #   speed   HOPE against the same-size GPT at 8 / 32 x 2,048 and 1 x 2K / 16K / 64K (issue 12's rows)
 #   mixed   speed's graphed rows, the peer HOPE and a fast spec's 1,000-step health run (FAST)
+#   long    HOPE with remat at 32 x 2,048 and 1 x 65,536 (graphed and eager)
 #   tiles   the CMS kernels' tilings at c1's shape (more programs, more warps), eagerly
 #   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
 #           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
@@ -80,6 +81,14 @@ mixed)
   (cd runs && find fast -name "*.jsonl" | tar cf "$OUT/fast_runs.tar" -T -) 2>/dev/null
   for f in bench_hope_speed bench_hope_peer; do echo "== $f"; grep "^| " "$OUT/$f.txt" | tail -14; done
   tail -8 "$OUT/health_fast.log"
+  ;;
+long)
+  # HOPE where its saved chunk states pass 80 GB without remat: the remat variant (cms_fast /
+  # selfmod every 8 chunks, cms_mid every 2) at 32 x 2,048 and 1 x 65,536 from a CUDA graph,
+  # and eagerly; one row can take minutes (eager warm-up, then the capture of ~10^5 launches)
+  timeout $((limit - 20)) python3 -m bench --device cuda --only hope-remat:nestlearn+graph,hope-remat:nestlearn \
+    --seqs 65536 --budget 3 --skip-after 400 --graph-warmup 1 --out "$OUT/bench_hope_long.json" \
+    > "$OUT/bench_hope_long.txt" 2>&1; echo "long rc=$?"; grep "^| \|^ *\[" "$OUT/bench_hope_long.txt" | tail -8
   ;;
 tiles)
   # the CMS kernels' tilings at c1's shape, forward + backward, eager (--no-graph: the tile's own

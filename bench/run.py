@@ -464,7 +464,7 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
             continue
         # the shipped periods also at the GPT's batched sizes (the 8 x 2,048 and 32 x 2,048 rows)
         sizes = [(1, t) for t in (seqs[:1] if small else seqs)]
-        if name == "hope" and not small:
+        if name in ("hope", "hope-remat") and not small:
             sizes = [(8, 2048), (32, 2048), *sizes]
         for b, t in sizes:
             note = ", ".join(f"{k}={v}" for k, v in periods.items())
