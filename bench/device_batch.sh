@@ -20,6 +20,17 @@ mode=${1:?mode: health or kernels}
 limit=${2:-540}
 mkdir -p runs "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+# HOPE (shipped periods, the kernels as they default) and the same-size GPT from CUDA graphs at
+# 8 and 32 x 2,048 and 1 x 2K / 16K / 64K; then the peer HOPE (nested-learning's HOPEModel, no
+# online updates). usage: hope_rows SECONDS
+hope_rows() {
+  timeout "$1" python3 -m bench --device cuda --only hope:nestlearn+graph,gpt:nestlearn+graph \
+    --seqs 2048,16384,65536 --budget 4 --skip-after 60 --graph-warmup 1 --out "$OUT/bench_hope_speed.json" \
+    > "$OUT/bench_hope_speed.txt" 2>&1; echo "speed (graphs) rc=$?"
+  timeout 40 python3 -m bench --device cuda --only hope:kmccleary-hope --budget 3 \
+    --out "$OUT/bench_hope_peer.json" > "$OUT/bench_hope_peer.txt" 2>&1; echo "speed (peer) rc=$?"
+}
 case "$mode" in
 health)
   out=${OUTDIR:-runs/tm}
@@ -54,26 +65,16 @@ peer)
   tail -30 "$OUT/bench_titans_peer.txt"
   ;;
 speed)
-  # HOPE (shipped periods, DGD / CMS kernels as they default) against the same-size GPT at
-  # 8 and 32 x 2,048 and 1 x 2K / 16K / 64K from CUDA graphs (the decisive rows) first; then
-  # the peer HOPE (nested-learning's HOPEModel, no online updates) and eager HOPE
-  timeout $((limit - 170)) python3 -m bench --device cuda --only hope:nestlearn+graph,gpt:nestlearn+graph \
-    --seqs 2048,16384,65536 --budget 5 --skip-after 60 --graph-warmup 1 --out "$OUT/bench_hope_speed.json" \
-    > "$OUT/bench_hope_speed.txt" 2>&1; echo "speed (graphs) rc=$?"
-  timeout 40 python3 -m bench --device cuda --only hope:kmccleary-hope --budget 3 \
-    --out "$OUT/bench_hope_peer.json" > "$OUT/bench_hope_peer.txt" 2>&1; echo "speed (peer) rc=$?"
+  # hope_rows, then eager HOPE
+  hope_rows $((limit - 170))
   timeout 110 python3 -m bench --device cuda --only hope:nestlearn --seqs 2048,65536 --budget 5 --skip-after 60 \
     --out "$OUT/bench_hope_eager.json" > "$OUT/bench_hope_eager.txt" 2>&1; echo "speed (eager) rc=$?"
   for f in bench_hope_speed bench_hope_peer bench_hope_eager; do echo "== $f"; grep "^| " "$OUT/$f.txt" | tail -14; done
   ;;
 mixed)
-  # one lease's worth when machines are scarce: speed's graphed rows, the peer HOPE, then the
-  # 1,000-step health run of a fast spec (FAST, default Gated DeltaNet) in what is left
-  timeout 290 python3 -m bench --device cuda --only hope:nestlearn+graph,gpt:nestlearn+graph \
-    --seqs 2048,16384,65536 --budget 4 --skip-after 60 --graph-warmup 1 --out "$OUT/bench_hope_speed.json" \
-    > "$OUT/bench_hope_speed.txt" 2>&1; echo "speed (graphs) rc=$?"
-  timeout 40 python3 -m bench --device cuda --only hope:kmccleary-hope --budget 3 \
-    --out "$OUT/bench_hope_peer.json" > "$OUT/bench_hope_peer.txt" 2>&1; echo "speed (peer) rc=$?"
+  # one lease's worth when machines are scarce: hope_rows, then the 1,000-step health run of a
+  # fast spec (FAST, default Gated DeltaNet) in what is left
+  hope_rows 290
   rest=$((limit - SECONDS - 15))
   timeout "$rest" python3 -m bench.health ${FAST:-specs/gated-deltanet.yaml} --device cuda --cuda-graph --steps 1000 \
     --eval-every 250 --seconds $((rest - 30)) --seed "${SEED:-0}" --out runs/fast > "$OUT/health_fast.log" 2>&1
