@@ -204,15 +204,8 @@ def _rule_state_per_weight(level: Level) -> int:
         state = level.rule.init({"w": torch.zeros(2)})
     except Exception:  # noqa: BLE001 - a rule that cannot init on a stand-in counts none
         return 0
-    return sum(1 for leaf in _leaves(state) if isinstance(leaf, Tensor) and leaf.numel() == 2)
-
-
-def _leaves(tree: Any) -> list[Any]:
-    if isinstance(tree, dict):
-        return [x for v in tree.values() for x in _leaves(v)]
-    if isinstance(tree, (list, tuple)):
-        return [x for v in tree for x in _leaves(v)]
-    return [tree]
+    leaves = torch.utils._pytree.tree_leaves(state)
+    return sum(1 for leaf in leaves if isinstance(leaf, Tensor) and leaf.numel() == 2)
 
 
 def _any_block(name: str) -> str:
