@@ -65,3 +65,11 @@ def test_a_lower_bound_on_what_autograd_saves() -> None:
         assert grown[extra] >= kept[extra], (extra, grown[extra], kept[extra])
     remat = ("levels.cms_fast.remat=4",)
     assert grown[()] - grown[remat] >= kept[()] - kept[remat] > 0
+
+
+def test_a_nested_init_counts_for_the_slow_level_that_learns_it() -> None:
+    """hope-cms-nested: each slow CMS level also learns the faster one's initial state (Φ,
+    Eq. 72), kept once per slow chunk: cms_mid keeps its own weights and cms_fast's Φ every 256."""
+    kept = _kept(path=HOPE.parent.parent / "specs" / "hope-cms-nested.yaml")
+    own = 4 * 2 * 512 * 1024 * 4 / 256  # cms_mid's weights, 4 blocks
+    assert kept["cms_fast"] == 2**20 and kept["cms_mid"] == own + own  # Φ has cms_fast's size

@@ -162,7 +162,10 @@ class CompiledModel(nn.Module):
                 state[level.name] += sum(p.numel() for p in mod.init.values())  # type: ignore[union-attr,operator]
                 kept[level.name] += _kept_per_token(mod)
             if isinstance(mod, MemoryOp) and mod.nest is not None:  # Φ: the slow level's state (Eq. 72)
-                state[mod.nest.level.name] += sum(p.numel() for p in mod.init.values())
+                slow: Level = mod.nest.level  # type: ignore[assignment]
+                numel = sum(p.numel() for p in mod.init.values())
+                state[slow.name] += numel
+                kept[slow.name] += _state_bytes_per_token(numel, slow, int(slow.period))
         owned[outer] = self.num_parameters()
         rows = []
         for n, lv in self.levels.items():
@@ -180,22 +183,23 @@ class CompiledModel(nn.Module):
 
 def _kept_per_token(op: MemoryOp | SelfModOp) -> float:
     """Bytes of fast state that the backward of ``op``'s inner loop keeps per token of each
-    sequence: the memory's weights and the rule's state per weight (momentum: one more copy) in
-    fp32 (inner loops run in fp32), once per chunk of its period, once per ``remat`` group of
-    chunks. The closed forms and the kernels keep each chunk's start state for the backward
-    (docs/execution.md); activations come on top. HOPE's generators count at their own period."""
+    sequence (``_state_bytes_per_token``); HOPE's generators count at their own period."""
     level: Level = op.level  # type: ignore[assignment]
-    rule_copies = 1 + _rule_state_per_weight(level)
-    group = int(level.spec.remat or 1)
-
-    def per_token(numel: int, period: int) -> float:
-        return 4.0 * numel * rule_copies / (period * group)
-
     if isinstance(op, SelfModOp):
         main = sum(p.numel() for k, p in op.init.items() if k.startswith("main__"))
         gen = sum(p.numel() for k, p in op.init.items() if not k.startswith("main__"))
-        return per_token(main, int(level.period)) + per_token(gen, int(op.gen_period or level.period))
-    return per_token(sum(p.numel() for p in op.init.values()), int(level.period))
+        return (_state_bytes_per_token(main, level, int(level.period))
+                + _state_bytes_per_token(gen, level, int(op.gen_period or level.period)))
+    return _state_bytes_per_token(sum(p.numel() for p in op.init.values()), level, int(level.period))
+
+
+def _state_bytes_per_token(numel: int, level: Level, period: int) -> float:
+    """A memory of ``numel`` weights learning at ``level`` every ``period`` tokens: its weights
+    and the rule's state per weight (momentum: one more copy) in fp32 (inner loops run in fp32),
+    kept once per chunk, or once per ``remat`` group of chunks. The closed forms and the kernels
+    keep each chunk's start state for the backward (docs/execution.md); activations come on top."""
+    copies = 1 + _rule_state_per_weight(level)
+    return 4.0 * numel * copies / (period * int(level.spec.remat or 1))
 
 
 def _rule_state_per_weight(level: Level) -> int:
