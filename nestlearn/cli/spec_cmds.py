@@ -18,6 +18,7 @@ from nestlearn.graph import LevelGraph, build_graph
 from nestlearn.spec import load_spec, spec_json_schema
 from nestlearn.spec.errors import SpecError
 from nestlearn.spec.schema import Spec, hyper_text
+from nestlearn.units import bytes_text
 
 __all__ = ["register", "compile_cmd", "validate_cmd", "schema_cmd"]
 
@@ -205,13 +206,8 @@ def _count(n: Any) -> str:
     return str(n)
 
 
-def _bytes(n: Any) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
+def _bytes(n: float | None) -> str:
+    return "-" if n is None else bytes_text(n)
 
 
 def _print_text(report: dict[str, Any], console: Console) -> None:

@@ -275,11 +275,6 @@ class Trainer(Steps):
             self.fwd = self.compiled.fwd
             return run()
 
-    def _kept_per_token(self) -> dict[str, float | None]:
-        """Each level's fast state kept per token for the backward (for the out-of-memory message)."""
-        summary = getattr(self.model, "level_summary", None)
-        return {r["name"]: r["kept_per_token"] for r in summary()} if callable(summary) else {}
-
     def evaluate(self, step: int) -> dict[str, Any]:
         metrics = self._eval_or_fall_back(lambda: self.task.evaluate(self.model_fn(), self.eval_set, self.device))
         rec = {"step": step, "split": "val", **metrics, "eval_state": self.eval_state}
@@ -400,7 +395,7 @@ class Trainer(Steps):
                     break
                 except torch.OutOfMemoryError:
                     raise TrainError(oom.message(self.device.type, step + 1, cfg.batch, cfg.seq_len, cfg.accum,
-                                                 getattr(self.model, "levels", {}), self._kept_per_token())) from None
+                                                 self.model)) from None
             if status == "interrupted" and self.last_ckpt_step != self.step and self.dist.is_main:
                 self.save(self.step, self._tokens)
             self.writer.wait()

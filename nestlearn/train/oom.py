@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from nestlearn.units import bytes_text
+
 REMAT = 8
 """The group size suggested (HOPE's `remat` example: an eighth of the saved weights)."""
 
@@ -27,23 +29,21 @@ def remat_candidates(levels: dict[str, Any]) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def message(device: str, step: int, batch: int, seq_len: int, accum: int, levels: dict[str, Any],
-            kept: dict[str, float | None] | None = None) -> str:
-    """The one-line message of a run that ran out of memory at ``step``; ``kept``: the bytes of
-    fast state each level keeps per token (``CompiledModel.level_summary``'s ``kept_per_token``),
-    said for the first level named at this micro-batch's size."""
+def message(device: str, step: int, batch: int, seq_len: int, accum: int, model: Any) -> str:
+    """The one-line message of a run of ``model`` (a ``CompiledModel``) that ran out of memory at
+    ``step``: the batch flags, then the levels to recompute and how much fast state the first of
+    them keeps at this micro-batch's size (``level_summary``'s ``kept_per_token``)."""
     text = (f"out of {device} memory at step {step} (batch {batch} x {seq_len} bytes in {accum} micro-batch(es)); "
             "lower --batch or --seq-len, or raise --accum")
-    names = remat_candidates(levels)
+    names = remat_candidates(model.levels)
     if names:
         sets = " ".join(f"levels.{n}.remat={REMAT}" for n in names[:3])
         text += (f"; or let in-context levels recompute their chunks in the backward instead of keeping every "
                  f"chunk's fast weights (what a long sequence fills memory with): add {sets} "
                  "(docs/execution.md, Recomputation)")
-        per_token = (kept or {}).get(names[0])
+        per_token = next(r["kept_per_token"] for r in model.level_summary() if r["name"] == names[0])
         if per_token:
             tokens = -(-batch // max(accum, 1)) * seq_len
-            size = per_token * tokens
-            said = f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
-            text += f"; {names[0]} alone keeps at least {said} of fast state per micro-batch of {tokens} tokens"
+            text += (f"; {names[0]} alone keeps at least {bytes_text(per_token * tokens)} of fast state "
+                     f"per micro-batch of {tokens} tokens")
     return text
