@@ -40,15 +40,18 @@ health)
     --out "$out" $resume \
     >> "$OUT/health_tm.log" 2>&1 &
   h=$!
-  [ -n "${NIAH:-}" ] && timeout $((limit - 20)) python3 -m nestlearn suite experiments/niah.yaml --device cuda --format md \
-    >> "$OUT/niah.log" 2>&1 &
-  s=$!
+  s=""
+  if [ -n "${NIAH:-}" ]; then
+    timeout $((limit - 20)) python3 -m nestlearn suite experiments/niah.yaml --device cuda --format md \
+      >> "$OUT/niah.log" 2>&1 &
+    s=$!
+  fi
   wait $h; echo "health rc=$?"
-  wait $s; echo "suite rc=$?"
+  if [ -n "$s" ]; then wait "$s"; echo "suite rc=$?"; fi
   cp "$out/health.json" "$OUT/" 2>/dev/null
   (cd runs && find "${out#runs/}" suite/niah \( -name "*.json" -o -name "*.jsonl" -o -name "*.md" -o -name "*.log" \) \
     | grep -v checkpoint | tar cf "$OUT/runs.tar" -T -) 2>/dev/null
-  tail -25 "$OUT/health_tm.log"; tail -25 "$OUT/niah.log"
+  tail -25 "$OUT/health_tm.log"; if [ -n "$s" ]; then tail -25 "$OUT/niah.log"; fi
   ;;
 newspec)
   timeout "$limit" python3 -m bench.health specs/transformer.yaml ${SPECS:?SPECS} --device cuda --cuda-graph \

@@ -227,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     # a row stopped by --seconds is not finished: --resume continues it from its checkpoint
     todo = [(i, p) for i, p in enumerate(specs, 1) if Path(p).stem not in done or done[Path(p).stem].get("stopped_early")]
     running: list[tuple[int, str, subprocess.Popen[bytes]]] = []
+    # the most runs that shared the device during each run's life (its tokens/s depends on it)
+    sharing: dict[str, int] = {}
     while todo or running:
         while todo and len(running) < args.jobs:
             i, path = todo.pop(0)
             print(f"[{i}/{len(specs)}] {Path(path).stem} ...", file=sys.stderr, flush=True)
             running.append((i, path, start_isolated(path, args, out)))
+        for _, path, _ in running:
+            sharing[path] = max(sharing.get(path, 1), len(running))
         finished = [r for r in running if r[2].poll() is not None]
         if not finished:
             time.sleep(0.5)
@@ -240,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             running.remove((i, path, proc))
             name = Path(path).stem
             done[name] = collect(path, proc, out)
-            if args.jobs > 1:
-                done[name]["shared_device"] = args.jobs
+            if sharing.get(path, 1) > 1:
+                done[name]["shared_device"] = sharing[path]
             print(f"[{i}/{len(specs)}] {name}: {json.dumps(done[name])}", file=sys.stderr, flush=True)
             tmp = store.with_suffix(".tmp")
             tmp.write_text(json.dumps({"args": vars(args), "rows": list(done.values())}, indent=1))

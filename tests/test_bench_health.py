@@ -29,6 +29,19 @@ def test_two_specs_at_once_give_both_rows(tmp_path: Path) -> None:
     assert "2 runs sharing the device" in table[2]
 
 
+def test_one_spec_with_jobs_is_not_said_to_share_the_device(tmp_path: Path) -> None:
+    """``--jobs 2`` with one spec runs it alone: its tokens/s is not marked as shared."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.health", "specs/transformer.yaml", "--device", "cpu", "--threads", "1",
+         "--steps", "1", "--batch", "2", "--seq-len", "32", "--set", "model.dim=16", "--set", "model.depth=1",
+         "--set", "model.heads=2", "--eval-batches", "1", "--jobs", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "health.json").read_text())["rows"]
+    assert row["error"] is None and "shared_device" not in row
+    assert "sharing the device" not in proc.stdout
+
+
 def test_seconds_stops_a_run_with_its_evaluation(tmp_path: Path) -> None:
     from bench import health
 
