@@ -34,10 +34,11 @@ hope_rows() {
 case "$mode" in
 health)
   out=${OUTDIR:-runs/tm}
-  resume=""; [ -f "$out/health.json" ] && resume="--resume"
+  # always --resume: a run whose outer timeout fired in its final evaluation has a checkpoint
+  # but no row in health.json yet, and continues from it (a fresh OUTDIR starts fresh)
   timeout "$limit" python3 -m bench.health ${SPECS:-specs/titans-mag.yaml specs/titans-mac.yaml} --device cuda \
     --cuda-graph --steps 1000 --eval-every 250 --jobs 2 --seconds $((limit - 100)) --seed "${SEED:-0}" \
-    --out "$out" $resume \
+    --out "$out" --resume \
     >> "$OUT/health_tm.log" 2>&1 &
   h=$!
   s=""

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_two_specs_at_once_give_both_rows(tmp_path: Path) -> None:
     out = tmp_path / "health"
@@ -55,9 +57,12 @@ def test_seconds_stops_a_run_with_its_evaluation(tmp_path: Path) -> None:
     assert "dead (zero gradient) from step 21" in health.table([{**row, "dead_since": 21}])
 
 
-def test_resume_continues_a_row_stopped_by_seconds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lost_row", [False, True])
+def test_resume_continues_a_row_stopped_by_seconds(tmp_path: Path, lost_row: bool) -> None:
     """A run cut by ``--seconds`` is continued from its checkpoint by ``--resume`` (the next device
-    lease): the same run directory, every step once, the row complete afterwards."""
+    lease): the same run directory, every step once, the row complete afterwards. ``lost_row``:
+    the process was killed after the checkpoint, before its row reached ``health.json`` (an outer
+    timeout in the final evaluation); the checkpoint alone is enough."""
     from bench import health
 
     common = ["--device", "cpu", "--threads", "1", "--steps", "4", "--batch", "2", "--seq-len", "32",
@@ -66,7 +71,8 @@ def test_resume_continues_a_row_stopped_by_seconds(tmp_path: Path) -> None:
     first = health.run_one("specs/transformer.yaml", health.parse(["specs/transformer.yaml", *common, "--seconds", "1e-9"]),
                            tmp_path)
     assert first["steps"] == 1 and first["stopped_early"]
-    (tmp_path / "health.json").write_text(json.dumps({"rows": [first]}))
+    if not lost_row:
+        (tmp_path / "health.json").write_text(json.dumps({"rows": [first]}))
     proc = subprocess.run([sys.executable, "-m", "bench.health", "specs/transformer.yaml", *common, "--resume"],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
