@@ -40,10 +40,11 @@ def eval_cmd(
              "its checkpoint carried (the default, as in training)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Validation loss, bits per byte and perplexity (accuracy for synthetic tasks; NIAH accuracy
-    by length; every domain of a continual run). Also written to RUN_DIR/eval.json. A run trained
-    with --carry-state is evaluated from the state its checkpoint carried: held-out row i from
-    carried row i mod B."""
+    """Validation loss, bits per byte and perplexity of a trained run (written to RUN_DIR/eval.json).
+
+    Synthetic tasks add accuracy, NIAH its accuracy by length, a continual run every domain. A run
+    trained with --carry-state is evaluated from the state its checkpoint carried: held-out row i
+    from carried row i mod B."""
     console = Console()
     with errors():
         from nestlearn.train.config import Count, TrainConfig, check_flag
