@@ -42,9 +42,9 @@ def eval_cmd(
 ) -> None:
     """Validation loss, bits per byte and perplexity of a trained run (written to RUN_DIR/eval.json).
 
-    Synthetic tasks add accuracy, NIAH its accuracy by length, a continual run every domain. A run
-    trained with --carry-state is evaluated from the state its checkpoint carried: held-out row i
-    from carried row i mod B."""
+    Synthetic tasks add accuracy, NIAH its accuracy by length, a continual run every domain.
+
+    A --carry-state run is evaluated from the state its checkpoint carried (row i from row i mod B)."""
     console = Console()
     with errors():
         from nestlearn.train.config import Count, TrainConfig, check_flag
