@@ -21,7 +21,9 @@ DT = torch.float64
 def make_rule(name: str) -> rules.Rule:
     return {
         "sgd": lambda: rules.sgd(0.0, 0.0),
+        "sgd-nodecay": lambda: rules.sgd(0.0, 0.0),
         "momentum": lambda: rules.momentum(0.0, 0.0, 0.0),
+        "momentum-nodecay": lambda: rules.momentum(0.0, 0.0, 0.0),
         "adam": lambda: rules.adam(0.05),
         "dgd": lambda: rules.dgd(0.0, 0.0, 0.0),
         "dgd-proj": lambda: rules.dgd(0.0, 0.0, 0.0, proj=0.0),
@@ -32,6 +34,10 @@ def hypers(name: str, g: torch.Generator) -> dict[str, torch.Tensor | float]:
     r = lambda s: torch.rand(B, H, T, generator=g, dtype=DT) * s  # noqa: E731
     if name == "sgd":
         return {"lr": r(0.2), "decay": r(0.1)}
+    if name == "sgd-nodecay":  # HOPE's CMS levels: no forgetting (the closed form skips its coefficients)
+        return {"lr": r(0.2)}
+    if name == "momentum-nodecay":
+        return {"lr": r(0.2), "beta": r(0.9), "decay": 0.0}
     if name == "momentum":
         return {"lr": r(0.2), "beta": r(0.9), "decay": r(0.1)}
     if name == "adam":
@@ -56,7 +62,7 @@ def reference(mem, rule, obj, init, q, k, v, hp, period, clip=None):
 
 
 @pytest.mark.parametrize("mem", ["linear", "mlp"])
-@pytest.mark.parametrize("rule", ["sgd", "momentum", "adam", "dgd", "dgd-proj"])
+@pytest.mark.parametrize("rule", ["sgd", "sgd-nodecay", "momentum", "momentum-nodecay", "adam", "dgd", "dgd-proj"])
 @pytest.mark.parametrize("obj", ["l2", "dot"])
 @pytest.mark.parametrize("period", [1, 4])
 def test_executors_match_reference(mem: str, rule: str, obj: str, period: int) -> None:
@@ -131,3 +137,19 @@ def test_torchopt_rule_matches_torchopt_directly(period: int) -> None:
             ys.append(torch.einsum("bhoi,bhi->bho", W, q[:, :, t]))
         torch.testing.assert_close(y, torch.stack(ys, 2), rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(st["params"]["W"], W, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_no_forgetting_coefficients_equal_a_zero_decay_to_the_bit(momentum: bool) -> None:
+    """``dual.coefficients`` without a decay (the rule forgets nothing) skips the ``n x n``
+    forgetting products; what it returns must be what a decay of exactly 0 gives."""
+    from nestlearn.loops.dual import coefficients
+
+    g = torch.Generator().manual_seed(3)
+    lr = torch.rand(2, 3, 5, 16, generator=g, dtype=DT)
+    beta = torch.rand(2, 3, 5, 16, generator=g, dtype=DT) if momentum else None
+    general = coefficients(lr, beta, torch.zeros_like(lr))
+    skipped = coefficients(lr, beta, None)
+    assert general.keys() == skipped.keys()
+    for name in general:
+        assert torch.equal(general[name], skipped[name]), name

@@ -47,7 +47,7 @@ from nestlearn.loops import triton as kernels
 from nestlearn.loops.chunks import hp_tokens, on_whole_chunks
 from nestlearn.loops.common import MemoryProblem, MemoryState, detach_tree
 from nestlearn.loops.dgd_triton import precision
-from nestlearn.loops.dual import run_dual
+from nestlearn.loops.dual import forgets_nothing, run_dual
 
 MAX_CHUNK = 64
 """``sgd_mlp.MAX_CHUNK``, repeated here: importing the kernel module imports triton."""
@@ -89,14 +89,9 @@ def shape_ok(pb: MemoryProblem) -> bool:
     return (type(arch) is MLPMemory and arch.depth == 2 and arch.act == "gelu" and not arch.residual
             and not arch.bias and all(w % 16 == 0 for w in arch.widths)
             and type(rule) is Momentum and not rule.has_momentum and rule.decay_to == "zero"
-            and set(pb.hp) <= {"lr", "decay"} and "lr" in pb.hp and _no_decay(pb.hp.get("decay", 0.0))
+            and set(pb.hp) <= {"lr", "decay"} and "lr" in pb.hp and forgets_nothing(pb)
             and pb.objective is objectives.l2 and pb.clip is None
             and pb.period % 16 == 0 and 16 <= pb.period <= MAX_CHUNK)
-
-
-def _no_decay(decay: Tensor | float) -> bool:
-    # a decay tensor (a gate) is not checked for zeros: that would sync the host
-    return not isinstance(decay, Tensor) and float(decay) == 0.0
 
 
 def _tensors(pb: MemoryProblem) -> list[Tensor]:

@@ -45,11 +45,18 @@ from nestlearn.loops.chunks import (
 from nestlearn.loops.common import MemoryProblem, MemoryState, Params, detach_tree
 
 
-def coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor) -> dict[str, Tensor]:
-    """The chunk's scalar coefficients, each over ``[B, H, n(, n)]``."""
-    logf = safe_log(1 - decay)
-    keep = torch.exp(segsum(logf))  # prod_{r=j+1..t} (1 - decay_r)
-    a = torch.exp(torch.cumsum(logf, -1))  # prod_{r<=t} (1 - decay_r)
+def coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor | None) -> dict[str, Tensor]:
+    """The chunk's scalar coefficients, each over ``[B, H, n(, n)]``. ``decay`` None: the rule
+    forgets nothing (HOPE's CMS levels), where ``keep`` is the causal mask and ``a`` is 1 -- the
+    values the general path gives for a decay of 0, to the bit, without its ``n x n`` cumulative
+    sum and exponential (at a period of 2,048 the largest tensors of the step)."""
+    if decay is None:
+        keep = torch.ones_like(lr).unsqueeze(-1).expand(*lr.shape, lr.shape[-1]).tril()
+        a = torch.ones_like(lr)
+    else:
+        logf = safe_log(1 - decay)
+        keep = torch.exp(segsum(logf))  # prod_{r=j+1..t} (1 - decay_r)
+        a = torch.exp(torch.cumsum(logf, -1))  # prod_{r<=t} (1 - decay_r)
     if beta is None:
         return {"a": a, "c": -keep * lr.unsqueeze(-2)}
     logb = safe_log(beta)
@@ -64,17 +71,18 @@ def coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor) -> dict[str, Te
     }
 
 
-def chunk_coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor, sizes: list[int]) -> list[dict[str, Tensor]]:
+def chunk_coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor | None,
+                       sizes: list[int]) -> list[dict[str, Tensor]]:
     """``coefficients`` of consecutive spans of ``sizes`` tokens of the ``[B, H, T]`` gates, in
     the shapes ``_segment`` uses them: computed once per run of equal-length spans (every full
     chunk at once), not once per chunk, then unbound into one dict per span."""
     runs = [(n, len(list(g))) for n, g in itertools.groupby(sizes)]
-    gates = [g for g in (lr, beta, decay) if g is not None]
-    pieces = zip(*(split(g, [n * m for n, m in runs], -1) for g in gates))
+    gates = {k: g for k, g in (("lr", lr), ("beta", beta), ("decay", decay)) if g is not None}
+    pieces = zip(*(split(g, [n * m for n, m in runs], -1) for g in gates.values()))
     out: list[dict[str, Tensor]] = []
     for (n, m), piece in zip(runs, pieces):
-        lr_r, *beta_r, decay_r = (g.unflatten(-1, (m, n)) for g in piece)  # [B, H, m, n]
-        co = coefficients(lr_r, beta_r[0] if beta_r else None, decay_r)
+        g_r = {k: g.unflatten(-1, (m, n)) for k, g in zip(gates, piece)}  # [B, H, m, n]
+        co = coefficients(g_r["lr"], g_r.get("beta"), g_r.get("decay"))
         shaped = {"a": co["a"].unsqueeze(-1), "c": co["c"], "c_end": co["c"][..., -1, :].unsqueeze(-1),
                   "a_end": co["a"][..., -1, None, None]}
         if "s" in co:
@@ -95,16 +103,26 @@ def run_dual(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState
 ChunkInputs = tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]
 
 
+def forgets_nothing(pb: MemoryProblem) -> bool:
+    """The level's decay is absent or the constant 0 (a gate is a tensor: never taken as zero,
+    which would need a host sync to check)."""
+    decay = pb.hp.get("decay", 0.0)
+    return not isinstance(decay, Tensor) and float(decay) == 0.0
+
+
 def _chunk_inputs(pb: MemoryProblem, sizes: list[int], has_m: bool) -> Iterator[ChunkInputs]:
     """Every span's ``(q, k, v, coefficients)``, prepared for the whole call at once: one split
     per tensor (whose backward is one ``cat``, where a slice per chunk would cost a full-size
     zero gradient per chunk), q/k/v made contiguous once (so no matmul of a chunk copies them)."""
     stop = pb.grad.kind == "stop"
     q, k, v = pb.q, pb.k, pb.v
-    lr, decay = hp_tokens(pb, "lr"), hp_tokens(pb, "decay")
+    lr = hp_tokens(pb, "lr")
+    # no decay (absent or the constant 0): no forgetting coefficients to compute
+    decay = None if forgets_nothing(pb) else hp_tokens(pb, "decay")
     beta = hp_tokens(pb, "beta") if has_m else None
     if stop:
-        k, v, lr, decay = k.detach(), v.detach(), lr.detach(), decay.detach()
+        k, v, lr = k.detach(), v.detach(), lr.detach()
+        decay = decay.detach() if decay is not None else None
         beta = beta.detach() if beta is not None else None
     cos = chunk_coefficients(lr, beta, decay, sizes)
     qs, ks, vs = (split(x.contiguous(), sizes, 2) for x in (q, k, v))
