@@ -24,6 +24,9 @@ from torch import Tensor
 
 import nestlearn
 from bench.run import graphed, positive_int, seconds_of
+from nestlearn.compile.basic import Op
+from nestlearn.compile.model import Block
+from nestlearn.compile.selfmod import SelfModOp
 
 SPEC = Path(__file__).resolve().parent.parent / "models" / "hope.yaml"
 
@@ -44,7 +47,7 @@ def sequential_steps(op: torch.nn.Module, seq: int) -> str:
     if not isinstance(period, int):
         return "-"
     steps = f"{-(-seq // period)}"
-    if hasattr(op, "gen_period"):  # the self-modifying op's generators (their period defaults to the level's)
+    if isinstance(op, SelfModOp):  # the self-modifying op's generators (their period defaults to the level's)
         steps += f"+{-(-seq // (op.gen_period or period))}"
     return steps
 
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{a.spec}: {err.strerror or err}")
     if model.embed is None:
         return _fail(f"{a.spec}: bench.breakdown needs a token model (model.input: tokens)")
-    model = model.to(dev, dtype)
+    model.to(dev, dtype)  # in place (no rebinding: model.embed stays known not to be None)
     spec = model.spec
     x = torch.randint(0, spec.model.vocab, (a.batch, a.seq + 1), device=dev)
     inp, tgt = x[:, :-1], x[:, 1:]
@@ -117,11 +120,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # the first block's inputs, op by op
     block = model.blocks[0]
+    assert isinstance(block, Block)
     with torch.no_grad():
         values: dict[str, Tensor] = {"x": model.embed(inp)}
         rows: list[tuple[str, str, str, Callable[[], None]]] = []
         for i in block.order:
             op = block.ops[i]
+            assert isinstance(op, Op)
             xs = [values[j] for j in block.inputs[i]]
             src = {s: values[s] for s in op.sources}
             rows.append((i, type(op).__name__, sequential_steps(op, a.seq), op_step(op, xs, src)))

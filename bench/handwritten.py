@@ -10,10 +10,18 @@ model's parameters, so its outputs must match.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vjp
+
+from nestlearn.compile.basic import RMSNorm
+from nestlearn.compile.memory_op import MemoryOp
+from nestlearn.compile.model import Block, CompiledModel
+from nestlearn.spec.schema import Gate
 
 
 def _ratios(logx: Tensor) -> tuple[Tensor, Tensor]:
@@ -26,15 +34,23 @@ def _ratios(logx: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class HandTitans(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: CompiledModel):
         super().__init__()
-        self.model = model  # the compiled CompiledModel (input: embeddings, one memory op)
-        op = model.blocks[0].ops["mem"]
+        self.model = model  # the compiled model (input: embeddings, one memory op, an RMS norm)
+        block = model.blocks[0]
+        assert isinstance(block, Block)
+        op = block.ops["mem"]
+        assert isinstance(op, MemoryOp), f"expected the Titans memory op, got {type(op).__name__}"
+        assert isinstance(model.norm, RMSNorm), "the hand-written loop ends in an RMS norm"
         self.op = op
         self.H, self.dh, self.C = op.heads, op.dh, int(op.level.period)
-        hyp = op.level.rule.hypers
-        self.max = {n: float(hyp[n].max) for n in ("lr", "beta", "decay")}
-        self.per_chunk = {n: hyp[n].gate == "chunk" for n in self.max}
+        gates: dict[str, Gate] = {}
+        for n in ("lr", "beta", "decay"):
+            h = op.level.rule.hypers[n]
+            assert isinstance(h, Gate), f"the hand-written loop gates {n} (got {h!r})"
+            gates[n] = h
+        self.max = {n: float(g.max) for n, g in gates.items()}
+        self.per_chunk = {n: g.gate == "chunk" for n, g in gates.items()}
 
     def _gates(self, x: Tensor, n: str) -> list[Tensor]:
         """Gate ``n`` per chunk, ``[B, H, len]``: per token, or (``gate: chunk``) the chunk's
@@ -61,7 +77,8 @@ class HandTitans(nn.Module):
         for qc, kc, vc, lr, beta, decay in zip(qs, ks, vs, lrs, betas, decays):
             # error signals at the chunk-start weights
             h = kc @ w1.transpose(-1, -2)
-            a, gelu_vjp = vjp(F.gelu, h)
+            # vjp's return type is a union over has_aux; without it, (output, vjp_fn)
+            a, gelu_vjp = cast(tuple[Tensor, Callable[[Tensor], tuple[Tensor]]], vjp(F.gelu, h))
             d2 = 2.0 * (kc + a @ w2.transpose(-1, -2) - vc)
             (d1,) = gelu_vjp(d2 @ w2)
             # closed-form coefficients: W_t = A_t W + s_t S + sum_s c_ts g_s
@@ -88,4 +105,5 @@ class HandTitans(nn.Module):
         y = torch.cat(ys, 2).transpose(1, 2).reshape(b, t, d)
         out = op.out(y)
         norm = self.model.norm
+        assert isinstance(norm, RMSNorm)
         return out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight

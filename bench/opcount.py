@@ -13,7 +13,7 @@ import argparse
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ class Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> tuple[Counter[str], Counter[str]]:
+def count(forward: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]) -> tuple[Counter[str], Counter[str]]:
     """Ops of ``forward()`` and of its loss's backward (into fresh ``.grad``s, as a training step)."""
     for p in params:
         p.grad = None
@@ -45,7 +45,7 @@ def count(forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> tu
     return f.ops, b.ops
 
 
-def timed(forward: Callable[[], torch.Tensor], params: list[torch.Tensor], reps: int) -> list[float]:
+def timed(forward: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], reps: int) -> list[float]:
     """Seconds of each of ``reps`` forward+backwards (after one warm-up)."""
     times = []
     for _ in range(reps + 1):

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
                     picked[label][r["seq"]] = (r["batch"], r["tokens_per_s"])
     points = {label: {t: v for t, (_, v) in by_len.items()} for label, by_len in picked.items()}
     fig, ax = plt.subplots(figsize=(11, 5))
-    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors[: len(SERIES)])
+    ax.set_prop_cycle(color=plt.get_cmap("tab20")(range(len(SERIES))))  # tab20's first colours, in order
     for label in SERIES.values():
         if label in points:
             xs = sorted(points[label])

@@ -239,10 +239,9 @@ def delta_kernel_step(b: int, t: int, h: int, d: int, dev: torch.device, backend
             from nestlearn.loops.delta import delta_rule
 
             w0 = torch.zeros(b, h, d, d, device=dev)
-            kw = {} if chunk is None else {"chunk": chunk}
 
-            def step() -> None:
-                y, _ = delta_rule(q.float(), k.float(), v.float(), beta.float(), None, w0, **kw)
+            def step() -> None:  # chunk=None: delta_rule's own auto_chunk
+                y, _ = delta_rule(q.float(), k.float(), v.float(), beta.float(), None, w0, chunk=chunk)
                 y.bfloat16().float().square().mean().backward()
 
         return step

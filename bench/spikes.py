@@ -18,6 +18,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -63,11 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     plain_clip = torch.nn.utils.clip_grad_norm_
     trainer: Any = None
 
-    def watching_clip(params: Any, max_norm: float, *a: Any, **k: Any) -> torch.Tensor:
-        started or started.append(time.time())
-        params = [p for p in params if p.grad is not None]
-        norms = torch.stack([p.grad.detach().float().norm() for p in params])
-        total = plain_clip(params, max_norm, *a, **k)
+    def watching_clip(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+                      error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+        """``clip_grad_norm_`` (same signature), printing the step's line."""
+        if not started:
+            started.append(time.time())
+        given = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        with_grad = [(p, g) for p in given if (g := p.grad) is not None]
+        params = [p for p, _ in with_grad]
+        norms = torch.stack([g.detach().float().norm() for _, g in with_grad])
+        total = plain_clip(params, max_norm, norm_type, error_if_nonfinite, foreach)
         g = float(total)
         smallest = float(torch.stack(spreads).min()) if spreads else float("nan")
         spreads.clear()

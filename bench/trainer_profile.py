@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
@@ -45,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     from nestlearn import load_spec
     from nestlearn.train import TrainConfig, Trainer
+    from nestlearn.train.step import Queued
 
     total = args.skip + args.steps
     spec = load_spec(args.spec, args.overrides, profile=None)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                    record_shapes=False)
     plain_step = trainer.train_step
 
-    def stepping(step: int) -> dict[str, Any]:
+    def stepping(step: int) -> Queued:
         out = plain_step(step)
         if cuda:
             torch.cuda.synchronize()

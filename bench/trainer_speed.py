@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         spec = load_spec(path, args.overrides, profile=None)
         in_context = next(inner_loop_ops(build_model(spec)), None) is not None
         compile_ = args.compile == "on" or (args.compile == "auto" and cuda and in_context)
-        cfg = TrainConfig(steps=total, batch=args.batch, seq_len=args.seq_len, device=device.type, cuda_graph=cuda,
+        cfg = TrainConfig(steps=total, batch=args.batch, seq_len=args.seq_len, device="cuda" if cuda else "cpu", cuda_graph=cuda,
                           compile=compile_, eval_every=total, eval_batches=1, ckpt_every=args.ckpt_every or total,
                           log_every=args.log_every, threads=1 if not cuda else None)
         flags = " ".join(f for f, on in (("--cuda-graph", cuda), ("--compile", compile_)) if on)

@@ -37,8 +37,11 @@ def main() -> None:
     op = next(m for m in model.modules() if isinstance(m, SelfModOp))
     xh = torch.randn(a.batch, op.heads, a.seq, op.dh, device="cuda")
     st = op._initial(a.batch, torch.float32)["gen"]
-    beta = {"beta": float(op.level.rule.hypers["beta"])}
-    beta_t = torch.full((a.batch, op.heads, a.seq), beta["beta"], device="cuda")
+    beta_h = op.level.rule.hypers["beta"]
+    if not isinstance(beta_h, (int, float)):  # the op's learned beta would be a parameter, not this constant
+        raise SystemExit(f"bench.triton_gen times a constant beta; models/hope.yaml has {beta_h!r}")
+    beta: dict[str, torch.Tensor | float] = {"beta": float(beta_h)}
+    beta_t = torch.full((a.batch, op.heads, a.seq), float(beta_h), device="cuda")
     bias = torch.stack([op.gen_bias["lr"], op.gen_bias["decay"]], -1).detach()
     gen_lr = op.gen_lr_max if op.gen_lr_max is not None else op.max_lr
     period = int(op.gen_period or op.level.period)
