@@ -12,6 +12,7 @@
 #   mixed   speed's graphed rows, the peer HOPE and a fast spec's 1,000-step health run (FAST)
 #   long    HOPE with remat at 32 x 2,048 and 1 x 65,536 (graphed and eager)
 #   tiles   the CMS kernels' tilings at c1's shape (more programs, more warps), eagerly
+#   wave    the wavefront's streams: graphed against eager (fault or numerics?), then HOPE's speed
 #   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
 #           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
 # usage: bash bench/device_batch.sh MODE [SECONDS]
@@ -94,6 +95,15 @@ long)
   timeout $((limit - 20)) python3 -m bench --device cuda --only hope-remat:nestlearn+graph,hope-remat:nestlearn \
     --seqs 65536 --budget 3 --skip-after 400 --graph-warmup 1 --out "$OUT/bench_hope_long.json" \
     > "$OUT/bench_hope_long.txt" 2>&1; echo "long rc=$?"; grep "^| \|^ *\[" "$OUT/bench_hope_long.txt" | tail -8
+  ;;
+wave)
+  # is the graphed stream path's gradient difference a fault or the kernels' numerics under
+  # capture? (the graphed block loop against the eager one, beside the graphed streams); then the
+  # wavefront's speed and gradient difference for HOPE at 8 x 2,048 with the streams on
+  timeout 150 python3 -m bench.wavefront_check > "$OUT/wavefront_check.txt" 2>&1; echo "wavefront_check rc=$?"
+  NESTLEARN_WAVEFRONT_STREAMS=1 timeout $((limit - 180)) python3 -m bench.wavefront models/hope.yaml --shapes 8x2048 \
+    --segments 512 > "$OUT/wavefront_hope.txt" 2>&1; echo "wavefront rc=$?"
+  tail -14 "$OUT/wavefront_check.txt"; tail -8 "$OUT/wavefront_hope.txt"
   ;;
 tiles)
   # the CMS kernels' tilings at c1's shape, forward + backward, eager (--no-graph: the tile's own
