@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import nestlearn
-from bench.run import environ
+from bench.run import environ, graphed
 
 SPECS = ("specs/titans-mal.yaml", "models/hope.yaml")
 VARIANTS = {
@@ -52,28 +52,20 @@ def forward_backward(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, li
 
 
 def graphed_forward_backward(model: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``forward_backward`` captured once in a CUDA graph (after two eager calls on a side stream,
-    as ``bench.run.graphed`` does) and replayed once."""
-    def step() -> torch.Tensor:
+    """``forward_backward`` captured once in a CUDA graph (``bench.run.graphed``, two eager calls
+    first) and replayed once."""
+    made: list[torch.Tensor] = []
+
+    def step() -> None:
         for q in model.parameters():
             q.grad = None
         logits, _ = model(tokens[:, :-1])
         F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        return logits
+        made.append(logits)  # the last one is the captured step's output
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    graphed(lambda: step, warmup=2)()()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    return logits.detach().clone(), [q.grad.clone() for q in model.parameters() if q.grad is not None]
+    return made[-1].detach().clone(), [q.grad.clone() for q in model.parameters() if q.grad is not None]
 
 
 GRAPHED = {"loop, graphed": None, "one stream, graphed": {"NESTLEARN_WAVEFRONT_STREAMS": "0"},
@@ -109,24 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         want_y, want_g = forward_backward(model, tokens)
         again_y, again_g = forward_backward(model, tokens)  # the loop against itself: the noise floor
         rows.append((spec.name, "loop again", rel(again_y, want_y), max(map(rel, again_g, want_g))))
-        model.set_wavefront(a.segment)
-        for name, env in VARIANTS.items():
+        runs = [(name, env, a.segment, forward_backward) for name, env in VARIANTS.items()]
+        if dev.type == "cuda":
+            runs += [(name, env or {}, None if env is None else a.segment, graphed_forward_backward)
+                     for name, env in GRAPHED.items()]
+        for name, env, segment, run in runs:
+            model.set_wavefront(segment)
             with environ(**env):
                 try:
-                    y, g = forward_backward(model, tokens)
+                    y, g = run(model, tokens)
                     rows.append((spec.name, name, rel(y, want_y), max(map(rel, g, want_g))))
                 except Exception as e:  # noqa: BLE001 - a variant that fails says how
                     rows.append((spec.name, f"{name}: {type(e).__name__}", float("nan"), float("nan")))
         model.set_wavefront(None)
-        for name, genv in GRAPHED.items() if dev.type == "cuda" else ():
-            model.set_wavefront(None if genv is None else a.segment)
-            with environ(**(genv or {})):
-                try:
-                    y, g = graphed_forward_backward(model, tokens)
-                    rows.append((spec.name, name, rel(y, want_y), max(map(rel, g, want_g))))
-                except Exception as e:  # noqa: BLE001 - a variant that fails says how
-                    rows.append((spec.name, f"{name}: {type(e).__name__}", float("nan"), float("nan")))
-            model.set_wavefront(None)
     where = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
     print(f"\n# wavefront against the block loop, fp32, {where}, torch {torch.__version__}, "
           f"segments of {a.segment} of {a.tokens} tokens, depth {a.depth}")
