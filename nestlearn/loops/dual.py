@@ -83,8 +83,9 @@ def chunk_coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor | None,
     for (n, m), piece in zip(runs, pieces):
         g_r = {k: g.unflatten(-1, (m, n)) for k, g in zip(gates, piece)}  # [B, H, m, n]
         co = coefficients(g_r["lr"], g_r.get("beta"), g_r.get("decay"))
-        shaped = {"a": co["a"].unsqueeze(-1), "c": co["c"], "c_end": co["c"][..., -1, :].unsqueeze(-1),
-                  "a_end": co["a"][..., -1, None, None]}
+        shaped = {"c": co["c"], "c_end": co["c"][..., -1, :].unsqueeze(-1)}
+        if "decay" in g_r:  # without forgetting, what is kept is all: no factor of 1 to multiply by
+            shaped.update(a=co["a"].unsqueeze(-1), a_end=co["a"][..., -1, None, None])
         if "s" in co:
             shaped.update(s=co["s"].unsqueeze(-1), s_end=co["s"][..., -1, None, None],
                           mc=co["mc"].unsqueeze(-1), mb=co["mb"][..., None, None])
@@ -141,22 +142,27 @@ def _segment(
     home: Params | None = opt.get("home")  # decay_to: init forgets toward it (W - home decays)
     bias_of = {layer.weight: layer.bias for layer in pb.arch.layers}
 
-    def kept(c: Tensor, w: Tensor, h: Tensor | None) -> Tensor:
+    forgets = "a" in co  # no decay: every ``kept`` is ``w`` itself (one full-size pass fewer per weight)
+
+    def kept(c: Tensor | None, w: Tensor, h: Tensor | None) -> Tensor:
         """What forgetting leaves of ``w`` (or of a product linear in it, ``h`` the same product
-        of home): ``c w``, or ``h + c (w - h)`` with ``decay_to: init``."""
+        of home): ``c w``, or ``h + c (w - h)`` with ``decay_to: init``; ``w`` where nothing is
+        forgotten (``c`` None)."""
+        if c is None:
+            return w
         return c * w if h is None else h + c * (w - h)
 
     # 2. the dual read: every token with its own in-chunk weights, via masked matmuls
     def read(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
         x, d = inputs[name], deltas[name]
         scores = (a @ x.transpose(-1, -2)) * co["c"]  # [B,H,n,n]
-        at_home = None if home is None else a @ home[name].transpose(-1, -2)
-        z = kept(co["a"], a @ w.transpose(-1, -2), at_home) + scores @ d
+        at_home = None if home is None or not forgets else a @ home[name].transpose(-1, -2)
+        z = kept(co.get("a"), a @ w.transpose(-1, -2), at_home) + scores @ d
         if has_m:
             z = z + co["s"] * (a @ S[name].transpose(-1, -2))
         bn = bias_of[name]
         if b is not None and bn is not None:
-            z = z + kept(co["a"], b.unsqueeze(-2), None if home is None else home[bn].unsqueeze(-2)) + co["c"] @ d
+            z = z + kept(co.get("a"), b.unsqueeze(-2), None if home is None else home[bn].unsqueeze(-2)) + co["c"] @ d
             if has_m:
                 z = z + co["s"] * S[bn].unsqueeze(-2)
         return z
@@ -172,13 +178,13 @@ def _segment(
     new_S: Params = {}
     for layer in pb.arch.layers:
         n, x, d = layer.weight, inputs[layer.weight], deltas[layer.weight]
-        new_p[n] = kept(co["a_end"], cur[n], None if home is None else home[n]) + (d * co["c_end"]).transpose(-1, -2) @ x
+        new_p[n] = kept(co.get("a_end"), cur[n], None if home is None else home[n]) + (d * co["c_end"]).transpose(-1, -2) @ x
         if has_m:
             new_p[n] = new_p[n] + co["s_end"] * S[n]
             new_S[n] = co["mb"] * S[n] + (d * co["mc"]).transpose(-1, -2) @ x
         if layer.bias is not None:  # the same over [B,H,o]
             bn = layer.bias
-            new_p[bn] = (kept(co["a_end"][..., 0], cur[bn], None if home is None else home[bn])
+            new_p[bn] = (kept(co["a_end"][..., 0] if forgets else None, cur[bn], None if home is None else home[bn])
                          + weighted_sum(co["c_end"][..., 0], d))
             if has_m:
                 new_p[bn] = new_p[bn] + co["s_end"][..., 0] * S[bn]
