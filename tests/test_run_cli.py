@@ -159,6 +159,8 @@ def test_compare_formats_for_pipes(tmp_path: Path) -> None:
     args = ["--steps", "1", "--batch", "2", "--seq-len", "16", "-q"]
     code, out = nl("compare", TINY, *args, "--out", tmp_path / "md")
     assert code == 0 and "| spec |" in out and "tiny-run" in out, out
+    md = [line for line in out.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in md}) == 1 and "| bits/byte |" in md[0], md  # heading and rows agree
     code, out = nl("compare", TINY, *args, "--format", "table", "--out", tmp_path / "plain")
     table = out[out.index("comparison"):out.index("runs in")]
     assert code == 0 and "tiny-run" in table and max(len(line) for line in table.splitlines()) <= 80, out

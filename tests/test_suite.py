@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -324,6 +325,18 @@ def test_table_fits_80_columns() -> None:
     buf = io.StringIO()
     render([t], None, file=buf)  # not a terminal: markdown by default
     assert buf.getvalue().startswith("### ")
+
+
+def test_markdown_table_escapes_pipes_in_headings_and_cells() -> None:
+    """A ``|`` in a heading or a cell stays inside its column: every line of the table has as
+    many column separators as the heading (``nestlearn compare`` once printed a 9-column heading
+    over 8-column rows)."""
+    t = Table("t", ["spec", "bits/byte | acc"], [["a|b", "1.0"], ["c", "2.0"]])
+    buf = io.StringIO()
+    render([t], "md", file=buf)
+    lines = [x for x in buf.getvalue().splitlines() if x.startswith("|")]
+    seps = [len(re.findall(r"(?<!\\)\|", x)) for x in lines]
+    assert len(lines) == 4 and set(seps) == {3}, lines
 
 
 @pytest.mark.parametrize("name", ["formal", "recall", "niah", "continual", "lm", "ablations"])

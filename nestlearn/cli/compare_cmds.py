@@ -216,7 +216,9 @@ def compare_cmd(
                 f"{val['loss']:.4f}" if val else "-", main, fmt_rate(s.get("tokens_per_s")),
                 fmt_time(s.get("time_s") or 0), s["status"],
             ])
-        columns = ["spec", "params", "train loss", "val loss", "bits/byte | acc", "tokens/s", "time", "status"]
+        kinds = {"bits/byte" if "bits_per_byte" in s.get("val", {}) else "acc" for _, s in rows if s.get("val")}
+        main_col = "bits/byte or acc" if len(kinds) > 1 else next(iter(kinds), "bits/byte")
+        columns = ["spec", "params", "train loss", "val loss", main_col, "tokens/s", "time", "status"]
         render([Table("comparison", columns, table_rows, list("lrrrrrrl"))], fmt,
                data=[s for _, s in rows] if fmt == "json" else None)
         from nestlearn.files import atomic_write

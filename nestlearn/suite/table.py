@@ -35,13 +35,18 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "~"
 
 
+def _md_cell(text: str) -> str:
+    """A cell (or heading) of a markdown table: a literal ``|`` would start another column."""
+    return text.replace("|", "\\|")
+
+
 def render_md(tables: Sequence[Table]) -> str:
     out = []
     for t in tables:
         out.append(f"### {t.title}\n")
-        out.append("| " + " | ".join(t.columns) + " |")
+        out.append("| " + " | ".join(_md_cell(c) for c in t.columns) + " |")
         out.append("|" + "|".join(":--" if a == "l" else "--:" for a in t.aligns()) + "|")
-        out.extend("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in t.rows)
+        out.extend("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows)
         out.extend(f"\n{n}" for n in t.notes)
         out.append("")
     return "\n".join(out)
