@@ -29,8 +29,8 @@ def test_hope_is_told_which_levels_to_recompute() -> None:
     assert text.startswith("out of cuda memory at step 3 (batch 1 x 65536 bytes in 1 micro-batch(es))")
     assert "levels.cms_fast.remat=8 levels.selfmod.remat=8" in text and "docs/execution.md" in text
     # the shipped cms_fast keeps 1 MB a token (test_kept_per_token.py): 64 GB at 65,536 tokens
-    assert text.endswith("cms_fast alone keeps at least 64.00 GB of fast state per micro-batch of 65536 tokens")
-    assert "16.00 GB" in oom.message("cuda", 3, 16, 2048, 2, hope)  # 8 rows per micro-batch
+    assert text.endswith("cms_fast alone keeps at least 64.0 GB of fast state per micro-batch of 65536 tokens")
+    assert "16.0 GB" in oom.message("cuda", 3, 16, 2048, 2, hope)  # 8 rows per micro-batch
     # a level that recomputes already is not suggested again
     assert "cms_fast" not in oom.remat_candidates(_model(ROOT / "models" / "hope.yaml", "levels.cms_fast.remat=8").levels)
 

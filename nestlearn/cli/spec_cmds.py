@@ -197,12 +197,14 @@ def _no_outer_grad(spec: Spec) -> dict[str, Any] | None:
 
 
 def _count(n: Any) -> str:
+    """A count to three significant digits: ``528K``, ``4.19M``, ``21.8M``."""
     if n is None:
         return "-"
     n = int(n)
     for unit, size in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
         if n >= size:
-            return f"{n / size:.2f}{unit}"
+            v = n / size
+            return f"{v:.0f}{unit}" if v >= 99.95 else f"{v:.1f}{unit}" if v >= 9.995 else f"{v:.2f}{unit}"
     return str(n)
 
 
@@ -223,12 +225,18 @@ def _print_text(report: dict[str, Any], console: Console) -> None:
         console.print(Text(report["note"], style="yellow"))
 
     t = Table(title="levels (fast to slow)", title_justify="left", show_lines=False)
-    for col in ("level", "period", "rule", "objective", "grad", "params", "state", "kept/token"):
+    # "obj": the objective (l2, dot or a function's name); short, so the row fits 80 columns
+    for col in ("level", "period", "rule", "obj", "grad", "params", "state", "kept/token"):
         t.add_column(col, justify="right" if col in ("period", "params", "state", "kept/token") else "left")
     for lv in report["levels"]:
-        t.add_row(lv["name"], str(lv["period"]), lv["rule"], lv["objective"] or "-", lv["grad"] or "-",
-                  _count(lv["params"]), _count(lv["state"]), _bytes(lv.get("kept_per_token")))
+        # the rule's name here, its hyper-parameters below the table: in one cell they wrap the
+        # table past reading at 80 columns
+        t.add_row(lv["name"], str(lv["period"]), lv["rule"].split("(", 1)[0], lv["objective"] or "-",
+                  lv["grad"] or "-", _count(lv["params"]), _count(lv["state"]), _bytes(lv.get("kept_per_token")))
     console.print(t)
+    for lv in report["levels"]:
+        if "(" in lv["rule"]:
+            console.print(Text.assemble((f"  {lv['name']}: ", "bold"), lv["rule"]), highlight=False)
     if any(lv.get("kept_per_token") for lv in report["levels"]):
         console.print(Text("kept/token: the fast state alone that the backward keeps per token of each sequence "
                            "(fp32 weights and rule state at every chunk start; `remat: N` divides it by N), a lower "
