@@ -195,6 +195,9 @@ CASES = [
          "the block's output 'down' is 8 wide, but must be model.dim = 32"),
     Case("attention-heads-not-dividing", tiny(("window: 16", "window: 16, heads: 5")), 9, 57, "block.1.heads",
          "heads 5 does not divide the width 32"),
+    # rope on an odd head width once passed validation and failed in the first forward
+    Case("rope-odd-head-width", tiny(("window: 16", "window: 16, heads: 32, rope: true")), 9, 67, "block.1.rope",
+         "the head width is odd (32 / 32 heads = 1)"),
     Case("objective-not-importable", tiny(("objective: l2", "objective: 'no_such_pkg.losses:mine'")), 6, 34,
          "levels.memory.objective", "cannot import module 'no_such_pkg.losses'"),
     Case("objective-no-function", tiny(("objective: l2", "objective: 'nestlearn.objectives:l3'")), 6, 34,
