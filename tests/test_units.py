@@ -1,10 +1,10 @@
-"""``nestlearn.units.bytes_text``: three significant digits in binary units, every boundary."""
+"""``nestlearn.units``: sizes and counts to three significant digits, every boundary."""
 
 from __future__ import annotations
 
 import pytest
 
-from nestlearn.units import bytes_text
+from nestlearn.units import bytes_text, count_text
 
 
 @pytest.mark.parametrize(("n", "text"), [
@@ -14,3 +14,9 @@ from nestlearn.units import bytes_text
 ])
 def test_bytes_text(n: float, text: str) -> None:
     assert bytes_text(n) == text
+
+
+@pytest.mark.parametrize(("n", "text"), [(999, "999"), (1000, "1.00K"), (528_384, "528K"), (4_194_304, "4.19M"),
+                                         (21_797_452, "21.8M"), (99_950_000, "100M"), (2 * 10**9, "2.00G")])
+def test_count_text(n: int, text: str) -> None:
+    assert count_text(n) == text

@@ -18,7 +18,7 @@ from nestlearn.graph import LevelGraph, build_graph
 from nestlearn.spec import load_spec, spec_json_schema
 from nestlearn.spec.errors import SpecError
 from nestlearn.spec.schema import Spec, hyper_text
-from nestlearn.units import bytes_text
+from nestlearn.units import bytes_text, count_text
 
 __all__ = ["register", "compile_cmd", "validate_cmd", "schema_cmd"]
 
@@ -197,15 +197,7 @@ def _no_outer_grad(spec: Spec) -> dict[str, Any] | None:
 
 
 def _count(n: Any) -> str:
-    """A count to three significant digits: ``528K``, ``4.19M``, ``21.8M``."""
-    if n is None:
-        return "-"
-    n = int(n)
-    for unit, size in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= size:
-            v = n / size
-            return f"{v:.0f}{unit}" if v >= 99.95 else f"{v:.1f}{unit}" if v >= 9.995 else f"{v:.2f}{unit}"
-    return str(n)
+    return "-" if n is None else count_text(int(n))
 
 
 def _bytes(n: float | None) -> str:
