@@ -34,8 +34,9 @@ def test_compile_text() -> None:
     assert result.exit_code == 0, result.output
     out = result.stdout
     for needle in ("tiny", "levels (fast to slow)", "momentum", "adamw", "block", "attention", "window=16",
-                   "memory=mlp×2", "schedule over 16 tokens", "0–15 (2 × 8)", "level edges", "init", "kept/token"):
-        assert needle in out, needle
+                   "memory=mlp×2", "schedule over 16 tokens", "0–15 (2 × 8)", "level edges", "init", "kept/token",
+                   "memory: momentum(lr=gate(token, max 0.1), beta=0.9)", "outer: adamw(lr=0.0003)"):
+        assert needle in out, needle  # the rule's name in the levels table, its hyper-parameters below it
     assert result.stderr == ""
 
 

@@ -206,17 +206,19 @@ def compare_cmd(
         from nestlearn.suite.table import Table, render
 
         table_rows = []
+        kinds = set()  # what the main column holds: bits/byte (lm), accuracy (synthetic tasks) or both
         for path, s in rows:
             val = s.get("val", {})
-            main = (f"{val['bits_per_byte']:.4f}" if "bits_per_byte" in val
-                    else f"{val['accuracy']:.4f}" if "accuracy" in val else "-")
+            metric = "bits_per_byte" if "bits_per_byte" in val else "accuracy" if "accuracy" in val else None
+            main = f"{val[metric]:.4f}" if metric else "-"
+            if metric:
+                kinds.add("bits/byte" if metric == "bits_per_byte" else "acc")
             table_rows.append([
                 f"{s['spec']} ({path})", f"{s['params']:,}",
                 f"{s['first_loss']:.3f} -> {s['train'].get('loss', float('nan')):.3f}" if s.get("first_loss") else "-",
                 f"{val['loss']:.4f}" if val else "-", main, fmt_rate(s.get("tokens_per_s")),
                 fmt_time(s.get("time_s") or 0), s["status"],
             ])
-        kinds = {"bits/byte" if "bits_per_byte" in s.get("val", {}) else "acc" for _, s in rows if s.get("val")}
         main_col = "bits/byte or acc" if len(kinds) > 1 else next(iter(kinds), "bits/byte")
         columns = ["spec", "params", "train loss", "val loss", main_col, "tokens/s", "time", "status"]
         render([Table("comparison", columns, table_rows, list("lrrrrrrl"))], fmt,

@@ -105,6 +105,10 @@ def _compile_model(spec: LevelGraph) -> tuple[Any, str | None]:
         raise Fail(f"the compiler failed on this spec: {type(exc).__name__}: {plain_message(str(exc))}") from None
 
 
+def _rule_name(rule: Any) -> str:
+    return f"torchopt.{rule.fn}" if rule.name == "torchopt" else str(rule.name)
+
+
 def _rule_text(rule: Any) -> str:
     if rule.name == "torchopt":
         args = ", ".join(f"{k}={v}" for k, v in rule.args.items())
@@ -150,6 +154,7 @@ def _report(spec: Spec, graph: LevelGraph, model: Any, note: str | None, tokens:
             "name": name,
             "period": lv.period,
             "rule": _rule_text(lv.rule),
+            "rule_name": _rule_name(lv.rule),
             "objective": None if lv.is_outer else lv.objective,
             "grad": None if lv.is_outer else lv.grad,
             "params": s.get("params"),
@@ -223,11 +228,11 @@ def _print_text(report: dict[str, Any], console: Console) -> None:
     for lv in report["levels"]:
         # the rule's name here, its hyper-parameters below the table: in one cell they wrap the
         # table past reading at 80 columns
-        t.add_row(lv["name"], str(lv["period"]), lv["rule"].split("(", 1)[0], lv["objective"] or "-",
+        t.add_row(lv["name"], str(lv["period"]), lv["rule_name"], lv["objective"] or "-",
                   lv["grad"] or "-", _count(lv["params"]), _count(lv["state"]), _bytes(lv.get("kept_per_token")))
     console.print(t)
     for lv in report["levels"]:
-        if "(" in lv["rule"]:
+        if lv["rule"] != f"{lv['rule_name']}()":  # the hyper-parameters the spec sets
             console.print(Text.assemble((f"  {lv['name']}: ", "bold"), lv["rule"]), highlight=False)
     if any(lv.get("kept_per_token") for lv in report["levels"]):
         console.print(Text("kept/token: the fast state alone that the backward keeps per token of each sequence "
