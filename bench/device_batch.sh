@@ -7,7 +7,8 @@
 #   kernels the CMS kernels' bench (forward and training step, both backward tilings), the DGD
 #           kernel's training step with both backward carries, the generators' kernel against
 #           their chunk loop, and the GPU kernel tests (the Titans rows against titans-pytorch: peer)
-#   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200)
+#   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200;
+#           JOBS=N trains N at once, SEED)
 #   speed   HOPE against the same-size GPT at 8 / 32 x 2,048 and 1 x 2K / 16K / 64K (issue 12's rows)
 #   mixed   speed's graphed rows, the peer HOPE and a fast spec's 1,000-step health run (FAST)
 #   long    HOPE with remat at 32 x 2,048 and 1 x 65,536 (graphed and eager)
@@ -57,7 +58,8 @@ health)
   ;;
 newspec)
   timeout "$limit" python3 -m bench.health specs/transformer.yaml ${SPECS:?SPECS} --device cuda --cuda-graph \
-    --steps "${STEPS:-200}" --eval-every 100 --seconds $((limit - 60)) --out runs/newspec > "$OUT/newspec.log" 2>&1
+    --steps "${STEPS:-200}" --eval-every 100 --seconds $((limit - 90)) --jobs "${JOBS:-1}" --seed "${SEED:-0}" \
+    --out runs/newspec --resume > "$OUT/newspec.log" 2>&1
   echo "newspec rc=$?"; cp runs/newspec/health.json "$OUT/newspec_health.json" 2>/dev/null
   (cd runs && find newspec -name "*.jsonl" | tar cf "$OUT/newspec_runs.tar" -T -) 2>/dev/null
   tail -12 "$OUT/newspec.log"
