@@ -26,7 +26,7 @@ The sequential reference is ``rules/momentum.py`` stepped by ``loops/sequential.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -72,16 +72,23 @@ def coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor | None) -> dict[
 
 
 def chunk_coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor | None,
-                       sizes: list[int]) -> list[dict[str, Tensor]]:
+                       sizes: list[int], dense: Callable[[int], bool] = lambda n: True) -> list[dict[str, Tensor]]:
     """``coefficients`` of consecutive spans of ``sizes`` tokens of the ``[B, H, T]`` gates, in
     the shapes ``_segment`` uses them: computed once per run of equal-length spans (every full
-    chunk at once), not once per chunk, then unbound into one dict per span."""
+    chunk at once), not once per chunk, then unbound into one dict per span.
+
+    A rule without forgetting or momentum has ``c_ts = -lr_s`` (``s <= t``): spans whose read
+    needs no ``n x n`` matrix (``dense(n)`` false: a blocked read, or a read at the chunk start)
+    get ``c_end = -lr`` alone, the values the matrix's last row holds, without building it."""
     runs = [(n, len(list(g))) for n, g in itertools.groupby(sizes)]
     gates = {k: g for k, g in (("lr", lr), ("beta", beta), ("decay", decay)) if g is not None}
     pieces = zip(*(split(g, [n * m for n, m in runs], -1) for g in gates.values()))
     out: list[dict[str, Tensor]] = []
     for (n, m), piece in zip(runs, pieces):
         g_r = {k: g.unflatten(-1, (m, n)) for k, g in zip(gates, piece)}  # [B, H, m, n]
+        if len(g_r) == 1 and not dense(n):
+            out.extend({"c_end": c} for c in (-g_r["lr"].unsqueeze(-1)).unbind(2))
+            continue
         co = coefficients(g_r["lr"], g_r.get("beta"), g_r.get("decay"))
         shaped = {"c": co["c"], "c_end": co["c"][..., -1, :].unsqueeze(-1)}
         if "decay" in g_r:  # without forgetting, what is kept is all: no factor of 1 to multiply by
@@ -93,10 +100,19 @@ def chunk_coefficients(lr: Tensor, beta: Tensor | None, decay: Tensor | None,
     return out
 
 
+BLOCK = 64
+"""Tokens per block of a long chunk's blocked read (``blocked_read``)."""
+
+
 def run_dual(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
     has_m = "S" in state["opt"]
     spans = chunk_spans(pb, state)
-    parts = dict(zip([t0 for t0, _ in spans], _chunk_inputs(pb, [t1 - t0 for t0, t1 in spans], has_m)))
+    weights = [state["params"][layer.weight] for layer in pb.arch.layers]
+
+    def dense(n: int) -> bool:  # whether a span of n tokens needs the n x n coefficients
+        return not pb.read_start and not blocks_pay(n, weights)
+
+    parts = dict(zip([t0 for t0, _ in spans], _chunk_inputs(pb, [t1 - t0 for t0, t1 in spans], has_m, dense)))
     step = chunk_step(pb, _segment)  # through torch.compile where pb.compiled (error signals, read, chunk end fused)
     return run_segments(pb, state, lambda p, o, a, t0, t1: step(pb, p, o, a, parts[t0], has_m))
 
@@ -111,7 +127,32 @@ def forgets_nothing(pb: MemoryProblem) -> bool:
     return not isinstance(decay, Tensor) and float(decay) == 0.0
 
 
-def _chunk_inputs(pb: MemoryProblem, sizes: list[int], has_m: bool) -> Iterator[ChunkInputs]:
+def blocks_pay(n: int, weights: list[Tensor]) -> bool:
+    """Whether a span of ``n`` tokens is read in blocks of ``BLOCK`` (``blocked_read``): at least
+    two whole blocks, and each layer's per-block weights (``o x i`` per block) no larger than the
+    ``n x n`` scores they replace. So long chunks of small memories (a slow CMS level on a CPU:
+    period 2,048, 64 -> 128) are read in ``O(n o i)``, and a wide memory, whose per-block
+    weights would outgrow the scores (HOPE's CMS at dim 512), keeps the dense read."""
+    return n > BLOCK and n % BLOCK == 0 and all(w.shape[-1] * w.shape[-2] <= n * BLOCK for w in weights)
+
+
+def blocked_read(a: Tensor, w: Tensor, x: Tensor, u: Tensor) -> Tensor:
+    """``sum_{s<=t} (a_t . x_s) u_s + W a_t`` for every token ``t`` of a span, block by block: the
+    dual read of a rule without forgetting or momentum (``u_s = -lr_s delta_s``), where token t
+    reads ``W_t = W + sum_{s<=t} u_s x_s^T``. Each block of ``BLOCK`` tokens reads the weights
+    updated by the blocks before it (one matmul per block) plus a masked ``BLOCK x BLOCK``
+    product within itself: ``O(n o i + n BLOCK (o + i))`` where the dense read is
+    ``O(n^2 (o + i))``. ``a``, ``x``: ``[B, H, n, i]``; ``u``: ``[B, H, n, o]``; ``w``: ``[B, H, o, i]``."""
+    m = a.shape[-2] // BLOCK
+    ab, xb, ub = (t.unflatten(-2, (m, BLOCK)) for t in (a, x, u))
+    dw = ub.transpose(-1, -2) @ xb  # [B, H, m, o, i]: each block's update
+    before = torch.cat([torch.zeros_like(dw[:, :, :1]), dw[:, :, :-1].cumsum(2)], 2)  # the blocks' before it
+    z = ab @ (w.unsqueeze(2) + before).transpose(-1, -2) + (ab @ xb.transpose(-1, -2)).tril() @ ub
+    return z.flatten(2, 3)
+
+
+def _chunk_inputs(pb: MemoryProblem, sizes: list[int], has_m: bool,
+                  dense: Callable[[int], bool]) -> Iterator[ChunkInputs]:
     """Every span's ``(q, k, v, coefficients)``, prepared for the whole call at once: one split
     per tensor (whose backward is one ``cat``, where a slice per chunk would cost a full-size
     zero gradient per chunk), q/k/v made contiguous once (so no matmul of a chunk copies them)."""
@@ -125,7 +166,7 @@ def _chunk_inputs(pb: MemoryProblem, sizes: list[int], has_m: bool) -> Iterator[
         k, v, lr = k.detach(), v.detach(), lr.detach()
         decay = decay.detach() if decay is not None else None
         beta = beta.detach() if beta is not None else None
-    cos = chunk_coefficients(lr, beta, decay, sizes)
+    cos = chunk_coefficients(lr, beta, decay, sizes, dense)
     qs, ks, vs = (split(x.contiguous(), sizes, 2) for x in (q, k, v))
     return zip(qs, ks, vs, cos)
 
@@ -155,6 +196,11 @@ def _segment(
     # 2. the dual read: every token with its own in-chunk weights, via masked matmuls
     def read(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
         x, d = inputs[name], deltas[name]
+        if "c" not in co:  # a long chunk, no forgetting or momentum: read block by block
+            u = d * co["c_end"]
+            z = blocked_read(a, w, x, u)
+            bn = bias_of[name]
+            return z if b is None or bn is None else z + b.unsqueeze(-2) + u.cumsum(-2)
         scores = (a @ x.transpose(-1, -2)) * co["c"]  # [B,H,n,n]
         at_home = None if home is None or not forgets else a @ home[name].transpose(-1, -2)
         z = kept(co.get("a"), a @ w.transpose(-1, -2), at_home) + scores @ d
