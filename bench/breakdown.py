@@ -1,4 +1,4 @@
-"""``python -m bench.breakdown [SPEC] [--seq T] [--batch B] [--device cuda|cpu] [--set k=v ...]``:
+"""``python -m bench.breakdown [SPEC] [--seq T] [--batch B] [--device cuda|cpu] [--compile] [--set k=v ...]``:
 where one block's forward+backward time goes, op by op.
 
 The first block's inputs are recorded from a real forward of the embedded tokens; then each op of
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--reps", type=positive_int, default=3)
     ap.add_argument("--no-graph", action="store_true", help="CUDA: eager rows only")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the levels' chunk steps (what nestlearn run --compile does to them)")
     ap.add_argument("--set", nargs="*", default=[], help="spec overrides (key=value), e.g. model.dim=128")
     ap.add_argument("--wavefront", type=positive_int, nargs="*", default=[], metavar="TOKENS",
                     help="also time the whole model as a wavefront over segments of TOKENS (one row each)")
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if model.embed is None:
         return _fail(f"{a.spec}: bench.breakdown needs a token model (model.input: tokens)")
     model.to(dev, dtype)  # in place (no rebinding: model.embed stays known not to be None)
+    model.compile_chunk_steps(a.compile)
     spec = model.spec
     x = torch.randint(0, spec.model.vocab, (a.batch, a.seq + 1), device=dev)
     inp, tgt = x[:, :-1], x[:, 1:]
