@@ -1,5 +1,6 @@
 """Training health: train every shipped language-model spec at its own size on the default
 corpus for the same steps and tokens, and print one row each: bits/byte on held-out text, the
+mean training bits/byte of the last 50 steps (the same batches for every spec of a seed), the
 largest outer gradient norm (before clipping), end-to-end tokens/s and peak GPU memory.
 
     python -m bench.health --device cuda --steps 300 --batch 8 --seq-len 2048 --cuda-graph
@@ -87,6 +88,22 @@ def trained_tokens(run_dir: Path) -> int:
     return int(train[-1].get("tokens") or 0) if train else 0
 
 
+TRAIN_WINDOW = 50
+"""Steps of the training-loss column: the last this many of a run."""
+
+
+def train_tail(train: list[dict[str, Any]]) -> tuple[float | None, list[int] | None]:
+    """Mean training bits/byte over the run's last ``TRAIN_WINDOW`` steps and their first and last
+    step. The trainer draws batch k of a seed identically for every spec, so runs of one seed
+    that reached the same step compare here on the same bytes: less noise than the held-out
+    evaluation, whose few batches differ by seed."""
+    tail = [(r["step"], r["bits_per_byte"]) for r in train[-TRAIN_WINDOW:]
+            if isinstance(r.get("bits_per_byte"), (int, float)) and math.isfinite(r["bits_per_byte"])]
+    if not tail:
+        return None, None
+    return sum(b for _, b in tail) / len(tail), [tail[0][0], tail[-1][0]]
+
+
 def summarise(name: str, run_dir: Path, wall: float, peak_gb: float | None, error: str | None,
               params: int | None, tokens_before: int = 0) -> dict[str, Any]:
     """One row from the run's metrics; tokens/s counts the tokens trained since ``tokens_before``
@@ -99,9 +116,11 @@ def summarise(name: str, run_dir: Path, wall: float, peak_gb: float | None, erro
     last_val = val[-1] if val else {}
     bpb = last_val.get("bits_per_byte")
     tokens = train[-1].get("tokens") if train else None
+    train_bpb, window = train_tail(train)
     return {
         "spec": name, "params": params, "steps": train[-1]["step"] if train else 0,
-        "bits_per_byte": bpb, "max_grad_norm": max(finite) if finite else None,
+        "bits_per_byte": bpb, "train_bits_per_byte": train_bpb, "train_window": window,
+        "max_grad_norm": max(finite) if finite else None,
         "median_grad_norm": sorted(finite)[len(finite) // 2] if finite else None,
         "nonfinite_grad_steps": len(gnorms) - len(finite),
         "tokens": tokens, "tokens_per_s": ((tokens - tokens_before) / wall) if tokens and wall > 0 else None,
@@ -190,8 +209,9 @@ def _fmt(x: Any, spec: str) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     ref = next((r for r in rows if r["spec"] == "transformer"), None)
     ref_g = ref["median_grad_norm"] if ref else None
-    lines = ["| spec | params | steps | bits/byte | max grad norm | x Transformer (median) | tokens/s | peak GB | note |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| spec | params | steps | bits/byte | train bits/byte (steps) | max grad norm | x Transformer (median) "
+             "| tokens/s | peak GB | note |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         ratio = r["median_grad_norm"] / ref_g if ref_g and r["median_grad_norm"] else None
         note = r["error"] or (f"{r['nonfinite_grad_steps']} non-finite steps" if r["nonfinite_grad_steps"] else "")
@@ -201,8 +221,10 @@ def table(rows: list[dict[str, Any]]) -> str:
             note = "; ".join(x for x in (note, f"stopped by --seconds at step {r['steps']}") if x)
         if r.get("shared_device"):
             note = "; ".join(x for x in (note, f"tokens/s with {r['shared_device']} runs sharing the device") if x)
+        window = r.get("train_window")
+        train = f"{_fmt(r.get('train_bits_per_byte'), '.3f')} ({window[0]}-{window[1]})" if window else "-"
         lines.append(f"| {r['spec']} | {_fmt(r['params'], ',')} | {r['steps']} | {_fmt(r['bits_per_byte'], '.3f')} | "
-                     f"{_fmt(r['max_grad_norm'], '.3g')} | {_fmt(ratio, '.2f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
+                     f"{train} | {_fmt(r['max_grad_norm'], '.3g')} | {_fmt(ratio, '.2f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
                      f"{_fmt(r['peak_gb'], '.1f')} | {note} |")
     return "\n".join(lines)
 

@@ -82,3 +82,21 @@ def test_resume_continues_a_row_stopped_by_seconds(tmp_path: Path, lost_row: boo
     assert [r["step"] for r in train if r.get("split") == "train"] == [1, 2, 3, 4]
     assert row["tokens"] == 4 * 2 * 32 and row["tokens_per_s"] is not None
     assert "stopped by --seconds" not in proc.stdout
+
+
+def test_training_column_is_the_mean_of_the_last_steps(tmp_path: Path) -> None:
+    """The same-batch column: the mean training bits/byte of the last ``TRAIN_WINDOW`` steps
+    (a non-finite step left out), with the steps it covers; evaluations are not part of it."""
+    from bench import health
+
+    lines = [{"step": s, "split": "train", "bits_per_byte": float(s), "grad_norm": 1.0, "tokens": 10 * s}
+             for s in range(1, 61)]
+    lines[-1]["bits_per_byte"] = float("nan")
+    lines.append({"step": 60, "split": "val", "bits_per_byte": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    row = health.summarise("x", tmp_path, 1.0, None, None, 7)
+    assert row["train_window"] == [11, 59]
+    assert row["train_bits_per_byte"] == pytest.approx(sum(range(11, 60)) / 49)
+    assert row["bits_per_byte"] == 0.5
+    assert f"| {row['train_bits_per_byte']:.3f} (11-59) |" in health.table([row])
+    assert "| - |" in health.table([{**row, "train_window": None, "train_bits_per_byte": None}])
