@@ -14,7 +14,7 @@
 #   long    HOPE with remat at 32 x 2,048 and 1 x 65,536 (graphed and eager)
 #   tiles   the CMS kernels' tilings at c1's shape (more programs, more warps), eagerly
 #   wave    the wavefront's streams: graphed against eager (fault or numerics?), then HOPE's speed
-#   lr      the outer learning rate at full size: HOPE, Titans-MAL and the Transformer at LR (2e-3),
+#   lr      the outer learning rate at full size: HOPE (NESTED) and the Transformer at LR (2e-3),
 #           the Transformer at LR2 (4e-3), side by side on the 1,000-step schedule
 #   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
 #           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
@@ -93,11 +93,11 @@ mixed)
   tail -8 "$OUT/health_fast.log"
   ;;
 lr)
-  # the outer learning rate at full size: NESTED (default HOPE and Titans-MAL) and the Transformer
+  # the outer learning rate at full size: NESTED (default HOPE: alone it gets the GPU) and the Transformer
   # at LR (2e-3), the Transformer also at LR2 (4e-3), all on the 1,000-step schedule, side by side;
   # a row cut by the call still compares with the 1e-3 runs on the same batches (train column)
   for r in "${LR:-2e-3}" "${LR2:-4e-3}"; do
-    if [ "$r" = "${LR:-2e-3}" ]; then specs="${NESTED:-models/hope.yaml specs/titans-mal.yaml} specs/transformer.yaml"; else specs=specs/transformer.yaml; fi
+    if [ "$r" = "${LR:-2e-3}" ]; then specs="${NESTED:-models/hope.yaml} specs/transformer.yaml"; else specs=specs/transformer.yaml; fi
     timeout "$limit" python3 -m bench.health $specs --device cuda --cuda-graph --steps 1000 --eval-every 250 \
       --jobs 3 --seconds $((limit - 90)) --seed "${SEED:-0}" --set levels.outer.rule.lr="$r" --out "runs/lr$r" --resume \
       > "$OUT/lr$r.log" 2>&1 &
