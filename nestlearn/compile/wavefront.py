@@ -18,7 +18,10 @@ differed from the block loop's (``python -m bench.wavefront``: 0.59 of the large
 HOPE in bf16; two of ``tests/test_wavefront.py``'s three GPU tests failed), a fault not yet
 found. On an H100 (2026-12-07, with ``_Handoff``) the eager stream path equalled the one-stream
 order at the tests' size, but captured in a CUDA graph its gradients still differed (6.6e-4
-relative; docs/benchmarks.md). Until that is found, CUDA runs the same diagonal order on the
+relative; docs/benchmarks.md); on an H100 again (2026-12-07, thirteenth session) the graphed
+stream path equalled the one-stream order to the digit at that size (fp32), and at HOPE's full
+size in bf16 it ran 1.44x the block loop with the 0.59 difference again, which the one-stream
+order's own bf16 figure at that size would show to be numerics or not. Until then, CUDA runs the same diagonal order on the
 caller's stream (exact, no overlap), and ``NESTLEARN_WAVEFRONT_STREAMS=1`` turns the stream path on for whoever debugs it. Two
 debugging switches go with it: ``NESTLEARN_WAVEFRONT_SYNC=1`` synchronises the device after
 every block-segment, and ``NESTLEARN_WAVEFRONT_HANDOFF=0`` drops ``_Handoff``, the candidate fix
