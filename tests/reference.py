@@ -97,6 +97,27 @@ def inner_loop(
     return torch.stack(ys), {n: w.detach() for n, w in W.items()}
 
 
+def batched_inner_loop(
+    mem: str, rule: str, objective: str, init: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor,
+    hp: dict[str, Tensor | float], period: int, read_start: bool = False, clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``inner_loop`` for every sequence and head, one at a time: q, k, v are [B, H, T, d]; init
+    values are per head ([H, ...]); hp values are [B, H, T] tensors or floats. Returns the
+    outputs [B, H, T, d] and the final weights [B, H, ...]."""
+    B, H = q.shape[:2]
+    ys = torch.zeros_like(q)
+    finals = {n: torch.zeros(B, *p.shape, dtype=p.dtype) for n, p in init.items()}
+    for b in range(B):
+        for h in range(H):
+            y, fin = inner_loop(mem, rule, objective, {n: p[h] for n, p in init.items()}, q[b, h], k[b, h], v[b, h],
+                                {n: (x[b, h] if isinstance(x, Tensor) else x) for n, x in hp.items()}, period,
+                                read_start=read_start, clip=clip)
+            ys[b, h] = y
+            for n in fin:
+                finals[n][b, h] = fin[n]
+    return ys, finals
+
+
 def gpt_block_reference(x: Tensor, w: dict[str, Tensor], heads: int) -> Tensor:
     """A plain pre-norm decoder block (RMSNorm eps 1e-6, causal softmax attention, GELU MLP)."""
 

@@ -35,19 +35,6 @@ def problem(mem: str, read_start: bool, seed: str, bias: bool = False):
     return arch, init, q, k, v, lr
 
 
-def reference(mem, init, q, k, v, lr, read_start):
-    ys = torch.zeros(B, H, T, D, dtype=DT)
-    finals = {n: torch.zeros(B, *p.shape, dtype=DT) for n, p in init.items()}
-    for b in range(B):
-        for h in range(H):
-            y, fin = ref.inner_loop(mem, "sgd", "l2", {n: p[h] for n, p in init.items()}, q[b, h], k[b, h],
-                                    v[b, h], {"lr": lr[b, h].detach()}, PERIOD, read_start=read_start)
-            ys[b, h] = y
-            for n in fin:
-                finals[n][b, h] = fin[n]
-    return ys, finals
-
-
 def run_problem(arch, init, q, k, v, lr, read_start, executor="auto", pieces=(T,)):
     r = rules.sgd(0.0, 0.0)
     state = init_state(arch, r, init, B)
@@ -70,7 +57,8 @@ def test_blocked_read_matches_reference(mem: str, read_start: bool, monkeypatch:
     taken = []
     real = dual.blocked_read
     monkeypatch.setattr(dual, "blocked_read", lambda *a: taken.append(1) or real(*a))
-    y_ref, w_ref = reference(mem, init, q, k, v, lr, read_start)
+    y_ref, w_ref = ref.batched_inner_loop(mem, "sgd", "l2", init, q, k, v, {"lr": lr.detach()}, PERIOD,
+                                          read_start=read_start)
     kk = k.clone().requires_grad_()
     grads = {}
     for executor in ("sequential", "auto"):

@@ -47,20 +47,6 @@ def hypers(name: str, g: torch.Generator) -> dict[str, torch.Tensor | float]:
     return {"lr": r(0.1), "decay": r(0.1), "beta": r(0.5)}  # larger rates diverge for the MLP
 
 
-def reference(mem, rule, obj, init, q, k, v, hp, period, clip=None):
-    ys = torch.zeros(B, H, T, D, dtype=DT)
-    finals = {n: torch.zeros(B, *p.shape, dtype=DT) for n, p in init.items()}
-    for b in range(B):
-        for h in range(H):
-            hp_bh = {n: (x[b, h] if isinstance(x, torch.Tensor) else x) for n, x in hp.items()}
-            init_h = {n: p[h] for n, p in init.items()}
-            y, fin = ref.inner_loop(mem, rule, obj, init_h, q[b, h], k[b, h], v[b, h], hp_bh, period, clip=clip)
-            ys[b, h] = y
-            for n in fin:
-                finals[n][b, h] = fin[n]
-    return ys, finals
-
-
 @pytest.mark.parametrize("mem", ["linear", "mlp"])
 @pytest.mark.parametrize("rule", ["sgd", "sgd-nodecay", "momentum", "momentum-nodecay", "adam", "dgd", "dgd-proj"])
 @pytest.mark.parametrize("obj", ["l2", "dot"])
@@ -71,7 +57,7 @@ def test_executors_match_reference(mem: str, rule: str, obj: str, period: int) -
     init = {n: torch.randn(p.shape, generator=g, dtype=DT) * 0.5 for n, p in arch.init_params().items()}
     q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=DT) for _ in range(3))
     hp = hypers(rule, g)
-    y_ref, w_ref = reference(mem, rule.split("-")[0], obj, init, q, k, v, hp, period)
+    y_ref, w_ref = ref.batched_inner_loop(mem, rule.split("-")[0], obj, init, q, k, v, hp, period)
     r = make_rule(rule)
     pb = MemoryProblem(arch, r, objectives.BUILTIN[obj], q, k, v, hp, period, GradMode())
     for executor in ("sequential", "auto", "scan"):
@@ -93,8 +79,8 @@ def test_clip_matches_reference(mem: str, rule: str, period: int) -> None:
     q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=DT) for _ in range(3))
     hp = hypers(rule, g)
     clip = 1.5  # between the smallest and the largest token gradient here: both branches run
-    y_ref, w_ref = reference(mem, rule, "l2", init, q, k, v, hp, period, clip=clip)
-    y_free, _ = reference(mem, rule, "l2", init, q, k, v, hp, period)
+    y_ref, w_ref = ref.batched_inner_loop(mem, rule, "l2", init, q, k, v, hp, period, clip=clip)
+    y_free, _ = ref.batched_inner_loop(mem, rule, "l2", init, q, k, v, hp, period)
     assert not torch.allclose(y_free, y_ref), "the clip must be active in this test"
     r = make_rule(rule)
     grads = {}

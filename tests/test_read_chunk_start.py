@@ -35,15 +35,7 @@ def test_every_executor_reads_the_chunk_start(mem: str, rule: str, period: int) 
     q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=DT) for _ in range(3))
     r = lambda s: torch.rand(B, H, T, generator=g, dtype=DT) * s  # noqa: E731
     hp = {"lr": r(0.1), "decay": r(0.1), **({"beta": r(0.5)} if rule != "sgd" else {})}
-    y_ref = torch.zeros(B, H, T, D, dtype=DT)
-    w_ref: dict[str, torch.Tensor] = {n: torch.zeros(B, *p.shape, dtype=DT) for n, p in init.items()}
-    for b in range(B):
-        for h in range(H):
-            y, w = ref.inner_loop(mem, rule, "l2", {n: p[h] for n, p in init.items()}, q[b, h], k[b, h], v[b, h],
-                                  {n: x[b, h] for n, x in hp.items()}, period, read_start=True)
-            y_ref[b, h] = y
-            for n in w:
-                w_ref[n][b, h] = w[n]
+    y_ref, w_ref = ref.batched_inner_loop(mem, rule, "l2", init, q, k, v, hp, period, read_start=True)
     pb = MemoryProblem(arch, make(rule), objectives.l2, q, k, v, hp, period, GradMode(), read_start=True)
     for executor in ("sequential", "auto", "scan"):
         y, st = run(pb, init_state(arch, pb.rule, init, B), executor)  # type: ignore[arg-type]

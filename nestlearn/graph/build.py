@@ -159,8 +159,7 @@ def _check_nodes(b: _Build) -> None:
         heads = getattr(node, "heads", None)
         if heads is not None and spec.model.dim % heads:
             issues.add(("block", j, "heads"), f"heads {heads} does not divide the width {spec.model.dim}")
-        elif getattr(node, "rope", False) and (spec.model.dim // (heads or spec.model.heads)) % 2:
-            n_heads = heads or spec.model.heads
+        elif getattr(node, "rope", False) and (spec.model.dim // (n_heads := heads or spec.model.heads)) % 2:
             issues.add(("block", j, "rope"), f"rope rotates pairs of a head's channels, but the head width "
                        f"is odd ({spec.model.dim} / {n_heads} heads = {spec.model.dim // n_heads}); pick a "
                        f"width or head count that gives an even head width, or set rope: false")
