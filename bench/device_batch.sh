@@ -15,7 +15,8 @@
 #   tiles   the CMS kernels' tilings at c1's shape (more programs, more warps), eagerly
 #   wave    the wavefront's streams: graphed against eager (fault or numerics?), then HOPE's speed
 #   lr      the outer learning rate at full size: HOPE (NESTED) and the Transformer at LR (2e-3),
-#           the Transformer at LR2 (4e-3), side by side on the 1,000-step schedule
+#           the Transformer at LR2 (4e-3), side by side on the 1,000-step schedule (TRANSFORMERS=0:
+#           the nested spec alone)
 #   peer    the Titans memory against titans-pytorch at our head size (parallel and per-chunk
 #           math) at 8 x 2,048, 4 x 8,192 and 1 x 65,536: the like-for-like rows of issue 12
 # usage: bash bench/device_batch.sh MODE [SECONDS]
@@ -96,15 +97,18 @@ lr)
   # the outer learning rate at full size: NESTED (default HOPE: alone it gets the GPU) and the Transformer
   # at LR (2e-3), the Transformer also at LR2 (4e-3), all on the 1,000-step schedule, side by side;
   # a row cut by the call still compares with the 1e-3 runs on the same batches (train column)
-  for r in "${LR:-2e-3}" "${LR2:-4e-3}"; do
+  # (TRANSFORMERS=0: the nested spec alone at LR, e.g. to resume it once the Transformers are done)
+  rates="${LR:-2e-3} ${LR2:-4e-3}"; [ "${TRANSFORMERS:-1}" = 0 ] && rates="${LR:-2e-3}"
+  for r in $rates; do
     if [ "$r" = "${LR:-2e-3}" ]; then specs="${NESTED:-models/hope.yaml} specs/transformer.yaml"; else specs=specs/transformer.yaml; fi
+    [ "${TRANSFORMERS:-1}" = 0 ] && specs="${NESTED:-models/hope.yaml}"
     timeout "$limit" python3 -m bench.health $specs --device cuda --cuda-graph --steps 1000 --eval-every 250 \
       --jobs 3 --seconds $((limit - 90)) --seed "${SEED:-0}" --set levels.outer.rule.lr="$r" --out "runs/lr$r" --resume \
-      > "$OUT/lr$r.log" 2>&1 &
+      >> "$OUT/lr$r.log" 2>&1 &
   done
   wait; echo "lr rc=$?"
   (cd runs && find lr* \( -name "*.jsonl" -o -name "health.json" \) | tar cf "$OUT/lr_runs.tar" -T -) 2>/dev/null
-  for r in "${LR:-2e-3}" "${LR2:-4e-3}"; do echo "== lr $r"; grep "^| " "$OUT/lr$r.log" | tail -5; done
+  for r in $rates; do echo "== lr $r"; grep "^| " "$OUT/lr$r.log" | tail -5; done
   ;;
 long)
   # HOPE where its saved chunk states pass 80 GB without remat: the remat variant (cms_fast /
