@@ -119,12 +119,10 @@ long)
     > "$OUT/bench_hope_long.txt" 2>&1; echo "long rc=$?"; grep "^| \|^ *\[" "$OUT/bench_hope_long.txt" | tail -8
   ;;
 wave)
-  # is the graphed stream path's gradient difference a fault or the kernels' numerics under
-  # capture? (the graphed block loop against the eager one, beside the graphed streams); then the
-  # wavefront's speed and gradient difference for HOPE at 8 x 2,048 with the streams on
-  # (2026-12-07: the check passed, graphed streams = one stream in fp32; HOPE's bf16 gradient
-  # difference with streams was 0.59 at 8 x 2,048, so the one-stream order's bf16 difference at
-  # that size comes first: the same 0.59 means numerics)
+  # the stream path against the block loop and the one-stream order (fp32, eager and graphed);
+  # then HOPE's wavefront at 8 x 2,048 on one stream and with streams: speed, gradient difference
+  # from the loop and from the fp32 loop (2026-12-07: one stream and streams both 0.59 from the
+  # bf16 loop, so the streams are on by default since)
   timeout 150 python3 -m bench.wavefront_check > "$OUT/wavefront_check.txt" 2>&1; echo "wavefront_check rc=$?"
   for st in 0 1; do
     NESTLEARN_WAVEFRONT_STREAMS=$st timeout $(((limit - 180) / 2)) python3 -m bench.wavefront models/hope.yaml \

@@ -3,7 +3,9 @@ a whole model's forward + backward with its blocks in a loop and as a wavefront 
 (``compile/wavefront.py``), timed in one process, eagerly and from a CUDA graph. One table at the
 end: tokens/s per (spec, shape, segment) and the ratio to the block loop, plus the largest
 difference of the outer gradients from the loop's (the check that the overlap computed the same
-thing).
+thing). In a dtype below fp32 a last column gives each row's difference from the block loop run
+in fp32 on the same weights: the wavefront is as accurate as the loop when its figure is no
+larger than the loop's own (a reordering moves low-precision gradients by about their error).
 """
 
 from __future__ import annotations
@@ -33,14 +35,21 @@ def shape(text: str) -> tuple[int, int]:
     return b, t
 
 
-Row = tuple[str, str, str, float, float | None, float]
-"""(spec, shape, segment or ``loop``, eager s, graphed s or None, gradient difference)."""
+Row = tuple[str, str, str, float, float | None, float, float | None]
+"""(spec, shape, segment or ``loop``, eager s, graphed s or None, gradient difference from the loop,
+difference from the fp32 loop or None)."""
+
+
+def relative_diff(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """The largest entry-wise difference of any gradient, relative to that gradient's largest entry."""
+    return max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-12)) for g, r in zip(got, ref, strict=True))
 
 
 def time_model(model: Any, b: int, t: int, segments: list[int], dev: torch.device, reps: int,
                graph: bool) -> list[Row]:
     """One row per segment (``loop`` first): eager and graphed seconds of a forward + backward,
-    and the largest gradient difference from the loop's, relative to that gradient's largest entry."""
+    and the largest gradient difference from the loop's, relative to that gradient's largest entry
+    (and from the loop's in fp32 when the model is in a lower precision)."""
     name = model.spec.name
     x = torch.randint(0, model.spec.model.vocab, (b, t + 1), device=dev)
 
@@ -56,11 +65,19 @@ def time_model(model: Any, b: int, t: int, segments: list[int], dev: torch.devic
 
     rows: list[Row] = []
     model.set_wavefront(None)
+    dtype = next(model.parameters()).dtype
+    ref32: list[torch.Tensor] | None = None
+    if dtype != torch.float32:  # the same weights in fp32 (bf16 -> fp32 -> bf16 is lossless)
+        model.float()
+        ref32 = grads()
+        model.to(dtype)
     ref = grads()
     for seg in [None, *segments]:
         model.set_wavefront(seg)
-        diff = 0.0 if seg is None else max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-12))
-                                           for g, r in zip(grads(), ref, strict=True))
+        got = ref if seg is None else grads()
+        diff = 0.0 if seg is None else relative_diff(got, ref)
+        diff32 = None if ref32 is None else relative_diff(got, ref32)
+        del got
         try:
             eager = timed(step, dev, reps)
             replay = timed(graphed(lambda: step, warmup=1)(), dev, reps) if graph else None
@@ -68,7 +85,7 @@ def time_model(model: Any, b: int, t: int, segments: list[int], dev: torch.devic
             print(f"{name} {b}x{t} wavefront {seg}: out of memory", file=sys.stderr)
             torch.cuda.empty_cache()
             continue
-        rows.append((name, f"{b}x{t}", "loop" if seg is None else str(seg), eager, replay, diff))
+        rows.append((name, f"{b}x{t}", "loop" if seg is None else str(seg), eager, replay, diff, diff32))
         print(f"{name} {b}x{t} {rows[-1][2]}: eager {eager * 1e3:.1f} ms"
               + (f", graph {replay * 1e3:.1f} ms" if replay is not None else ""), file=sys.stderr, flush=True)
     model.set_wavefront(None)
@@ -83,11 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=positive_int, default=3)
     p.add_argument("--no-graph", action="store_true")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the model's weights (auto: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--set", nargs="*", default=[], help="spec overrides (key=value)")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     graph = dev.type == "cuda" and not a.no_graph
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    bf16 = a.dtype == "bf16" or (a.dtype == "auto" and dev.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
     rows: list[Row] = []
     for path in a.specs:
         torch.manual_seed(0)
@@ -100,16 +120,18 @@ def main(argv: list[str] | None = None) -> int:
             rows += time_model(model, b, t, a.segments, dev, a.reps, graph)
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"\n# forward + backward, {dtype}, {device}; ratio = tokens/s against the block loop's (graph where timed)")
-    print(f"{'spec':<12} {'shape':>9} {'segment':>8} {'eager tok/s':>12} {'graph tok/s':>12} {'ratio':>6} {'grad diff':>9}")
+    print(f"{'spec':<12} {'shape':>9} {'segment':>8} {'eager tok/s':>12} {'graph tok/s':>12} {'ratio':>6} {'grad diff':>9}"
+          + (f" {'vs fp32':>8}" if dtype != torch.float32 else ""))
     base: dict[tuple[str, str], float] = {}
-    for name, shp, seg, eager, replay, diff in rows:
+    for name, shp, seg, eager, replay, diff, diff32 in rows:
         b, t = shape(shp)
         best = replay if replay is not None else eager
         if seg == "loop":
             base[(name, shp)] = best
         ratio = base.get((name, shp), best) / best
         print(f"{name:<12} {shp:>9} {seg:>8} {b * t / eager:>12,.0f} "
-              f"{(f'{b * t / replay:,.0f}' if replay is not None else '-'):>12} {ratio:>5.2f}x {diff:>9.1e}")
+              f"{(f'{b * t / replay:,.0f}' if replay is not None else '-'):>12} {ratio:>5.2f}x {diff:>9.1e}"
+              + (f" {diff32:>8.1e}" if diff32 is not None else ""))
     return 0
 
 

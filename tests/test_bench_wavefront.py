@@ -21,6 +21,19 @@ def test_table_has_the_loop_and_each_segment(capsys: pytest.CaptureFixture[str])
     assert all(float(r[2]) < 1e-4 for r in rows), out  # fp32: the same gradients
 
 
+def test_bf16_rows_carry_their_distance_from_fp32(capsys: pytest.CaptureFixture[str]) -> None:
+    """In bf16 each row also gives its gradients' difference from the fp32 block loop on the same
+    weights: nonzero for the loop itself (bf16's own error), and of that order for the wavefront."""
+    rc = wavefront.main(["specs/titans-mal.yaml", "--shapes", "1x64", "--segments", "16", "--device", "cpu",
+                         "--reps", "1", "--dtype", "bf16", "--set", "model.dim=32", "model.depth=2", "model.heads=2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "vs fp32" in out, out
+    rows = re.findall(r"^titans-mal\s+1x64\s+(\S+)\s+[\d,]+\s+-\s+[\d.]+x\s+(\S+)\s+(\S+)$", out, re.M)
+    assert [r[0] for r in rows] == ["loop", "16"], out
+    loop32, seg32 = float(rows[0][2]), float(rows[1][2])
+    assert 0 < loop32 < 1 and seg32 < 10 * loop32, out
+
+
 def test_bad_shape_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         wavefront.main(["--shapes", "8by2048", "--device", "cpu"])

@@ -13,20 +13,20 @@ blocks of one diagonal are independent:
     block 1:           (1,0)    (1,1)    (1,2)
     block 2:                    (2,0)    (2,1)
 
-**On CUDA the streams are off by default**: on an H200 (2026-12-06) the stream path's gradients
-differed from the block loop's (``python -m bench.wavefront``: 0.59 of the largest entry for
-HOPE in bf16; two of ``tests/test_wavefront.py``'s three GPU tests failed), a fault not yet
-found. On an H100 (2026-12-07, with ``_Handoff``) the eager stream path equalled the one-stream
-order at the tests' size, but captured in a CUDA graph its gradients still differed (6.6e-4
-relative; docs/benchmarks.md); on an H100 again (2026-12-07, thirteenth session) the graphed
-stream path equalled the one-stream order to the digit at that size (fp32), and at HOPE's full
-size in bf16 it ran 1.44x the block loop with the 0.59 difference again, which the one-stream
-order's own bf16 figure at that size would show to be numerics or not. Until then, CUDA runs the same diagonal order on the
-caller's stream (exact, no overlap), and ``NESTLEARN_WAVEFRONT_STREAMS=1`` turns the stream path on for whoever debugs it. Two
-debugging switches go with it: ``NESTLEARN_WAVEFRONT_SYNC=1`` synchronises the device after
-every block-segment, and ``NESTLEARN_WAVEFRONT_HANDOFF=0`` drops ``_Handoff``, the candidate fix
-(gradients recorded on the stream that reads them). ``python -m bench.wavefront_check`` runs
-each way against the block loop and prints where the differences start.
+**On CUDA each block runs on its own stream by default.** The stream path once gave different
+gradients (an H200, 2026-12-06: 0.59 of the largest entry for HOPE in bf16; the graphed path on
+an H100: 6.6e-4 relative in fp32). ``_Handoff`` records each gradient on the stream that reads it,
+and since then ``python -m bench.wavefront_check`` has found the stream path, eager and captured
+in a CUDA graph, equal to the one-stream order to the digit in fp32 on two H100 machines
+(2026-12-07; HOPE 2.91e-5 from the block loop either way, Titans-MAL 6.5e-6). The bf16 figure of
+0.59 at HOPE's full size is the same for the one-stream order: it is the reordering in bf16, not
+the streams (on the CPU HOPE's bf16 block loop is itself 0.70 of the largest entry away from its
+fp32 gradients, and the wavefront 0.63; ``python -m bench.wavefront`` prints both).
+``NESTLEARN_WAVEFRONT_STREAMS=0`` runs the same diagonal order on the caller's stream instead
+(no overlap). Two debugging switches go with it: ``NESTLEARN_WAVEFRONT_SYNC=1`` synchronises the
+device after every block-segment, and ``NESTLEARN_WAVEFRONT_HANDOFF=0`` drops ``_Handoff``.
+``python -m bench.wavefront_check`` runs each way against the block loop and prints where the
+differences start.
 
 With the streams, each block runs on its own stream, and a segment waits on an event for the block below
 it. A launch-bound model (HOPE's chunk recurrences: chains of small kernels, persistent kernels
@@ -82,8 +82,8 @@ def run_wavefront(blocks: Sequence[nn.Module], h: Tensor, state: dict[str, Any],
 
 
 def streams_enabled() -> bool:
-    """``NESTLEARN_WAVEFRONT_STREAMS`` is 1/true/on/yes (module docstring: why off by default)."""
-    return _flag("NESTLEARN_WAVEFRONT_STREAMS", "0")
+    """On unless ``NESTLEARN_WAVEFRONT_STREAMS`` is 0/false/off/no (module docstring)."""
+    return os.environ.get("NESTLEARN_WAVEFRONT_STREAMS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def _flag(name: str, default: str) -> bool:

@@ -244,8 +244,7 @@ class Trainer(Steps):
         return (f"--wavefront {segment}: {depth} blocks over {pieces} segments of up to {segment} tokens, "
                 f"{pieces + depth - 1} steps instead of {pieces * depth}"
                 + ("" if self.device.type != "cuda" else ", each block on its own CUDA stream" if streams_enabled()
-                   else "; on CUDA in that order on one stream (exact, no overlap: the stream path is off until a "
-                        "gradient difference found on the GPU is fixed; compile/wavefront.py)"))
+                   else "; on CUDA in that order on one stream (NESTLEARN_WAVEFRONT_STREAMS=0: no overlap)"))
 
     # ---------------------------------------------------------------- pieces of a step
     # ---------------------------------------------------------------- evaluation & checkpoints
