@@ -152,8 +152,8 @@ def run_cmd(
     wavefront: Optional[str] = typer.Option(
         None, "--wavefront", metavar="TOKENS",
         help="Run the blocks as a wavefront over segments of TOKENS (e.g. 512): block b+1 starts a segment once "
-             "block b has finished it. Same results. Its CUDA streams (the speed-up) are off until a fault "
-             "found on the GPU is fixed (docs/execution.md)."),
+             "block b has finished it. Same results. On CUDA each block runs on its own stream "
+             "(NESTLEARN_WAVEFRONT_STREAMS=0: one stream); docs/execution.md."),
     seed: Optional[str] = typer.Option(None, "--seed", metavar="N", help="Seed of the weights and the data (default 0)."),
     threads: Optional[str] = typer.Option(None, "--threads", metavar="N", help="CPU threads for torch."),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic algorithms only."),
