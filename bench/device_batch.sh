@@ -99,10 +99,10 @@ lr)
   # a row cut by the call still compares with the 1e-3 runs on the same batches (train column)
   # (TRANSFORMERS=0: the nested spec alone at LR, e.g. to resume it once the Transformers are done;
   # SEED=1 another seed in its own folder; WAVEFRONT=512 trains with --wavefront 512, streams on)
-  rates="${LR:-2e-3} ${LR2:-4e-3}"; [ "${TRANSFORMERS:-1}" = 0 ] && rates="${LR:-2e-3}"
+  lr=${LR:-2e-3}
+  if [ "${TRANSFORMERS:-1}" = 0 ]; then rates=$lr; beside=""; else rates="$lr ${LR2:-4e-3}"; beside=specs/transformer.yaml; fi
   for r in $rates; do
-    if [ "$r" = "${LR:-2e-3}" ]; then specs="${NESTED:-models/hope.yaml} specs/transformer.yaml"; else specs=specs/transformer.yaml; fi
-    [ "${TRANSFORMERS:-1}" = 0 ] && specs="${NESTED:-models/hope.yaml}"
+    if [ "$r" = "$lr" ]; then specs="${NESTED:-models/hope.yaml} $beside"; else specs=specs/transformer.yaml; fi
     timeout "$limit" python3 -m bench.health $specs --device cuda --cuda-graph --steps 1000 --eval-every 250 \
       --jobs 3 --seconds $((limit - 90)) --seed "${SEED:-0}" --set levels.outer.rule.lr="$r" --out "runs/lr$r${SEED:+_s$SEED}" --resume \
       ${WAVEFRONT:+--wavefront "$WAVEFRONT"} \

@@ -8,7 +8,7 @@ import copy
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,13 @@ class Case:
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def relative_error(got: Iterable[torch.Tensor], want: Iterable[torch.Tensor]) -> float:
+    """The largest entry-wise difference of any pair, relative to that reference tensor's largest
+    entry: the benches' check that a fast path computed the same outputs or gradients. Pairs run to
+    the shorter sequence (a forward-only row against a reference with gradients compares outputs)."""
+    return max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-30)) for g, w in zip(got, want))
 
 
 def positive_int(text: str) -> int:

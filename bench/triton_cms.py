@@ -27,6 +27,7 @@ from typing import Any, cast
 
 import torch
 
+from bench.run import relative_error
 from bench.triton_dgd import graphed, time_ms
 from nestlearn import objectives, rules
 from nestlearn.loops.common import GradMode, MemoryProblem, MemoryState
@@ -109,10 +110,6 @@ def graphed_any(fn: Callable[[], Any]) -> Callable[[], Any]:
     return graphed(cast(Callable[[], torch.Tensor], fn))
 
 
-def rel_err(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> float:
-    return max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-30)) for g, w in zip(got, want))
-
-
 def table(title: str, rows: list[tuple[str, Callable[[], Any]]], ref: tuple[torch.Tensor, ...], tokens: int,
           chunks: int, warmup: int, reps: int, memory: bool = False) -> None:
     """Time every row, printing each as it is timed (a time limit keeps what ran; a row that
@@ -131,7 +128,7 @@ def table(title: str, rows: list[tuple[str, Callable[[], Any]]], ref: tuple[torc
             before = torch.cuda.memory_allocated()
             out = fn()
             peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-            err = rel_err(out if isinstance(out, tuple) else (out,), ref)
+            err = relative_error(out if isinstance(out, tuple) else (out,), ref)
             base = base or ms
             mem = f" {peak:>9.0f}" if memory else ""
             print(f"{name:<40} {ms:>9.3f} {tokens / ms * 1e3:>12,.0f} {ms * 1e3 / chunks:>9.1f} "

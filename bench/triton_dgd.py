@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from bench.run import relative_error
 from nestlearn import objectives, rules
 from nestlearn.loops.common import GradMode, MemoryProblem, MemoryState
 from nestlearn.loops.dgd_dual import run_dgd_dual
@@ -159,7 +160,7 @@ def train_rows(x: dict[str, Any], chunk: int, warmup: int, reps: int, save_every
             before = torch.cuda.memory_allocated()
             grads = fn()
             peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-            err = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(grads, ref))
+            err = relative_error(grads, ref)
             base = ms if name == "dgd_dual eager" else base
             speed = f"{base / ms:>8.2f}x" if base else f"{'':>9}"
             print(f"{name:<38} {ms:>9.2f} {b * t / ms * 1e3:>12,.0f} {speed} {peak:>9.0f} {err:>12.2e}", flush=True)

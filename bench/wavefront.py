@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import nestlearn
 from bench.breakdown import timed
-from bench.run import graphed, positive_int
+from bench.run import graphed, positive_int, relative_error
 
 SPECS = ("models/hope.yaml", "specs/titans-mal.yaml")
 
@@ -39,10 +39,6 @@ Row = tuple[str, str, str, float, float | None, float, float | None]
 """(spec, shape, segment or ``loop``, eager s, graphed s or None, gradient difference from the loop,
 difference from the fp32 loop or None)."""
 
-
-def relative_diff(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    """The largest entry-wise difference of any gradient, relative to that gradient's largest entry."""
-    return max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-12)) for g, r in zip(got, ref, strict=True))
 
 
 def time_model(model: Any, b: int, t: int, segments: list[int], dev: torch.device, reps: int,
@@ -75,8 +71,8 @@ def time_model(model: Any, b: int, t: int, segments: list[int], dev: torch.devic
     for seg in [None, *segments]:
         model.set_wavefront(seg)
         got = ref if seg is None else grads()
-        diff = 0.0 if seg is None else relative_diff(got, ref)
-        diff32 = None if ref32 is None else relative_diff(got, ref32)
+        diff = 0.0 if seg is None else relative_error(got, ref)
+        diff32 = None if ref32 is None else relative_error(got, ref32)
         del got
         try:
             eager = timed(step, dev, reps)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import nestlearn
-from bench.run import environ, graphed
+from bench.run import environ, graphed, relative_error
 
 SPECS = ("specs/titans-mal.yaml", "models/hope.yaml")
 VARIANTS = {
@@ -72,10 +72,6 @@ GRAPHED = {"loop, graphed": None, "one stream, graphed": {"NESTLEARN_WAVEFRONT_S
            "streams, graphed": {"NESTLEARN_WAVEFRONT_STREAMS": "1"}}
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("specs", nargs="*", default=list(SPECS))
@@ -100,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         model.set_wavefront(None)
         want_y, want_g = forward_backward(model, tokens)
         again_y, again_g = forward_backward(model, tokens)  # the loop against itself: the noise floor
-        rows.append((spec.name, "loop again", rel(again_y, want_y), max(map(rel, again_g, want_g))))
+        rows.append((spec.name, "loop again", relative_error([again_y], [want_y]), relative_error(again_g, want_g)))
         runs = [(name, env, a.segment, forward_backward) for name, env in VARIANTS.items()]
         if dev.type == "cuda":
             runs += [(name, env or {}, None if env is None else a.segment, graphed_forward_backward)
@@ -110,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             with environ(**env):
                 try:
                     y, g = run(model, tokens)
-                    rows.append((spec.name, name, rel(y, want_y), max(map(rel, g, want_g))))
+                    rows.append((spec.name, name, relative_error([y], [want_y]), relative_error(g, want_g)))
                 except Exception as e:  # noqa: BLE001 - a variant that fails says how
                     rows.append((spec.name, f"{name}: {type(e).__name__}", float("nan"), float("nan")))
         model.set_wavefront(None)
