@@ -151,7 +151,8 @@ def ptxas_shared(d: int = 512, hidden: int = 1024, chunk: int = 16, arch: int = 
 
     consts: dict[str, Any] = {"BT": max(16, triton.next_power_of_2(chunk)), "DI": d, "DO": d, "PREC": "ieee",
                               "BH": launch.get("block_h") or K.block(hidden),
-                              "BD": launch.get("block_d") or K.block(math.gcd(d, d)), "READ_START": False}
+                              "BD": launch.get("block_d") or K.block(math.gcd(d, d)), "READ_START": False,
+                              "STORE_D0": True}  # as training stores d0 (sgd_mlp_rev)
     out = {}
     for fn in (K._signals, K._error, K._update, K._read):
         cs = {n: v for n, v in consts.items() if n in fn.arg_names}

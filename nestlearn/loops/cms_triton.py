@@ -144,6 +144,14 @@ def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
     n, prec = pb.period, precision()
     stop = pb.grad.kind == "stop"
     params, chunks = state["params"], state["chunks"]
+    if _rebuilds(pb, state):  # training: one node over the chunks, start weights rebuilt in its backward
+        from nestlearn.loops.triton.sgd_mlp_rev import sgd_mlp_chunks
+
+        out = sgd_mlp_chunks(pb.q, pb.k, pb.v, hp_tokens(pb, "lr"), params["W0"], params["W1"], chunk=n,
+                             precision=prec, read_start=pb.read_start)
+        return out.y, MemoryState(params={"W0": out.weights[0], "W1": out.weights[1]}, opt={},
+                                  anchor={"W0": out.anchor[0], "W1": out.anchor[1]}, offset=0,
+                                  chunks=chunks + pb.q.shape[2] // n)
     anchor = params
     lr = hp_tokens(pb, "lr")
     ys = []
@@ -159,6 +167,18 @@ def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
         ys.append(y)
     y_all = ys[0] if len(ys) == 1 else torch.cat(ys, 2)
     return y_all, MemoryState(params=params, opt={}, anchor=anchor, offset=0, chunks=chunks)
+
+
+def _rebuilds(pb: MemoryProblem, state: MemoryState) -> bool:
+    """Training over two or more chunks (``grad: unroll``, so no cut) with the rebuilt start
+    weights not switched off (``NESTLEARN_CMS_KEEP_EVERY=1``): ``sgd_mlp_rev``'s one node, which
+    saves the chunks' error signals and every 16th start weights instead of every chunk's
+    (module docstring of ``loops/triton/sgd_mlp_rev.py``)."""
+    from nestlearn.loops.triton.sgd_mlp_rev import keep_every
+
+    ts = _tensors(pb) + list(state["params"].values())
+    return (pb.grad.kind == "unroll" and _grad_wanted(ts) and pb.q.shape[2] >= 2 * pb.period
+            and keep_every() > 1)
 
 
 _said = False

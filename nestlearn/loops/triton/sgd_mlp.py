@@ -180,14 +180,15 @@ def _error(
 
 @triton.jit
 def _update(
-    q_ptr, k_ptr, lr_ptr, w0_ptr, w1_ptr, z_ptr, zq_ptr, d1_ptr, yp_ptr, sp_ptr, w0n_ptr, w1n_ptr,
+    q_ptr, k_ptr, lr_ptr, w0_ptr, w1_ptr, z_ptr, zq_ptr, d1_ptr, yp_ptr, sp_ptr, w0n_ptr, w1n_ptr, d0_ptr,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, slr_b, slr_h, slr_t,
     sw0_b, sw0_h, sw0_o, sw0_i, sw1_b, sw1_h, sw1_o, sw1_i,
     H, n, HD, NT,
     BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr, DO: tl.constexpr,
-    PREC: tl.constexpr, READ_START: tl.constexpr,
+    PREC: tl.constexpr, READ_START: tl.constexpr, STORE_D0: tl.constexpr,
 ):
-    """Hidden tile ``j`` of row ``r`` once ``d1`` is known: ``d0``, the layer-0 dual read and its
+    """Hidden tile ``j`` of row ``r`` once ``d0`` is known: ``d0`` (to ``d0_ptr`` with
+    ``STORE_D0``: the backward rebuilds the start weights from it), the layer-0 dual read and its
     ``gelu`` ``a``, the tile's parts of ``a W1^T`` and ``a h^T`` (to ``yp`` / ``sp``, summed by
     ``_read``), and the chunk-end tiles of both weights (each a function of this tile alone)."""
     r, j, b, h, rt, rh, rd, tm = _hidden_tile(H, n, BT, BH, BD)
@@ -210,6 +211,8 @@ def _update(
         d1 = tl.load(d1_base + rt[:, None] * DO + cols[None, :])
         e += tl.dot(d1, w1, input_precision=PREC)
     d0 = _gelu_grad(z) * e
+    if STORE_D0:
+        tl.store(d0_ptr + s_off, d0)
 
     if READ_START:  # every token reads the chunk-start weights
         a = _gelu(zq)
@@ -259,6 +262,12 @@ def _read(
     tl.store(y_ptr + r * n * DO + rt[:, None] * DO + cols[None, :], y, mask=tm[:, None])
 
 
+def signal_tokens(n: int) -> int:
+    """The token rows of a chunk of ``n`` in the kernels' buffers: ``n`` padded to a power of two
+    (at least 16, ``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def block(width: int) -> int:
     """The largest of 64 / 32 / 16 dividing ``width`` (0: none does)."""
     return next((bs for bs in (64, 32, 16) if width % bs == 0), 0)
@@ -272,7 +281,7 @@ def _rows(x: Tensor) -> Tensor:
 def sgd_mlp_step_fwd(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor, *,
     precision: str = "ieee", read_start: bool = False, block_h: int | None = None, block_d: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = 4, signals: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk (``n = T <= 64`` tokens) from its start weights: ``(y, W0', W1')``.
 
@@ -280,7 +289,10 @@ def sgd_mlp_step_fwd(
     expanded views are fine), ``w0`` ``[B, H, Hd, Di]``, ``w1`` ``[B, H, Do, Hd]`` (any strides:
     a stride-0 batch, as ``init_state`` shares the initial weights, is read in place). fp32;
     widths multiples of 16. ``block_h`` / ``block_d``: the hidden tile and column block (defaults
-    ``block``); outputs are contiguous."""
+    ``block``); outputs are contiguous. ``signals``: contiguous ``z [B H, BT, Hd]``,
+    ``d1 [B H, BT, Do]`` and ``d0 [B H, BT, Hd]`` (``BT = signal_tokens(n)``) that receive the
+    chunk's error signals (padded tokens' rows zero in ``d0`` / ``d1``), as ``sgd_mlp_rev`` keeps
+    them for its backward."""
     bsz, heads, n, di = q.shape
     hd, do = w0.shape[-2], w1.shape[-2]
     bh, bd = block_h or block(hd), block_d or block(math.gcd(di, do))
@@ -292,15 +304,21 @@ def sgd_mlp_step_fwd(
     if any(x.dtype != torch.float32 for x in tensors):
         raise TypeError("sgd_mlp_step_fwd: fp32 tensors only (the inner loop runs in fp32)")
     q, k, v = _rows(q), _rows(k), _rows(v)
-    bt = max(16, triton.next_power_of_2(n))
+    bt = signal_tokens(n)
     nt = hd // bh
     rows = bsz * heads
     def f32(*shape: int) -> Tensor:
         return torch.empty(*shape, device=q.device, dtype=torch.float32)
 
-    z, zq = f32(rows, bt, hd), f32(rows, bt, hd)
+    if signals is None:
+        z, d1, d0 = f32(rows, bt, hd), f32(rows, bt, do), None
+    else:
+        z, d1, d0 = signals
+        want = [(rows, bt, hd), (rows, bt, do), (rows, bt, hd)]
+        if [tuple(x.shape) for x in signals] != want or not all(x.is_contiguous() for x in signals):
+            raise ValueError(f"sgd_mlp_step_fwd: signals must be contiguous {want}")
+    zq = f32(rows, bt, hd)
     parts = f32(rows, nt, bt, do)  # the tiles' partial predictions, then their partial reads
-    d1 = f32(rows, bt, do)
     sp = f32(rows, nt, bt, bt)
     y = f32(bsz, heads, n, do)
     w0n = f32(bsz, heads, hd, di)
@@ -312,8 +330,9 @@ def sgd_mlp_step_fwd(
     _signals[(rows, nt)](q, k, w0, w1, z, zq, parts, *qs, *ks, *ws, heads, n, hd, nt,
                          BH=bh, DI=di, PREC=precision, **common)
     _error[(rows, do // bd)](parts, v, d1, *vs, heads, n, nt, **common)
-    _update[(rows, nt)](q, k, lr, w0, w1, z, zq, d1, parts, sp, w0n, w1n, *qs, *ks, *ls, *ws, heads, n, hd, nt,
-                        BH=bh, DI=di, PREC=precision, READ_START=read_start, **common)
+    _update[(rows, nt)](q, k, lr, w0, w1, z, zq, d1, parts, sp, w0n, w1n, z if d0 is None else d0,
+                        *qs, *ks, *ls, *ws, heads, n, hd, nt,
+                        BH=bh, DI=di, PREC=precision, READ_START=read_start, STORE_D0=d0 is not None, **common)
     _read[(rows, do // bd)](parts, sp, d1, lr, y, *ls, heads, n, nt, READ_START=read_start, PREC=precision,
                             **common)
     return y, w0n, w1n
