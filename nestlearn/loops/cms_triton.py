@@ -27,6 +27,12 @@ It takes a problem when all of these hold (``supports``; anything else runs ``ru
   gate) and no decay (absent or the constant 0); the ``l2`` objective without ``clip``; a period
   that is a multiple of 16 up to ``sgd_mlp.MAX_CHUNK`` (64). ``read: chunk_start`` is taken too.
 
+In training over two or more chunks the whole chunks are one ``sgd_mlp_rev.SGDMLPChunks`` node:
+it keeps each chunk's error signals and every 16th chunk-start weights, and rebuilds the others
+in the backward (about 10x less saved memory at HOPE's fast level: the 4 MB per sequence and
+chunk of saved weights was most of HOPE's memory at 8 x 2,048; ``NESTLEARN_CMS_KEEP_EVERY``,
+``1``: one ``SGDMLPStep`` per chunk, every start weight saved).
+
 The kernel runs whole chunks from a chunk boundary; ``run_cms_triton`` gives the rest of a chunk
 already begun (a carried ``offset``) and a trailing partial chunk to ``run_dual``, so any call is
 exact. The first use says so once (a warning naming the switch). Its products are fp32 (``ieee``)

@@ -15,7 +15,8 @@ the kernels are decorated).
   fallback where the backward kernel does not fit the device).
 - ``sgd_mlp``: the CMS levels' chunk step (SGD on an in-context MLP), split over programs by
   hidden tiles, four launches per chunk, with ``sgd_mlp_bwd``'s fused backward
-  (``loops/cms_triton.py``; ``sgd_mlp_bwd_ref`` is its spec).
+  (``loops/cms_triton.py``; ``sgd_mlp_bwd_ref`` is its spec); ``sgd_mlp_rev`` trains over
+  many chunks with the chunk-start weights rebuilt in the backward instead of saved.
 - ``gen_dgd``: HOPE's generators over a whole call, forward only, one persistent program per
   (batch, head) (``loops/gen_triton.py``; the op's chunk loop is its reference).
 

@@ -52,7 +52,8 @@ element-wise ops per chunk, through torch.compile where the level compiles its c
 gradients, the oracle. All three are exact and recompute the forward's quantities from the saved
 chunk-start weights and inputs: what stays alive between forward and backward is the chunk's
 inputs and its start weights (as for the closed form, whose graph keeps the same weights), not
-the chunk's intermediates.
+the chunk's intermediates. Training over several chunks goes through ``sgd_mlp_rev.py`` instead,
+which saves the chunks' error signals (``signals=``) and rebuilds most start weights from them.
 
 ``sgd_mlp_step_fwd`` launches the forward of one chunk; ``sgd_mlp_step`` is its differentiable
 entry; ``sgd_mlp`` runs whole chunks from a chunk boundary; ``sgd_mlp_reference`` is the same
