@@ -238,7 +238,9 @@ def _print_text(report: dict[str, Any], console: Console) -> None:
         console.print(Text("kept/token: the fast state alone that the backward keeps per token of each sequence "
                            "(fp32 weights and rule state at every chunk start; `remat: N` divides it by N), a lower "
                            "bound on the level's memory per token: its activations come on top; none for period 1, "
-                           "where it depends on the executor", style="dim"))
+                           "where it depends on the executor; training on CUDA through the CMS kernel, an `mlp` level "
+                           "under `sgd` keeps its chunks' error signals and every 16th weights instead, about 10x "
+                           "less at HOPE's shape", style="dim"))
     _print_no_outer_grad(report.get("no_outer_grad"), console)
 
     b = Table(title=f"block (a DAG, stacked {m['depth']}×; output {report['output']})", title_justify="left")
