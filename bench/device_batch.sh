@@ -88,6 +88,8 @@ rebuilt)
   # and whether 32 x 2,048 and 64K now fit (beside a training run the speeds count only as ratios)
   timeout 150 python3 -m pytest -q -x -m gpu tests/test_triton_cms_rev.py tests/test_triton_cms.py -p no:cacheprovider \
     > "$OUT/gpu_tests_rev.txt" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests_rev.txt"
+  timeout 110 python3 -m bench.triton_cms > "$OUT/triton_cms.txt" 2>&1; echo "triton_cms rc=$?"
+  grep -A12 "forward + backward" "$OUT/triton_cms.txt"
   hope_rows $((limit - SECONDS - 60))
   for f in bench_hope_speed bench_hope_peer; do echo "== $f"; grep "^| " "$OUT/$f.txt" | tail -14; done
   ;;

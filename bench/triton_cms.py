@@ -12,8 +12,10 @@ Forward + backward rows (``grad: unroll``; a loss on the outputs and the end wei
 ``autograd.grad`` to q, k, v, lr and the initial weights): ``run_dual`` eager / compiled /
 compiled + CUDA graph, and the kernel's ``SGDMLPStep`` with its fused backward (``sgd_mlp_bwd.py``,
 the default; eager and from a CUDA graph), its hand-derived PyTorch backward (eager / compiled /
-compiled + CUDA graph) or its recompute through ``run_dual`` (``sgd_mlp.py``'s docstring): fused
-against manual against the closed form in one process. ``--ptxas`` needs no GPU: it prints
+compiled + CUDA graph) or its recompute through ``run_dual`` (``sgd_mlp.py``'s docstring), and
+``sgd_mlp_rev``'s one node over the chunks with the start weights rebuilt in the backward (what
+training runs since the fifteenth session; eager and from a CUDA graph): fused against manual
+against rebuilt against the closed form in one process, with each row's peak memory. ``--ptxas`` needs no GPU: it prints
 registers, spills and shared memory of the fused backward's kernels for sm_90 and exits. Median of ``--reps``
 CUDA-event timings after warm-up; tokens/s counts ``batch x seq``; the last column is the
 largest error against eager ``run_dual`` (of ``y``; of every gradient), relative to its largest entry.
@@ -64,8 +66,15 @@ def dual_out(x: dict[str, torch.Tensor], chunk: int, compiled: bool, grad: str =
 
 
 def kernel_out(x: dict[str, torch.Tensor], chunk: int, precision: str = "ieee", compiled: bool = False,
-               backward: str | None = None, **launch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               backward: str | None = None, rebuilt: bool = False, **launch: Any
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from nestlearn.loops.triton import sgd_mlp
+
+    if rebuilt:  # training's default: one node, start weights rebuilt in the backward (sgd_mlp_rev)
+        from nestlearn.loops.triton.sgd_mlp_rev import sgd_mlp_chunks
+
+        out = sgd_mlp_chunks(*(x[n] for n in NAMES), chunk=chunk, precision=precision)
+        return out.y, *out.weights
 
     if launch and not torch.is_grad_enabled():  # launch options: the raw forward, chunk by chunk
         w0, w1, ys = x["w0"], x["w1"], []
@@ -260,6 +269,7 @@ def main() -> None:
         ("run_dual eager", lambda: train_fn(dual_out, lv, a.chunk, compiled=False, grad="unroll")),
         ("run_dual compiled chunk steps", lambda: train_fn(dual_out, lv, a.chunk, compiled=True, grad="unroll")),
         ("triton fwd + fused bwd", lambda: train_fn(kernel_out, lv, a.chunk, backward="fused")),
+        ("triton, rebuilt start weights (default)", lambda: train_fn(kernel_out, lv, a.chunk, rebuilt=True)),
         ("triton fwd + manual bwd (eager)", lambda: train_fn(kernel_out, lv, a.chunk, backward="manual")),
         ("triton fwd + manual bwd (compiled)",
          lambda: train_fn(kernel_out, lv, a.chunk, compiled=True, backward="manual")),
@@ -271,7 +281,9 @@ def main() -> None:
                   ("triton (compiled manual bwd) + CUDA graph",
                    lambda: graphed_any(train_fn(kernel_out, lv, a.chunk, compiled=True, backward="manual"))),
                   ("triton (fused bwd) + CUDA graph",
-                   lambda: graphed_any(train_fn(kernel_out, lv, a.chunk, backward="fused")))]
+                   lambda: graphed_any(train_fn(kernel_out, lv, a.chunk, backward="fused"))),
+                  ("triton, rebuilt weights + CUDA graph",
+                   lambda: graphed_any(train_fn(kernel_out, lv, a.chunk, rebuilt=True)))]
     ref_g = train_fn(dual_out, lv, a.chunk, compiled=False, grad="unroll")()
     table(f"CMS forward + backward (grad: unroll; dq, dk, dv, dlr, dW0, dW1), {head}", train, ref_g, tokens, chunks,
           a.warmup, max(3, a.reps // 2), memory=True)
