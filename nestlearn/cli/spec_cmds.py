@@ -239,7 +239,7 @@ def _print_text(report: dict[str, Any], console: Console) -> None:
                            "(fp32 weights and rule state at every chunk start; `remat: N` divides it by N), a lower "
                            "bound on the level's memory per token: its activations come on top; none for period 1, "
                            "where it depends on the executor; training on CUDA through the CMS kernel, an `mlp` level "
-                           "under `sgd` keeps its chunks' error signals and every 16th weights instead, about 10x "
+                           "under `sgd` keeps its chunks' error signals and every 16th weights instead, about 8x "
                            "less at HOPE's shape", style="dim"))
     _print_no_outer_grad(report.get("no_outer_grad"), console)
 

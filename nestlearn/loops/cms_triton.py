@@ -29,7 +29,7 @@ It takes a problem when all of these hold (``supports``; anything else runs ``ru
 
 In training over two or more chunks the whole chunks are one ``sgd_mlp_rev.SGDMLPChunks`` node:
 it keeps each chunk's error signals and every 16th chunk-start weights, and rebuilds the others
-in the backward (about 10x less saved memory at HOPE's fast level: the 4 MB per sequence and
+in the backward (about 8x less saved memory at HOPE's fast level: the 4 MB per sequence and
 chunk of saved weights was most of HOPE's memory at 8 x 2,048; ``NESTLEARN_CMS_KEEP_EVERY``,
 ``1``: one ``SGDMLPStep`` per chunk, every start weight saved).
 

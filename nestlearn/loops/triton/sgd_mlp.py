@@ -282,7 +282,7 @@ def _rows(x: Tensor) -> Tensor:
 def sgd_mlp_step_fwd(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor, *,
     precision: str = "ieee", read_start: bool = False, block_h: int | None = None, block_d: int | None = None,
-    num_warps: int = 4, signals: tuple[Tensor, Tensor, Tensor] | None = None,
+    num_warps: int = 4, signals: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk (``n = T <= 64`` tokens) from its start weights: ``(y, W0', W1')``.
 
@@ -290,10 +290,10 @@ def sgd_mlp_step_fwd(
     expanded views are fine), ``w0`` ``[B, H, Hd, Di]``, ``w1`` ``[B, H, Do, Hd]`` (any strides:
     a stride-0 batch, as ``init_state`` shares the initial weights, is read in place). fp32;
     widths multiples of 16. ``block_h`` / ``block_d``: the hidden tile and column block (defaults
-    ``block``); outputs are contiguous. ``signals``: contiguous ``z [B H, BT, Hd]``,
+    ``block``); outputs are contiguous. ``signals``: contiguous ``z, zq [B H, BT, Hd]``,
     ``d1 [B H, BT, Do]`` and ``d0 [B H, BT, Hd]`` (``BT = signal_tokens(n)``) that receive the
-    chunk's error signals (padded tokens' rows zero in ``d0`` / ``d1``), as ``sgd_mlp_rev`` keeps
-    them for its backward."""
+    chunk's signals (``zq = q W0^T``; padded tokens' rows zero in ``d0`` / ``d1``), as
+    ``sgd_mlp_rev`` keeps them for its backward."""
     bsz, heads, n, di = q.shape
     hd, do = w0.shape[-2], w1.shape[-2]
     bh, bd = block_h or block(hd), block_d or block(math.gcd(di, do))
@@ -312,13 +312,12 @@ def sgd_mlp_step_fwd(
         return torch.empty(*shape, device=q.device, dtype=torch.float32)
 
     if signals is None:
-        z, d1, d0 = f32(rows, bt, hd), f32(rows, bt, do), None
+        z, zq, d1, d0 = f32(rows, bt, hd), f32(rows, bt, hd), f32(rows, bt, do), None
     else:
-        z, d1, d0 = signals
-        want = [(rows, bt, hd), (rows, bt, do), (rows, bt, hd)]
+        z, zq, d1, d0 = signals
+        want = [(rows, bt, hd), (rows, bt, hd), (rows, bt, do), (rows, bt, hd)]
         if [tuple(x.shape) for x in signals] != want or not all(x.is_contiguous() for x in signals):
             raise ValueError(f"sgd_mlp_step_fwd: signals must be contiguous {want}")
-    zq = f32(rows, bt, hd)
     parts = f32(rows, nt, bt, do)  # the tiles' partial predictions, then their partial reads
     sp = f32(rows, nt, bt, bt)
     y = f32(bsz, heads, n, do)

@@ -306,12 +306,14 @@ def sgd_mlp_step_bwd(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor,
     gy: Tensor | None, gw0n: Tensor | None, gw1n: Tensor | None, *,
     precision: str = "ieee", read_start: bool = False, block_h: int | None = None, block_d: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = 4, signals: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``sgd_mlp_bwd_ref.sgd_mlp_step_bwd_reference`` as kernels: ``(dq, dk, dv, dlr, dW0, dW1)``
     of one chunk from the cotangents of ``(y, W0', W1')`` (``None``: zero). Shapes and strides as
     ``sgd_mlp_step_fwd``'s inputs (the cotangents too: any strides); the weights' adjoints are full
-    ``[B, H, ., .]``; outputs contiguous. ``block_h`` / ``block_d`` as the forward's."""
+    ``[B, H, ., .]``; outputs contiguous. ``block_h`` / ``block_d`` as the forward's.
+    ``signals``: the forward's ``z, zq, d1`` of this chunk (``sgd_mlp_step_fwd(signals=...)``,
+    as ``sgd_mlp_rev`` keeps them): the first two launches, which recompute them, are skipped."""
     bsz, heads, n, di = q.shape
     hd, do = w0.shape[-2], w1.shape[-2]
     bh, bd = block_h or block(hd), block_d or block(math.gcd(di, do))
@@ -333,9 +335,16 @@ def sgd_mlp_step_bwd(
     def f32(*shape: int) -> Tensor:
         return torch.empty(*shape, device=q.device, dtype=torch.float32)
 
-    z, zq, gzl, a, ge, gz0, d0 = (f32(rows, bt, hd) for _ in range(7))
+    gzl, a, ge, gz0, d0 = (f32(rows, bt, hd) for _ in range(5))
     parts = f32(rows, nt, bt, do)  # partial predictions, then g_d1's partials
-    d1, gp = f32(rows, bt, do), f32(rows, bt, do)
+    gp = f32(rows, bt, do)
+    if signals is None:
+        z, zq, d1 = f32(rows, bt, hd), f32(rows, bt, hd), f32(rows, bt, do)
+    else:
+        z, zq, d1 = signals
+        want = [(rows, bt, hd), (rows, bt, hd), (rows, bt, do)]
+        if [tuple(x.shape) for x in signals] != want or not all(x.is_contiguous() for x in signals):
+            raise ValueError(f"sgd_mlp_step_bwd: signals must be contiguous {want}")
     sp, gap = f32(rows, nt, bt, bt), f32(rows, nt, bt, bt)
     lrp = f32(rows, nt, bt)
     gqp, gkp = f32(rows, nt, bt, di), f32(rows, nt, bt, di)
@@ -348,9 +357,10 @@ def sgd_mlp_step_bwd(
     gs = (*g0.stride(), *g1.stride())
     common = {"BT": bt, "BD": bd, "DO": do, "num_warps": num_warps}
     tiles, cols_o, cols_i = (rows, nt), (rows, do // bd), (rows, di // bd)
-    _signals[tiles](q, k, w0, w1, z, zq, parts, *qs, *ks, *ws, heads, n, hd, nt, BH=bh, DI=di, PREC=precision,
-                    **common)
-    _error[cols_o](parts, v, d1, *vs, heads, n, nt, **common)
+    if signals is None:
+        _signals[tiles](q, k, w0, w1, z, zq, parts, *qs, *ks, *ws, heads, n, hd, nt, BH=bh, DI=di, PREC=precision,
+                        **common)
+        _error[cols_o](parts, v, d1, *vs, heads, n, nt, **common)
     _bwd_local[tiles](q, k, lr, w1, g0, g1, gy_, z, zq, d1, gzl, a, ge, gz0, d0, parts, sp, gap, lrp,
                       *qs, *ks, *ls, *w1.stride(), *gs, *ys, heads, n, hd, nt,
                       BH=bh, DI=di, PREC=precision, READ_START=read_start, **common)

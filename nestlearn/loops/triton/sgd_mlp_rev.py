@@ -11,17 +11,18 @@ decay moves the weights by a rank-``n`` step built from the chunk's error signal
 
 (``sgd_mlp.py``'s step 3), so a chunk's start weights follow from its end weights and its
 signals ``z [n, Hd]``, ``d0 [n, Hd]``, ``d1 [n, Do]`` (``k`` and ``lr`` are inputs, saved
-anyway): ``n (2 Hd + Do)`` numbers per sequence and chunk against ``Hd (Di + Do)``, 25x fewer at
-the fast level's shape. The forward kernel writes the signals it computes anyway
-(``sgd_mlp_step_fwd(signals=...)``); the backward walks the chunks in reverse, adds each step
-back to the weights it holds, and runs the fused backward (``sgd_mlp_bwd``) of that chunk from
-them, as ``SGDMLPStep`` does from saved ones.
+anyway). The forward kernel writes those signals, and ``zq = q W0^T``, which it computes anyway
+(``sgd_mlp_step_fwd(signals=...)``): ``n (3 Hd + Do)`` numbers per sequence and chunk against
+``Hd (Di + Do)`` weights, 18x fewer at the fast level's shape. The backward walks the chunks in
+reverse, adds each step back to the weights it holds, and runs the fused backward
+(``sgd_mlp_bwd``) of that chunk from them and the saved ``z, zq, d1``, which spares its first
+two launches (they recompute exactly those).
 
 Exactness. ``fl(fl(W - s) + s)`` is ``W`` within an ulp of ``W``, and the rebuilt step is the
 kernel's up to its summation order, so each rebuilt chunk adds about one ulp of the weights. The
 weights of every ``keep``-th chunk start are saved exactly, and the walk restarts from them,
 so no rebuilt weight is more than ``keep - 1`` steps from a saved one (``KEEP_EVERY`` = 16:
-with the signals, about 10x less than saving every chunk at the fast level's shape;
+with the signals, about 8x less than saving every chunk at the fast level's shape;
 ``NESTLEARN_CMS_KEEP_EVERY=1`` saves every chunk through ``SGDMLPStep``, the old path).
 ``tests/test_triton_cms.py`` checks outputs and every outer gradient against the closed form
 (``run_dual``) and the saved bytes against their formula.
@@ -79,7 +80,7 @@ class SGDMLPChunks(torch.autograd.Function):
         hd, do = w0.shape[-2], w1.shape[-2]
         n_chunks, bt, rows = t // chunk, signal_tokens(chunk), bsz * heads
         z = q.new_empty(n_chunks, rows, bt, hd)
-        d0 = torch.empty_like(z)
+        zq, d0 = torch.empty_like(z), torch.empty_like(z)
         d1 = q.new_empty(n_chunks, rows, bt, do)
         kept: list[Tensor] = []
         ys = []
@@ -91,9 +92,9 @@ class SGDMLPChunks(torch.autograd.Function):
             sl = slice(c * chunk, (c + 1) * chunk)
             y, w0, w1 = sgd_mlp_step_fwd(q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], w0, w1,
                                          precision=precision, read_start=read_start,
-                                         signals=(z[c], d1[c], d0[c]))
+                                         signals=(z[c], zq[c], d1[c], d0[c]))
             ys.append(y)
-        ctx.save_for_backward(q, k, v, lr, w0, w1, z, d0, d1, *kept)
+        ctx.save_for_backward(q, k, v, lr, w0, w1, z, zq, d0, d1, *kept)
         ctx.cfg = (chunk, keep, precision, read_start)
         ctx.set_materialize_grads(False)
         return torch.cat(ys, 2), w0, w1, a0, a1
@@ -102,7 +103,7 @@ class SGDMLPChunks(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, gy: Tensor | None, g0: Tensor | None, g1: Tensor | None, ga0: Tensor | None,
                  ga1: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k, v, lr, w0, w1, z, d0, d1, *kept = ctx.saved_tensors
+        q, k, v, lr, w0, w1, z, zq, d0, d1, *kept = ctx.saved_tensors
         chunk, keep, precision, read_start = ctx.cfg
         bsz, heads, t, di = q.shape
         n_chunks, rows = t // chunk, bsz * heads
@@ -123,7 +124,8 @@ class SGDMLPChunks(torch.autograd.Function):
                 dq_c, dk_c, dv_c, dlr_c, g0, g1 = sgd_mlp_step_bwd(
                     q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], w0, w1, gy_c, g0, g1,
                     precision=precision, read_start=read_start, block_h=LAUNCH.get("block_h"),
-                    block_d=LAUNCH.get("block_d"), num_warps=LAUNCH.get("num_warps", 4))
+                    block_d=LAUNCH.get("block_d"), num_warps=LAUNCH.get("num_warps", 4),
+                    signals=(z[c], zq[c], d1[c]))
                 if c == n_chunks - 1:  # the anchor is the last chunk's start weights
                     g0 = g0 if ga0 is None else g0 + ga0
                     g1 = g1 if ga1 is None else g1 + ga1
