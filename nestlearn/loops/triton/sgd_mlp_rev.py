@@ -62,11 +62,12 @@ def keep_every() -> int:
 _warned: set[str] = set()
 
 
-def _step(d: Tensor, lr: Tensor, x: Tensor) -> Tensor:
-    """``(lr * d)^T x`` per row: ``d [R, BT, A]`` (signal rows, padded ones zero), ``lr [R, n]``,
-    ``x [R, n, C]`` -> ``[R, A, C]``."""
+def _add_step(w: Tensor, d: Tensor, lr: Tensor, x: Tensor) -> Tensor:
+    """``w + (lr * d)^T x`` per row in one kernel: ``w [B, H, A, C]`` (the chunk's end weights),
+    ``d [R, BT, A]`` (signal rows, padded ones zero), ``lr [R, n]``, ``x [R, n, C]``."""
     n = x.shape[1]
-    return torch.bmm((d[:, :n] * lr[:, :, None]).transpose(1, 2), x)
+    rows = d.shape[0]
+    return torch.baddbmm(w.reshape(rows, *w.shape[-2:]), (d[:, :n] * lr[:, :, None]).transpose(1, 2), x).view(w.shape)
 
 
 class SGDMLPChunks(torch.autograd.Function):
@@ -118,8 +119,8 @@ class SGDMLPChunks(torch.autograd.Function):
                     lr_c = lr[:, :, sl].reshape(rows, chunk)
                     k_c = k[:, :, sl].reshape(rows, chunk, di)
                     h_c = F.gelu(z[c][:, :chunk])
-                    w0 = w0 + _step(d0[c], lr_c, k_c).view(w0.shape)
-                    w1 = w1 + _step(d1[c], lr_c, h_c).view(w1.shape)
+                    w0 = _add_step(w0, d0[c], lr_c, k_c)
+                    w1 = _add_step(w1, d1[c], lr_c, h_c)
                 gy_c = None if gy is None else gy[:, :, sl]
                 dq_c, dk_c, dv_c, dlr_c, g0, g1 = sgd_mlp_step_bwd(
                     q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], w0, w1, gy_c, g0, g1,
