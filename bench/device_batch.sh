@@ -10,7 +10,7 @@
 #   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200;
 #           JOBS=N trains N at once, SEED)
 #   speed   HOPE against the same-size GPT at 8 / 32 x 2,048 and 1 x 2K / 16K / 64K (issue 12's rows)
-#   rebuilt the CMS kernel's rebuilt start weights: GPU tests, then hope_rows (memory at 32 x 2K / 64K)
+#   rebuilt the CMS kernel's rebuilt start weights: GPU tests, HOPE's rows (memory at 32 x 2K / 64K), triton_cms
 #   mixed   speed's graphed rows, the peer HOPE and a fast spec's 1,000-step health run (FAST)
 #   long    HOPE with remat at 32 x 2,048 and 1 x 65,536 (graphed and eager)
 #   tiles   the CMS kernels' tilings at c1's shape (more programs, more warps), eagerly
@@ -84,14 +84,16 @@ speed)
   ;;
 rebuilt)
   # the CMS level's start weights rebuilt in the backward (loops/triton/sgd_mlp_rev.py): its GPU
-  # tests, then hope_rows (8 / 32 x 2,048, 1 x 2K / 16K / 64K, graphed): the peak memory per row,
-  # and whether 32 x 2,048 and 64K now fit (beside a training run the speeds count only as ratios)
+  # tests, then HOPE and the GPT from graphs at 8 / 32 x 2,048 and 1 x 65,536 (the peak memory per
+  # row, and whether 32 x 2,048 and 64K now fit), then the CMS kernels' bench in what is left
+  # (beside a training run the speeds count only as ratios)
   timeout 150 python3 -m pytest -q -x -m gpu tests/test_triton_cms_rev.py tests/test_triton_cms.py -p no:cacheprovider \
     > "$OUT/gpu_tests_rev.txt" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests_rev.txt"
-  timeout 110 python3 -m bench.triton_cms > "$OUT/triton_cms.txt" 2>&1; echo "triton_cms rc=$?"
-  grep -A12 "forward + backward" "$OUT/triton_cms.txt"
-  hope_rows $((limit - SECONDS - 60))
-  for f in bench_hope_speed bench_hope_peer; do echo "== $f"; grep "^| " "$OUT/$f.txt" | tail -14; done
+  timeout $((limit - SECONDS - 120)) python3 -m bench --device cuda --only hope:nestlearn+graph,gpt:nestlearn+graph \
+    --seqs 65536 --budget 4 --skip-after 200 --graph-warmup 1 --out "$OUT/bench_hope_rebuilt.json" \
+    > "$OUT/bench_hope_rebuilt.txt" 2>&1; echo "hope rows rc=$?"
+  timeout $((limit - SECONDS - 10)) python3 -m bench.triton_cms > "$OUT/triton_cms.txt" 2>&1; echo "triton_cms rc=$?"
+  grep "^| \|^\[" "$OUT/bench_hope_rebuilt.txt" | tail -12; grep -A12 "forward + backward" "$OUT/triton_cms.txt"
   ;;
 mixed)
   # one lease's worth when machines are scarce: hope_rows, then the 1,000-step health run of a
