@@ -16,21 +16,18 @@ import torch
 from nestlearn.loops import cms_triton as glue
 from nestlearn.loops.dual import run_dual
 from tests.test_triton_cms import ARGS, CUDA, DEV, TOL, _rel, call, inputs, leaves, problem, state_of
-from tests.triton_interpret import import_kernels
+from tests.triton_interpret import import_kernels, kernel_for_test
 
 _KERNEL, _WHY = import_kernels("nestlearn.loops.triton.sgd_mlp_rev", "nestlearn.loops.triton.sgd_mlp")
 
 
 @pytest.fixture
 def rev(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The module; on the CPU with ``TRITON_INTERPRET=1`` set during the test."""
-    if _KERNEL is None:
-        pytest.skip(_WHY)
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
+    """The module; on the CPU with ``TRITON_INTERPRET=1`` set during the test, on CUDA fp32
+    products without TF32 (restored after)."""
+    if CUDA:
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    return _KERNEL
+    return kernel_for_test(_KERNEL, _WHY, monkeypatch)
 
 
 def _grads(fn: Any, ts: list[torch.Tensor], seed: int, **kw: Any) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
