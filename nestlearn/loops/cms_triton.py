@@ -4,15 +4,16 @@ does: outputs, carried state and (training) every outer gradient.
 
 It takes a problem when all of these hold (``supports``; anything else runs ``run_dual``):
 
-- without gradients (evaluation, generation), and in training (the fused backward) except where
-  the level's chunk steps are compiled (``--compile``) and a CUDA graph is being captured: there
-  the compiled closed form is a little faster. On an H100 (2026-12-07, ``python -m
-  bench.triton_cms``, c1's shape: 8 x 2,048, 512 -> 1,024 -> 512, chunk 16, forward + backward,
-  same process; ``bench/results/h100_2026-12-07_session10/``) the kernels took 92.5 ms eagerly
-  against 146.2 ms for the compiled closed form and 229.5 ms for the eager one, 75.8 ms from a
-  CUDA graph against 71.7 ms for the compiled closed form in one (4,305 against 4,804 MiB at
-  the peak; gradients within 2.2e-6). ``NESTLEARN_CMS_TRITON=1`` takes the kernel everywhere,
-  ``infer`` only without gradients, ``0`` never;
+- without gradients (evaluation, generation), and in training (the fused backward), compiled
+  chunk steps (``--compile``) inside a CUDA graph included since the fifteenth session: there the
+  compiled closed form had been a little faster, but it saves every chunk's weights for the
+  backward, which the kernel's training node no longer does (below). On an H100 (2026-12-07,
+  ``python -m bench.triton_cms``, c1's shape: 8 x 2,048, 512 -> 1,024 -> 512, chunk 16, forward
+  + backward, same process; ``bench/results/h100_2026-12-07_session10/``) the kernels took
+  92.5 ms eagerly against 146.2 ms for the compiled closed form and 229.5 ms for the eager one,
+  75.8 ms from a CUDA graph against 71.7 ms for the compiled closed form in one (4,305 against
+  4,804 MiB at the peak; gradients within 2.2e-6), both before the rebuilt start weights.
+  ``NESTLEARN_CMS_TRITON=infer`` takes the kernel only without gradients, ``0`` never;
 - the tensors live on one CUDA device (NVIDIA), in fp32 (or half precision under autocast:
   ``loops.run`` casts such problems to fp32 first), and triton is installed and not switched
   off (``NESTLEARN_TRITON=0``);
@@ -60,9 +61,8 @@ MAX_CHUNK = 64
 
 
 def mode() -> str:
-    """``NESTLEARN_CMS_TRITON``: ``auto`` (unset: training too, but not compiled chunk steps inside
-    a CUDA graph), ``train`` (1/true/on/yes: training everywhere), ``infer`` (no-grad calls only)
-    or ``off`` (0/false/off/no). The module docstring gives the timings behind ``auto``."""
+    """``NESTLEARN_CMS_TRITON``: ``auto`` (unset) or ``train`` (1/true/on/yes/train): training
+    too; ``infer``: no-grad calls only; ``off`` (0/false/off/no)."""
     value = os.environ.get("NESTLEARN_CMS_TRITON", "auto").strip().lower()
     if value in ("1", "true", "on", "yes", "train"):
         return "train"
@@ -71,11 +71,9 @@ def mode() -> str:
     return "infer" if value == "infer" else "auto"
 
 
-def trains(pb: MemoryProblem) -> bool:
-    """Training goes through the kernel for ``pb``: ``train``, or ``auto`` unless ``pb``'s chunk
-    steps are compiled and a CUDA graph is being captured (module docstring)."""
-    m = mode()
-    return m == "train" or (m == "auto" and not (pb.compiled and kernels.capturing(pb.q)))
+def trains() -> bool:
+    """Training goes through the kernel: ``train`` or ``auto`` (module docstring)."""
+    return mode() in ("train", "auto")
 
 
 def supports(pb: MemoryProblem) -> bool:
@@ -120,7 +118,7 @@ def _grad_wanted(ts: list[Tensor]) -> bool:
 def _grad_ok(pb: MemoryProblem, ts: list[Tensor]) -> bool:
     """No gradient wanted, or the one the kernel's backward computes (``unroll``) unless the user
     kept training on the closed form (``NESTLEARN_TRITON=infer``)."""
-    return (pb.grad.kind == "unroll" and kernels.training_enabled() and trains(pb)) or not _grad_wanted(ts)
+    return (pb.grad.kind == "unroll" and kernels.training_enabled() and trains()) or not _grad_wanted(ts)
 
 
 def run_cms_triton(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
