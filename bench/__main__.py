@@ -148,7 +148,7 @@ def _write(path: str, doc: dict) -> None:
 
 def _print_row(r: dict, progress: str = "") -> None:
     tps = f"{r['tokens_per_s']:.4g}" if r.get("status") == "ok" else r.get("status")
-    print(f"{progress:>8} {r['name']:<16} {r['impl']:<19} {r['batch']}x{r['seq']:<6} {r['dtype']:<5} {tps} "
+    print(f"{progress:>8} {r['name']:<16} {r['impl']:<19} {r['batch']}x{r['seq']:<6} {r['dtype']:<8} {tps} "
           f"{r.get('error', '')}", flush=True)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import nestlearn
-from bench.run import graphed, positive_int, seconds_of
+from bench.run import graphed, positive_int, seconds_of, trainer_precision
 from nestlearn.compile.basic import Op
 from nestlearn.compile.model import Block
 from nestlearn.compile.selfmod import SelfModOp
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=positive_int, default=2048)
     ap.add_argument("--batch", type=positive_int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                    help="bf16: fp32 weights under bf16 autocast, as nestlearn run trains (default: bf16 on CUDA, "
+                         "fp32 on CPU)")
     ap.add_argument("--reps", type=positive_int, default=3)
     ap.add_argument("--no-graph", action="store_true", help="CUDA: eager rows only")
     ap.add_argument("--compile", action="store_true",
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--device: expected cpu, cuda or cuda:N, got {a.device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         return _fail("CUDA is not available; use --device cpu")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if dev.type == "cuda" else "fp32")]
+    bf16 = (a.dtype or ("bf16" if dev.type == "cuda" else "fp32")) == "bf16"
+    dtype = "bf16 autocast, fp32 weights" if bf16 else "fp32"
     torch.manual_seed(0)
     try:
         model = nestlearn.compile(a.spec, a.set)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{a.spec}: {err.strerror or err}")
     if model.embed is None:
         return _fail(f"{a.spec}: bench.breakdown needs a token model (model.input: tokens)")
-    model.to(dev, dtype)  # in place (no rebinding: model.embed stays known not to be None)
+    model.to(dev)  # in place (no rebinding: model.embed stays known not to be None)
     model.compile_chunk_steps(a.compile)
     spec = model.spec
     x = torch.randint(0, spec.model.vocab, (a.batch, a.seq + 1), device=dev)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     # the first block's inputs, op by op
     block = model.blocks[0]
     assert isinstance(block, Block)
-    with torch.no_grad():
+    with torch.no_grad(), trainer_precision(dev, bf16):
         values: dict[str, Tensor] = {"x": model.embed(inp)}
         rows: list[tuple[str, str, str, Callable[[], None]]] = []
         for i in block.order:
@@ -140,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
 
     failed: list[str] = []
 
-    def both(step: Callable[[], None], name: str) -> tuple[float, float | None]:
+    def both(bare: Callable[[], None], name: str) -> tuple[float, float | None]:
+        def step() -> None:
+            with trainer_precision(dev, bf16):
+                bare()
+
         eager = timed(step, dev, a.reps)
         if not graph:
             return eager, None

@@ -107,7 +107,16 @@ def time_case(case: Case, dev: torch.device, warmup: int, reps: int, budget_s: f
 # ----------------------------------------------------------------------------- builders
 
 def _dt(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
+    """The weights' dtype of a row: ``bf16-amp`` keeps fp32 weights (``trainer_precision``)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-amp": torch.float32, "fp64": torch.float64}[name]
+
+
+def trainer_precision(dev: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 as ``nestlearn run`` trains in it: fp32 weights, the forward under bf16 autocast, so the
+    inner loops run in fp32 through their kernels (bf16 weights would send HOPE's levels to the
+    bf16 closed forms, a path no training run takes); autocast's cache off so a CUDA graph can
+    capture it."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else contextlib.nullcontext()
 
 
 def _randomise_gates(model: torch.nn.Module) -> None:
@@ -190,11 +199,15 @@ def compiled_step(doc: dict[str, Any], b: int, t: int, dtype: str, dev: torch.de
             forward = lambda: model(inp)[0]  # noqa: E731
             loss_of = lambda out: F.cross_entropy(out.float().flatten(0, 1), tgt.flatten())  # noqa: E731
 
+        amp = dtype == "bf16-amp"
+
         def step() -> None:
             for p in params:
                 p.grad = None
             with _fla_on(fla):
-                loss_of(forward()).backward()
+                with trainer_precision(dev, amp):
+                    loss = loss_of(forward())
+                loss.backward()
 
         if fla:
             _require_fla_dispatch(step)
@@ -404,6 +417,9 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
     ``graph_warmup``: eager calls before a CUDA graph's capture."""
     gpu = dev.type == "cuda"
     lp = "bf16" if gpu else "fp32"  # CPU has no fast bf16; time the same graphs in fp32
+    # whole specs train as `nestlearn run` does: fp32 weights under bf16 autocast (until the
+    # fifteenth session they ran in bf16 weights, which kept HOPE off its fp32 kernels)
+    amp = "bf16-amp" if gpu else "fp32"
     fla = gpu and _fla_kernels()  # our fla backend's rows (fla installed, CUDA)
     D = 512 if not small else 64
     out: list[Case] = []
@@ -433,10 +449,10 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
     dn = specs.deltanet(D, 4, None if not small else 16)
     dn_sizes = [(8, 2048), (1, 65536)] if not small else [(2, 128)]
     for b, t in dn_sizes:
-        out.append(Case("deltanet", "nestlearn", b, t, lp, compiled_step(dn, b, t, lp, dev),
+        out.append(Case("deltanet", "nestlearn", b, t, amp, compiled_step(dn, b, t, amp, dev),
                         note="whole spec: q/k/v/gate/out projections + delta rule"))
         if fla:
-            out.append(Case("deltanet", "nestlearn+fla", b, t, lp, compiled_step(dn, b, t, lp, dev, fla=True),
+            out.append(Case("deltanet", "nestlearn+fla", b, t, amp, compiled_step(dn, b, t, amp, dev, fla=True),
                             note="whole spec, delta rule dispatched to fla (loops/fla_backend.py)"))
         out.append(Case("deltanet-kernel", "nestlearn", b, t, lp,
                         delta_kernel_step(b, t, 4, D // 4, dev, "torch"), note="bare delta rule, fp32 inside"))
@@ -452,13 +468,13 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
                             delta_kernel_step(b, t, 4, D // 4, dev, "torch", n), note=f"bare delta rule, chunk {n}"))
     gpt = specs.transformer(D, 4 if not small else 2, 4)
     for b, t in gpt_sizes:
-        out.append(Case("gpt", "nestlearn", b, t, lp, compiled_step(gpt, b, t, lp, dev)))
+        out.append(Case("gpt", "nestlearn", b, t, amp, compiled_step(gpt, b, t, amp, dev)))
     sdpa_sizes = [(1, s) for s in seqs]
     for b, t in sdpa_sizes:
         out.append(Case("sdpa", "torch", b, t, lp, sdpa_step(b, t, 4, D // 4, dev)))
     stack = specs.titans_stack(D, 4 if not small else 2, 4, 64 if not small else 16)
     for t in seqs:
-        out.append(Case("titans-stack", "nestlearn", 1, t, lp, compiled_step(stack, 1, t, lp, dev)))
+        out.append(Case("titans-stack", "nestlearn", 1, t, amp, compiled_step(stack, 1, t, amp, dev)))
     # the shipped chunks (main 16, generators 64), both at 16 (the first session's HOPE), both at 64
     # and the shipped chunks with remat on the levels that save the most per chunk (peak memory)
     hope_variants: dict[str, dict[str, Any]] = {
@@ -474,9 +490,9 @@ def cases(dev: torch.device, small: bool, only: set[str] | None, chunks: tuple[i
             sizes = [(8, 2048), (32, 2048), *sizes]
         for b, t in sizes:
             note = ", ".join(f"{k}={v}" for k, v in periods.items())
-            out.append(Case(name, "nestlearn", b, t, lp, compiled_step(hope, b, t, lp, dev), note=note))
-            out.append(Case(name, "nestlearn-compiled-step", b, t, lp,
-                            compiled_step(hope, b, t, lp, dev, compile_steps=True),
+            out.append(Case(name, "nestlearn", b, t, amp, compiled_step(hope, b, t, amp, dev), note=note))
+            out.append(Case(name, "nestlearn-compiled-step", b, t, amp,
+                            compiled_step(hope, b, t, amp, dev, compile_steps=True),
                             note=", ".join([*([note] if note else []), "chunk steps through torch.compile"])))
     if importable("nested_learning.model"):  # the peer HOPE (kmccleary3301 nested-learning 0.2.0)
         kd, kl = (D, 4) if not small else (D, 2)

@@ -3,9 +3,12 @@ a whole model's forward + backward with its blocks in a loop and as a wavefront 
 (``compile/wavefront.py``), timed in one process, eagerly and from a CUDA graph. One table at the
 end: tokens/s per (spec, shape, segment) and the ratio to the block loop, plus the largest
 difference of the outer gradients from the loop's (the check that the overlap computed the same
-thing). In a dtype below fp32 a last column gives each row's difference from the block loop run
-in fp32 on the same weights: the wavefront is as accurate as the loop when its figure is no
-larger than the loop's own (a reordering moves low-precision gradients by about their error).
+thing). Under bf16 (the default on CUDA: fp32 weights, the forward under bf16 autocast, as
+``nestlearn run`` trains; until the fifteenth session the weights themselves were bf16, which
+sent HOPE's levels to the bf16 closed forms instead of their fp32 kernels) a last column gives
+each row's difference from the block loop run in fp32: the wavefront is as accurate as the loop
+when its figure is no larger than the loop's own (a reordering moves low-precision gradients by
+about their error).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 
 import nestlearn
 from bench.breakdown import timed
-from bench.run import graphed, positive_int, relative_error
+from bench.run import graphed, positive_int, relative_error, trainer_precision
 
 SPECS = ("models/hope.yaml", "specs/titans-mal.yaml")
 
@@ -42,18 +45,22 @@ difference from the fp32 loop or None)."""
 
 
 def time_model(model: Any, b: int, t: int, segments: list[int], dev: torch.device, reps: int,
-               graph: bool) -> list[Row]:
+               graph: bool, bf16: bool = False) -> list[Row]:
     """One row per segment (``loop`` first): eager and graphed seconds of a forward + backward,
     and the largest gradient difference from the loop's, relative to that gradient's largest entry
-    (and from the loop's in fp32 when the model is in a lower precision)."""
+    (and, under ``bf16`` -- fp32 weights, the forward under bf16 autocast, as ``nestlearn run``
+    trains -- from the loop's in fp32)."""
     name = model.spec.name
     x = torch.randint(0, model.spec.model.vocab, (b, t + 1), device=dev)
+    amp = [bf16]
 
     def step() -> None:
         for q in model.parameters():
             q.grad = None
-        out = model(x[:, :-1])[0]
-        F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+        with trainer_precision(dev, amp[0]):
+            out = model(x[:, :-1])[0]
+            loss = F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
 
     def grads() -> list[torch.Tensor]:
         step()
@@ -61,12 +68,11 @@ def time_model(model: Any, b: int, t: int, segments: list[int], dev: torch.devic
 
     rows: list[Row] = []
     model.set_wavefront(None)
-    dtype = next(model.parameters()).dtype
     ref32: list[torch.Tensor] | None = None
-    if dtype != torch.float32:  # the same weights in fp32 (bf16 -> fp32 -> bf16 is lossless)
-        model.float()
+    if bf16:  # the loop without autocast
+        amp[0] = False
         ref32 = grads()
-        model.to(dtype)
+        amp[0] = True
     ref = grads()
     for seg in [None, *segments]:
         model.set_wavefront(seg)
@@ -97,27 +103,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=positive_int, default=3)
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="the model's weights (auto: bf16 on CUDA, fp32 on the CPU)")
+                   help="bf16: fp32 weights under bf16 autocast, as nestlearn run trains (auto: bf16 on CUDA, "
+                        "fp32 on the CPU)")
     p.add_argument("--set", nargs="*", default=[], help="spec overrides (key=value)")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     graph = dev.type == "cuda" and not a.no_graph
     bf16 = a.dtype == "bf16" or (a.dtype == "auto" and dev.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
     rows: list[Row] = []
     for path in a.specs:
         torch.manual_seed(0)
         try:
-            model = nestlearn.compile(path, a.set).to(dev, dtype)
+            model = nestlearn.compile(path, a.set).to(dev)
         except Exception as err:  # noqa: BLE001 - one line per unusable spec, the table goes on
             print(f"{path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
             continue
         for b, t in a.shapes:
-            rows += time_model(model, b, t, a.segments, dev, a.reps, graph)
+            rows += time_model(model, b, t, a.segments, dev, a.reps, graph, bf16)
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    print(f"\n# forward + backward, {dtype}, {device}; ratio = tokens/s against the block loop's (graph where timed)")
+    precision = "bf16 autocast, fp32 weights" if bf16 else "fp32"
+    print(f"\n# forward + backward, {precision}, {device}; ratio = tokens/s against the block loop's (graph where timed)")
     print(f"{'spec':<12} {'shape':>9} {'segment':>8} {'eager tok/s':>12} {'graph tok/s':>12} {'ratio':>6} {'grad diff':>9}"
-          + (f" {'vs fp32':>8}" if dtype != torch.float32 else ""))
+          + (f" {'vs fp32':>8}" if bf16 else ""))
     base: dict[tuple[str, str], float] = {}
     for name, shp, seg, eager, replay, diff, diff32 in rows:
         b, t = shape(shp)

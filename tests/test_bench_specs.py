@@ -74,3 +74,36 @@ def test_handwritten_equals_compiled(t: int, gate: str) -> None:
     grads_hand = torch.autograd.grad(y_hand.square().mean(), params)
     for g, gh in zip(grads, grads_hand):
         assert (g - gh).abs().max().item() < 1e-10
+
+
+def test_whole_spec_rows_train_as_nestlearn_run_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``bf16-amp`` row (every whole-spec row on CUDA) keeps fp32 weights and runs the forward
+    under bf16 autocast, as ``nestlearn run`` trains: ``loops.run`` then hands the executors fp32
+    problems and HOPE's levels take their fp32 kernels (bf16 weights had sent them to the bf16
+    closed forms). On the CPU through CPU autocast, seen where the memory ops call ``loops.run``."""
+    import sys
+
+    from bench.run import compiled_step
+
+    memory_op = sys.modules["nestlearn.compile.memory_op"]
+    compile_pkg = sys.modules["nestlearn.compile"]
+    seen: list[torch.dtype | None] = []
+    models: list[torch.nn.Module] = []
+    real_compile, real_run = compile_pkg.compile_spec, memory_op.run
+
+    def spy_compile(*a: object, **kw: object) -> torch.nn.Module:
+        models.append(real_compile(*a, **kw))
+        return models[-1]
+
+    def spy_run(*a: object, **kw: object) -> object:
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real_run(*a, **kw)
+
+    monkeypatch.setattr(compile_pkg, "compile_spec", spy_compile)
+    monkeypatch.setattr(memory_op, "run", spy_run)
+    doc = specs.hope(32, 1, 2)
+    assert doc is not None
+    doc["levels"]["cms_mid"]["period"], doc["levels"]["cms_slow"]["period"] = 32, 64
+    compiled_step(doc, 1, 64, "bf16-amp", torch.device("cpu"))()()
+    assert models and all(p.dtype == torch.float32 for p in models[0].parameters())
+    assert seen == [torch.bfloat16] * 3  # c1, c2, c3 under bf16 autocast

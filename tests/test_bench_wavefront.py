@@ -22,8 +22,9 @@ def test_table_has_the_loop_and_each_segment(capsys: pytest.CaptureFixture[str])
 
 
 def test_bf16_rows_carry_their_distance_from_fp32(capsys: pytest.CaptureFixture[str]) -> None:
-    """In bf16 each row also gives its gradients' difference from the fp32 block loop on the same
-    weights: nonzero for the loop itself (bf16's own error), and of that order for the wavefront."""
+    """In bf16 (fp32 weights under bf16 autocast, as nestlearn run trains) each row also gives its
+    gradients' difference from the block loop without autocast: nonzero for the loop itself
+    (bf16's own error), and of that order for the wavefront."""
     rc = wavefront.main(["specs/titans-mal.yaml", "--shapes", "1x64", "--segments", "16", "--device", "cpu",
                          "--reps", "1", "--dtype", "bf16", "--set", "model.dim=32", "model.depth=2", "model.heads=2"])
     out = capsys.readouterr().out
