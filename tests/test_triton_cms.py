@@ -272,7 +272,7 @@ def test_executor_row_gradients_with_partial_chunks(sgd_mlp: ModuleType, monkeyp
 
 
 def test_supports_refuses_what_it_must(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Exactly a CMS level: the memory, rule, objective, clip and period; CPU tensors never."""
+    """Exactly a CMS level: the memory, rule, objective and period (a clip is taken); CPU tensors never."""
     x = inputs(1, 32)
     pb = problem(x, 16)
     assert glue.shape_ok(pb) and glue._tensors_ok(pb)
@@ -290,7 +290,6 @@ def test_supports_refuses_what_it_must(monkeypatch: pytest.MonkeyPatch) -> None:
         "decay_to init": replace(pb, rule=rules.sgd(0.0, decay_to="init")),
         "dgd": replace(pb, rule=rules.dgd(0.0, 0.0, 0.0)),
         "dot": replace(pb, objective=objectives.dot),
-        "clip": replace(pb, clip=1.0),
         "period 8": replace(pb, period=8),
         "period 24": replace(pb, period=24),
         "period 128": replace(pb, period=128),
@@ -299,6 +298,7 @@ def test_supports_refuses_what_it_must(monkeypatch: pytest.MonkeyPatch) -> None:
     refused = {n for n, p in variants.items() if not glue.shape_ok(p)}
     assert refused == set(variants)
     assert glue.shape_ok(replace(pb, period=48)) and glue.shape_ok(replace(pb, read_start=True))
+    assert glue.shape_ok(replace(pb, clip=1.0))
     assert not glue._tensors_ok(replace(pb, q=pb.q.double()))
     monkeypatch.setenv("NESTLEARN_TRITON", "0")
     assert not glue.supports(pb)

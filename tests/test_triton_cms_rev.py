@@ -65,6 +65,24 @@ def test_a_long_rebuilt_walk_stays_exact(rev: ModuleType) -> None:
     assert max(errs.values()) < TOL, errs
 
 
+@pytest.mark.parametrize("clip", [20.0, 2.0])
+def test_clipped_rate_equals_closed_form(rev: ModuleType, clip: float) -> None:
+    """The level's per-token ``clip`` (a scale of each token's rate, ``clip_scale``): outputs and
+    every gradient, through the clip too, equal ``run_dual`` with the same clip (which scales its
+    signals, ``chunks.chunk_signals``); at these sizes the clip binds on every token (the first
+    chunk's scales are 0.06-0.23 already at clip 8), so the outputs differ from the unclipped."""
+    from nestlearn.loops.triton import sgd_mlp
+
+    ts = leaves(inputs(2, 64, hidden=48, heads=2, seed=13, lr_max=0.02))
+    out, got = _grads(rev.sgd_mlp_chunks, ts, 14, chunk=16, keep=2, clip=clip)
+    ref, want = _grads(sgd_mlp.sgd_mlp_reference, ts, 14, chunk=16, grad="unroll", clip=clip)
+    free, _ = _grads(sgd_mlp.sgd_mlp_reference, ts, 14, chunk=16, grad="unroll")
+    assert _rel(ref[0], free[0]) > 0.1  # the clip changes the outputs
+    errs = {n: _rel(a, b) for n, a, b in zip(("y", "W0'", "W1'", "a0", "a1"), out, ref)}
+    errs.update({f"d{n}": _rel(a, b) for n, a, b in zip(ARGS, got, want)})
+    assert max(errs.values()) < TOL, errs
+
+
 def _saved_bytes(fn: Any, x: dict[str, torch.Tensor], **kw: Any) -> int:
     """Bytes of the tensors the backward keeps that are not the inputs' storage."""
     ts = [x[n].detach().clone().requires_grad_() for n in ARGS]
@@ -111,11 +129,13 @@ def test_the_switch(rev: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
             assert rev.keep_every() == rev.KEEP_EVERY
 
 
-@pytest.mark.parametrize("keep", ["", "1"])
-def test_executor_row_trains_through_it(rev: ModuleType, keep: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("keep,clip", [("", None), ("1", None), ("", 2.0), ("1", 2.0)])
+def test_executor_row_trains_through_it(rev: ModuleType, keep: str, clip: float | None,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """``run_cms_triton`` with gradients over three whole chunks takes the rebuilt-weights node
-    (``NESTLEARN_CMS_KEEP_EVERY=1``: the per-chunk steps); either way every gradient of the
-    outputs, end weights and anchor equals ``run_dual``'s. Without gradients it never does."""
+    (``NESTLEARN_CMS_KEEP_EVERY=1``: the per-chunk steps); either way, with or without the
+    level's ``clip``, every gradient of the outputs, end weights and anchor equals ``run_dual``'s.
+    Without gradients it never does, and its outputs equal ``run_dual``'s too."""
     monkeypatch.setenv("NESTLEARN_CMS_KEEP_EVERY", keep)
     monkeypatch.setattr(glue, "_said", True)
     calls: list[int] = []
@@ -128,7 +148,7 @@ def test_executor_row_trains_through_it(rev: ModuleType, keep: str, monkeypatch:
         xs = dict(zip(ARGS, ts))
         b = xs["q"].shape[0]
         xs.update(w0=xs["w0"].expand(b, -1, -1, -1), w1=xs["w1"].expand(b, -1, -1, -1))
-        y, st = fn(problem(xs, 16), state_of(xs))
+        y, st = fn(problem(xs, 16, clip=clip), state_of(xs))
         loss = (y * y.detach()).sum() + (st["params"]["W0"] ** 2).sum() + (st["anchor"]["W1"] ** 3).sum()
         return torch.autograd.grad(loss, ts)
 
@@ -138,8 +158,10 @@ def test_executor_row_trains_through_it(rev: ModuleType, keep: str, monkeypatch:
     errs = {n: _rel(a, b) for n, a, b in zip(ARGS, got, want)}
     assert max(errs.values()) < TOL, errs
     with torch.no_grad():
-        glue.run_cms_triton(problem(x, 16), state_of(x))
+        y, _ = glue.run_cms_triton(problem(x, 16, clip=clip), state_of(x))
+        y_ref, _ = run_dual(problem(x, 16, clip=clip), state_of(x))
     assert len(calls) == (1 if keep == "" else 0)
+    assert _rel(y, y_ref) < TOL
 
 
 @pytest.mark.gpu

@@ -25,7 +25,8 @@ It takes a problem when all of these hold (``supports``; anything else runs ``ru
 - the memory is exactly what an in-context ``mlp`` node builds (``compile/ops.py``):
   ``MLPMemory`` of depth 2, ``gelu``, no residual, no biases, widths multiples of 16; the rule
   ``sgd`` (``Momentum`` without ``beta``, forgetting toward zero) with a ``lr`` (a constant or a
-  gate) and no decay (absent or the constant 0); the ``l2`` objective without ``clip``; a period
+  gate) and no decay (absent or the constant 0); the ``l2`` objective, with or without the
+  level's ``clip`` (each token's rate scaled by ``sgd_mlp_rev.clip_scale``); a period
   that is a multiple of 16 up to ``sgd_mlp.MAX_CHUNK`` (64). ``read: chunk_start`` is taken too.
 
 In training over two or more chunks the whole chunks are one ``sgd_mlp_rev.SGDMLPChunks`` node:
@@ -94,7 +95,7 @@ def shape_ok(pb: MemoryProblem) -> bool:
             and not arch.bias and all(w % 16 == 0 for w in arch.widths)
             and type(rule) is Momentum and not rule.has_momentum and rule.decay_to == "zero"
             and set(pb.hp) <= {"lr", "decay"} and "lr" in pb.hp and forgets_nothing(pb)
-            and pb.objective is objectives.l2 and pb.clip is None
+            and pb.objective is objectives.l2
             and pb.period % 16 == 0 and 16 <= pb.period <= MAX_CHUNK)
 
 
@@ -152,7 +153,7 @@ def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
         from nestlearn.loops.triton.sgd_mlp_rev import sgd_mlp_chunks
 
         out = sgd_mlp_chunks(pb.q, pb.k, pb.v, hp_tokens(pb, "lr"), params["W0"], params["W1"], chunk=n,
-                             precision=prec, read_start=pb.read_start)
+                             precision=prec, read_start=pb.read_start, clip=pb.clip)
         return out.y, MemoryState(params={"W0": out.weights[0], "W1": out.weights[1]}, opt={},
                                   anchor={"W0": out.anchor[0], "W1": out.anchor[1]}, offset=0,
                                   chunks=chunks + pb.q.shape[2] // n)
@@ -165,7 +166,12 @@ def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
         anchor = params
         chunks += 1
         sl = slice(t0, t0 + n)
-        y, w0, w1 = sgd_mlp_step(pb.q[:, :, sl], pb.k[:, :, sl], pb.v[:, :, sl], lr[:, :, sl], params["W0"],
+        rate = lr[:, :, sl]
+        if pb.clip is not None:  # the per-token clip as a scale of the rate (differentiable: autograd takes it)
+            from nestlearn.loops.triton.sgd_mlp_rev import clip_scale
+
+            rate = rate * clip_scale(params["W0"], params["W1"], pb.k[:, :, sl], pb.v[:, :, sl], pb.clip)
+        y, w0, w1 = sgd_mlp_step(pb.q[:, :, sl], pb.k[:, :, sl], pb.v[:, :, sl], rate, params["W0"],
                                  params["W1"], precision=prec, read_start=pb.read_start, compiled=pb.compiled)
         params = {"W0": w0, "W1": w1}
         ys.append(y)

@@ -433,10 +433,11 @@ def sgd_mlp(
 
 def sgd_mlp_reference(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor, *, chunk: int,
-    read_start: bool = False, grad: str = "stop", compiled: bool = False,
+    read_start: bool = False, grad: str = "stop", compiled: bool = False, clip: float | None = None,
 ) -> SGDMLPOut:
     """``sgd_mlp``'s contract computed by the PyTorch closed form (``loops/dual.py``), with any
-    trailing partial chunk; ``grad="unroll"`` makes it differentiable (the backward's recompute)."""
+    trailing partial chunk; ``grad="unroll"`` makes it differentiable (the backward's recompute);
+    ``clip``: the level's per-token clip (``sgd_mlp_rev.sgd_mlp_chunks(clip=)``'s reference)."""
     from nestlearn import objectives, rules
     from nestlearn.loops.common import GradMode, MemoryProblem, MemoryState
     from nestlearn.loops.dual import run_dual
@@ -445,7 +446,7 @@ def sgd_mlp_reference(
     heads, di, hd, do = q.shape[1], q.shape[3], w0.shape[-2], w1.shape[-2]
     arch = MLPMemory(di, do, heads, expand=hd / di, depth=2, act="gelu", residual=False, bias=False)
     pb = MemoryProblem(arch, rules.sgd(0.0), objectives.l2, q, k, v, {"lr": lr, "decay": 0.0}, chunk,
-                       GradMode(grad), read_start=read_start, compiled=compiled)
+                       GradMode(grad), read_start=read_start, compiled=compiled, clip=clip)
     params = {"W0": w0, "W1": w1}
     y, st = run_dual(pb, MemoryState(params=params, opt={}, anchor=params, offset=0, chunks=0))
     p, a = st["params"], st["anchor"]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from nestlearn.loops.common import clip_factor
 from nestlearn.loops.triton.sgd_mlp import SGDMLPOut, sgd_mlp_step_fwd, signal_tokens
 from nestlearn.loops.triton.sgd_mlp_bwd import LAUNCH, sgd_mlp_step_bwd
 
@@ -62,6 +63,20 @@ def keep_every() -> int:
 _warned: set[str] = set()
 
 
+def clip_scale(w0: Tensor, w1: Tensor, k: Tensor, v: Tensor, clip: float) -> Tensor:
+    """The level's per-token ``clip`` as a scale of the rate, ``[B, H, n]``: each token's whole
+    inner gradient at the chunk-start weights (``d1 h^T`` and ``d0 k^T``, of squared norm
+    ``|d1|^2 |h|^2 + |d0|^2 |k|^2``) clipped to norm ``clip``, as ``chunks.chunk_signals`` scales
+    the closed form's signals; the kernels then run with ``lr * clip_scale``. Differentiable."""
+    z = k @ w0.transpose(-1, -2)
+    h = F.gelu(z)
+    d1 = 2 * (h @ w1.transpose(-1, -2) - v)
+    slope = torch.func.grad(lambda x: F.gelu(x).sum())(z)  # gelu'(z), as the kernels' _gelu_grad
+    d0 = slope * (d1 @ w1)
+    sq = d1.pow(2).sum(-1) * h.pow(2).sum(-1) + d0.pow(2).sum(-1) * k.pow(2).sum(-1)
+    return clip_factor(sq, clip)
+
+
 def _add_step(w: Tensor, d: Tensor, lr: Tensor, x: Tensor) -> Tensor:
     """``w + (lr * d)^T x`` per row in one kernel: ``w [B, H, A, C]`` (the chunk's end weights),
     ``d [R, BT, A]`` (signal rows, padded ones zero), ``lr [R, n]``, ``x [R, n, C]``."""
@@ -76,7 +91,8 @@ class SGDMLPChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor, chunk: int,
-                keep: int, precision: str, read_start: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                keep: int, precision: str, read_start: bool, clip: float | None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         bsz, heads, t, _ = q.shape
         hd, do = w0.shape[-2], w1.shape[-2]
         n_chunks, bt, rows = t // chunk, signal_tokens(chunk), bsz * heads
@@ -86,17 +102,20 @@ class SGDMLPChunks(torch.autograd.Function):
         kept: list[Tensor] = []
         ys = []
         a0, a1 = w0, w1
+        rate = lr if clip is None else torch.empty_like(lr, memory_format=torch.contiguous_format)
         for c in range(n_chunks):
             if c % keep == 0:
                 kept += [w0, w1]
             a0, a1 = w0, w1
             sl = slice(c * chunk, (c + 1) * chunk)
-            y, w0, w1 = sgd_mlp_step_fwd(q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], w0, w1,
+            if clip is not None:  # the clipped rate of each token (kept: the rebuilt steps use it)
+                rate[:, :, sl] = lr[:, :, sl] * clip_scale(w0, w1, k[:, :, sl], v[:, :, sl], clip)
+            y, w0, w1 = sgd_mlp_step_fwd(q[:, :, sl], k[:, :, sl], v[:, :, sl], rate[:, :, sl], w0, w1,
                                          precision=precision, read_start=read_start,
                                          signals=(z[c], zq[c], d1[c], d0[c]))
             ys.append(y)
-        ctx.save_for_backward(q, k, v, lr, w0, w1, z, zq, d0, d1, *kept)
-        ctx.cfg = (chunk, keep, precision, read_start)
+        ctx.save_for_backward(q, k, v, lr, rate, w0, w1, z, zq, d0, d1, *kept)
+        ctx.cfg = (chunk, keep, precision, read_start, clip)
         ctx.set_materialize_grads(False)
         return torch.cat(ys, 2), w0, w1, a0, a1
 
@@ -104,8 +123,8 @@ class SGDMLPChunks(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, gy: Tensor | None, g0: Tensor | None, g1: Tensor | None, ga0: Tensor | None,
                  ga1: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k, v, lr, w0, w1, z, zq, d0, d1, *kept = ctx.saved_tensors
-        chunk, keep, precision, read_start = ctx.cfg
+        q, k, v, lr, rate, w0, w1, z, zq, d0, d1, *kept = ctx.saved_tensors
+        chunk, keep, precision, read_start, clip = ctx.cfg
         bsz, heads, t, di = q.shape
         n_chunks, rows = t // chunk, bsz * heads
         dq, dk, dv, dlr = q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape), q.new_empty(bsz, heads, t)
@@ -116,34 +135,43 @@ class SGDMLPChunks(torch.autograd.Function):
                 if c % keep == 0:
                     w0, w1 = kept[2 * (c // keep)], kept[2 * (c // keep) + 1]
                 else:  # W = W' + step: the chunk's own step added back to its end weights
-                    lr_c = lr[:, :, sl].reshape(rows, chunk)
+                    lr_c = rate[:, :, sl].reshape(rows, chunk)
                     k_c = k[:, :, sl].reshape(rows, chunk, di)
                     h_c = F.gelu(z[c][:, :chunk])
                     w0 = _add_step(w0, d0[c], lr_c, k_c)
                     w1 = _add_step(w1, d1[c], lr_c, h_c)
                 gy_c = None if gy is None else gy[:, :, sl]
                 dq_c, dk_c, dv_c, dlr_c, g0, g1 = sgd_mlp_step_bwd(
-                    q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], w0, w1, gy_c, g0, g1,
+                    q[:, :, sl], k[:, :, sl], v[:, :, sl], rate[:, :, sl], w0, w1, gy_c, g0, g1,
                     precision=precision, read_start=read_start, block_h=LAUNCH.get("block_h"),
                     block_d=LAUNCH.get("block_d"), num_warps=LAUNCH.get("num_warps", 4),
                     signals=(z[c], zq[c], d1[c]))
+                if clip is not None:  # through the clip: rate = lr * clip_scale(W, k, v)
+                    with torch.enable_grad():
+                        ins = [t.detach().requires_grad_() for t in (w0, w1, k[:, :, sl], v[:, :, sl])]
+                        scale = clip_scale(ins[0], ins[1], ins[2], ins[3], clip)
+                        e0, e1, ek, ev = torch.autograd.grad(scale, ins, dlr_c * lr[:, :, sl])
+                    dlr_c = dlr_c * scale.detach()
+                    g0, g1, dk_c, dv_c = g0 + e0, g1 + e1, dk_c + ek, dv_c + ev
                 if c == n_chunks - 1:  # the anchor is the last chunk's start weights
                     g0 = g0 if ga0 is None else g0 + ga0
                     g1 = g1 if ga1 is None else g1 + ga1
                 dq[:, :, sl], dk[:, :, sl], dv[:, :, sl], dlr[:, :, sl] = dq_c, dk_c, dv_c, dlr_c
         needs = ctx.needs_input_grad
         grads = (dq, dk, dv, dlr, g0, g1)
-        return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
+        return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None, None)
 
 
 def sgd_mlp_chunks(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor, *, chunk: int,
-                   keep: int | None = None, precision: str = "ieee", read_start: bool = False) -> SGDMLPOut:
+                   keep: int | None = None, precision: str = "ieee", read_start: bool = False,
+                   clip: float | None = None) -> SGDMLPOut:
     """``sgd_mlp.sgd_mlp`` for training: whole chunks of ``chunk`` tokens
     (at least two) through ``SGDMLPChunks``, every ``keep``-th chunk's start weights saved
-    (default ``keep_every()``), the rest rebuilt in the backward (module docstring)."""
+    (default ``keep_every()``), the rest rebuilt in the backward (module docstring); ``clip``:
+    the level's per-token clip (``clip_scale``)."""
     t = q.shape[2]
     if t % chunk or t < 2 * chunk:
         raise ValueError(f"sgd_mlp_chunks: T={t} must be at least two whole chunks of {chunk}")
     y, w0n, w1n, a0, a1 = SGDMLPChunks.apply(q, k, v, lr, w0, w1, chunk, keep or keep_every(), precision,
-                                               read_start)
+                                               read_start, clip)
     return SGDMLPOut(y, (w0n, w1n), (a0, a1))
