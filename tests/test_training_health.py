@@ -202,3 +202,46 @@ def test_unrolled_fixed_size_steps_are_flagged_and_the_shipped_specs_are_not() -
         assert stability.warnings_for(nestlearn.load_spec(path)) == [], path
     sgd = nestlearn.load_spec("specs/momentum-memory.yaml")  # a step that shrinks with the gradient
     assert not any(loc[-1] == "grad" for loc, _ in stability.warnings_for(sgd))
+
+
+def _cms_read(scale: float, clip: float | None) -> tuple[torch.Tensor, float]:
+    """A CMS level's inner loop (the closed form, float64) over 2,048 tokens of RMS-1 keys and
+    values: 32 -> 64 -> 32 ``gelu`` MLP, SGD at a rate whose chunk gain ``lr S |h|^2`` is 0.2 at
+    the initial ``W0`` (unit rows, as HOPE's), ``W0`` scaled by ``scale`` as outer training can
+    grow it. Returns the reads and the second layer's chunk gain at the scaled ``W0``."""
+    from nestlearn import objectives, rules
+    from nestlearn.loops import GradMode, MemoryProblem, MemoryState
+    from nestlearn.loops.dual import run_dual
+    from nestlearn.memories import MLPMemory
+
+    d, hid = 32, 64
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(1, 1, hid, d, generator=g, dtype=torch.float64)
+    w0 = w0 / w0.norm(dim=-1, keepdim=True)
+    w1 = torch.randn(1, 1, d, hid, generator=g, dtype=torch.float64) / hid**0.5
+    k1 = F.rms_norm(torch.randn(d, generator=g, dtype=torch.float64), (d,))
+    h = F.gelu(k1 @ w0[0, 0].T)
+    lr = 0.2 / (16 * float(h @ h))
+    k = F.rms_norm(torch.randn(1, 1, T, d, generator=g, dtype=torch.float64), (d,))
+    v = F.rms_norm(torch.randn(1, 1, T, d, generator=g, dtype=torch.float64), (d,))
+    arch = MLPMemory(d, d, 1, expand=hid / d, depth=2, act="gelu", residual=False, bias=False)
+    pb = MemoryProblem(arch, rules.sgd(0.0), objectives.l2, k, k, v, {"lr": lr, "decay": 0.0}, 16,
+                       GradMode("stop"), clip=clip)
+    p = {"W0": scale * w0, "W1": w1}
+    y, _ = run_dual(pb, MemoryState(params=p, opt={}, anchor=p, offset=0, chunks=0))
+    hs = F.gelu(k1 @ (scale * w0[0, 0]).T)
+    return y, lr * 16 * float(hs @ hs)
+
+
+def test_grown_initial_weights_push_a_cms_level_past_the_bound_and_a_clip_holds_it() -> None:
+    """Section 7 (HOPE's second seed at 2e-3): an MLP memory's second-layer curvature is
+    ``|h|^2``, ``h = gelu(W0 k)``, so outer training that grows the level's initial ``W0`` raises
+    its chunk gain with no change to the spec. At the initial scale the reads stay bounded; with
+    ``W0`` grown 6x (gain about 8) the inner loop goes non-finite within 2,048 tokens; the level's
+    per-token ``clip`` keeps the same loop finite and its reads bounded."""
+    y, gain = _cms_read(1.0, None)
+    assert gain < 0.25 and bool(torch.isfinite(y).all()) and float(y.abs().max()) < 5
+    y, gain = _cms_read(6.0, None)
+    assert gain > 1 and not bool(torch.isfinite(y).all())
+    y, _ = _cms_read(6.0, 1.0)
+    assert bool(torch.isfinite(y).all()) and float(y.abs().max()) < 50
