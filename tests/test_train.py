@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +111,51 @@ def test_metrics_carry_each_level_s_inner_loss_and_update_norm(spec: Any, tmp_pa
     expect = stats.summarize(st)
     t._fit()
     rec = next(r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "train")
-    assert set(rec["levels"]) == {"memory"} and set(rec["levels"]["memory"]) == {"inner_loss", "update_norm"}
+    assert set(rec["levels"]) == {"memory"}
+    assert set(rec["levels"]["memory"]) == {"inner_loss", "update_norm", "chunk_gain"}
     assert rec["levels"]["memory"] == pytest.approx(expect["memory"], rel=1e-5)
-    assert rec["levels"]["memory"]["inner_loss"] > 0 and rec["levels"]["memory"]["update_norm"] > 0
+    assert all(rec["levels"]["memory"][k] > 0 for k in ("inner_loss", "update_norm", "chunk_gain"))
+
+
+def test_chunk_gain_is_the_rate_times_the_chunk_movement_times_the_last_layer_input() -> None:
+    """``loops.stats.chunk_gain``, written out by hand in float64 for an MLP memory under momentum:
+    ``S(C, beta) * mean_t(lr_t |h_t|^2)``, ``h`` the hidden activations at the starting weights,
+    ``S`` the momentum rule's accumulated step (``stability.accumulated_step``, checked against
+    its own sum in tests/test_training_health.py)."""
+    from nestlearn import objectives, rules
+    from nestlearn.loops import GradMode, MemoryProblem, stats
+    from nestlearn.memories import MLPMemory
+
+    g = torch.Generator().manual_seed(0)
+    arch = MLPMemory(8, 8, 1, expand=2, depth=2, act="gelu", residual=False, bias=False)
+    w = {"W0": torch.randn(1, 1, 16, 8, generator=g, dtype=torch.float64),
+         "W1": torch.randn(1, 1, 8, 16, generator=g, dtype=torch.float64)}
+    k, v = (torch.randn(1, 1, 24, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    lr = torch.rand(1, 1, 24, generator=g, dtype=torch.float64) * 0.01
+    pb = MemoryProblem(arch, rules.momentum(0.0, 0.5), objectives.l2, k, k, v, {"lr": lr, "beta": 0.5, "decay": 0.0},
+                       8, GradMode("unroll"))
+    h = torch.nn.functional.gelu(k[0, 0] @ w["W0"][0, 0].T)
+    movement = sum(sum(0.5**j for j in range(t)) for t in range(1, 9))  # S(8, 0.5)
+    want = movement * float((lr[0, 0] * h.pow(2).sum(-1)).mean())
+    got = stats.chunk_gain(pb, w)
+    assert got is not None and float(got) == pytest.approx(want, rel=1e-12)
+    assert stats.chunk_gain(replace(pb, objective=objectives.dot), w) is None  # l2 only
+
+
+def test_a_level_past_gain_one_is_said_once_unless_clipped() -> None:
+    """``Steps._warn_gains``: one message per level whose chunk gain passes 1, none for a level
+    with a ``clip`` or below 1."""
+    from types import SimpleNamespace
+
+    from nestlearn.train.step import Steps
+
+    said: list[tuple[str, str]] = []
+    levels = {"fast": SimpleNamespace(clip=None), "clipped": SimpleNamespace(clip=1.0), "calm": SimpleNamespace(clip=None)}
+    host = SimpleNamespace(spec=SimpleNamespace(levels=levels), _graph_once=lambda key, text: said.append((key, text)))
+    stats_ = {"fast": {"chunk_gain": 1.7}, "clipped": {"chunk_gain": 3.0}, "calm": {"chunk_gain": 0.4}, "outer": {}}
+    Steps._warn_gains(host, 10, stats_)  # type: ignore[arg-type]
+    assert [key for key, _ in said] == ["gain:fast"]
+    assert "level 'fast' has chunk gain 1.70 > 1" in said[0][1] and "levels.fast.clip" in said[0][1]
 
 
 def test_inner_stats_are_collected_only_at_log_steps(spec: Any, tmp_path: Path,

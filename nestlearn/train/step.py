@@ -327,7 +327,23 @@ class Steps:
             levels = inner_stats.summarize(q.collected)
             if levels:
                 rec["levels"] = levels
+                self._warn_gains(q.step + 1, levels)
         return rec
+
+    def _warn_gains(self, step: int, levels: dict[str, dict[str, float]]) -> None:
+        """Say once per level when its chunk gain passes 1 (``loops/stats.py``): its inner step can
+        then overshoot and diverge within a sequence (docs/training-health.md §7). Levels with a
+        ``clip`` are bounded per token and not flagged."""
+        for name, vals in levels.items():
+            gain = vals.get("chunk_gain")
+            level = self.spec.levels.get(name)
+            if gain is None or gain <= 1 or level is None or getattr(level, "clip", None) is not None:
+                continue
+            self._graph_once(f"gain:{name}", (
+                f"step {step}: level '{name}' has chunk gain {gain:.2f} > 1 at its starting weights (learning rate x "
+                "chunk movement x its last layer's squared input): a chunk of tokens pushing the same way overshoots its "
+                "objective and the inner loop can diverge (docs/training-health.md, section 7); lower "
+                f"levels.{name}.rule.lr, set levels.{name}.clip, or lower the outer --lr"))
 
     def _diverged(self, step: int, loss: float, gnorm: float, states: list[Any], local: Batch) -> DivergedError:
         """Name where the divergence began: replay the step's micro-batches watching every op's
