@@ -137,9 +137,10 @@ def test_chunk_gain_is_the_rate_times_the_chunk_movement_times_the_last_layer_in
     h = torch.nn.functional.gelu(k[0, 0] @ w["W0"][0, 0].T)
     movement = sum(sum(0.5**j for j in range(t)) for t in range(1, 9))  # S(8, 0.5)
     want = movement * float((lr[0, 0] * h.pow(2).sum(-1)).mean())
-    got = stats.chunk_gain(pb, w)
+    inputs = stats.layer_inputs(pb, w)
+    got = stats.chunk_gain(pb, inputs)
     assert got is not None and float(got) == pytest.approx(want, rel=1e-12)
-    assert stats.chunk_gain(replace(pb, objective=objectives.dot), w) is None  # l2 only
+    assert stats.chunk_gain(replace(pb, objective=objectives.dot), inputs) is None  # l2 only
 
 
 def test_a_level_past_gain_one_is_said_once_unless_clipped() -> None:

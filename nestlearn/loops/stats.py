@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from nestlearn.memories.base import Lin, plain_lin
+
 if TYPE_CHECKING:
     from nestlearn.loops.common import MemoryProblem, MemoryState
 
@@ -52,39 +54,51 @@ def record(pb: MemoryProblem, before: MemoryState, after: MemoryState) -> None:
         return
     with torch.no_grad():
         start = {n: p.detach() for n, p in before["params"].items()}
-        loss = pb.objective(pb.arch.apply(start, pb.k.detach()), pb.v.detach())
+        inputs: dict[str, Tensor] = {}
+        loss = pb.objective(pb.arch.apply(start, pb.k.detach(), _recording(inputs)), pb.v.detach())
         sq = sum(((after["params"][n].detach() - p) ** 2).flatten(2).sum(-1) for n, p in start.items())
         norm = torch.as_tensor(sq).sqrt().mean()
     entry = store.setdefault(pb.level, {"inner_loss": [], "update_norm": []})
     entry["inner_loss"].append(loss.float().mean())
     entry["update_norm"].append(norm.float())
-    gain = chunk_gain(pb, start)
+    gain = chunk_gain(pb, inputs)
     if gain is not None:
         entry.setdefault("chunk_gain", []).append(gain.float())
 
 
-def chunk_gain(pb: MemoryProblem, start: dict[str, Tensor]) -> Tensor | None:
-    """``S(C, beta) * mean_t(lr_t |x_t|^2)`` at ``start`` (module docstring); None where the level
-    has no ``l2`` objective or no rate, or its memory has no layers to read."""
-    from dataclasses import replace
+def _recording(inputs: dict[str, Tensor]) -> Lin:
+    """A ``lin`` hook that multiplies as ``plain_lin`` and keeps each weight's input in ``inputs``
+    (the inner-loss forward then gives the chunk gain its layer inputs at no extra cost)."""
+    def lin(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
+        inputs[name] = a
+        return plain_lin(name, w, a, b)
 
+    return lin
+
+
+def layer_inputs(pb: MemoryProblem, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each weight's input when the memory at ``params`` reads ``pb``'s keys."""
+    inputs: dict[str, Tensor] = {}
+    with torch.no_grad():
+        pb.arch.apply(params, pb.k.detach(), _recording(inputs))
+    return inputs
+
+
+def chunk_gain(pb: MemoryProblem, inputs: dict[str, Tensor]) -> Tensor | None:
+    """``S(C, beta) * mean_t(lr_t |x_t|^2)`` from the layer inputs at the starting weights
+    (``layer_inputs``; module docstring); None where the level has no ``l2`` objective or no
+    rate, or its memory's last layer was not read through the ``lin`` hook."""
     from nestlearn import objectives
-    from nestlearn.loops.chunks import chunk_signals, hp_tokens
+    from nestlearn.loops.chunks import hp_tokens
     from nestlearn.stability import accumulated_step
 
     layers = getattr(pb.arch, "layers", None)
-    if pb.objective is not objectives.l2 or "lr" not in pb.hp or not layers:
+    if pb.objective is not objectives.l2 or "lr" not in pb.hp or not layers or layers[-1].weight not in inputs:
         return None
     beta = pb.hp.get("beta", 0.0)
     beta_f = float(beta.max()) if isinstance(beta, Tensor) else float(beta)
+    x = inputs[layers[-1].weight]
     with torch.no_grad():
-        try:
-            _, inputs = chunk_signals(replace(pb, clip=None), start, pb.k.detach(), pb.v.detach())
-        except (RuntimeError, TypeError, KeyError):  # a memory without the closed form's signals
-            return None
-        x = inputs.get(layers[-1].weight)
-        if x is None:
-            return None
         lr = hp_tokens(pb, "lr").detach()
         return accumulated_step(int(pb.period), beta_f) * (lr * x.pow(2).sum(-1)).mean()
 
