@@ -152,7 +152,7 @@ def test_a_level_past_gain_one_is_said_once_unless_clipped() -> None:
 
     said: list[tuple[str, str]] = []
     levels = {"fast": SimpleNamespace(clip=None), "clipped": SimpleNamespace(clip=1.0), "calm": SimpleNamespace(clip=None)}
-    host = SimpleNamespace(spec=SimpleNamespace(levels=levels), _graph_once=lambda key, text: said.append((key, text)))
+    host = SimpleNamespace(spec=SimpleNamespace(levels=levels), _say_once=lambda key, text: said.append((key, text)))
     stats_ = {"fast": {"chunk_gain": 1.7}, "clipped": {"chunk_gain": 3.0}, "calm": {"chunk_gain": 0.4}, "outer": {}}
     Steps._warn_gains(host, 10, stats_)  # type: ignore[arg-type]
     assert [key for key, _ in said] == ["gain:fast"]

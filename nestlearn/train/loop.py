@@ -157,7 +157,7 @@ class Trainer(Steps):
         self.graphed: GraphedStep | None = None
         if cfg.cuda_graph:  # captured at the first step that uses it
             self.graphed = GraphedStep(self.model, self.amp_dtype, scaled=self.scaler is not None)
-        self._graph_said: set[str] = set()
+        self._said_once: set[str] = set()
         # last in setup: it switches this model's chunk steps to compiled ones, which only fit's
         # ``finally`` switches back, so nothing after it may fail
         self.compiled: Compiled | None = None

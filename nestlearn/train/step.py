@@ -111,7 +111,7 @@ class Steps:
     """Read each step's numbers a step late (see the module's docstring)."""
     _bad: Tensor | None
     _stop: bool
-    _graph_said: set[str]
+    _said_once: set[str]
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -146,9 +146,10 @@ class Steps:
             return None
         return self.scaler.scale(torch.ones((), device=self.device))
 
-    def _graph_once(self, key: str, text: str) -> None:
-        if key not in self._graph_said:
-            self._graph_said.add(key)
+    def _say_once(self, key: str, text: str) -> None:
+        """``text`` through the reporter, the first time ``key`` comes up in this run."""
+        if key not in self._said_once:
+            self._said_once.add(key)
             self.reporter.message(text)
 
     def _graph_this_step(self, step: int, log: bool, local: Batch, n_tok: float) -> bool:
@@ -163,7 +164,7 @@ class Steps:
         done = step + 1
         first = local.split(self.config.accum)[0]
         if not g.fits(first):
-            self._graph_once("shape", f"--cuda-graph: step {done}'s micro-batch has shape {list(first.inputs.shape)}, "
+            self._say_once("shape", f"--cuda-graph: step {done}'s micro-batch has shape {list(first.inputs.shape)}, "
                                       "not the captured one; such steps run eagerly")
             return False
         if g.captured:
@@ -339,7 +340,7 @@ class Steps:
             level = self.spec.levels.get(name)
             if gain is None or gain <= 1 or level is None or getattr(level, "clip", None) is not None:
                 continue
-            self._graph_once(f"gain:{name}", (
+            self._say_once(f"gain:{name}", (
                 f"step {step}: level '{name}' has chunk gain {gain:.2f} > 1 at its starting weights (learning rate x "
                 "chunk movement x its last layer's squared input): a chunk of tokens pushing the same way overshoots its "
                 "objective and the inner loop can diverge (docs/training-health.md, section 7); lower "
