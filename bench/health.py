@@ -117,6 +117,7 @@ def summarise(name: str, run_dir: Path, wall: float, peak_gb: float | None, erro
     bpb = last_val.get("bits_per_byte")
     tokens = train[-1].get("tokens") if train else None
     train_bpb, window = train_tail(train)
+    gain = largest_chunk_gain(train)
     return {
         "spec": name, "params": params, "steps": train[-1]["step"] if train else 0,
         "bits_per_byte": bpb, "train_bits_per_byte": train_bpb, "train_window": window,
@@ -125,7 +126,20 @@ def summarise(name: str, run_dir: Path, wall: float, peak_gb: float | None, erro
         "nonfinite_grad_steps": len(gnorms) - len(finite),
         "tokens": tokens, "tokens_per_s": ((tokens - tokens_before) / wall) if tokens and wall > 0 else None,
         "peak_gb": peak_gb, "error": error,
+        "max_chunk_gain": gain,
     }
+
+
+def largest_chunk_gain(train: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The largest per-level chunk gain the run recorded (``nestlearn/loops/stats.py``; at
+    its log steps, graphed runs at their evaluations): ``{"level", "gain", "step"}``."""
+    best: dict[str, Any] | None = None
+    for r in train:
+        for level, vals in (r.get("levels") or {}).items():
+            g = vals.get("chunk_gain") if isinstance(vals, dict) else None
+            if isinstance(g, (int, float)) and math.isfinite(g) and (best is None or g > best["gain"]):
+                best = {"level": level, "gain": g, "step": r.get("step")}
+    return best
 
 
 def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -219,6 +233,10 @@ def table(rows: list[dict[str, Any]]) -> str:
             note = "; ".join(x for x in (note, f"dead (zero gradient) from step {r['dead_since']}") if x)
         if r.get("stopped_early"):
             note = "; ".join(x for x in (note, f"stopped by --seconds at step {r['steps']}") if x)
+        gain = r.get("max_chunk_gain")
+        if gain and gain["gain"] > 1:  # past the chunk-step bound (docs/training-health.md §7)
+            note = "; ".join(x for x in (note, f"chunk gain {gain['gain']:.2f} > 1 at {gain['level']} "
+                                               f"(step {gain['step']})") if x)
         if r.get("shared_device"):
             note = "; ".join(x for x in (note, f"tokens/s with {r['shared_device']} runs sharing the device") if x)
         window = r.get("train_window")

@@ -100,3 +100,19 @@ def test_training_column_is_the_mean_of_the_last_steps(tmp_path: Path) -> None:
     assert row["bits_per_byte"] == 0.5
     assert f"| {row['train_bits_per_byte']:.3f} (11-59) |" in health.table([row])
     assert "| - |" in health.table([{**row, "train_window": None, "train_bits_per_byte": None}])
+
+
+def test_the_largest_chunk_gain_is_kept_and_flagged_past_one(tmp_path: Path) -> None:
+    """Each row keeps the largest per-level chunk gain of the run's recorded steps (with its level
+    and step); the table's note flags it only past 1."""
+    from bench import health
+
+    lines = [{"step": s, "split": "train", "bits_per_byte": 2.0, "grad_norm": 1.0, "tokens": 10 * s,
+              **({"levels": {"fast": {"chunk_gain": 0.1 * s}, "slow": {"chunk_gain": 0.05 * s}}} if s % 5 == 0 else {})}
+             for s in range(1, 21)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    row = health.summarise("x", tmp_path, 1.0, None, None, 7)
+    assert row["max_chunk_gain"] == {"level": "fast", "gain": pytest.approx(2.0), "step": 20}
+    assert "chunk gain 2.00 > 1 at fast (step 20)" in health.table([row])
+    calm = {**row, "max_chunk_gain": {"level": "fast", "gain": 0.5, "step": 5}}
+    assert "chunk gain" not in health.table([calm])
