@@ -52,27 +52,22 @@ def time_model(model: Any, b: int, t: int, segments: list[int], dev: torch.devic
     trains -- from the loop's in fp32)."""
     name = model.spec.name
     x = torch.randint(0, model.spec.model.vocab, (b, t + 1), device=dev)
-    amp = [bf16]
 
-    def step() -> None:
+    def step(amp: bool = bf16) -> None:
         for q in model.parameters():
             q.grad = None
-        with trainer_precision(dev, amp[0]):
+        with trainer_precision(dev, amp):
             out = model(x[:, :-1])[0]
             loss = F.cross_entropy(out.float().flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
 
-    def grads() -> list[torch.Tensor]:
-        step()
+    def grads(amp: bool = bf16) -> list[torch.Tensor]:
+        step(amp)
         return [q.grad.float().clone() for q in model.parameters() if q.grad is not None]
 
     rows: list[Row] = []
     model.set_wavefront(None)
-    ref32: list[torch.Tensor] | None = None
-    if bf16:  # the loop without autocast
-        amp[0] = False
-        ref32 = grads()
-        amp[0] = True
+    ref32 = grads(amp=False) if bf16 else None  # the loop without autocast
     ref = grads()
     for seg in [None, *segments]:
         model.set_wavefront(seg)

@@ -155,14 +155,21 @@ def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tu
     deltas, inputs = _signals(pb, anchor, k, v)
     if pb.clip is None:
         return deltas, inputs
+    f = clip_factor(token_sq_norm(pb.arch, deltas, inputs, anchor), pb.clip).unsqueeze(-1)
+    return {n: d * f for n, d in deltas.items()}, inputs
+
+
+def token_sq_norm(arch: MemoryArch, deltas: Params, inputs: Params, params: Params) -> Tensor:
+    """Each token's whole inner gradient's squared norm, ``[B, H, n]``, from its signals:
+    ``|delta|^2 |x|^2`` per weight (``delta x^T``), ``|delta|^2`` per bias present in ``params``."""
     sq: Tensor | float = 0.0
-    for layer in pb.arch.layers:
+    for layer in arch.layers:
         d2 = deltas[layer.weight].pow(2).sum(-1)  # [B, H, n]
         sq = sq + d2 * inputs[layer.weight].pow(2).sum(-1)
-        if layer.bias is not None and layer.bias in anchor:
+        if layer.bias is not None and layer.bias in params:
             sq = sq + d2
-    f = clip_factor(sq, pb.clip).unsqueeze(-1)  # type: ignore[arg-type]
-    return {n: d * f for n, d in deltas.items()}, inputs
+    assert isinstance(sq, Tensor)
+    return sq
 
 
 def _signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tuple[Params, Params]:

@@ -145,6 +145,7 @@ def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
     kernel module is imported here: importing it decorates the kernels, which must follow any
     ``TRITON_INTERPRET`` setting."""
     from nestlearn.loops.triton.sgd_mlp import sgd_mlp_step
+    from nestlearn.loops.triton.sgd_mlp_rev import clip_scale
 
     n, prec = pb.period, precision()
     stop = pb.grad.kind == "stop"
@@ -168,8 +169,6 @@ def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
         sl = slice(t0, t0 + n)
         rate = lr[:, :, sl]
         if pb.clip is not None:  # the per-token clip as a scale of the rate (differentiable: autograd takes it)
-            from nestlearn.loops.triton.sgd_mlp_rev import clip_scale
-
             rate = rate * clip_scale(params["W0"], params["W1"], pb.k[:, :, sl], pb.v[:, :, sl], pb.clip)
         y, w0, w1 = sgd_mlp_step(pb.q[:, :, sl], pb.k[:, :, sl], pb.v[:, :, sl], rate, params["W0"],
                                  params["W1"], precision=prec, read_start=pb.read_start, compiled=pb.compiled)

@@ -263,6 +263,14 @@ def _read(
     tl.store(y_ptr + r * n * DO + rt[:, None] * DO + cols[None, :], y, mask=tm[:, None])
 
 
+def check_signals(who: str, signals: tuple[Tensor, ...], want: list[tuple[int, ...]]) -> tuple[Tensor, ...]:
+    """``signals`` if they are contiguous with the shapes ``want`` (the kernels index them as
+    such), else a ``ValueError`` naming ``who``."""
+    if [tuple(x.shape) for x in signals] != want or not all(x.is_contiguous() for x in signals):
+        raise ValueError(f"{who}: signals must be contiguous {want}")
+    return signals
+
+
 def signal_tokens(n: int) -> int:
     """The token rows of a chunk of ``n`` in the kernels' buffers: ``n`` padded to a power of two
     (at least 16, ``tl.dot``'s minimum)."""
@@ -314,10 +322,8 @@ def sgd_mlp_step_fwd(
     if signals is None:
         z, zq, d1, d0 = f32(rows, bt, hd), f32(rows, bt, hd), f32(rows, bt, do), None
     else:
-        z, zq, d1, d0 = signals
-        want = [(rows, bt, hd), (rows, bt, hd), (rows, bt, do), (rows, bt, hd)]
-        if [tuple(x.shape) for x in signals] != want or not all(x.is_contiguous() for x in signals):
-            raise ValueError(f"sgd_mlp_step_fwd: signals must be contiguous {want}")
+        z, zq, d1, d0 = check_signals("sgd_mlp_step_fwd", signals, [(rows, bt, hd), (rows, bt, hd), (rows, bt, do),
+                                                                  (rows, bt, hd)])
     parts = f32(rows, nt, bt, do)  # the tiles' partial predictions, then their partial reads
     sp = f32(rows, nt, bt, bt)
     y = f32(bsz, heads, n, do)

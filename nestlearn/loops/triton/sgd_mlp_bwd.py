@@ -75,6 +75,7 @@ from nestlearn.loops.triton.sgd_mlp import (
     _signals,
     _tile_sum,
     block,
+    check_signals,
 )
 
 
@@ -341,10 +342,7 @@ def sgd_mlp_step_bwd(
     if signals is None:
         z, zq, d1 = f32(rows, bt, hd), f32(rows, bt, hd), f32(rows, bt, do)
     else:
-        z, zq, d1 = signals
-        want = [(rows, bt, hd), (rows, bt, hd), (rows, bt, do)]
-        if [tuple(x.shape) for x in signals] != want or not all(x.is_contiguous() for x in signals):
-            raise ValueError(f"sgd_mlp_step_bwd: signals must be contiguous {want}")
+        z, zq, d1 = check_signals("sgd_mlp_step_bwd", signals, [(rows, bt, hd), (rows, bt, hd), (rows, bt, do)])
     sp, gap = f32(rows, nt, bt, bt), f32(rows, nt, bt, bt)
     lrp = f32(rows, nt, bt)
     gqp, gkp = f32(rows, nt, bt, di), f32(rows, nt, bt, di)

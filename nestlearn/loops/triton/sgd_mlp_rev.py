@@ -65,16 +65,19 @@ _warned: set[str] = set()
 
 def clip_scale(w0: Tensor, w1: Tensor, k: Tensor, v: Tensor, clip: float) -> Tensor:
     """The level's per-token ``clip`` as a scale of the rate, ``[B, H, n]``: each token's whole
-    inner gradient at the chunk-start weights (``d1 h^T`` and ``d0 k^T``, of squared norm
-    ``|d1|^2 |h|^2 + |d0|^2 |k|^2``) clipped to norm ``clip``, as ``chunks.chunk_signals`` scales
-    the closed form's signals; the kernels then run with ``lr * clip_scale``. Differentiable."""
-    z = k @ w0.transpose(-1, -2)
-    h = F.gelu(z)
-    d1 = 2 * (h @ w1.transpose(-1, -2) - v)
-    slope = torch.func.grad(lambda x: F.gelu(x).sum())(z)  # gelu'(z), as the kernels' _gelu_grad
-    d0 = slope * (d1 @ w1)
-    sq = d1.pow(2).sum(-1) * h.pow(2).sum(-1) + d0.pow(2).sum(-1) * k.pow(2).sum(-1)
-    return clip_factor(sq, clip)
+    inner gradient at the chunk-start weights clipped to norm ``clip``, from the memory's own
+    error signals and ``chunks.token_sq_norm``, as ``chunks.chunk_signals`` scales the closed
+    form's signals; the kernels then run with ``lr * clip_scale``. Differentiable."""
+    from nestlearn import objectives
+    from nestlearn.loops.chunks import token_sq_norm
+    from nestlearn.memories import MLPMemory
+
+    arch = MLPMemory(k.shape[-1], v.shape[-1], k.shape[1], expand=w0.shape[-2] / k.shape[-1], depth=2, act="gelu",
+                     residual=False, bias=False)
+    params = {"W0": w0, "W1": w1}
+    sig = arch.error_signals(params, k, lambda pred: objectives.error_signal(objectives.l2, pred, v, True))
+    assert sig is not None  # an MLP memory has its explicit backward
+    return clip_factor(token_sq_norm(arch, *sig, params), clip)
 
 
 def _add_step(w: Tensor, d: Tensor, lr: Tensor, x: Tensor) -> Tensor:
