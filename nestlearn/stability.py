@@ -14,7 +14,8 @@ length (what made Titans' outer gradients reach 1e9 at 2,048 tokens). Deeper mem
 curvature, so the bound is necessary, not sufficient.
 
 ``r = 1`` for L2-normalised keys (``qk_norm``, the selfmod op); elsewhere the keys' RMS is taken
-as 1 (``r^2 = d_head``). A level with ``clip`` has a bounded step per token and is not flagged.
+as 1 (``r^2 = d_head``). A level with ``clip`` or ``max_gain`` has a bounded step per token and
+is not flagged (``max_gain`` holds this very gain, measured per token at run time).
 Learned rates are judged at their initial value, gates at their maximum.
 """
 
@@ -52,7 +53,7 @@ class ChunkStep:
                 f"the memory by lr {self.lr:g} x {self.accumulated:.4g} (momentum {self.beta:g}) gradient steps, "
                 f"which overshoots the l2 objective for {keys}; at long sequences the inner loop and the outer "
                 f"gradients through it can explode. Keep lr at most {self.safe_lr:.2g} or set the level's "
-                f"'clip' (docs/training-health.md)")
+                f"'max_gain' (e.g. 0.5) or 'clip' (docs/training-health.md)")
 
 
 def accumulated_step(period: int, beta: float) -> float:
@@ -62,6 +63,12 @@ def accumulated_step(period: int, beta: float) -> float:
     if beta >= 1:
         return period * (period + 1) / 2
     return sum((1 - beta**t) / (1 - beta) for t in range(1, period + 1))
+
+
+def steps_of(period: int, beta: Any) -> float:
+    """``S(C, beta)`` for a period and a momentum given as in a spec or rule (a constant, a learned
+    value's start, a gate's maximum; absent: none): what a level's ``max_gain`` divides by."""
+    return accumulated_step(period, _upper(beta) or 0.0)
 
 
 def _upper(value: Any) -> float | None:
@@ -75,7 +82,7 @@ def _upper(value: Any) -> float | None:
     return None
 
 
-def _rule_fact(rule_spec: Any, fact: str) -> bool:
+def rule_fact(rule_spec: Any, fact: str) -> bool:
     """One of the rule table's class facts (``rules/base.py``: ``sums_gradients``, ...) for a rule spec."""
     from nestlearn.rules import coerce
 
@@ -91,7 +98,7 @@ def chunk_steps(spec: Any) -> list[ChunkStep]:
     out: list[ChunkStep] = []
     heads = spec.model.heads
     for name, lv in spec.levels.items():
-        if lv.is_outer or lv.objective != "l2" or not _rule_fact(lv.rule, "sums_gradients"):
+        if lv.is_outer or lv.objective != "l2" or not rule_fact(lv.rule, "sums_gradients"):
             continue
         lr = _upper(getattr(lv.rule, "lr", None))
         if lr is None or lr <= 0:
@@ -114,7 +121,7 @@ def chunk_steps(spec: Any) -> list[ChunkStep]:
 UNNORMALISED_CMS = (
     "this CMS level's keys W_k x and values W_v x are learned and not normalised: outer training can "
     "grow them, and with them the level's effective inner rate, past the chunk-step bound (full-size "
-    "HOPE diverged at step 488 this way); set 'kv_norm: true' on the node or a 'clip' on level {level!r} "
+    "HOPE diverged at step 488 this way); set 'kv_norm: true' on the node or a 'max_gain' or 'clip' on level {level!r} "
     "(docs/training-health.md section 5)"
 )
 
@@ -125,7 +132,8 @@ def unnormalised_cms(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
     found: list[tuple[tuple[str | int, ...], str]] = []
     for j, node in enumerate(spec.block):
         lv = spec.levels.get(getattr(node, "level", None) or "")
-        if node.op == "mlp" and lv is not None and not lv.is_outer and not node.kv_norm and lv.clip is None:
+        if (node.op == "mlp" and lv is not None and not lv.is_outer and not node.kv_norm and lv.clip is None
+                and lv.max_gain is None):
             found.append((("block", j, "level"), UNNORMALISED_CMS.format(level=node.level)))
     return found
 
@@ -144,7 +152,7 @@ def unrolled_fixed_steps(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
     unrolled through all of them (``grad: unroll``): the explosion of training-health §6."""
     return [(("levels", name, "grad"), UNROLLED_FIXED_STEP.format(rule=lv.rule.name, level=name))
             for name, lv in spec.levels.items()
-            if not lv.is_outer and lv.grad == "unroll" and _rule_fact(lv.rule, "fixed_size_step")]
+            if not lv.is_outer and lv.grad == "unroll" and rule_fact(lv.rule, "fixed_size_step")]
 
 
 def warnings_for(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
@@ -153,7 +161,7 @@ def warnings_for(spec: Any) -> list[tuple[tuple[str | int, ...], str]]:
     unrolled over the whole sequence."""
     found: list[tuple[tuple[str | int, ...], str]] = []
     for cs in chunk_steps(spec):
-        if cs.gain > 1 and spec.levels[cs.level].clip is None:
+        if cs.gain > 1 and spec.levels[cs.level].clip is None and spec.levels[cs.level].max_gain is None:
             found.append((("levels", cs.level, "rule", "lr"), cs.message()))
     return found + unnormalised_cms(spec) + unrolled_fixed_steps(spec)
 

@@ -39,13 +39,16 @@ def layer_inputs(mem: str, p: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]
 def inner_loop(
     mem: str, rule: str, objective: str, init: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor,
     hp: dict[str, Tensor | float], period: int, read_start: bool = False, clip: float | None = None,
+    max_gain: float | None = None, steps: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One sequence, one head: q, k, v are [T, d]; hp values are [T] tensors or floats.
 
     Mini-batch semantics: every gradient of a chunk of ``period`` tokens is taken at the
     chunk-start weights; token t is read after its own update (``read_start``: with the
     chunk-start weights, Nested Learning Eq. 71). ``clip``: each token's gradient, all weights
-    together, is scaled down to that norm when longer.
+    together, is scaled down to that norm when longer. ``max_gain`` (l2 only): then scaled down
+    again where ``steps * lr * |g| / |g_raw| * |g_raw|^2 / |dL/dpred|^2`` (the token's chunk gain:
+    its rate, what the clip left of it, and the memory's curvature along its error) exceeds it.
     """
     f = linear_mem if mem == "linear" else mlp_mem
     obj = l2 if objective == "l2" else dot
@@ -62,14 +65,20 @@ def inner_loop(
     for t in range(q.shape[0]):
         if t % period == 0:
             anchor = {n: w.detach().requires_grad_() for n, w in W.items()}
-        loss = obj(f(anchor, k[t]), v[t])
+        pred = f(anchor, k[t])
+        loss = obj(pred, v[t])
         names = list(anchor)
         grads = dict(zip(names, torch.autograd.grad(loss, [anchor[n] for n in names])))
-        if clip is not None:
-            norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
-            if norm > clip:
-                grads = {n: g * (clip / norm) for n, g in grads.items()}
+        raw_norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+        if clip is not None and raw_norm > clip:
+            grads = {n: g * (clip / raw_norm) for n, g in grads.items()}
         lr = h("lr", t)
+        if max_gain is not None:
+            curvature = raw_norm**2 / ((2 * (pred - v[t])) ** 2).sum()
+            kept = torch.sqrt(sum((g**2).sum() for g in grads.values())) / raw_norm
+            gain = steps * lr * kept * curvature
+            if gain > max_gain:
+                grads = {n: g * (max_gain / gain) for n, g in grads.items()}
         proj = h("proj", t) if "proj" in hp else lr  # DGD's projection rate (default: lr)
         if rule == "sgd":
             W = {n: (1 - h("decay", t)) * W[n] - lr * grads[n] for n in W}
@@ -100,6 +109,7 @@ def inner_loop(
 def batched_inner_loop(
     mem: str, rule: str, objective: str, init: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor,
     hp: dict[str, Tensor | float], period: int, read_start: bool = False, clip: float | None = None,
+    max_gain: float | None = None, steps: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``inner_loop`` for every sequence and head, one at a time: q, k, v are [B, H, T, d]; init
     values are per head ([H, ...]); hp values are [B, H, T] tensors or floats. Returns the
@@ -111,7 +121,7 @@ def batched_inner_loop(
         for h in range(H):
             y, fin = inner_loop(mem, rule, objective, {n: p[h] for n, p in init.items()}, q[b, h], k[b, h], v[b, h],
                                 {n: (x[b, h] if isinstance(x, Tensor) else x) for n, x in hp.items()}, period,
-                                read_start=read_start, clip=clip)
+                                read_start=read_start, clip=clip, max_gain=max_gain, steps=steps)
             ys[b, h] = y
             for n in fin:
                 finals[n][b, h] = fin[n]

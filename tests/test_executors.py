@@ -96,6 +96,41 @@ def test_clip_matches_reference(mem: str, rule: str, period: int) -> None:
     torch.testing.assert_close(grads["scan"], grads["sequential"], rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("mem", ["linear", "mlp"])
+@pytest.mark.parametrize("rule", ["sgd", "momentum", "dgd"])
+@pytest.mark.parametrize("period,clip", [(1, None), (4, None), (4, 1.5)])
+def test_max_gain_matches_reference(mem: str, rule: str, period: int, clip: float | None) -> None:
+    """The level's ``max_gain`` (each token's inner gradient scaled so that its chunk gain,
+    ``S lr c`` with ``c`` the memory's curvature along the token's error, is at most that; after
+    the clip where there is one) in every executor == the plain reference that caps by hand;
+    outer gradients (through the cap: it depends on the keys, values and rates) too."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"max_gain/{mem}/{rule}/{period}/{clip}".encode()))
+    arch = LinearMemory(D, D, H, init_std=0.5) if mem == "linear" else MLPMemory(D, D, H, expand=2)
+    init = {n: torch.randn(p.shape, generator=g, dtype=DT) * 0.5 for n, p in arch.init_params().items()}
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=DT) for _ in range(3))
+    hp = hypers(rule, g)
+    steps, cap = 2.5, 0.05  # an arbitrary S; a cap that binds here (asserted below)
+    y_ref, w_ref = ref.batched_inner_loop(mem, rule, "l2", init, q, k, v, hp, period, clip=clip,
+                                          max_gain=cap, steps=steps)
+    y_free, _ = ref.batched_inner_loop(mem, rule, "l2", init, q, k, v, hp, period, clip=clip)
+    assert not torch.allclose(y_free, y_ref), "the cap must be active in this test"
+    r = make_rule(rule)
+    grads = {}
+    for executor in ("sequential", "auto", "scan"):
+        kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
+        lr = hp["lr"].clone().requires_grad_()  # type: ignore[union-attr]
+        pb = MemoryProblem(arch, r, objectives.l2, q, kk, vv, {**hp, "lr": lr}, period, GradMode(), clip=clip,
+                           max_gain=cap, gain_steps=steps)
+        y, st = run(pb, init_state(arch, r, init, B), executor)  # type: ignore[arg-type]
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10, msg=f"{executor} outputs")
+        for n in w_ref:
+            torch.testing.assert_close(st["params"][n], w_ref[n], rtol=1e-9, atol=1e-10)
+        grads[executor] = torch.autograd.grad(y.pow(2).sum(), (kk, vv, lr))
+    for executor in ("auto", "scan"):
+        for got, want in zip(grads[executor], grads["sequential"]):
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("period", [1, 3])
 def test_torchopt_rule_matches_torchopt_directly(period: int) -> None:
     """A torchopt transformation as the inner rule == applying torchopt by hand."""

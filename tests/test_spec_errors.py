@@ -211,6 +211,12 @@ CASES = [
     Case("eps-root-on-outer-level", tiny(("lr: 3.0e-4}}", "lr: 3.0e-4, eps_root: 1.0e-8}}")), 5, 69,
          "levels.outer.rule.eps_root", "eps_root applies to in-context levels only (the outer level trains "
          "with torch.optim, which has none); remove it"),
+    Case("max-gain-on-outer-level", tiny(("lr: 3.0e-4}}", "lr: 3.0e-4}, max_gain: 0.5}")), 5, 70,
+         "levels.outer.max_gain", "'max_gain' applies to in-context levels only"),
+    Case("max-gain-dot-objective", tiny(("objective: l2,", "objective: dot, max_gain: 0.5,")), 6, 49,
+         "levels.memory.max_gain", "'max_gain' bounds the l2 objective's chunk step; this level's objective is 'dot'"),
+    Case("max-gain-adam-rule", tiny((MEM_RULE, "{name: adam, lr: 0.01}"), ("objective: l2,", "objective: l2, max_gain: 0.5,")),
+         6, 48, "levels.memory.max_gain", "'max_gain' bounds a step that sums gradients (sgd, momentum, dgd); rule 'adam'"),
     # ---- overrides
     Case("override-unknown-field", TINY, 1, 11, "block.att.widnow",
          "unknown field 'widnow' (did you mean 'window'?) in override 'block.att.widnow=128'",

@@ -145,18 +145,20 @@ def test_chunk_gain_is_the_rate_times_the_chunk_movement_times_the_last_layer_in
 
 def test_a_level_past_gain_one_is_said_once_unless_clipped() -> None:
     """``Steps._warn_gains``: one message per level whose chunk gain passes 1, none for a level
-    with a ``clip`` or below 1."""
+    with a ``clip`` or a ``max_gain`` or below 1."""
     from types import SimpleNamespace
 
     from nestlearn.train.step import Steps
 
     said: list[tuple[str, str]] = []
-    levels = {"fast": SimpleNamespace(clip=None), "clipped": SimpleNamespace(clip=1.0), "calm": SimpleNamespace(clip=None)}
+    levels = {"fast": SimpleNamespace(clip=None, max_gain=None), "clipped": SimpleNamespace(clip=1.0, max_gain=None),
+              "capped": SimpleNamespace(clip=None, max_gain=0.5), "calm": SimpleNamespace(clip=None, max_gain=None)}
     host = SimpleNamespace(spec=SimpleNamespace(levels=levels), _say_once=lambda key, text: said.append((key, text)))
-    stats_ = {"fast": {"chunk_gain": 1.7}, "clipped": {"chunk_gain": 3.0}, "calm": {"chunk_gain": 0.4}, "outer": {}}
+    stats_ = {"fast": {"chunk_gain": 1.7}, "clipped": {"chunk_gain": 3.0}, "capped": {"chunk_gain": 3.0},
+              "calm": {"chunk_gain": 0.4}, "outer": {}}
     Steps._warn_gains(host, 10, stats_)  # type: ignore[arg-type]
     assert [key for key, _ in said] == ["gain:fast"]
-    assert "level 'fast' has chunk gain 1.70 > 1" in said[0][1] and "levels.fast.clip" in said[0][1]
+    assert "level 'fast' has chunk gain 1.70 > 1" in said[0][1] and "levels.fast.max_gain" in said[0][1]
 
 
 def test_inner_stats_are_collected_only_at_log_steps(spec: Any, tmp_path: Path,

@@ -204,7 +204,7 @@ def test_unrolled_fixed_size_steps_are_flagged_and_the_shipped_specs_are_not() -
     assert not any(loc[-1] == "grad" for loc, _ in stability.warnings_for(sgd))
 
 
-def _cms_read(scale: float, clip: float | None) -> tuple[torch.Tensor, float]:
+def _cms_read(scale: float, clip: float | None, max_gain: float | None = None) -> tuple[torch.Tensor, float]:
     """A CMS level's inner loop (the closed form, float64) over 2,048 tokens of RMS-1 keys and
     values: 32 -> 64 -> 32 ``gelu`` MLP, SGD at a rate whose chunk gain ``lr S |h|^2`` is 0.2 at
     the initial ``W0`` (unit rows, as HOPE's), ``W0`` scaled by ``scale`` as outer training can
@@ -226,7 +226,7 @@ def _cms_read(scale: float, clip: float | None) -> tuple[torch.Tensor, float]:
     v = F.rms_norm(torch.randn(1, 1, T, d, generator=g, dtype=torch.float64), (d,))
     arch = MLPMemory(d, d, 1, expand=hid / d, depth=2, act="gelu", residual=False, bias=False)
     pb = MemoryProblem(arch, rules.sgd(0.0), objectives.l2, k, k, v, {"lr": lr, "decay": 0.0}, 16,
-                       GradMode("stop"), clip=clip)
+                       GradMode("stop"), clip=clip, max_gain=max_gain, gain_steps=16.0)
     p = {"W0": scale * w0, "W1": w1}
     y, _ = run_dual(pb, MemoryState(params=p, opt={}, anchor=p, offset=0, chunks=0))
     hs = F.gelu(k1 @ (scale * w0[0, 0]).T)
@@ -245,3 +245,18 @@ def test_grown_initial_weights_push_a_cms_level_past_the_bound_and_a_clip_holds_
     assert gain > 1 and not bool(torch.isfinite(y).all())
     y, _ = _cms_read(6.0, 1.0)
     assert bool(torch.isfinite(y).all()) and float(y.abs().max()) < 50
+
+
+def test_max_gain_holds_a_grown_cms_level_whatever_it_grew_by() -> None:
+    """Section 7's safeguard in the gain's own units: the level's ``max_gain`` scales each token's
+    step so that ``S lr c`` (``c`` the memory's curvature along the token's error, both layers)
+    stays below it, so one value keeps the same loop finite with ``W0`` grown 2x, 6x or 20x (the
+    reads growing only as the weights do), where a ``clip`` is a gradient norm to tune to the
+    memory's size. At the initial scale ``max_gain: 1`` changes no bit."""
+    free, _ = _cms_read(1.0, None)
+    capped, _ = _cms_read(1.0, None, max_gain=1.0)
+    assert torch.equal(capped, free)
+    for scale in (2.0, 6.0, 20.0):
+        y, gain = _cms_read(scale, None, max_gain=0.5)
+        assert bool(torch.isfinite(y).all()) and float(y.abs().max()) < 3 * scale, (scale, gain)
+    assert gain > 50  # the last one's uncapped gain: far past the bound

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nestlearn.loops import cms_triton as glue
+from nestlearn.loops.common import TokenScale
 from nestlearn.loops.dual import run_dual
 from tests.test_triton_cms import ARGS, CUDA, DEV, TOL, _rel, call, inputs, leaves, problem, state_of
 from tests.triton_interpret import import_kernels, kernel_for_test
@@ -65,17 +66,22 @@ def test_a_long_rebuilt_walk_stays_exact(rev: ModuleType) -> None:
     assert max(errs.values()) < TOL, errs
 
 
-@pytest.mark.parametrize("clip", [20.0, 2.0])
-def test_clipped_rate_equals_closed_form(rev: ModuleType, clip: float) -> None:
-    """The level's per-token ``clip`` (a scale of each token's rate, ``clip_scale``): outputs and
-    every gradient, through the clip too, equal ``run_dual`` with the same clip (which scales its
-    signals, ``chunks.chunk_signals``); at these sizes the clip binds on every token (the first
-    chunk's scales are 0.06-0.23 already at clip 8), so the outputs differ from the unclipped."""
+SCALES = [TokenScale(clip=20.0), TokenScale(clip=2.0), TokenScale(max_gain=0.3, steps=16.0),
+          TokenScale(clip=20.0, max_gain=0.5, steps=16.0)]
+
+
+@pytest.mark.parametrize("scale", SCALES, ids=str)
+def test_scaled_rate_equals_closed_form(rev: ModuleType, scale: TokenScale) -> None:
+    """The level's per-token ``clip`` and ``max_gain`` (a scale of each token's rate,
+    ``scaled_rate``): outputs and every gradient, through the scale too, equal ``run_dual`` with
+    the same level settings (which scales its signals, ``chunks.chunk_signals``); at these sizes
+    the clip binds on every token (the first chunk's scales are 0.06-0.23 already at clip 8) and
+    so does the cap, so the outputs differ from the unscaled."""
     from nestlearn.loops.triton import sgd_mlp
 
     ts = leaves(inputs(2, 64, hidden=48, heads=2, seed=13, lr_max=0.02))
-    out, got = _grads(rev.sgd_mlp_chunks, ts, 14, chunk=16, keep=2, clip=clip)
-    ref, want = _grads(sgd_mlp.sgd_mlp_reference, ts, 14, chunk=16, grad="unroll", clip=clip)
+    out, got = _grads(rev.sgd_mlp_chunks, ts, 14, chunk=16, keep=2, scale=scale)
+    ref, want = _grads(sgd_mlp.sgd_mlp_reference, ts, 14, chunk=16, grad="unroll", scale=scale)
     free, _ = _grads(sgd_mlp.sgd_mlp_reference, ts, 14, chunk=16, grad="unroll")
     assert _rel(ref[0], free[0]) > 0.1  # the clip changes the outputs
     errs = {n: _rel(a, b) for n, a, b in zip(("y", "W0'", "W1'", "a0", "a1"), out, ref)}
@@ -129,12 +135,14 @@ def test_the_switch(rev: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
             assert rev.keep_every() == rev.KEEP_EVERY
 
 
-@pytest.mark.parametrize("keep,clip", [("", None), ("1", None), ("", 2.0), ("1", 2.0)])
-def test_executor_row_trains_through_it(rev: ModuleType, keep: str, clip: float | None,
+@pytest.mark.parametrize("keep,bounds", [("", {}), ("1", {}), ("", {"clip": 2.0}), ("1", {"clip": 2.0}),
+                                         ("", {"max_gain": 0.3, "gain_steps": 16.0}),
+                                         ("1", {"max_gain": 0.3, "gain_steps": 16.0})])
+def test_executor_row_trains_through_it(rev: ModuleType, keep: str, bounds: dict[str, float],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """``run_cms_triton`` with gradients over three whole chunks takes the rebuilt-weights node
     (``NESTLEARN_CMS_KEEP_EVERY=1``: the per-chunk steps); either way, with or without the
-    level's ``clip``, every gradient of the outputs, end weights and anchor equals ``run_dual``'s.
+    level's ``clip`` or ``max_gain``, every gradient of the outputs, end weights and anchor equals ``run_dual``'s.
     Without gradients it never does, and its outputs equal ``run_dual``'s too."""
     monkeypatch.setenv("NESTLEARN_CMS_KEEP_EVERY", keep)
     monkeypatch.setattr(glue, "_said", True)
@@ -148,7 +156,7 @@ def test_executor_row_trains_through_it(rev: ModuleType, keep: str, clip: float 
         xs = dict(zip(ARGS, ts))
         b = xs["q"].shape[0]
         xs.update(w0=xs["w0"].expand(b, -1, -1, -1), w1=xs["w1"].expand(b, -1, -1, -1))
-        y, st = fn(problem(xs, 16, clip=clip), state_of(xs))
+        y, st = fn(problem(xs, 16, **bounds), state_of(xs))
         loss = (y * y.detach()).sum() + (st["params"]["W0"] ** 2).sum() + (st["anchor"]["W1"] ** 3).sum()
         return torch.autograd.grad(loss, ts)
 
@@ -158,8 +166,8 @@ def test_executor_row_trains_through_it(rev: ModuleType, keep: str, clip: float 
     errs = {n: _rel(a, b) for n, a, b in zip(ARGS, got, want)}
     assert max(errs.values()) < TOL, errs
     with torch.no_grad():
-        y, _ = glue.run_cms_triton(problem(x, 16, clip=clip), state_of(x))
-        y_ref, _ = run_dual(problem(x, 16, clip=clip), state_of(x))
+        y, _ = glue.run_cms_triton(problem(x, 16, **bounds), state_of(x))
+        y_ref, _ = run_dual(problem(x, 16, **bounds), state_of(x))
     assert len(calls) == (1 if keep == "" else 0)
     assert _rel(y, y_ref) < TOL
 

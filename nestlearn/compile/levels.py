@@ -17,6 +17,7 @@ from nestlearn.memories.base import MemoryArch
 from nestlearn.rules import Rule, coerce
 from nestlearn.spec.errors import SpecError
 from nestlearn.spec.schema import LevelSpec, Spec
+from nestlearn.stability import steps_of
 
 if TYPE_CHECKING:
     from nestlearn.compile.model import CompiledModel
@@ -53,10 +54,11 @@ class Level:
     def problem(self, arch: MemoryArch, q: Tensor, k: Tensor, v: Tensor, hp: Mapping[str, Tensor | float],
                 period: int, **fields: Any) -> MemoryProblem:
         """One memory's inner problem at this level: its rule, objective, gradient mode, read,
-        chunk, remat, clip and chunk-step compilation; ``fields`` replace some of them (e.g. a
+        chunk, remat, clip, gain cap and chunk-step compilation; ``fields`` replace some of them (e.g. a
         generator memory's ``read_start``)."""
         pb = MemoryProblem(arch, self.rule, self.objective, q, k, v, hp, period, self.grad, self.name,
                            self.read_start, self.spec.chunk, self.spec.remat, self.spec.clip,
+                           max_gain=self.spec.max_gain, gain_steps=steps_of(period, self.rule.hypers.get("beta")),
                            compiled=self.compile_chunk_steps)
         return replace(pb, **fields) if fields else pb
 
@@ -94,7 +96,11 @@ class Level:
         """``(rule, the level's spec with it)`` for a name or rule spec, checked like the YAML
         (the spec as a whole, level graph included); ``(rule, None)`` for a rule object."""
         if isinstance(value, Rule) or (hasattr(value, "init") and hasattr(value, "update")):
-            rule = coerce(value)  # a rule object: no spec for the level graph to check, so its one fact here
+            rule = coerce(value)  # a rule object: no spec for the level graph to check, so its facts here
+            if self.spec.max_gain is not None and not rule.sums_gradients:
+                raise ValueError(f"level {self.name!r} has max_gain, which bounds a step that sums gradients "
+                                 f"(sgd, momentum, dgd); rule {rule.name!r} does not: use such a rule, or "
+                                 "build the model without max_gain")
             if rule.needs_inputs and self.model is not None and self.name in self.model.graph.nested_inits.values():
                 raise ValueError(f"level {self.name!r} meta-learns an initial state (nested init), but rule "
                                  f"{rule.name!r} needs a memory's layer inputs; use a rule without them")

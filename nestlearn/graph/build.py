@@ -16,6 +16,7 @@ import networkx as nx
 from nestlearn.graph.checks import (
     Issues,
     check_init,
+    check_max_gain,
     check_objective,
     check_remat,
     check_rule,
@@ -178,6 +179,8 @@ def _check_levels(b: _Build) -> None:
             check_remat(b.issues, name, lv)
         check_objective(b.issues, name, lv.objective)
         check_rule(b.issues, name, lv.rule)
+        if lv.max_gain is not None:
+            check_max_gain(b.issues, name, lv)
         if lv.is_outer and getattr(lv.rule, "decay_to", "zero") != "zero":
             b.issues.add(("levels", name, "rule", "decay_to"), "decay_to applies to in-context levels only "
                          "(the outer level's weight decay is torch.optim's, toward zero); remove it")

@@ -139,6 +139,23 @@ def check_remat(issues: Issues, name: str, lv: Any) -> None:
                    "with torch.func, which checkpointing cannot wrap (sgd, momentum and dgd levels can)")
 
 
+def check_max_gain(issues: Issues, name: str, lv: Any) -> None:
+    """``max_gain`` bounds the ``l2`` objective's chunk step of a rule that sums gradients."""
+    loc = ("levels", name, "max_gain")
+    if lv.is_outer:
+        issues.add(loc, "'max_gain' applies to in-context levels only (the outer level's steps are "
+                   "torch.optim's); remove it")
+    elif lv.objective != "l2":
+        issues.add(loc, f"'max_gain' bounds the l2 objective's chunk step; this level's objective is "
+                   f"{lv.objective!r} (use 'clip' to bound its steps)")
+    else:
+        from nestlearn.stability import rule_fact
+
+        if not rule_fact(lv.rule, "sums_gradients"):
+            issues.add(loc, f"'max_gain' bounds a step that sums gradients (sgd, momentum, dgd); rule "
+                       f"{lv.rule.name!r} does not (use 'clip' to bound its steps)")
+
+
 def check_rule(issues: Issues, level: str, rule: Any) -> None:
     if getattr(rule, "name", None) != "torchopt":
         return

@@ -15,14 +15,16 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from nestlearn.loops.chunks import run_segments
-from nestlearn.loops.common import MemoryProblem, MemoryState, Params, clip_grads, detach_tree, hp_at
+from nestlearn.loops.chunks import gain_rates, run_segments
+from nestlearn.loops.common import MemoryProblem, MemoryState, Params, detach_tree, hp_at, scale_grads
 from nestlearn.loops.sequential import run_stopped
 from nestlearn.memories.base import plain_lin
+from nestlearn.objectives import error_signal
 
 
-def chunk_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> Params:
-    """Per-token gradients at ``anchor``: ``[n, B, H, ...]`` for tokens of ``k [B,H,n,d]``."""
+def chunk_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor, rate: Tensor | None = None) -> Params:
+    """Per-token gradients at ``anchor``: ``[n, B, H, ...]`` for tokens of ``k [B,H,n,d]``, scaled
+    by the level's ``clip`` and ``max_gain`` (``rate``: the tokens' ``lr``, ``[B, H, n]``, for the latter)."""
 
     def loss(p: Params, k1: Tensor, v1: Tensor) -> Tensor:
         return pb.objective(pb.arch.apply(p, k1.unsqueeze(2)), v1.unsqueeze(2)).sum()
@@ -30,7 +32,12 @@ def chunk_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> Para
     if not pb.grad.create_graph:
         anchor, k, v = detach_tree(anchor), k.detach(), v.detach()
     grads = vmap(grad(loss), in_dims=(None, 2, 2))(anchor, k, v)
-    return clip_grads(grads, pb.clip, lead=3)
+    sq_signal = None
+    if pb.max_gain is not None:  # every token read at the chunk start: its error ||dL/dpred||^2 in one pass
+        assert rate is not None
+        err = error_signal(pb.objective, pb.arch.apply(anchor, k), v, pb.grad.create_graph)
+        sq_signal, rate = err.pow(2).sum(-1).permute(2, 0, 1), rate.permute(2, 0, 1)
+    return scale_grads(pb, grads, sq_signal, rate, lead=3)
 
 
 def layer_inputs(pb: MemoryProblem, anchor: Params, k: Tensor) -> Params:
@@ -51,7 +58,7 @@ def run_chunked(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
 
     def step(params: Params, opt: dict[str, Any], anchor: Params, t0: int, t1: int) -> tuple[Tensor, Params, dict[str, Any]]:
         k, v = pb.k[:, :, t0:t1], pb.v[:, :, t0:t1]
-        grads = chunk_grads(pb, anchor, k, v)
+        grads = chunk_grads(pb, anchor, k, v, gain_rates(pb, slice(t0, t1)))
         inputs = layer_inputs(pb, anchor, k) if pb.rule.needs_inputs else None
         ys = []
         for i in range(t1 - t0):  # the rule scanned over the chunk's tokens

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nestlearn.loops.common import MemoryProblem, MemoryState, Params, clip_factor, detach_tree
+from nestlearn.loops.common import MemoryProblem, MemoryState, Params, detach_tree
 from nestlearn.memories.base import MemoryArch, plain_lin
 from nestlearn.objectives import BUILTIN, error_signal
 
@@ -145,18 +145,29 @@ def hp_tokens(pb: MemoryProblem, name: str) -> Tensor:
     return per_token(pb.hp.get(name, 0.0), pb.q[..., 0])
 
 
-def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tuple[Params, Params]:
+def gain_rates(pb: MemoryProblem, sl: slice | int) -> Tensor | None:
+    """The ``lr`` of tokens ``sl`` (``[B, H, n]``, or ``[B, H]`` for one index) where the level
+    has a ``max_gain`` (which scales each token by its own rate); None elsewhere."""
+    return None if pb.max_gain is None else hp_tokens(pb, "lr")[:, :, sl]
+
+
+def chunk_signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor,
+                  rate: Tensor | None = None) -> tuple[Params, Params]:
     """Every layer's error signal ``dL/dz`` and input at the chunk-start state, for all of the
     chunk's tokens in one batched pass: ``(deltas, inputs)`` keyed by weight name.
 
-    With the level's ``clip``, the signals are scaled per token so that the token's whole
-    gradient (``delta x^T`` per weight, ``delta`` per bias) has at most that norm: the same
-    clip as ``common.clip_grads`` on the gradients themselves."""
-    deltas, inputs = _signals(pb, anchor, k, v)
-    if pb.clip is None:
+    With the level's ``clip`` or ``max_gain``, the signals are scaled per token by
+    ``common.TokenScale`` (the token's whole gradient, ``delta x^T`` per weight and ``delta``
+    per bias, clipped to the norm ``clip``; its chunk gain held at ``max_gain``, which needs the
+    chunk's rates ``rate``, ``[B, H, n]``): the same scaling as ``common.scale_grads`` on the
+    gradients themselves."""
+    deltas, inputs, err = _signals(pb, anchor, k, v)
+    if not pb.token_scale:
         return deltas, inputs
-    f = clip_factor(token_sq_norm(pb.arch, deltas, inputs, anchor), pb.clip).unsqueeze(-1)
-    return {n: d * f for n, d in deltas.items()}, inputs
+    sq_signal = None if pb.max_gain is None else err.pow(2).sum(-1)
+    f = pb.token_scale.factor(token_sq_norm(pb.arch, deltas, inputs, anchor), sq_signal, rate)
+    assert f is not None
+    return {n: d * f.unsqueeze(-1) for n, d in deltas.items()}, inputs
 
 
 def token_sq_norm(arch: MemoryArch, deltas: Params, inputs: Params, params: Params) -> Tensor:
@@ -172,7 +183,8 @@ def token_sq_norm(arch: MemoryArch, deltas: Params, inputs: Params, params: Para
     return sq
 
 
-def _signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tuple[Params, Params]:
+def _signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tuple[Params, Params, Tensor]:
+    """``(deltas, inputs, dL/dpred)`` at ``anchor`` (``chunk_signals``)."""
     stop = pb.grad.kind == "stop"
     # a graph for the inner gradient only where the caller records one: under no_grad
     # (evaluation) a retained inner graph is never freed by an outer backward, and the saved
@@ -181,11 +193,17 @@ def _signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tuple[P
     # evaluation forward leaked its inner graphs (Titans-MAG, 1.9 GB a forward on the GPU)
     create = pb.grad.create_graph and not stop and torch.is_grad_enabled()
     src = detach_tree(anchor) if stop else anchor
+    seen: list[Tensor] = []
+
+    def dloss(pred: Tensor) -> Tensor:
+        seen.append(error_signal(pb.objective, pred, v, create))
+        return seen[-1]
+
     if pb.objective in BUILTIN.values():  # an explicit backward where the memory has one
         with torch.set_grad_enabled(torch.is_grad_enabled() and create):
-            sig = pb.arch.error_signals(src, k, lambda pred: error_signal(pb.objective, pred, v, create))
+            sig = pb.arch.error_signals(src, k, dloss)
         if sig is not None:
-            return sig if create else (detach_tree(sig[0]), detach_tree(sig[1]))
+            return (*sig, seen[-1]) if create else (detach_tree(sig[0]), detach_tree(sig[1]), seen[-1].detach())
     inputs: dict[str, Tensor] = {}
     outs: dict[str, Tensor] = {}
     # The tensors this inner graph saves are kept as they are even inside a level's ``remat``
@@ -202,15 +220,12 @@ def _signals(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tuple[P
         pred = pb.arch.apply(src, k, record)
         names = [layer.weight for layer in pb.arch.layers]
         wrt = [outs[n] for n in names]
-        if pb.objective in BUILTIN.values():  # dL/dpred in closed form: no loss, no seed, fewer ops
-            err = error_signal(pb.objective, pred, v, create)
-            grads = torch.autograd.grad(pred, wrt, err, create_graph=create)
-        else:
-            grads = torch.autograd.grad(pb.objective(pred, v).sum(), wrt, create_graph=create)
+        err = dloss(pred)  # dL/dpred (in closed form for the built-in objectives)
+        grads = torch.autograd.grad(pred, wrt, err, create_graph=create)
         deltas = dict(zip(names, grads))
     if not create:
-        deltas, inputs = detach_tree(deltas), detach_tree(inputs)
-    return deltas, inputs
+        deltas, inputs, err = detach_tree(deltas), detach_tree(inputs), err.detach()
+    return deltas, inputs, err
 
 
 def _keep(t: Tensor) -> Tensor:

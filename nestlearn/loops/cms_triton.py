@@ -26,7 +26,7 @@ It takes a problem when all of these hold (``supports``; anything else runs ``ru
   ``MLPMemory`` of depth 2, ``gelu``, no residual, no biases, widths multiples of 16; the rule
   ``sgd`` (``Momentum`` without ``beta``, forgetting toward zero) with a ``lr`` (a constant or a
   gate) and no decay (absent or the constant 0); the ``l2`` objective, with or without the
-  level's ``clip`` (each token's rate scaled by ``sgd_mlp_rev.clip_scale``); a period
+  level's ``clip`` and ``max_gain`` (each token's rate scaled by ``sgd_mlp_rev.scaled_rate``); a period
   that is a multiple of 16 up to ``sgd_mlp.MAX_CHUNK`` (64). ``read: chunk_start`` is taken too.
 
 In training over two or more chunks the whole chunks are one ``sgd_mlp_rev.SGDMLPChunks`` node:
@@ -145,7 +145,7 @@ def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
     kernel module is imported here: importing it decorates the kernels, which must follow any
     ``TRITON_INTERPRET`` setting."""
     from nestlearn.loops.triton.sgd_mlp import sgd_mlp_step
-    from nestlearn.loops.triton.sgd_mlp_rev import clip_scale
+    from nestlearn.loops.triton.sgd_mlp_rev import scaled_rate
 
     n, prec = pb.period, precision()
     stop = pb.grad.kind == "stop"
@@ -154,7 +154,7 @@ def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
         from nestlearn.loops.triton.sgd_mlp_rev import sgd_mlp_chunks
 
         out = sgd_mlp_chunks(pb.q, pb.k, pb.v, hp_tokens(pb, "lr"), params["W0"], params["W1"], chunk=n,
-                             precision=prec, read_start=pb.read_start, clip=pb.clip)
+                             precision=prec, read_start=pb.read_start, scale=pb.token_scale)
         return out.y, MemoryState(params={"W0": out.weights[0], "W1": out.weights[1]}, opt={},
                                   anchor={"W0": out.anchor[0], "W1": out.anchor[1]}, offset=0,
                                   chunks=chunks + pb.q.shape[2] // n)
@@ -168,8 +168,8 @@ def _run_kernel(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemorySt
         chunks += 1
         sl = slice(t0, t0 + n)
         rate = lr[:, :, sl]
-        if pb.clip is not None:  # the per-token clip as a scale of the rate (differentiable: autograd takes it)
-            rate = rate * clip_scale(params["W0"], params["W1"], pb.k[:, :, sl], pb.v[:, :, sl], pb.clip)
+        if pb.token_scale:  # the per-token clip / gain cap as a scale of the rate (differentiable: autograd takes it)
+            rate = scaled_rate(params["W0"], params["W1"], pb.k[:, :, sl], pb.v[:, :, sl], rate, pb.token_scale)
         y, w0, w1 = sgd_mlp_step(pb.q[:, :, sl], pb.k[:, :, sl], pb.v[:, :, sl], rate, params["W0"],
                                  params["W1"], precision=prec, read_start=pb.read_start, compiled=pb.compiled)
         params = {"W0": w0, "W1": w1}

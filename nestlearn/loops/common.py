@@ -65,6 +65,16 @@ class MemoryProblem:
     clip: float | None = None
     """Clip each token's inner gradient (per sequence and head, over all of the memory's fast
     weights) to this norm before the rule sees it (the level's ``clip:``; ``clip_factor``)."""
+    max_gain: float | None = None
+    """Scale each token's inner gradient so that its chunk gain ``gain_steps * lr_t * c_t`` is at
+    most this (the level's ``max_gain:``; ``gain_factor``)."""
+    gain_steps: float = 1.0
+    """``S(C, beta)`` of ``max_gain``: the chunk's accumulated step in units of one gradient (the
+    level's period, its momentum's largest value; ``stability.accumulated_step``)."""
+
+    @property
+    def token_scale(self) -> TokenScale:
+        return TokenScale(self.clip, self.max_gain, self.gain_steps)
     compiled: bool = False
     """Run the executor's chunk step through torch.compile where it can be traced
     (``chunks.chunk_step``; the executor table's ``compilable`` rows honour it): the level's
@@ -99,13 +109,53 @@ def clip_factor(sq_norm: Tensor, clip: float) -> Tensor:
     return clip * torch.rsqrt(sq_norm.clamp_min(clip * clip))
 
 
-def clip_grads(grads: Params, clip: float | None, lead: int = 2) -> Params:
+def gain_factor(sq_norm: Tensor, sq_signal: Tensor, rate: Tensor, steps: float, max_gain: float) -> Tensor:
+    """``min(1, max_gain / (steps * rate * c))`` per token: the scale that holds the token's chunk
+    gain at ``max_gain``. ``c = ||g||^2 / ||dL/dpred||^2`` is the memory's curvature along the
+    token's own error (``g = J^T dL/dpred``, so ``c = e^T J J^T e / ||e||^2``: ``|k|^2`` for a
+    linear memory, ``|h|^2 + |k|^2 |D W1^T e|^2 / |e|^2`` for a two-layer MLP); for the ``l2``
+    objective one step multiplies that error by ``1 - 2 rate c``, and a chunk pushing one way by
+    ``1 - 2 steps rate c``, which overshoots past a gain of 1 (``stability.py``). A token with no
+    error has no curvature to bound (factor 1). Differentiable (the outer loss sees the cap)."""
+    curv = sq_norm / sq_signal.clamp_min(torch.finfo(sq_norm.dtype).tiny)
+    return max_gain / (steps * rate * curv).clamp_min(max_gain)
+
+
+@dataclass(frozen=True)
+class TokenScale:
+    """A level's per-token bounds on its inner gradients: ``clip`` (the norm) and ``max_gain``
+    (the chunk gain, with ``steps = S(C, beta)``)."""
+
+    clip: float | None = None
+    max_gain: float | None = None
+    steps: float = 1.0
+
+    def __bool__(self) -> bool:
+        return self.clip is not None or self.max_gain is not None
+
+    def factor(self, sq_norm: Tensor, sq_signal: Tensor | None, rate: Tensor | None) -> Tensor | None:
+        """What each token's inner gradient is multiplied by: the clip, then the gain cap on the
+        clipped step (None where the level has neither). ``sq_norm``: the token's whole
+        gradient's squared norm; ``sq_signal``: ``||dL/dpred||^2``; ``rate``: its ``lr`` (both
+        needed only with ``max_gain``)."""
+        f = None if self.clip is None else clip_factor(sq_norm, self.clip)
+        if self.max_gain is not None:
+            assert sq_signal is not None and rate is not None
+            g = gain_factor(sq_norm, sq_signal, rate if f is None else rate * f, self.steps, self.max_gain)
+            f = g if f is None else f * g
+        return f
+
+
+def scale_grads(pb: MemoryProblem, grads: Params, sq_signal: Tensor | None, rate: Tensor | None,
+                lead: int = 2) -> Params:
     """Per-token gradients ``grads`` (leading ``lead`` dims index the token: ``[B, H]`` or
-    ``[n, B, H]``) clipped jointly over every weight to norm ``clip`` (None: unchanged)."""
-    if clip is None:
+    ``[n, B, H]``) scaled by ``TokenScale.factor`` jointly over every weight (unchanged where the
+    level has neither ``clip`` nor ``max_gain``)."""
+    if not pb.token_scale:
         return grads
     sq = sum(g.pow(2).flatten(lead).sum(-1) for g in grads.values())
-    f = clip_factor(sq, clip)  # type: ignore[arg-type]
+    f = pb.token_scale.factor(sq, sq_signal, rate)  # type: ignore[arg-type]
+    assert f is not None
     return {n: g * f.reshape(f.shape + (1,) * (g.dim() - lead)) for n, g in grads.items()}
 
 

@@ -63,6 +63,7 @@ def supports(pb: MemoryProblem) -> bool:
         pb.period == 1
         and not pb.read_start
         and pb.clip is None
+        and pb.max_gain is None
         and type(pb.rule) is Momentum
         and "beta" not in pb.rule.hypers
         and pb.rule.decay_to == "zero"

@@ -142,6 +142,7 @@ def _chunk_inputs(pb: MemoryProblem, sizes: list[int]) -> Iterator[Chunk]:
             "gam": gam.unsqueeze(-1), "c": c.unsqueeze(-1), "gam_p": co["gam_p"].unsqueeze(-1),
             "c_p": co["c_p"].unsqueeze(-1), "nKpi": -kpi, "nG": -g_, "Kpi_p": co["Kpi_p"],
             "nG_p": -co["G_p"], "gam_end": gam[..., -1, None, None], "c_end": c[..., -1, None, None],
+            **({"rate": lr_r} if pb.max_gain is not None else {}),  # each token's own rate, for max_gain
             "b_end": co["b_end"][..., None, None], "nkpi_end": -kpi[..., -1, :, None],
             "ng_end": -g_[..., -1, :, None], "B_end": co["B_end"].unsqueeze(-1),
         }
@@ -165,7 +166,9 @@ def _segment(
     # 1. error signals and layer inputs at the chunk-start state, one batched pass; the memory
     #    sees [B, H, ...] (its own per-head outer parameters, e.g. TTT's layer norm, broadcast
     #    over that), its layers' tensors come back as [B*H, ...]
-    deltas, inputs = (_flat(t) for t in chunk_signals(pb, _unflat(anchor, bh), k.unflatten(0, bh), v.unflatten(0, bh)))
+    rate = co["rate"].unflatten(0, bh) if "rate" in co else None
+    deltas, inputs = (_flat(t) for t in chunk_signals(pb, _unflat(anchor, bh), k.unflatten(0, bh),
+                                                      v.unflatten(0, bh), rate))
     names = [layer.weight for layer in pb.arch.layers]
 
     m0: Params = opt["m"]

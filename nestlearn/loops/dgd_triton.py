@@ -66,7 +66,8 @@ def _shape_ok(pb: MemoryProblem) -> bool:
     return (type(arch) is MLPMemory and arch.depth == 2 and arch.act == "gelu" and arch.residual
             and not arch.bias and arch.d_in == arch.d_out == arch.hidden and arch.d_in in WIDTHS
             and isinstance(pb.rule, DGD) and set(pb.hp) <= HYPERS and "lr" in pb.hp
-            and pb.objective is objectives.l2 and not pb.read_start and pb.period in CHUNKS)
+            and pb.objective is objectives.l2 and not pb.read_start and pb.period in CHUNKS
+            and pb.max_gain is None)  # the kernel has the clip, not the gain cap: dgd_dual runs that
 
 
 def _tensors(pb: MemoryProblem) -> list[Tensor]:

@@ -167,6 +167,9 @@ def _chunk_inputs(pb: MemoryProblem, sizes: list[int], has_m: bool,
         decay = decay.detach() if decay is not None else None
         beta = beta.detach() if beta is not None else None
     cos = chunk_coefficients(lr, beta, decay, sizes, dense)
+    if pb.max_gain is not None:  # each token's own rate: its chunk gain is held at max_gain
+        for co, rate in zip(cos, split(lr, sizes, 2)):
+            co["rate"] = rate
     qs, ks, vs = (split(x.contiguous(), sizes, 2) for x in (q, k, v))
     return zip(qs, ks, vs, cos)
 
@@ -178,7 +181,7 @@ def _segment(
     q, k, v, co = part
 
     # 1. error signals and layer inputs at the chunk-start state, one batched pass
-    deltas, inputs = chunk_signals(pb, anchor, k, v)
+    deltas, inputs = chunk_signals(pb, anchor, k, v, co.get("rate"))
     S = opt.get("S", {})
     home: Params | None = opt.get("home")  # decay_to: init forgets toward it (W - home decays)
     bias_of = {layer.weight: layer.bias for layer in pb.arch.layers}

@@ -60,6 +60,7 @@ def supports(level: Any, xh: Tensor, state: MemoryState, tensors: list[Tensor], 
         return False
     rule = level.rule
     return (isinstance(rule, DGD) and set(rule.hypers) <= {"lr", "decay", "beta"} and max_proj is None
+            and level.spec.max_gain is None  # the kernel has the clip, not the gain cap
             and level.objective is objectives.l2 and level.executor == "auto"
             and xh.shape[-1] in WIDTHS and period in CHUNKS and state["offset"] == 0 and xh.shape[2] >= period
             and all(t.device == xh.device for t in tensors))

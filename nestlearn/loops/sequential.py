@@ -14,22 +14,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nestlearn.loops.chunks import keep_saved, run_segments
+from nestlearn.loops.chunks import gain_rates, keep_saved, run_segments
 from nestlearn.loops.common import (
     GradMode,
     MemoryProblem,
     MemoryState,
     Params,
-    clip_grads,
     detach_tree,
     hp_at,
     leaf_grads_ready,
+    scale_grads,
 )
 from nestlearn.memories.base import plain_lin
+from nestlearn.objectives import error_signal
 
 
-def token_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tuple[Params, Params]:
-    """Gradient of one token's objective at ``anchor`` and the memory's layer inputs."""
+def token_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor,
+                rate: Tensor | None = None) -> tuple[Params, Params]:
+    """Gradient of one token's objective at ``anchor`` (scaled by the level's ``clip`` and
+    ``max_gain``; ``rate``: the token's ``lr``, ``[B, H]``, needed for the latter) and the
+    memory's layer inputs."""
     inputs: Params = {}
 
     def record(name: str, w: Tensor, a: Tensor, b: Tensor | None = None) -> Tensor:
@@ -41,13 +45,18 @@ def token_grads(pb: MemoryProblem, anchor: Params, k: Tensor, v: Tensor) -> tupl
     create = pb.grad.create_graph and torch.is_grad_enabled()
     with torch.enable_grad(), keep_saved():  # its grad is taken at once: not through a remat checkpoint
         p, _ = leaf_grads_ready(anchor)
-        loss = pb.objective(pb.arch.apply(p, k, record), v).sum()
+        pred = pb.arch.apply(p, k, record)
+        loss = pb.objective(pred, v).sum()
         names = list(p)
         gs = torch.autograd.grad(loss, [p[n] for n in names], create_graph=create, allow_unused=True)
+        sq_signal = None
+        if pb.max_gain is not None:  # ||dL/dpred||^2: the denominator of the curvature the cap bounds
+            sq_signal = error_signal(pb.objective, pred, v, create).pow(2).sum(-1)[:, :, 0]
     grads = {n: (g if g is not None else torch.zeros_like(p[n])) for n, g in zip(names, gs)}
     if not create:
         grads = {n: g.detach() for n, g in grads.items()}
-    return clip_grads(grads, pb.clip), inputs
+        sq_signal = None if sq_signal is None else sq_signal.detach()
+    return scale_grads(pb, grads, sq_signal, rate), inputs
 
 
 def run_sequential(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, MemoryState]:
@@ -58,7 +67,7 @@ def run_sequential(pb: MemoryProblem, state: MemoryState) -> tuple[Tensor, Memor
         ys = []
         for t in range(t0, t1):  # every token's gradient at the chunk-start state, then its step
             sl = slice(t, t + 1)
-            grads, inputs = token_grads(pb, anchor, pb.k[:, :, sl], pb.v[:, :, sl])
+            grads, inputs = token_grads(pb, anchor, pb.k[:, :, sl], pb.v[:, :, sl], gain_rates(pb, t))
             params, opt = pb.rule.step(params, opt, grads, hp_at(pb.hp, t), inputs)
             ys.append(pb.arch.apply(anchor if pb.read_start else params, pb.q[:, :, sl]))
         return torch.cat(ys, dim=2), params, opt

@@ -285,6 +285,14 @@ class LevelSpec(Strict):
     """Clip each token's inner gradient to this norm (per sequence and head, jointly over all of
     the level's fast weights) before the rule sees it, as titans-pytorch's ``max_grad_norm``: a
     bound on any one token's push, e.g. a long run of one byte. In-context levels only."""
+    max_gain: Annotated[float, Field(gt=0)] | None = None
+    """Hold each token's chunk gain ``S(C, beta) * lr_t * c_t`` at most this, by scaling its inner
+    gradient (after any ``clip``): ``c_t`` is the memory's curvature along the token's own error
+    (``|k|^2`` for a linear memory; an MLP's grows with its initial weights, which the outer level
+    learns), ``S(C, beta)`` the chunk's accumulated step. Past a gain of 1 a chunk of tokens
+    pushing the same way overshoots the ``l2`` objective (docs/training-health.md §1, §7); unlike
+    ``clip`` the bound is in those units, whatever the memory's size. In-context ``l2`` levels
+    whose rule sums gradients (sgd, momentum, dgd)."""
     read: Literal["updated", "chunk_start"] = "updated"
     """``updated``: token t is read with the state after its own update (TTT's mini-batch
     semantics); ``chunk_start``: with the state at its chunk's start, so the weights are constant

@@ -334,17 +334,19 @@ class Steps:
     def _warn_gains(self, step: int, levels: dict[str, dict[str, float]]) -> None:
         """Say once per level when its chunk gain passes 1 (``loops/stats.py``): its inner step can
         then overshoot and diverge within a sequence (docs/training-health.md §7). Levels with a
-        ``clip`` are bounded per token and not flagged."""
+        ``clip`` or ``max_gain`` are bounded per token and not flagged."""
         for name, vals in levels.items():
             gain = vals.get("chunk_gain")
             level = self.spec.levels.get(name)
-            if gain is None or gain <= 1 or level is None or getattr(level, "clip", None) is not None:
+            if (gain is None or gain <= 1 or level is None or getattr(level, "clip", None) is not None
+                    or getattr(level, "max_gain", None) is not None):
                 continue
             self._say_once(f"gain:{name}", (
                 f"step {step}: level '{name}' has chunk gain {gain:.2f} > 1 at its starting weights (learning rate x "
                 "chunk movement x its last layer's squared input): a chunk of tokens pushing the same way overshoots its "
                 "objective and the inner loop can diverge (docs/training-health.md, section 7); lower "
-                f"levels.{name}.rule.lr, set levels.{name}.clip, or lower the outer --lr"))
+                f"levels.{name}.rule.lr, set levels.{name}.max_gain (e.g. 0.5) or levels.{name}.clip, or lower "
+                "the outer --lr"))
 
     def _diverged(self, step: int, loss: float, gnorm: float, states: list[Any], local: Batch) -> DivergedError:
         """Name where the divergence began: replay the step's micro-batches watching every op's

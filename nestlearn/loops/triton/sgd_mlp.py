@@ -72,6 +72,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from nestlearn.loops.common import TokenScale
 from nestlearn.loops.triton.dgd_mlp import _gelu, _gelu_grad
 
 MAX_CHUNK = 64
@@ -439,11 +440,12 @@ def sgd_mlp(
 
 def sgd_mlp_reference(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor, *, chunk: int,
-    read_start: bool = False, grad: str = "stop", compiled: bool = False, clip: float | None = None,
+    read_start: bool = False, grad: str = "stop", compiled: bool = False, scale: TokenScale | None = None,
 ) -> SGDMLPOut:
     """``sgd_mlp``'s contract computed by the PyTorch closed form (``loops/dual.py``), with any
     trailing partial chunk; ``grad="unroll"`` makes it differentiable (the backward's recompute);
-    ``clip``: the level's per-token clip (``sgd_mlp_rev.sgd_mlp_chunks(clip=)``'s reference)."""
+    ``scale``: the level's per-token clip and gain cap (``sgd_mlp_rev.sgd_mlp_chunks(scale=)``'s
+    reference)."""
     from nestlearn import objectives, rules
     from nestlearn.loops.common import GradMode, MemoryProblem, MemoryState
     from nestlearn.loops.dual import run_dual
@@ -452,7 +454,9 @@ def sgd_mlp_reference(
     heads, di, hd, do = q.shape[1], q.shape[3], w0.shape[-2], w1.shape[-2]
     arch = MLPMemory(di, do, heads, expand=hd / di, depth=2, act="gelu", residual=False, bias=False)
     pb = MemoryProblem(arch, rules.sgd(0.0), objectives.l2, q, k, v, {"lr": lr, "decay": 0.0}, chunk,
-                       GradMode(grad), read_start=read_start, compiled=compiled, clip=clip)
+                       GradMode(grad), read_start=read_start, compiled=compiled,
+                       clip=scale.clip if scale else None, max_gain=scale.max_gain if scale else None,
+                       gain_steps=scale.steps if scale else 1.0)
     params = {"W0": w0, "W1": w1}
     y, st = run_dual(pb, MemoryState(params=params, opt={}, anchor=params, offset=0, chunks=0))
     p, a = st["params"], st["anchor"]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from nestlearn.loops.common import clip_factor
+from nestlearn.loops.common import TokenScale
 from nestlearn.loops.triton.sgd_mlp import SGDMLPOut, sgd_mlp_step_fwd, signal_tokens
 from nestlearn.loops.triton.sgd_mlp_bwd import LAUNCH, sgd_mlp_step_bwd
 
@@ -63,11 +63,11 @@ def keep_every() -> int:
 _warned: set[str] = set()
 
 
-def clip_scale(w0: Tensor, w1: Tensor, k: Tensor, v: Tensor, clip: float) -> Tensor:
-    """The level's per-token ``clip`` as a scale of the rate, ``[B, H, n]``: each token's whole
-    inner gradient at the chunk-start weights clipped to norm ``clip``, from the memory's own
-    error signals and ``chunks.token_sq_norm``, as ``chunks.chunk_signals`` scales the closed
-    form's signals; the kernels then run with ``lr * clip_scale``. Differentiable."""
+def scaled_rate(w0: Tensor, w1: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: TokenScale) -> Tensor:
+    """Each token's rate ``lr [B, H, n]`` times its ``TokenScale.factor`` at the chunk-start
+    weights (the clip of its whole inner gradient, its chunk gain held at ``max_gain``), from the
+    memory's own error signals and ``chunks.token_sq_norm``, as ``chunks.chunk_signals`` scales
+    the closed form's signals: the kernels then run with this rate. Differentiable."""
     from nestlearn import objectives
     from nestlearn.loops.chunks import token_sq_norm
     from nestlearn.memories import MLPMemory
@@ -75,9 +75,17 @@ def clip_scale(w0: Tensor, w1: Tensor, k: Tensor, v: Tensor, clip: float) -> Ten
     arch = MLPMemory(k.shape[-1], v.shape[-1], k.shape[1], expand=w0.shape[-2] / k.shape[-1], depth=2, act="gelu",
                      residual=False, bias=False)
     params = {"W0": w0, "W1": w1}
-    sig = arch.error_signals(params, k, lambda pred: objectives.error_signal(objectives.l2, pred, v, True))
+    seen: list[Tensor] = []
+
+    def dloss(pred: Tensor) -> Tensor:
+        seen.append(objectives.error_signal(objectives.l2, pred, v, True))
+        return seen[-1]
+
+    sig = arch.error_signals(params, k, dloss)
     assert sig is not None  # an MLP memory has its explicit backward
-    return clip_factor(token_sq_norm(arch, *sig, params), clip)
+    f = scale.factor(token_sq_norm(arch, *sig, params), seen[-1].pow(2).sum(-1), lr)
+    assert f is not None
+    return lr * f
 
 
 def _add_step(w: Tensor, d: Tensor, lr: Tensor, x: Tensor) -> Tensor:
@@ -94,7 +102,7 @@ class SGDMLPChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor, chunk: int,
-                keep: int, precision: str, read_start: bool, clip: float | None
+                keep: int, precision: str, read_start: bool, scale: TokenScale
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         bsz, heads, t, _ = q.shape
         hd, do = w0.shape[-2], w1.shape[-2]
@@ -105,20 +113,20 @@ class SGDMLPChunks(torch.autograd.Function):
         kept: list[Tensor] = []
         ys = []
         a0, a1 = w0, w1
-        rate = lr if clip is None else torch.empty_like(lr, memory_format=torch.contiguous_format)
+        rate = lr if not scale else torch.empty_like(lr, memory_format=torch.contiguous_format)
         for c in range(n_chunks):
             if c % keep == 0:
                 kept += [w0, w1]
             a0, a1 = w0, w1
             sl = slice(c * chunk, (c + 1) * chunk)
-            if clip is not None:  # the clipped rate of each token (kept: the rebuilt steps use it)
-                rate[:, :, sl] = lr[:, :, sl] * clip_scale(w0, w1, k[:, :, sl], v[:, :, sl], clip)
+            if scale:  # each token's clipped / capped rate (kept: the rebuilt steps use it)
+                rate[:, :, sl] = scaled_rate(w0, w1, k[:, :, sl], v[:, :, sl], lr[:, :, sl], scale)
             y, w0, w1 = sgd_mlp_step_fwd(q[:, :, sl], k[:, :, sl], v[:, :, sl], rate[:, :, sl], w0, w1,
                                          precision=precision, read_start=read_start,
                                          signals=(z[c], zq[c], d1[c], d0[c]))
             ys.append(y)
         ctx.save_for_backward(q, k, v, lr, rate, w0, w1, z, zq, d0, d1, *kept)
-        ctx.cfg = (chunk, keep, precision, read_start, clip)
+        ctx.cfg = (chunk, keep, precision, read_start, scale)
         ctx.set_materialize_grads(False)
         return torch.cat(ys, 2), w0, w1, a0, a1
 
@@ -127,7 +135,7 @@ class SGDMLPChunks(torch.autograd.Function):
     def backward(ctx: Any, gy: Tensor | None, g0: Tensor | None, g1: Tensor | None, ga0: Tensor | None,
                  ga1: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, lr, rate, w0, w1, z, zq, d0, d1, *kept = ctx.saved_tensors
-        chunk, keep, precision, read_start, clip = ctx.cfg
+        chunk, keep, precision, read_start, scale = ctx.cfg
         bsz, heads, t, di = q.shape
         n_chunks, rows = t // chunk, bsz * heads
         dq, dk, dv, dlr = q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape), q.new_empty(bsz, heads, t)
@@ -149,12 +157,11 @@ class SGDMLPChunks(torch.autograd.Function):
                     precision=precision, read_start=read_start, block_h=LAUNCH.get("block_h"),
                     block_d=LAUNCH.get("block_d"), num_warps=LAUNCH.get("num_warps", 4),
                     signals=(z[c], zq[c], d1[c]))
-                if clip is not None:  # through the clip: rate = lr * clip_scale(W, k, v)
+                if scale:  # through the scaled rate: rate = scaled_rate(W, k, v, lr)
                     with torch.enable_grad():
-                        ins = [t.detach().requires_grad_() for t in (w0, w1, k[:, :, sl], v[:, :, sl])]
-                        scale = clip_scale(ins[0], ins[1], ins[2], ins[3], clip)
-                        e0, e1, ek, ev = torch.autograd.grad(scale, ins, dlr_c * lr[:, :, sl])
-                    dlr_c = dlr_c * scale.detach()
+                        ins = [t.detach().requires_grad_() for t in (w0, w1, k[:, :, sl], v[:, :, sl], lr[:, :, sl])]
+                        r = scaled_rate(ins[0], ins[1], ins[2], ins[3], ins[4], scale)
+                        e0, e1, ek, ev, dlr_c = torch.autograd.grad(r, ins, dlr_c)
                     g0, g1, dk_c, dv_c = g0 + e0, g1 + e1, dk_c + ek, dv_c + ev
                 if c == n_chunks - 1:  # the anchor is the last chunk's start weights
                     g0 = g0 if ga0 is None else g0 + ga0
@@ -167,14 +174,14 @@ class SGDMLPChunks(torch.autograd.Function):
 
 def sgd_mlp_chunks(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor, *, chunk: int,
                    keep: int | None = None, precision: str = "ieee", read_start: bool = False,
-                   clip: float | None = None) -> SGDMLPOut:
+                   scale: TokenScale = TokenScale()) -> SGDMLPOut:
     """``sgd_mlp.sgd_mlp`` for training: whole chunks of ``chunk`` tokens
     (at least two) through ``SGDMLPChunks``, every ``keep``-th chunk's start weights saved
-    (default ``keep_every()``), the rest rebuilt in the backward (module docstring); ``clip``:
-    the level's per-token clip (``clip_scale``)."""
+    (default ``keep_every()``), the rest rebuilt in the backward (module docstring); ``scale``:
+    the level's per-token clip and gain cap (``scaled_rate``)."""
     t = q.shape[2]
     if t % chunk or t < 2 * chunk:
         raise ValueError(f"sgd_mlp_chunks: T={t} must be at least two whole chunks of {chunk}")
     y, w0n, w1n, a0, a1 = SGDMLPChunks.apply(q, k, v, lr, w0, w1, chunk, keep or keep_every(), precision,
-                                               read_start, clip)
+                                               read_start, scale)
     return SGDMLPOut(y, (w0n, w1n), (a0, a1))
