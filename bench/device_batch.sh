@@ -114,14 +114,16 @@ lr)
   # (TRANSFORMERS=0: the nested spec alone at LR, e.g. to resume it once the Transformers are done;
   # SEED=1 another seed in its own folder; WAVEFRONT=512 trains with --wavefront 512, streams on;
   # EVAL_EVERY=50 records the per-level stats, chunk_gain included, that often: graphed steps take
-  # them only at evaluations)
+  # them only at evaluations; SETS="levels.cms_fast.max_gain=1 ..." more overrides for every spec,
+  # with TAG=name their own folder; TRANSFORMERS=0 where they name the nested spec's levels)
   lr=${LR:-2e-3}
+  sets=""; for o in ${SETS:-}; do sets="$sets --set $o"; done
   if [ "${TRANSFORMERS:-1}" = 0 ]; then rates=$lr; beside=""; else rates="$lr ${LR2:-4e-3}"; beside=specs/transformer.yaml; fi
   for r in $rates; do
     if [ "$r" = "$lr" ]; then specs="${NESTED:-models/hope.yaml} $beside"; else specs=specs/transformer.yaml; fi
     timeout "$limit" python3 -m bench.health $specs --device cuda --cuda-graph --steps 1000 --eval-every "${EVAL_EVERY:-250}" \
-      --jobs 3 --seconds $((limit - 90)) --seed "${SEED:-0}" --set levels.outer.rule.lr="$r" --out "runs/lr$r${SEED:+_s$SEED}" --resume \
-      ${WAVEFRONT:+--wavefront "$WAVEFRONT"} \
+      --jobs 3 --seconds $((limit - 90)) --seed "${SEED:-0}" --set levels.outer.rule.lr="$r" $sets \
+      --out "runs/lr$r${SEED:+_s$SEED}${TAG:+_$TAG}" --resume ${WAVEFRONT:+--wavefront "$WAVEFRONT"} \
       >> "$OUT/lr$r.log" 2>&1 &
   done
   wait; echo "lr rc=$?"
