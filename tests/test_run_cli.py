@@ -44,7 +44,7 @@ def test_run_trains_and_prints_a_summary(tmp_path: Path) -> None:
     assert "level memory" in out and "inner loss" in out and "update norm" in out
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["status"] == "done" and s["train"]["loss"] < s["first_loss"]
-    assert set(s["train"]["levels"]["memory"]) == {"inner_loss", "update_norm", "chunk_gain"}
+    assert set(s["train"]["levels"]["memory"]) == {"inner_loss", "update_norm", "chunk_gain", "peak_gain"}
 
 
 def test_run_with_compile(tmp_path: Path) -> None:

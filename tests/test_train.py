@@ -112,9 +112,9 @@ def test_metrics_carry_each_level_s_inner_loss_and_update_norm(spec: Any, tmp_pa
     t._fit()
     rec = next(r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["split"] == "train")
     assert set(rec["levels"]) == {"memory"}
-    assert set(rec["levels"]["memory"]) == {"inner_loss", "update_norm", "chunk_gain"}
+    assert set(rec["levels"]["memory"]) == {"inner_loss", "update_norm", "chunk_gain", "peak_gain"}
     assert rec["levels"]["memory"] == pytest.approx(expect["memory"], rel=1e-5)
-    assert all(rec["levels"]["memory"][k] > 0 for k in ("inner_loss", "update_norm", "chunk_gain"))
+    assert all(rec["levels"]["memory"][k] > 0 for k in ("inner_loss", "update_norm", "chunk_gain", "peak_gain"))
 
 
 def test_chunk_gain_is_the_rate_times_the_chunk_movement_times_the_last_layer_input() -> None:
@@ -141,6 +141,33 @@ def test_chunk_gain_is_the_rate_times_the_chunk_movement_times_the_last_layer_in
     got = stats.chunk_gain(pb, inputs)
     assert got is not None and float(got) == pytest.approx(want, rel=1e-12)
     assert stats.chunk_gain(replace(pb, objective=objectives.dot), inputs) is None  # l2 only
+
+
+def test_peak_gain_is_the_largest_token_s_rate_times_its_curvature_along_its_error() -> None:
+    """``loops.stats.peak_gain`` (what a level's ``max_gain`` holds down), written out by hand in
+    float64 for an MLP memory: for each token the whole gradient ``g`` of ``|W1 gelu(W0 k) - v|^2``
+    by autograd, its curvature along the error ``|g|^2 / |2 e|^2``, times ``S lr_t``; the largest."""
+    from nestlearn import objectives, rules
+    from nestlearn.loops import GradMode, MemoryProblem, stats
+    from nestlearn.memories import MLPMemory
+
+    g = torch.Generator().manual_seed(1)
+    arch = MLPMemory(8, 8, 1, expand=2, depth=2, act="gelu", residual=False, bias=False)
+    w = {"W0": torch.randn(1, 1, 16, 8, generator=g, dtype=torch.float64),
+         "W1": torch.randn(1, 1, 8, 16, generator=g, dtype=torch.float64)}
+    k, v = (torch.randn(1, 1, 24, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    lr = torch.rand(1, 1, 24, generator=g, dtype=torch.float64) * 0.01
+    pb = MemoryProblem(arch, rules.sgd(0.0), objectives.l2, k, k, v, {"lr": lr, "decay": 0.0}, 8,
+                       GradMode("unroll"), gain_steps=8.0)
+    gains = []
+    for t in range(24):
+        w0, w1 = (w[n][0, 0].clone().requires_grad_() for n in ("W0", "W1"))
+        e = w1 @ torch.nn.functional.gelu(w0 @ k[0, 0, t]) - v[0, 0, t]
+        g0, g1 = torch.autograd.grad(e.pow(2).sum(), (w0, w1))
+        curvature = (g0.pow(2).sum() + g1.pow(2).sum()) / (2 * e.detach()).pow(2).sum()
+        gains.append(8.0 * lr[0, 0, t] * curvature)
+    got = stats.peak_gain(pb, w)
+    assert got is not None and float(got) == pytest.approx(float(max(gains)), rel=1e-12)
 
 
 def test_a_level_past_gain_one_is_said_once_unless_clipped() -> None:

@@ -164,6 +164,7 @@ def summary_table(summary: dict[str, Any], title: str = "summary") -> Table:
             t.add_row("accuracy", f"{val['accuracy']:.4f} (sequences {val.get('sequence_accuracy', 0):.4f})")
     for name, v in tr.get("levels", {}).items():
         gain = f", chunk gain {_fmt_num(v['chunk_gain'])}" if v.get("chunk_gain") is not None else ""
+        gain += f", peak gain {_fmt_num(v['peak_gain'])}" if v.get("peak_gain") is not None else ""
         t.add_row(f"level {name}", f"inner loss {_fmt_num(v.get('inner_loss'))}, "
                                    f"update norm {_fmt_num(v.get('update_norm'))}{gain}")
     for label, text in forgetting_rows(summary):

@@ -109,16 +109,21 @@ def clip_factor(sq_norm: Tensor, clip: float) -> Tensor:
     return clip * torch.rsqrt(sq_norm.clamp_min(clip * clip))
 
 
+def token_gain(sq_norm: Tensor, sq_signal: Tensor, rate: Tensor, steps: float) -> Tensor:
+    """Each token's chunk gain ``steps * rate * c`` from its gradient's squared norm ``||g||^2``
+    and its error signal's ``||dL/dpred||^2``: ``c = ||g||^2 / ||dL/dpred||^2`` is the memory's
+    curvature along the token's own error (``g = J^T dL/dpred``, so ``c = e^T J J^T e / ||e||^2``:
+    ``|k|^2`` for a linear memory, ``|h|^2 + |k|^2 |D W1^T e|^2 / |e|^2`` for a two-layer MLP). For
+    the ``l2`` objective one step multiplies that error by ``1 - 2 rate c``, and a chunk pushing
+    one way by ``1 - 2 steps rate c``, which overshoots past a gain of 1 (``stability.py``). A
+    token with no error has no curvature to bound (gain 0)."""
+    return steps * rate * sq_norm / sq_signal.clamp_min(torch.finfo(sq_norm.dtype).tiny)
+
+
 def gain_factor(sq_norm: Tensor, sq_signal: Tensor, rate: Tensor, steps: float, max_gain: float) -> Tensor:
-    """``min(1, max_gain / (steps * rate * c))`` per token: the scale that holds the token's chunk
-    gain at ``max_gain``. ``c = ||g||^2 / ||dL/dpred||^2`` is the memory's curvature along the
-    token's own error (``g = J^T dL/dpred``, so ``c = e^T J J^T e / ||e||^2``: ``|k|^2`` for a
-    linear memory, ``|h|^2 + |k|^2 |D W1^T e|^2 / |e|^2`` for a two-layer MLP); for the ``l2``
-    objective one step multiplies that error by ``1 - 2 rate c``, and a chunk pushing one way by
-    ``1 - 2 steps rate c``, which overshoots past a gain of 1 (``stability.py``). A token with no
-    error has no curvature to bound (factor 1). Differentiable (the outer loss sees the cap)."""
-    curv = sq_norm / sq_signal.clamp_min(torch.finfo(sq_norm.dtype).tiny)
-    return max_gain / (steps * rate * curv).clamp_min(max_gain)
+    """``min(1, max_gain / token_gain)`` per token: the scale that holds the token's chunk gain at
+    ``max_gain``. Differentiable (the outer loss sees the cap)."""
+    return max_gain / token_gain(sq_norm, sq_signal, rate, steps).clamp_min(max_gain)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,12 @@ activations for an MLP): the quantity of docs/training-health.md §1 and §7 who
 lets a chunk of tokens pushing the same way overshoot. It follows what the outer level has
 learned (an MLP's hidden activations grow with its initial weights), which a bound on the spec's
 constants cannot; ``summarize`` reports its largest value over a level's memories.
+
+The peak gain is the largest token's ``S(C, beta) * lr_t * c_t``, ``c_t`` the memory's curvature
+along that token's error at the starting weights (both layers of an MLP; ``common.gain_factor``),
+before the level's ``clip`` and ``max_gain``: the quantity ``max_gain`` holds down, so a level
+whose peak gain stays below its cap never had a token scaled. For memories with an explicit
+backward (``error_signals``: linear, MLP).
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ def record(pb: MemoryProblem, before: MemoryState, after: MemoryState) -> None:
     gain = chunk_gain(pb, inputs)
     if gain is not None:
         entry.setdefault("chunk_gain", []).append(gain.float())
+        peak = peak_gain(pb, start)
+        if peak is not None:
+            entry.setdefault("peak_gain", []).append(peak.float())
 
 
 def _recording(inputs: dict[str, Tensor]) -> Lin:
@@ -103,11 +112,38 @@ def chunk_gain(pb: MemoryProblem, inputs: dict[str, Tensor]) -> Tensor | None:
         return accumulated_step(int(pb.period), beta_f) * (lr * x.pow(2).sum(-1)).mean()
 
 
+def peak_gain(pb: MemoryProblem, params: dict[str, Tensor]) -> Tensor | None:
+    """The largest token's ``S(C, beta) * lr_t * c_t`` at ``params`` (module docstring), ``S`` the
+    problem's ``gain_steps``; None where ``chunk_gain`` is (call it after that) or the memory has
+    no explicit backward."""
+    from nestlearn import objectives
+    from nestlearn.loops.chunks import hp_tokens, token_sq_norm
+    from nestlearn.loops.common import token_gain
+
+    v = pb.v.detach()
+    seen: list[Tensor] = []
+
+    def dloss(pred: Tensor) -> Tensor:
+        seen.append(objectives.error_signal(objectives.l2, pred, v, False))
+        return seen[-1]
+
+    with torch.no_grad():
+        sig = pb.arch.error_signals(params, pb.k.detach(), dloss)
+        if sig is None:
+            return None
+        sq, lr = token_sq_norm(pb.arch, *sig, params), hp_tokens(pb, "lr").detach()
+        return token_gain(sq, seen[-1].pow(2).sum(-1), lr, pb.gain_steps).max()
+
+
+LARGEST = ("chunk_gain", "peak_gain")
+"""The statistics ``summarize`` reports as their largest value over a level's memories and blocks."""
+
+
 def summarize(store: dict[str, dict[str, list[Tensor]]]) -> dict[str, dict[str, float]]:
-    """Means over a level's memories and blocks (the chunk gain: the largest), as floats (one
-    host sync)."""
+    """Means over a level's memories and blocks (the gains: the largest), as floats (one host
+    sync)."""
     out: dict[str, dict[str, float]] = {}
     for level, entry in store.items():
-        out[level] = {k: float(torch.stack(v).max() if k == "chunk_gain" else torch.stack(v).mean())
+        out[level] = {k: float(torch.stack(v).max() if k in LARGEST else torch.stack(v).mean())
                       for k, v in entry.items() if v}
     return out

@@ -3,8 +3,9 @@
 Every record the run writes to ``metrics.jsonl`` also goes to each logger as flat scalars at its
 step: ``train/loss``, ``train/bits_per_byte``, ``train/lr``, ``train/grad_norm``,
 ``train/tokens_per_s``, ..., the per-level statistics as their own scalars
-``levels/<name>/inner_loss``, ``levels/<name>/update_norm`` and ``levels/<name>/chunk_gain``, validation as ``val/...`` and a
-continual run's phases as ``phase/<domain>/...``. Rank 0 only. Neither package is required:
+``levels/<name>/inner_loss``, ``levels/<name>/update_norm``, ``levels/<name>/chunk_gain`` and
+``levels/<name>/peak_gain``, validation as ``val/...`` and a continual run's phases as
+``phase/<domain>/...``. Rank 0 only. Neither package is required:
 ``pip install 'nestlearn[loggers]'`` installs both.
 """
 

@@ -34,8 +34,7 @@ real_factor, real_signals = common.gain_factor, chunks.chunk_signals
 
 
 def spy_factor(sq: Tensor, sig: Tensor, rate: Tensor, steps: float, cap: float) -> Tensor:
-    curv = sq / sig.clamp_min(torch.finfo(sq.dtype).tiny)
-    gains.setdefault(level[0], []).append((steps * rate * curv).detach().flatten())
+    gains.setdefault(level[0], []).append(common.token_gain(sq, sig, rate, steps).detach().flatten())
     return real_factor(sq, sig, rate, steps, cap)
 
 
