@@ -117,6 +117,19 @@ def test_metrics_carry_each_level_s_inner_loss_and_update_norm(spec: Any, tmp_pa
     assert all(rec["levels"]["memory"][k] > 0 for k in ("inner_loss", "update_norm", "chunk_gain", "peak_gain"))
 
 
+def _mlp_memory_case(seed: int) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An 8 -> 16 -> 8 gelu MLP memory (one head), its weights, 24 tokens' keys, values and rates
+    (float64)."""
+    from nestlearn.memories import MLPMemory
+
+    g = torch.Generator().manual_seed(seed)
+    arch = MLPMemory(8, 8, 1, expand=2, depth=2, act="gelu", residual=False, bias=False)
+    w = {"W0": torch.randn(1, 1, 16, 8, generator=g, dtype=torch.float64),
+         "W1": torch.randn(1, 1, 8, 16, generator=g, dtype=torch.float64)}
+    k, v = (torch.randn(1, 1, 24, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    return arch, w, k, v, torch.rand(1, 1, 24, generator=g, dtype=torch.float64) * 0.01
+
+
 def test_chunk_gain_is_the_rate_times_the_chunk_movement_times_the_last_layer_input() -> None:
     """``loops.stats.chunk_gain``, written out by hand in float64 for an MLP memory under momentum:
     ``S(C, beta) * mean_t(lr_t |h_t|^2)``, ``h`` the hidden activations at the starting weights,
@@ -124,14 +137,8 @@ def test_chunk_gain_is_the_rate_times_the_chunk_movement_times_the_last_layer_in
     its own sum in tests/test_training_health.py)."""
     from nestlearn import objectives, rules
     from nestlearn.loops import GradMode, MemoryProblem, stats
-    from nestlearn.memories import MLPMemory
 
-    g = torch.Generator().manual_seed(0)
-    arch = MLPMemory(8, 8, 1, expand=2, depth=2, act="gelu", residual=False, bias=False)
-    w = {"W0": torch.randn(1, 1, 16, 8, generator=g, dtype=torch.float64),
-         "W1": torch.randn(1, 1, 8, 16, generator=g, dtype=torch.float64)}
-    k, v = (torch.randn(1, 1, 24, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    lr = torch.rand(1, 1, 24, generator=g, dtype=torch.float64) * 0.01
+    arch, w, k, v, lr = _mlp_memory_case(0)
     pb = MemoryProblem(arch, rules.momentum(0.0, 0.5), objectives.l2, k, k, v, {"lr": lr, "beta": 0.5, "decay": 0.0},
                        8, GradMode("unroll"))
     h = torch.nn.functional.gelu(k[0, 0] @ w["W0"][0, 0].T)
@@ -149,14 +156,8 @@ def test_peak_gain_is_the_largest_token_s_rate_times_its_curvature_along_its_err
     by autograd, its curvature along the error ``|g|^2 / |2 e|^2``, times ``S lr_t``; the largest."""
     from nestlearn import objectives, rules
     from nestlearn.loops import GradMode, MemoryProblem, stats
-    from nestlearn.memories import MLPMemory
 
-    g = torch.Generator().manual_seed(1)
-    arch = MLPMemory(8, 8, 1, expand=2, depth=2, act="gelu", residual=False, bias=False)
-    w = {"W0": torch.randn(1, 1, 16, 8, generator=g, dtype=torch.float64),
-         "W1": torch.randn(1, 1, 8, 16, generator=g, dtype=torch.float64)}
-    k, v = (torch.randn(1, 1, 24, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    lr = torch.rand(1, 1, 24, generator=g, dtype=torch.float64) * 0.01
+    arch, w, k, v, lr = _mlp_memory_case(1)
     pb = MemoryProblem(arch, rules.sgd(0.0), objectives.l2, k, k, v, {"lr": lr, "decay": 0.0}, 8,
                        GradMode("unroll"), gain_steps=8.0)
     gains = []
