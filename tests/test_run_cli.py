@@ -223,7 +223,7 @@ BAD_RUNS = {
 }
 if not torch.cuda.is_available():
     BAD_RUNS["cuda without a GPU"] = (["--device", "cuda"], "CUDA is not available")
-    BAD_RUNS["bf16 on CPU"] = (["--precision", "bf16"], "needs a CUDA device")
+    BAD_RUNS["fp16 on CPU"] = (["--precision", "fp16"], "fp16 needs a CUDA device")
 
 
 @pytest.mark.parametrize("name", list(BAD_RUNS))

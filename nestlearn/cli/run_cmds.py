@@ -141,7 +141,7 @@ def run_cmd(
     accum: Optional[str] = typer.Option(None, "--accum", metavar="N", help="Gradient accumulation micro-batches."),
     device: Optional[str] = typer.Option(None, "--device", metavar="auto|cpu|cuda", help="Where to train (default auto)."),
     precision: Optional[str] = typer.Option(None, "--precision", metavar="auto|fp32|bf16|fp16",
-                                            help="Autocast on CUDA (auto: bf16 there, fp32 on CPU)."),
+                                            help="Autocast (auto: bf16 on CUDA, fp32 on CPU; bf16 on a CPU when asked)."),
     compile_: Optional[bool] = typer.Option(
         None, "--compile/--no-compile",
         help="torch.compile all but the inner loops (they stay eager); no faster on a CPU."),

@@ -30,13 +30,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain fp32). ``auto``: bf16 on a CUDA device that has it."""
+    """The autocast dtype (None: plain fp32). ``auto``: bf16 on a CUDA device that has it, fp32
+    elsewhere. On a CPU ``bf16`` is taken when asked (CPU autocast: the GPU's activation numerics,
+    e.g. to reproduce a GPU run's instability at a size the CPU trains); fp16 needs a GPU (its loss
+    scaling is CUDA's)."""
     if name == "fp32":
         return None
     if device.type != "cuda":
         if name == "auto":
             return None
-        raise TrainError(f"--precision {name}: mixed precision needs a CUDA device; use --precision fp32 on CPU")
+        if name == "bf16":
+            return torch.bfloat16
+        raise TrainError(f"--precision {name}: fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
     if name == "fp16":
         return torch.float16
     if name == "auto" and not torch.cuda.is_bf16_supported():
