@@ -100,6 +100,8 @@ def test_specs_without_the_option_keep_their_hash(path: str) -> None:
     if not data.get("profiles"):
         data.pop("profiles", None)
     for level in data["levels"].values():
+        if level.get("max_gain", 0) is None:  # a level option of the sixteenth session, dropped alike
+            level.pop("max_gain")
         if isinstance(level.get("rule"), dict) and level["rule"].get("decay_to") == "zero":
             level["rule"].pop("decay_to")
     plain = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]

@@ -51,6 +51,17 @@ def test_a_swap_to_a_rule_that_does_not_sum_gradients_is_refused() -> None:
     assert level.rule.name == "sgd"
 
 
+def test_the_option_enters_a_spec_s_identity_only_when_set() -> None:
+    """Runs, checkpoints and suite results made before ``max_gain`` existed keep matching their
+    specs (``checkpoint.LEVEL_OPTIONS_ADDED``); a spec that sets it is another spec."""
+    from nestlearn.train.checkpoint import spec_data, spec_hash
+
+    plain, capped = nestlearn.load_spec(TINY), nestlearn.load_spec(TINY, overrides=["levels.memory.max_gain=1"])
+    assert all("max_gain" not in lv for lv in spec_data(plain)["levels"].values())
+    assert spec_data(capped)["levels"]["memory"]["max_gain"] == 1.0
+    assert spec_hash(plain) != spec_hash(capped)
+
+
 def test_a_capped_level_gets_no_stability_warning() -> None:
     """The spec-time bound (``stability.warnings_for``) flags an uncapped level past gain 1 and
     an unnormalised CMS node, and suggests ``max_gain``; with it neither is flagged."""

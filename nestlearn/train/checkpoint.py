@@ -105,17 +105,22 @@ suite results still match their specs."""
 NODE_OPTIONS_ADDED: dict[str, Any] = {"kv_norm": False, "gen_lr_max": None}
 """Block-node options added after specs were first hashed (as ``RULE_OPTIONS_ADDED``)."""
 
+LEVEL_OPTIONS_ADDED: dict[str, Any] = {"max_gain": None}
+"""Level options added after specs were first hashed (as ``RULE_OPTIONS_ADDED``)."""
+
 
 def spec_data(spec: Any) -> dict[str, Any]:
     """The spec as plain data; an empty ``profiles`` is left out (resolved specs have none, and
     specs written before profiles existed keep their hash), and so are ``RULE_OPTIONS_ADDED`` at
-    their old behaviour (and ``NODE_OPTIONS_ADDED`` likewise)."""
+    their old behaviour (and ``NODE_OPTIONS_ADDED`` and ``LEVEL_OPTIONS_ADDED`` likewise)."""
     data: dict[str, Any] = spec.model_dump(mode="json", by_alias=True)
     if not data.get("profiles"):
         data.pop("profiles", None)
     for level in (data.get("levels") or {}).values():
-        if isinstance(level, dict) and isinstance(level.get("rule"), dict):
-            _drop_added(level["rule"], RULE_OPTIONS_ADDED)
+        if isinstance(level, dict):
+            _drop_added(level, LEVEL_OPTIONS_ADDED)
+            if isinstance(level.get("rule"), dict):
+                _drop_added(level["rule"], RULE_OPTIONS_ADDED)
     for node in data.get("block") or []:
         if isinstance(node, dict):
             _drop_added(node, NODE_OPTIONS_ADDED)
