@@ -135,12 +135,12 @@ def test_chunk_gain_is_the_rate_times_the_chunk_movement_times_the_last_layer_in
     ``S(C, beta) * mean_t(lr_t |h_t|^2)``, ``h`` the hidden activations at the starting weights,
     ``S`` the momentum rule's accumulated step (``stability.accumulated_step``, checked against
     its own sum in tests/test_training_health.py)."""
-    from nestlearn import objectives, rules
+    from nestlearn import objectives, rules, stability
     from nestlearn.loops import GradMode, MemoryProblem, stats
 
     arch, w, k, v, lr = _mlp_memory_case(0)
     pb = MemoryProblem(arch, rules.momentum(0.0, 0.5), objectives.l2, k, k, v, {"lr": lr, "beta": 0.5, "decay": 0.0},
-                       8, GradMode("unroll"))
+                       8, GradMode("unroll"), gain_steps=stability.steps_of(8, 0.5))
     h = torch.nn.functional.gelu(k[0, 0] @ w["W0"][0, 0].T)
     movement = sum(sum(0.5**j for j in range(t)) for t in range(1, 9))  # S(8, 0.5)
     want = movement * float((lr[0, 0] * h.pow(2).sum(-1)).mean())

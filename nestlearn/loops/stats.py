@@ -6,7 +6,8 @@ of the update the call made and, for an ``l2`` level with a rate, its chunk gain
 (``chunk_gain``). Values stay tensors (no host sync in the hot path); the caller reads them
 once with ``summarize``. Outside ``collect`` recording costs one attribute check.
 
-The chunk gain is ``S(C, beta) * mean_t(lr_t |x_t|^2)``, ``x_t`` the input of the memory's last
+The chunk gain is ``S(C, beta) * mean_t(lr_t |x_t|^2)`` (``S``: the problem's ``gain_steps``, from
+the level's period and its momentum's largest value), ``x_t`` the input of the memory's last
 layer for token ``t`` at the starting weights (the key itself for a linear memory, the hidden
 activations for an MLP): the quantity of docs/training-health.md §1 and §7 whose value above 1
 lets a chunk of tokens pushing the same way overshoot. It follows what the outer level has
@@ -14,7 +15,7 @@ learned (an MLP's hidden activations grow with its initial weights), which a bou
 constants cannot; ``summarize`` reports its largest value over a level's memories.
 
 The peak gain is the largest token's ``S(C, beta) * lr_t * c_t``, ``c_t`` the memory's curvature
-along that token's error at the starting weights (both layers of an MLP; ``common.gain_factor``),
+along that token's error at the starting weights (both layers of an MLP; ``common.token_gain``),
 before the level's ``clip`` and ``max_gain``: the quantity ``max_gain`` holds down, so a level
 whose peak gain stays below its cap never had a token scaled. For memories with an explicit
 backward (``error_signals``: linear, MLP).
@@ -99,17 +100,14 @@ def chunk_gain(pb: MemoryProblem, inputs: dict[str, Tensor]) -> Tensor | None:
     rate, or its memory's last layer was not read through the ``lin`` hook."""
     from nestlearn import objectives
     from nestlearn.loops.chunks import hp_tokens
-    from nestlearn.stability import accumulated_step
 
     layers = getattr(pb.arch, "layers", None)
     if pb.objective is not objectives.l2 or "lr" not in pb.hp or not layers or layers[-1].weight not in inputs:
         return None
-    beta = pb.hp.get("beta", 0.0)
-    beta_f = float(beta.max()) if isinstance(beta, Tensor) else float(beta)
     x = inputs[layers[-1].weight]
-    with torch.no_grad():
+    with torch.no_grad():  # S: the problem's gain_steps (the level's momentum at its largest; no host sync)
         lr = hp_tokens(pb, "lr").detach()
-        return accumulated_step(int(pb.period), beta_f) * (lr * x.pow(2).sum(-1)).mean()
+        return pb.gain_steps * (lr * x.pow(2).sum(-1)).mean()
 
 
 def peak_gain(pb: MemoryProblem, params: dict[str, Tensor]) -> Tensor | None:

@@ -440,7 +440,7 @@ def sgd_mlp(
 
 def sgd_mlp_reference(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, w0: Tensor, w1: Tensor, *, chunk: int,
-    read_start: bool = False, grad: str = "stop", compiled: bool = False, scale: TokenScale | None = None,
+    read_start: bool = False, grad: str = "stop", compiled: bool = False, scale: TokenScale = TokenScale(),
 ) -> SGDMLPOut:
     """``sgd_mlp``'s contract computed by the PyTorch closed form (``loops/dual.py``), with any
     trailing partial chunk; ``grad="unroll"`` makes it differentiable (the backward's recompute);
@@ -455,8 +455,7 @@ def sgd_mlp_reference(
     arch = MLPMemory(di, do, heads, expand=hd / di, depth=2, act="gelu", residual=False, bias=False)
     pb = MemoryProblem(arch, rules.sgd(0.0), objectives.l2, q, k, v, {"lr": lr, "decay": 0.0}, chunk,
                        GradMode(grad), read_start=read_start, compiled=compiled,
-                       clip=scale.clip if scale else None, max_gain=scale.max_gain if scale else None,
-                       gain_steps=scale.steps if scale else 1.0)
+                       clip=scale.clip, max_gain=scale.max_gain, gain_steps=scale.steps)
     params = {"W0": w0, "W1": w1}
     y, st = run_dual(pb, MemoryState(params=params, opt={}, anchor=params, offset=0, chunks=0))
     p, a = st["params"], st["anchor"]
