@@ -7,6 +7,7 @@
 #   kernels the CMS kernels' bench (forward and training step, both backward tilings), the DGD
 #           kernel's training step with both backward carries, the generators' kernel against
 #           their chunk loop, and the GPU kernel tests (the Titans rows against titans-pytorch: peer)
+#   seed1   HOPE and Titans-MAC on seed 1 at the shipped rate, and HOPE seed 1 at 2e-3 without the wavefront
 #   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200;
 #           JOBS=N trains N at once, SEED)
 #   speed   HOPE against the same-size GPT at 8 / 32 x 2,048 and 1 x 2K / 16K / 64K (issue 12's rows)
@@ -59,6 +60,24 @@ health)
   (cd runs && find "${out#runs/}" suite/niah \( -name "*.json" -o -name "*.jsonl" -o -name "*.md" -o -name "*.log" \) \
     | grep -v checkpoint | tar cf "$OUT/runs.tar" -T -) 2>/dev/null
   tail -25 "$OUT/health_tm.log"; if [ -n "$s" ]; then tail -25 "$OUT/niah.log"; fi
+  ;;
+seed1)
+  # HOPE's second seed at its shipped rate (1e-3) beside Titans-MAC's second seed (runs/s1), and
+  # seed 1 at 2e-3 without the wavefront (runs/lr2e-3_s1_nowave, stats every 50 steps): did the
+  # step-277 divergence need --wavefront? SKIP2=1 leaves the 2e-3 run out (a later call)
+  timeout "$limit" python3 -m bench.health models/hope.yaml specs/titans-mac.yaml --device cuda --cuda-graph \
+    --steps 1000 --eval-every 250 --jobs 2 --seconds $((limit - 100)) --seed 1 --out runs/s1 --resume \
+    >> "$OUT/seed1.log" 2>&1 &
+  a=$!
+  if [ -z "${SKIP2:-}" ]; then
+    timeout "$limit" python3 -m bench.health models/hope.yaml --device cuda --cuda-graph --steps 1000 --eval-every 50 \
+      --seconds $((limit - 100)) --seed 1 --set levels.outer.rule.lr=2e-3 --out runs/lr2e-3_s1_nowave --resume \
+      >> "$OUT/lr2e-3_s1_nowave.log" 2>&1 &
+    wait $!; echo "2e-3 rc=$?"
+  fi
+  wait $a; echo "seed1 rc=$?"
+  (cd runs && find s1 lr2e-3_s1_nowave \( -name "*.jsonl" -o -name "health.json" \) | tar cf "$OUT/seed1_runs.tar" -T -) 2>/dev/null
+  grep "^| " "$OUT/seed1.log" | tail -4; grep "^| " "$OUT/lr2e-3_s1_nowave.log" 2>/dev/null | tail -3
   ;;
 newspec)
   timeout "$limit" python3 -m bench.health specs/transformer.yaml ${SPECS:?SPECS} --device cuda --cuda-graph \
