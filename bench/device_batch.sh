@@ -7,7 +7,7 @@
 #   kernels the CMS kernels' bench (forward and training step, both backward tilings), the DGD
 #           kernel's training step with both backward carries, the generators' kernel against
 #           their chunk loop, and the GPU kernel tests (the Titans rows against titans-pytorch: peer)
-#   seed1   HOPE and Titans-MAC on seed 1 at the shipped rate, and HOPE seed 1 at 2e-3 without the wavefront
+#   seed1   HOPE seed 1 at the shipped rate, at 2e-3 without the wavefront, and at 2e-3 with max_gain (RUNS)
 #   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200;
 #           JOBS=N trains N at once, SEED)
 #   speed   HOPE against the same-size GPT at 8 / 32 x 2,048 and 1 x 2K / 16K / 64K (issue 12's rows)
@@ -62,22 +62,29 @@ health)
   tail -25 "$OUT/health_tm.log"; if [ -n "$s" ]; then tail -25 "$OUT/niah.log"; fi
   ;;
 seed1)
-  # HOPE's second seed at its shipped rate (1e-3) beside Titans-MAC's second seed (runs/s1), and
-  # seed 1 at 2e-3 without the wavefront (runs/lr2e-3_s1_nowave, stats every 50 steps): did the
-  # step-277 divergence need --wavefront? SKIP2=1 leaves the 2e-3 run out (a later call)
-  timeout "$limit" python3 -m bench.health models/hope.yaml specs/titans-mac.yaml --device cuda --cuda-graph \
-    --steps 1000 --eval-every 250 --jobs 2 --seconds $((limit - 100)) --seed 1 --out runs/s1 --resume \
-    >> "$OUT/seed1.log" 2>&1 &
-  a=$!
-  if [ -z "${SKIP2:-}" ]; then
-    timeout "$limit" python3 -m bench.health models/hope.yaml --device cuda --cuda-graph --steps 1000 --eval-every 50 \
-      --seconds $((limit - 100)) --seed 1 --set levels.outer.rule.lr=2e-3 --out runs/lr2e-3_s1_nowave --resume \
-      >> "$OUT/lr2e-3_s1_nowave.log" 2>&1 &
-    wait $!; echo "2e-3 rc=$?"
-  fi
-  wait $a; echo "seed1 rc=$?"
-  (cd runs && find s1 lr2e-3_s1_nowave \( -name "*.jsonl" -o -name "health.json" \) | tar cf "$OUT/seed1_runs.tar" -T -) 2>/dev/null
-  grep "^| " "$OUT/seed1.log" | tail -4; grep "^| " "$OUT/lr2e-3_s1_nowave.log" 2>/dev/null | tail -3
+  # HOPE's seed 1 at 1e-3 (shipped: runs/s1), at 2e-3 without the wavefront (runs/lr2e-3_s1_nowave:
+  # did the step-277 divergence need --wavefront?) and at 2e-3 with max_gain 1 on the CMS levels
+  # (runs/lr2e-3_s1_cap), side by side, stats every 50 steps at 2e-3; RUNS picks (default
+  # "s1 nowave cap"; on a card under 100 GB the cap run waits for a later call); mac adds
+  # Titans-MAC's seed 1
+  runs=${RUNS:-s1 nowave cap}
+  gb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  if [ "${gb:-0}" -lt 100000 ] && [ -z "${RUNS:-}" ]; then runs="s1 nowave"; fi
+  cap="--set levels.cms_fast.max_gain=1 --set levels.cms_mid.max_gain=1 --set levels.cms_slow.max_gain=1"
+  common="--device cuda --cuda-graph --steps 1000 --seconds $((limit - 100)) --seed 1 --resume"
+  for r in $runs; do
+    case $r in
+      s1) args="models/hope.yaml --eval-every 250 --out runs/s1" ;;
+      mac) args="specs/titans-mac.yaml --eval-every 250 --out runs/mac_s1" ;;
+      nowave) args="models/hope.yaml --eval-every 50 --set levels.outer.rule.lr=2e-3 --out runs/lr2e-3_s1_nowave" ;;
+      cap) args="models/hope.yaml --eval-every 50 --set levels.outer.rule.lr=2e-3 $cap --out runs/lr2e-3_s1_cap" ;;
+    esac
+    timeout "$limit" python3 -m bench.health $args $common >> "$OUT/seed1_$r.log" 2>&1 &
+  done
+  wait; echo "seed1 ($runs) rc=$?"
+  (cd runs && find s1 mac_s1 lr2e-3_s1_nowave lr2e-3_s1_cap \( -name "*.jsonl" -o -name "health.json" \) \
+    | tar cf "$OUT/seed1_runs.tar" -T -) 2>/dev/null
+  for r in $runs; do echo "== $r"; grep "^| \|diverg\|non-finite" "$OUT/seed1_$r.log" | tail -4; done
   ;;
 newspec)
   timeout "$limit" python3 -m bench.health specs/transformer.yaml ${SPECS:?SPECS} --device cuda --cuda-graph \
