@@ -8,6 +8,7 @@
 #           kernel's training step with both backward carries, the generators' kernel against
 #           their chunk loop, and the GPU kernel tests (the Titans rows against titans-pytorch: peer)
 #   seed1   HOPE seed 1 at the shipped rate, at 2e-3 without the wavefront, and at 2e-3 with max_gain (RUNS)
+#   tf32    TF32 dots: the DGD kernel's training step per precision, HOPE 60 steps with / without --tf32
 #   newspec a new spec's first run at the GPU's size beside the Transformer (SPECS, STEPS: 200;
 #           JOBS=N trains N at once, SEED)
 #   speed   HOPE against the same-size GPT at 8 / 32 x 2,048 and 1 x 2K / 16K / 64K (issue 12's rows)
@@ -85,6 +86,17 @@ seed1)
   (cd runs && find s1 mac_s1 lr2e-3_s1_nowave lr2e-3_s1_cap \( -name "*.jsonl" -o -name "health.json" \) \
     | tar cf "$OUT/seed1_runs.tar" -T -) 2>/dev/null
   for r in $runs; do echo "== $r"; grep "^| \|diverg\|non-finite" "$OUT/seed1_$r.log" | tail -4; done
+  ;;
+tf32)
+  # what TF32 dots buy: the DGD kernel's training step at each precision (bench.triton_dgd --train
+  # prints the tf32x3 / tf32 rows beside fp32, with their error), then HOPE trained 60 steps
+  # with and without --tf32 (same seed, one after the other: tokens/s and the training loss)
+  timeout 120 python3 -m bench.triton_dgd --train --no-graph > "$OUT/triton_dgd_tf32.txt" 2>&1; echo "triton_dgd rc=$?"
+  for t in "" --tf32; do
+    timeout $(((limit - SECONDS - 10) / 2)) python3 -m bench.health models/hope.yaml --device cuda --cuda-graph \
+      --steps 60 --out "runs/tf32${t:+_on}" $t >> "$OUT/hope_tf32${t:+_on}.log" 2>&1; echo "hope ${t:-fp32} rc=$?"
+  done
+  grep -A12 "forward + backward" "$OUT/triton_dgd_tf32.txt"; grep -h "^| hope" "$OUT"/hope_tf32*.log
   ;;
 newspec)
   timeout "$limit" python3 -m bench.health specs/transformer.yaml ${SPECS:?SPECS} --device cuda --cuda-graph \

@@ -53,6 +53,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--wavefront", type=positive_int, default=None, metavar="TOKENS",
                    help="run the blocks as a wavefront over segments of TOKENS (nestlearn run --wavefront)")
+    p.add_argument("--tf32", action="store_true", help="fp32 products on TF32 tensor cores (nestlearn run --tf32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-batches", type=positive_int, default=8)
     p.add_argument("--eval-every", type=positive_int, default=None,
@@ -157,7 +158,7 @@ def run_one(path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     params = sum(p.numel() for p in nestlearn.compile(spec).parameters())
     cfg = TrainConfig(steps=args.steps, batch=args.batch, seq_len=args.seq_len, device=args.device,
                       precision=args.precision, cuda_graph=args.cuda_graph, compile=args.compile, seed=args.seed,
-                      wavefront=args.wavefront,
+                      wavefront=args.wavefront, tf32=args.tf32,
                       eval_every=args.eval_every or args.steps, eval_batches=args.eval_batches, log_every=1, threads=args.threads,
                       ckpt_every=args.steps, time_limit=args.seconds)
     resume = args.resume and (run_dir / "checkpoints" / "last.safetensors").exists()
@@ -196,6 +197,7 @@ def child_argv(path: str, args: argparse.Namespace, row: Path) -> list[str]:
     argv += ["--resume"] * args.resume
     argv += ["--cuda-graph"] * args.cuda_graph + ["--compile"] * args.compile
     argv += ["--wavefront", str(args.wavefront)] if args.wavefront else []
+    argv += ["--tf32"] * args.tf32
     argv += ["--threads", str(args.threads)] if args.threads else []
     for kv in args.set:
         argv += ["--set", kv]

@@ -94,7 +94,8 @@ GradFn = Callable[[], tuple[torch.Tensor, ...]]
 
 
 def kernel_train_fn(x: dict[str, Any], leaves: dict[str, torch.Tensor], chunk: int, save_every: int,
-                    compiled: bool = False, backward: str = "recompute", carry_mem: bool = False) -> GradFn:
+                    compiled: bool = False, backward: str = "recompute", carry_mem: bool = False,
+                    precision: str = "ieee") -> GradFn:
     import os
 
     from nestlearn.loops.triton.dgd_mlp import dgd_mlp
@@ -106,7 +107,7 @@ def kernel_train_fn(x: dict[str, Any], leaves: dict[str, torch.Tensor], chunk: i
         lv = leaves
         w = (lv["w0"].expand(b, -1, -1, -1), lv["w1"].expand(b, -1, -1, -1))
         out = dgd_mlp(lv["q"], lv["k"], lv["v"], lv["lr"], lv["decay"], x["beta"], w, x["momenta"], chunk=chunk,
-                      clip=1.0, save_every=save_every, compiled=compiled, backward=backward)
+                      clip=1.0, save_every=save_every, compiled=compiled, backward=backward, precision=precision)
         return torch.autograd.grad(train_loss(out.y, *out.weights), list(leaves.values()))
 
     return run
@@ -140,6 +141,10 @@ def train_rows(x: dict[str, Any], chunk: int, warmup: int, reps: int, save_every
         ("triton fwd + fused triton bwd (adjoints in registers)", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused")),
         ("same, adjoints carried in memory", lambda: kernel_train_fn(x, leaves, chunk, 1, backward="fused",
                                                                      carry_mem=True)),
+        # the dots on tensor cores (what nestlearn run would use with TF32 matmuls allowed): the
+        # backward spills least there (--ptxas), so it may gain more than the forward's 15%
+        *((f"same, dots {p}", lambda p=p: kernel_train_fn(x, leaves, chunk, 1, backward="fused", carry_mem=True,
+                                                          precision=p)) for p in ("tf32x3", "tf32")),
         ("dgd_dual compiled chunk steps", lambda: dual_train_fn(x, leaves, chunk, True)),
         *((f"triton fwd + recompute bwd, save {e}", lambda e=e: kernel_train_fn(x, leaves, chunk, e))
           for e in sorted({1, save_every})),

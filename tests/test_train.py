@@ -541,3 +541,45 @@ def test_bf16_on_a_cpu_trains_under_cpu_autocast(spec: Any, tmp_path: Path) -> N
         losses[precision] = rec[-1]["loss"]
     assert math.isfinite(losses["bf16"]) and losses["bf16"] != losses["fp32"]
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
+def test_tf32_switches_the_matmul_precision_on_cuda_only_and_puts_it_back(
+        spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--tf32``: on a CUDA device the process's fp32 matmul precision becomes ``high`` (the
+    in-context levels' Triton kernels then take TF32 dots), said once; on a CPU it changes
+    nothing and says so; either way the run leaves the precision as it found it."""
+    from nestlearn.loops.dgd_triton import precision as kernel_precision
+    from nestlearn.train import loop
+    from nestlearn.train.build import set_tf32
+
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert set_tf32(False, torch.device("cuda")) == ("highest", None)
+    before, note = set_tf32(True, torch.device("cpu"))
+    assert before == "highest" and note is not None and "no effect on cpu" in note
+    assert torch.get_float32_matmul_precision() == "highest"
+    try:
+        before, note = set_tf32(True, torch.device("cuda"))
+        assert before == "highest" and note is not None and note.startswith("--tf32:")
+        assert torch.get_float32_matmul_precision() == "high" and kernel_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert kernel_precision() == "ieee"
+
+    msgs: list[str] = []
+
+    class Recorder:
+        def start(self, info: dict[str, Any]) -> None: ...
+        def step(self, record: dict[str, Any]) -> None: ...
+        def eval(self, record: dict[str, Any]) -> None: ...
+        def message(self, text: str) -> None: msgs.append(text)
+        def end(self, summary: dict[str, Any]) -> None: ...
+
+    # the CUDA branch on this CPU: what fit does with a precision the setup switched
+    seen: list[str] = []
+    monkeypatch.setattr(loop, "set_tf32", lambda on, device: set_tf32(on, torch.device("cuda")))
+    monkeypatch.setattr(loop.Trainer, "evaluate", lambda self, step: (
+        seen.append(torch.get_float32_matmul_precision()), {"loss": 1.0, "bits_per_byte": 1.0})[1])
+    Trainer(spec, TrainConfig(steps=2, tf32=True, **SMALL), tmp_path / "tf32", reporter=Recorder()).fit()
+    assert seen and set(seen) == {"high"}  # in force during the run
+    assert torch.get_float32_matmul_precision() == "highest"  # and put back after it
+    assert sum(m.startswith("--tf32:") for m in msgs) == 1

@@ -145,6 +145,10 @@ def run_cmd(
     compile_: Optional[bool] = typer.Option(
         None, "--compile/--no-compile",
         help="torch.compile all but the inner loops (they stay eager); no faster on a CPU."),
+    tf32: Optional[bool] = typer.Option(
+        None, "--tf32/--no-tf32",
+        help="CUDA only: fp32 matrix products on TF32 tensor cores, the in-context levels' kernels included "
+             "(faster; about 1e-3 relative error per product). Default off."),
     cuda_graph: Optional[bool] = typer.Option(
         None, "--cuda-graph/--no-cuda-graph",
         help="CUDA only: capture each step's forward + backward in a CUDA graph and replay it "
@@ -153,7 +157,8 @@ def run_cmd(
         None, "--wavefront", metavar="TOKENS",
         help="Run the blocks as a wavefront over segments of TOKENS (e.g. 512): block b+1 starts a segment once "
              "block b has finished it. Same results. On CUDA each block runs on its own stream "
-             "(NESTLEARN_WAVEFRONT_STREAMS=0: one stream); docs/execution.md."),
+             "(NESTLEARN_WAVEFRONT_STREAMS=0: one stream). Its one full-size GPU training run "
+             "diverged where the block loop did not (docs/training-health.md, section 7); docs/execution.md."),
     seed: Optional[str] = typer.Option(None, "--seed", metavar="N", help="Seed of the weights and the data (default 0)."),
     threads: Optional[str] = typer.Option(None, "--threads", metavar="N", help="CPU threads for torch."),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic algorithms only."),
@@ -201,7 +206,7 @@ def run_cmd(
             "seq_len": parse_int("--seq-len", seq_len), "lr": parse_float("--lr", lr),
             "warmup": parse_int("--warmup", warmup), "clip": parse_float("--clip", clip),
             "accum": parse_int("--accum", accum), "device": device, "precision": precision,
-            "compile": compile_, "cuda_graph": cuda_graph, "wavefront": parse_int("--wavefront", wavefront),
+            "tf32": tf32, "compile": compile_, "cuda_graph": cuda_graph, "wavefront": parse_int("--wavefront", wavefront),
             "seed": parse_int("--seed", seed), "deterministic": deterministic,
             "threads": parse_int("--threads", threads),
             "carry_state": carry_state, "eval_every": parse_int("--eval-every", eval_every),

@@ -49,6 +49,20 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def set_tf32(on: bool, device: torch.device) -> tuple[str, str | None]:
+    """``--tf32``: fp32 matrix products on TF32 tensor cores on a CUDA device (the in-context
+    levels' kernels read the same setting: ``loops/dgd_triton.precision``). Returns the matmul
+    precision to restore when the run ends, and the line to say (None: nothing to say)."""
+    before = torch.get_float32_matmul_precision()
+    if not on:
+        return before, None
+    if device.type != "cuda":
+        return before, f"--tf32: no effect on {device.type} (TF32 is a CUDA tensor-core format)"
+    torch.set_float32_matmul_precision("high")
+    return before, ("--tf32: fp32 matrix products on TF32 tensor cores, the in-context levels' kernels "
+                    "included (about 1e-3 relative error per product)")
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

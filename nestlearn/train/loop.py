@@ -43,6 +43,7 @@ from nestlearn.train.build import (
     resolve_device,
     resolve_precision,
     seed_everything,
+    set_tf32,
 )
 from nestlearn.train.carry import EvalState, eval_state_of, evaluation_fn, joined
 from nestlearn.train.checkpoint import (
@@ -99,6 +100,8 @@ class Trainer(Steps):
         self.amp_dtype = resolve_precision(cfg.precision, device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         seed_everything(cfg.seed, cfg.deterministic)
+        # process-wide (the kernels read it at each launch): fit's ``finally`` puts it back
+        self._matmul_before, self._tf32_note = set_tf32(cfg.tf32, device)
 
         self.task = build_task(cfg)
         self.total = cfg.steps or int(getattr(self.task, "total_steps", 0) or 0) or DEFAULT_STEPS
@@ -244,7 +247,10 @@ class Trainer(Steps):
         return (f"--wavefront {segment}: {depth} blocks over {pieces} segments of up to {segment} tokens, "
                 f"{pieces + depth - 1} steps instead of {pieces * depth}"
                 + ("" if self.device.type != "cuda" else ", each block on its own CUDA stream" if streams_enabled()
-                   else "; on CUDA in that order on one stream (NESTLEARN_WAVEFRONT_STREAMS=0: no overlap)"))
+                   else "; on CUDA in that order on one stream (NESTLEARN_WAVEFRONT_STREAMS=0: no overlap)")
+                + ("" if self.device.type != "cuda" else
+                   " (unproven in training at full size: one run diverged where the block loop did not; "
+                   "docs/training-health.md section 7)"))
 
     # ---------------------------------------------------------------- pieces of a step
     # ---------------------------------------------------------------- evaluation & checkpoints
@@ -330,6 +336,8 @@ class Trainer(Steps):
             finally:
                 if self.compiled is not None:
                     self.compiled.release()
+                if hasattr(self, "_matmul_before"):
+                    torch.set_float32_matmul_precision(self._matmul_before)
                 if hasattr(self, "metrics"):
                     self.metrics.close()
                 D.shutdown(clean)
@@ -349,6 +357,8 @@ class Trainer(Steps):
         if cfg.carry_state:
             self.reporter.message("--carry-state: every evaluation starts its held-out rows from the state the "
                                   "training stream carries at that moment, and leaves that state as it was")
+        if self._tf32_note:
+            self.reporter.message(self._tf32_note)
         if cfg.wavefront is not None:
             self.reporter.message(self._wavefront_note(cfg.wavefront))
         if self.graphed is not None:
