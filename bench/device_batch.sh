@@ -67,7 +67,8 @@ seed1)
   # did the step-277 divergence need --wavefront?) and at 2e-3 with max_gain 1 on the CMS levels
   # (runs/lr2e-3_s1_cap), side by side, stats every 50 steps at 2e-3; RUNS picks (default
   # "s1 nowave cap"; on a card under 100 GB the cap run waits for a later call); mac adds
-  # Titans-MAC's seed 1
+  # Titans-MAC's seed 1; wave / wave1 repeat the diverged run with --wavefront 512 (streams on /
+  # one stream: a race between the streams would show in wave alone)
   runs=${RUNS:-s1 nowave cap}
   gb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   if [ "${gb:-0}" -lt 100000 ] && [ -z "${RUNS:-}" ]; then runs="s1 nowave"; fi
@@ -79,11 +80,14 @@ seed1)
       mac) args="specs/titans-mac.yaml --eval-every 250 --out runs/mac_s1" ;;
       nowave) args="models/hope.yaml --eval-every 50 --set levels.outer.rule.lr=2e-3 --out runs/lr2e-3_s1_nowave" ;;
       cap) args="models/hope.yaml --eval-every 50 --set levels.outer.rule.lr=2e-3 $cap --out runs/lr2e-3_s1_cap" ;;
+      wave|wave1) args="models/hope.yaml --eval-every 50 --set levels.outer.rule.lr=2e-3 --wavefront 512 --out runs/lr2e-3_s1_$r" ;;
     esac
-    timeout "$limit" python3 -m bench.health $args $common >> "$OUT/seed1_$r.log" 2>&1 &
+    # wave: the fifteenth session's diverged run again (streams on); wave1: the same order on one stream
+    streams=1; [ "$r" = wave1 ] && streams=0
+    NESTLEARN_WAVEFRONT_STREAMS=$streams timeout "$limit" python3 -m bench.health $args $common >> "$OUT/seed1_$r.log" 2>&1 &
   done
   wait; echo "seed1 ($runs) rc=$?"
-  (cd runs && find s1 mac_s1 lr2e-3_s1_nowave lr2e-3_s1_cap \( -name "*.jsonl" -o -name "health.json" \) \
+  (cd runs && find s1 mac_s1 lr2e-3_s1_* \( -name "*.jsonl" -o -name "health.json" \) \
     | tar cf "$OUT/seed1_runs.tar" -T -) 2>/dev/null
   for r in $runs; do echo "== $r"; grep "^| \|diverg\|non-finite" "$OUT/seed1_$r.log" | tail -4; done
   ;;
