@@ -497,14 +497,7 @@ def test_a_run_with_zero_gradients_is_called_dead(spec: Any, tmp_path: Path, mon
     """Every weight zero: the logits are 0 (loss ln 256) and no gradient reaches any weight, as in
     the NIAH control that died by step 21 (docs/results.md). The run finishes (nothing diverged),
     says once that it is dead and the summary keeps where."""
-    msgs: list[str] = []
-
-    class Recorder:
-        def start(self, info: dict[str, Any]) -> None: ...
-        def step(self, record: dict[str, Any]) -> None: ...
-        def eval(self, record: dict[str, Any]) -> None: ...
-        def message(self, text: str) -> None: msgs.append(text)
-        def end(self, summary: dict[str, Any]) -> None: ...
+    rep = _Messages()
 
     from nestlearn.train import loop
 
@@ -516,11 +509,11 @@ def test_a_run_with_zero_gradients_is_called_dead(spec: Any, tmp_path: Path, mon
         return model
 
     monkeypatch.setattr(loop, "build_model", zeroed)
-    s = Trainer(spec, TrainConfig(steps=24, **SMALL), tmp_path / "dead", reporter=Recorder()).fit()
+    s = Trainer(spec, TrainConfig(steps=24, **SMALL), tmp_path / "dead", reporter=rep).fit()
     monkeypatch.undo()
     assert s["status"] == "done" and s["dead_since"] == 1
     assert math.isclose(s["train"]["loss"], math.log(256), rel_tol=1e-6) and s["train"]["grad_norm"] == 0
-    dead = [m for m in msgs if "dead" in m]
+    dead = [m for m in rep.messages if "dead" in m]
     assert len(dead) == 1 and dead[0].startswith("step 20:")
     # a run that learns never is
     live = train(spec, TrainConfig(steps=24, **SMALL), tmp_path / "live")
@@ -565,21 +558,14 @@ def test_tf32_switches_the_matmul_precision_on_cuda_only_and_puts_it_back(
         torch.set_float32_matmul_precision("highest")
     assert kernel_precision() == "ieee"
 
-    msgs: list[str] = []
-
-    class Recorder:
-        def start(self, info: dict[str, Any]) -> None: ...
-        def step(self, record: dict[str, Any]) -> None: ...
-        def eval(self, record: dict[str, Any]) -> None: ...
-        def message(self, text: str) -> None: msgs.append(text)
-        def end(self, summary: dict[str, Any]) -> None: ...
+    rep = _Messages()
 
     # the CUDA branch on this CPU: what fit does with a precision the setup switched
     seen: list[str] = []
     monkeypatch.setattr(loop, "set_tf32", lambda on, device: set_tf32(on, torch.device("cuda")))
     monkeypatch.setattr(loop.Trainer, "evaluate", lambda self, step: (
         seen.append(torch.get_float32_matmul_precision()), {"loss": 1.0, "bits_per_byte": 1.0})[1])
-    Trainer(spec, TrainConfig(steps=2, tf32=True, **SMALL), tmp_path / "tf32", reporter=Recorder()).fit()
+    Trainer(spec, TrainConfig(steps=2, tf32=True, **SMALL), tmp_path / "tf32", reporter=rep).fit()
     assert seen and set(seen) == {"high"}  # in force during the run
     assert torch.get_float32_matmul_precision() == "highest"  # and put back after it
-    assert sum(m.startswith("--tf32:") for m in msgs) == 1
+    assert sum(m.startswith("--tf32:") for m in rep.messages) == 1
