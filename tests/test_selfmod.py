@@ -159,3 +159,18 @@ def test_hope_delta_main_memory_is_the_per_token_delta_rule(monkeypatch: pytest.
     for b in range(2):
         expected = plain_selfmod(x[b], p, 2, 1, "linear", 4, gen_lr_max=0.05, rule="sgd", lr_max=1.0, decay_max=0.1)
         torch.testing.assert_close(y[b], expected, rtol=1e-9, atol=1e-10)
+
+
+def test_a_forward_draws_nothing_from_the_global_generator() -> None:
+    """HOPE's first forward once asked the DGD closed form whether it applies by building the
+    generators' random initial weights, which advanced torch's global generator (a run's later
+    draws then depended on whether a forward had happened). Every forward leaves it as it was."""
+    import nestlearn
+
+    spec = nestlearn.load_spec("models/hope.yaml", overrides=["model.dim=32", "model.depth=1"], profile=None)
+    model = nestlearn.compile(spec)
+    x = torch.randint(0, 256, (1, 80))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    model(x)
+    assert torch.equal(before, torch.get_rng_state())

@@ -58,12 +58,14 @@ def supports(pb: MemoryProblem) -> bool:
 
 
 def _all_layer_params(arch: MemoryArch) -> bool:
-    """Every parameter of ``arch`` is a layer's weight or bias (cached on the arch: building
-    ``init_params`` draws random numbers, which has no place in the hot path)."""
+    """Every parameter of ``arch`` is a layer's weight or bias (cached on the arch; the names come
+    from ``init_params`` built on the meta device, so asking draws no random numbers from the
+    run's generator and allocates nothing)."""
     known = getattr(arch, "_dgd_dual_ok", None)
     if known is None:
         names = {n for layer in arch.layers for n in (layer.weight, layer.bias) if n is not None}
-        known = names == set(arch.init_params())
+        with torch.device("meta"):
+            known = names == set(arch.init_params())
         arch._dgd_dual_ok = known  # type: ignore[attr-defined]
     return bool(known)
 
