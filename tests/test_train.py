@@ -568,4 +568,7 @@ def test_tf32_switches_the_matmul_precision_on_cuda_only_and_puts_it_back(
     Trainer(spec, TrainConfig(steps=2, tf32=True, **SMALL), tmp_path / "tf32", reporter=rep).fit()
     assert seen and set(seen) == {"high"}  # in force during the run
     assert torch.get_float32_matmul_precision() == "highest"  # and put back after it
+    with pytest.raises(TrainError):  # a run refused in its setup puts it back too
+        Trainer(spec, TrainConfig(steps=2, stop_at=5, tf32=True, **SMALL), tmp_path / "refused").fit()
+    assert torch.get_float32_matmul_precision() == "highest"
     assert sum(m.startswith("--tf32:") for m in rep.messages) == 1

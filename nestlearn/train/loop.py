@@ -323,7 +323,11 @@ class Trainer(Steps):
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
         """Train to ``steps`` (or ``stop_at``, or Ctrl-C); returns the summary (also in summary.json)."""
-        self.setup()
+        try:
+            self.setup()
+        except BaseException:
+            self._restore_matmul_precision()  # --tf32 is set early in setup
+            raise
         clean = False
         try:
             summary = self._fit()
@@ -336,11 +340,15 @@ class Trainer(Steps):
             finally:
                 if self.compiled is not None:
                     self.compiled.release()
-                if hasattr(self, "_matmul_before"):
-                    torch.set_float32_matmul_precision(self._matmul_before)
+                self._restore_matmul_precision()
                 if hasattr(self, "metrics"):
                     self.metrics.close()
                 D.shutdown(clean)
+
+    def _restore_matmul_precision(self) -> None:
+        """Undo ``--tf32``'s process-wide setting (where setup got as far as making it)."""
+        if hasattr(self, "_matmul_before"):
+            torch.set_float32_matmul_precision(self._matmul_before)
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.config
