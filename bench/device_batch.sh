@@ -186,11 +186,15 @@ wave)
   # from the loop and from the fp32 loop (2026-12-07: one stream and streams both 0.59 from the
   # bf16 loop, so the streams are on by default since)
   timeout 150 python3 -m bench.wavefront_check > "$OUT/wavefront_check.txt" 2>&1; echo "wavefront_check rc=$?"
+  # segments of whole chunks, so the DGD and CMS kernels (rebuilt weights) serve every call:
+  # the default 8-token segments leave each call a partial chunk, on the closed forms
+  timeout 150 python3 -m bench.wavefront_check --segment 64 --tokens 256 > "$OUT/wavefront_check_kernels.txt" 2>&1
+  echo "wavefront_check (kernels) rc=$?"
   for st in 0 1; do
     NESTLEARN_WAVEFRONT_STREAMS=$st timeout $(((limit - 180) / 2)) python3 -m bench.wavefront models/hope.yaml \
       --shapes 8x2048 --segments 512 > "$OUT/wavefront_hope_streams$st.txt" 2>&1; echo "wavefront streams=$st rc=$?"
   done
-  tail -14 "$OUT/wavefront_check.txt"; tail -4 "$OUT/wavefront_hope_streams0.txt" "$OUT/wavefront_hope_streams1.txt"
+  tail -14 "$OUT/wavefront_check.txt" "$OUT/wavefront_check_kernels.txt"; tail -4 "$OUT/wavefront_hope_streams0.txt" "$OUT/wavefront_hope_streams1.txt"
   ;;
 tiles)
   # the CMS kernels' tilings at c1's shape, forward + backward, eager (--no-graph: the tile's own
