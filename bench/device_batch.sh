@@ -185,6 +185,8 @@ wave)
   # then HOPE's wavefront at 8 x 2,048 on one stream and with streams: speed, gradient difference
   # from the loop and from the fp32 loop (2026-12-07: one stream and streams both 0.59 from the
   # bf16 loop, so the streams are on by default since)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_wavefront_kernels.py > "$OUT/gpu_tests_wave.txt" 2>&1
+  echo "wavefront kernel tests rc=$?"; tail -3 "$OUT/gpu_tests_wave.txt"
   timeout 150 python3 -m bench.wavefront_check > "$OUT/wavefront_check.txt" 2>&1; echo "wavefront_check rc=$?"
   # segments of whole chunks, so the DGD and CMS kernels (rebuilt weights) serve every call:
   # the default 8-token segments leave each call a partial chunk, on the closed forms
