@@ -59,12 +59,12 @@ def supports(pb: MemoryProblem) -> bool:
 
 def _all_layer_params(arch: MemoryArch) -> bool:
     """Every parameter of ``arch`` is a layer's weight or bias (cached on the arch; the names come
-    from ``init_params`` built on the meta device, so asking draws no random numbers from the
-    run's generator and allocates nothing)."""
+    from ``init_params``, built under a forked CPU generator so that asking leaves the run's
+    random stream as it was; not on the meta device, whose context imports dynamo)."""
     known = getattr(arch, "_dgd_dual_ok", None)
     if known is None:
         names = {n for layer in arch.layers for n in (layer.weight, layer.bias) if n is not None}
-        with torch.device("meta"):
+        with torch.random.fork_rng(devices=[]):
             known = names == set(arch.init_params())
         arch._dgd_dual_ok = known  # type: ignore[attr-defined]
     return bool(known)
