@@ -10,8 +10,10 @@ diverged (docs/training-health.md, section 7)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -55,10 +57,10 @@ def test_kernels_chained_over_wavefront_segments_equal_the_closed_forms(
 
     real_cms, real_dgd, real_rev = cms_triton._run_kernel, dgd_triton._run_kernel, rev.sgd_mlp_chunks
 
-    def count(name: str, fn: object) -> object:
-        def wrapped(*a: object, **kw: object) -> object:
+    def count(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*a: Any, **kw: Any) -> Any:
             calls[name] += 1
-            return fn(*a, **kw)  # type: ignore[operator]
+            return fn(*a, **kw)
         return wrapped
 
     monkeypatch.setattr(cms_triton, "_run_kernel", count("cms", real_cms))
@@ -97,7 +99,7 @@ def test_gpu_streams_with_the_kernels_equal_the_block_loop(
     import nestlearn
 
     monkeypatch.setenv("NESTLEARN_WAVEFRONT_STREAMS", streams)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert torch.get_float32_matmul_precision() == "highest"  # fp32 products, kernels included
     torch.manual_seed(0)
     model = nestlearn.compile(ROOT / "models" / "hope.yaml", ["model.dim=64", "model.heads=4", "model.depth=4"]).cuda()
     tokens = torch.randint(0, 256, (4, 513), device="cuda")

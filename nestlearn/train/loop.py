@@ -244,13 +244,14 @@ class Trainer(Steps):
             why = "the model has one block" if depth < 2 else f"--seq-len {seq} fits in one segment"
             return f"--wavefront {segment}: no effect ({why})"
         pieces = -(-seq // segment)
-        return (f"--wavefront {segment}: {depth} blocks over {pieces} segments of up to {segment} tokens, "
-                f"{pieces + depth - 1} steps instead of {pieces * depth}"
-                + ("" if self.device.type != "cuda" else ", each block on its own CUDA stream" if streams_enabled()
-                   else "; on CUDA in that order on one stream (NESTLEARN_WAVEFRONT_STREAMS=0: no overlap)")
-                + ("" if self.device.type != "cuda" else
-                   " (unproven in training at full size: one run diverged where the block loop did not; "
-                   "docs/training-health.md section 7)"))
+        note = (f"--wavefront {segment}: {depth} blocks over {pieces} segments of up to {segment} tokens, "
+                f"{pieces + depth - 1} steps instead of {pieces * depth}")
+        if self.device.type != "cuda":
+            return note
+        how = (", each block on its own CUDA stream" if streams_enabled()
+               else "; on CUDA in that order on one stream (NESTLEARN_WAVEFRONT_STREAMS=0: no overlap)")
+        return (note + how + " (unproven in training at full size: one run diverged where the block loop did "
+                "not; docs/training-health.md section 7)")
 
     # ---------------------------------------------------------------- pieces of a step
     # ---------------------------------------------------------------- evaluation & checkpoints
